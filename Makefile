@@ -1,0 +1,40 @@
+# Every target sets itself up: `make init` builds .venv once (stamp file) on a fresh machine.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+PARITY_PROFILE ?= ci
+
+.PHONY: init test parity parity-thorough lint train bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[torch,jax,dev]"
+	touch $(STAMP)
+
+init: $(STAMP)
+
+test: init
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests parity_tests
+
+parity: init
+	HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests
+	$(BIN)/python -m llm.parity --config configs/tiny.yaml
+
+parity-thorough:
+	$(MAKE) parity PARITY_PROFILE=thorough
+
+lint: init
+	$(BIN)/python -m ruff check llm backends tests parity_tests benchmarks
+
+train: init
+	$(BIN)/python -m llm.train $(ARGS)
+
+bench: init
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

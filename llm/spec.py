@@ -1,0 +1,469 @@
+"""The backend-agnostic model spec: one frozen dataclass, its parameter table and its numpy init.
+
+Everything both backends must agree on lives here, so it is written once:
+
+* ``ModelSpec`` -- the ``model:`` section of every config; validated at construction.
+* ``ModelSpec.param_table()`` -- every canonical parameter name with its shape and init.
+* ``init_params(spec, seed)`` -- the one source of starting weights (numpy, float32).
+* ``rope_inv_freq`` / ``sinusoidal_table`` -- position tables, computed in float64 numpy and
+  handed to both backends as float32 constants so neither re-derives them.
+* ``num_params`` / ``flops_per_token`` -- for logs and MFU.
+
+Canonical layout: every linear weight is stored ``(out_features, in_features)`` (the PyTorch
+``nn.Linear`` and Hugging Face layout); stacked MoE experts add a leading expert axis, e.g.
+``layers.0.mlp.experts.up_proj.weight`` is ``(E, intermediate, hidden)``. Embedding tables are
+``(rows, hidden)``. The Flax backend transposes linears in ``backends/flax/convert.py`` and only there.
+
+This module must not import torch or jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Activation",
+    "NormType",
+    "Position",
+    "ParamInfo",
+    "ModelSpec",
+    "SpecError",
+    "init_params",
+    "check_params",
+    "rope_inv_freq",
+    "rope_cos_sin",
+    "sinusoidal_table",
+]
+
+
+class SpecError(ValueError):
+    """An invalid model spec or parameter dict; the message names the field(s) and the rule."""
+
+
+class Activation(str, enum.Enum):
+    GELU = "gelu"  # exact (erf)
+    GELU_TANH = "gelu_tanh"  # tanh approximation (GPT-2 "gelu_new")
+    SILU = "silu"
+    RELU = "relu"
+
+
+class NormType(str, enum.Enum):
+    LAYERNORM = "layernorm"  # weight and bias
+    RMSNORM = "rmsnorm"  # weight only
+
+
+class Position(str, enum.Enum):
+    ROPE = "rope"  # rotate-half (Llama / HF convention), applied to q and k
+    LEARNED = "learned"  # a (max_seq_len, hidden) table added to the token embedding
+    SINUSOIDAL = "sinusoidal"  # fixed table added to the token embedding; no parameters
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One row of the parameter table."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "normal", "zeros" or "ones"
+    std: float = 0.0  # for "normal"
+    weight_decay: bool = False  # matrices decay; norms, biases and embeddings do not
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+_ROPE_SCALING_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                      "original_max_position_embeddings"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer, independent of any framework.
+
+    Field names are the keys of the ``model:`` section in YAML configs. ``None`` means "derive":
+    ``num_kv_heads`` = ``num_heads``; ``head_dim`` = ``hidden_size // num_heads``;
+    ``intermediate_size`` = ``4 * hidden`` (plain MLP) or ``8/3 * hidden`` rounded up to a multiple
+    of 8 (GLU, the same parameter count as the plain MLP); ``capacity_factor`` = dropless.
+    """
+
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    activation: Activation = Activation.GELU
+    use_glu: bool = False
+    norm_type: NormType = NormType.LAYERNORM
+    norm_eps: float = 1e-5
+    position: Position = Position.ROPE
+    rope_theta: float = 10000.0
+    # Llama-3 style frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}; None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections
+    attention_out_bias: bool | None = None  # bias on o_proj; None = same as attention_bias
+    sliding_window: int | None = None  # query i sees keys j with i - window < j <= i
+    mlp_bias: bool = False
+    dropout: float = 0.0
+    use_moe: bool = False
+    num_experts: int = 8
+    num_experts_per_token: int = 2
+    norm_topk_prob: bool = True
+    capacity_factor: float | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    init_std: float = 0.02
+    # scale the std of residual-output projections (o_proj, down_proj) by 1/sqrt(2*num_layers)
+    scale_residual_init: bool = True
+
+    # ------------------------------------------------------------------ construction
+    def __post_init__(self) -> None:
+        for name, enum_type in (("activation", Activation), ("norm_type", NormType),
+                                ("position", Position)):
+            value = getattr(self, name)
+            if not isinstance(value, enum_type):
+                try:
+                    object.__setattr__(self, name, enum_type(value))
+                except ValueError:
+                    choices = ", ".join(e.value for e in enum_type)
+                    raise SpecError(f"{name}={value!r} is not one of: {choices}") from None
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """Build from a mapping (a YAML ``model:`` section); unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise SpecError(f"model: expected a mapping of spec fields, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            raise SpecError(f"model: unknown field(s) {', '.join(hints)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict; ``ModelSpec.from_dict(spec.to_dict()) == spec``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        return out
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise SpecError(msg)
+
+        def check_int(name: str, minimum: int, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            need(isinstance(value, int) and not isinstance(value, bool),
+                 f"{name}={value!r} must be an integer")
+            need(value >= minimum, f"{name}={value} must be >= {minimum}")
+
+        def check_float(name: str, lo: float, hi: float | None = None, lo_open: bool = False,
+                        allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            need(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{name}={value!r} must be a number")
+            need(math.isfinite(value), f"{name}={value} must be finite")
+            if lo_open:
+                need(value > lo, f"{name}={value} must be > {lo}")
+            else:
+                need(value >= lo, f"{name}={value} must be >= {lo}")
+            if hi is not None:
+                need(value <= hi, f"{name}={value} must be <= {hi}")
+
+        for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads"):
+            check_int(name, 1)
+        check_int("num_kv_heads", 1, allow_none=True)
+        check_int("head_dim", 1, allow_none=True)
+        check_int("intermediate_size", 1, allow_none=True)
+        check_int("sliding_window", 1, allow_none=True)
+        for name in ("use_glu", "tie_embeddings", "attention_bias", "mlp_bias", "use_moe",
+                     "norm_topk_prob", "scale_residual_init"):
+            need(isinstance(getattr(self, name), bool),
+                 f"{name}={getattr(self, name)!r} must be true or false")
+        need(self.attention_out_bias is None or isinstance(self.attention_out_bias, bool),
+             f"attention_out_bias={self.attention_out_bias!r} must be true, false or null")
+        check_float("norm_eps", 0.0, lo_open=True)
+        check_float("rope_theta", 0.0, lo_open=True)
+        check_float("dropout", 0.0, 1.0)
+        need(self.dropout < 1.0, f"dropout={self.dropout} must be < 1")
+        check_float("init_std", 0.0, lo_open=True)
+        check_float("router_aux_loss_coef", 0.0)
+        check_float("router_z_loss_coef", 0.0)
+
+        kv = self.kv_heads
+        need(self.num_heads % kv == 0,
+             f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv}")
+        if self.head_dim is None:
+            need(self.hidden_size % self.num_heads == 0,
+                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads} "
+                 "(set head_dim explicitly to use a head size that does not divide hidden_size)")
+        if self.position is Position.ROPE:
+            need(self.dim_head % 2 == 0,
+                 f"head_dim={self.dim_head} must be even for position=rope (rotate-half pairs)")
+        if self.position is Position.SINUSOIDAL:
+            need(self.hidden_size % 2 == 0,
+                 f"hidden_size={self.hidden_size} must be even for position=sinusoidal")
+        if self.rope_scaling is not None:
+            need(self.position is Position.ROPE,
+                 f"rope_scaling is set but position={self.position.value}; it applies to rope only")
+            unknown = set(self.rope_scaling) - _ROPE_SCALING_KEYS
+            need(not unknown, f"rope_scaling has unknown key(s) {sorted(unknown)}; "
+                              f"expected {sorted(_ROPE_SCALING_KEYS)}")
+            need(self.rope_scaling.get("rope_type") == "llama3",
+                 f"rope_scaling.rope_type={self.rope_scaling.get('rope_type')!r}: only 'llama3' "
+                 "is supported")
+            for key in ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings"):
+                value = self.rope_scaling.get(key)
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                     f"rope_scaling.{key}={value!r} must be a positive number")
+            need(self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
+                 "rope_scaling.high_freq_factor must be > rope_scaling.low_freq_factor")
+        if self.use_moe:
+            check_int("num_experts", 1)
+            check_int("num_experts_per_token", 1)
+            need(self.num_experts_per_token <= self.num_experts,
+                 f"num_experts_per_token={self.num_experts_per_token} exceeds "
+                 f"num_experts={self.num_experts}")
+            check_float("capacity_factor", 0.0, lo_open=True, allow_none=True)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.use_glu:
+            return 8 * ((8 * self.hidden_size // 3 + 7) // 8)
+        return 4 * self.hidden_size
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether o_proj has a bias."""
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
+
+    @property
+    def norm_has_bias(self) -> bool:
+        return self.norm_type is NormType.LAYERNORM
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.kv_heads != self.num_heads
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for a batch of ``num_tokens`` tokens; None when dropless."""
+        if not self.use_moe or self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(num_tokens * self.num_experts_per_token / self.num_experts
+                                * self.capacity_factor))
+
+    # ------------------------------------------------------------------ parameter table
+    def param_table(self) -> list[ParamInfo]:
+        """Every canonical parameter, in a fixed order. The single source of names and shapes."""
+        d, v, std = self.hidden_size, self.vocab_size, self.init_std
+        h, kv, hd, f = self.num_heads, self.kv_heads, self.dim_head, self.ffn_size
+        out_std = std / math.sqrt(2 * self.num_layers) if self.scale_residual_init else std
+        rows: list[ParamInfo] = []
+
+        def linear(prefix: str, out_dim: int, in_dim: int, bias: bool, w_std: float,
+                   lead: tuple[int, ...] = ()) -> None:
+            rows.append(ParamInfo(f"{prefix}.weight", (*lead, out_dim, in_dim), "normal", w_std,
+                                  weight_decay=True))
+            if bias:
+                rows.append(ParamInfo(f"{prefix}.bias", (*lead, out_dim), "zeros"))
+
+        def norm(prefix: str) -> None:
+            rows.append(ParamInfo(f"{prefix}.weight", (d,), "ones"))
+            if self.norm_has_bias:
+                rows.append(ParamInfo(f"{prefix}.bias", (d,), "zeros"))
+
+        rows.append(ParamInfo("embed.weight", (v, d), "normal", std))
+        if self.position is Position.LEARNED:
+            rows.append(ParamInfo("embed.position.weight", (self.max_seq_len, d), "normal", std))
+        for i in range(self.num_layers):
+            p = f"layers.{i}"
+            norm(f"{p}.attn_norm")
+            linear(f"{p}.attn.q_proj", h * hd, d, self.attention_bias, std)
+            linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std)
+            linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std)
+            linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std)
+            norm(f"{p}.mlp_norm")
+            if self.use_moe:
+                e = (self.num_experts,)
+                rows.append(ParamInfo(f"{p}.mlp.router.weight", (self.num_experts, d), "normal",
+                                      std, weight_decay=True))
+                if self.use_glu:
+                    linear(f"{p}.mlp.experts.gate_proj", f, d, self.mlp_bias, std, e)
+                linear(f"{p}.mlp.experts.up_proj", f, d, self.mlp_bias, std, e)
+                linear(f"{p}.mlp.experts.down_proj", d, f, self.mlp_bias, out_std, e)
+            else:
+                if self.use_glu:
+                    linear(f"{p}.mlp.gate_proj", f, d, self.mlp_bias, std)
+                linear(f"{p}.mlp.up_proj", f, d, self.mlp_bias, std)
+                linear(f"{p}.mlp.down_proj", d, f, self.mlp_bias, out_std)
+        norm("final_norm")
+        if not self.tie_embeddings:
+            rows.append(ParamInfo("lm_head.weight", (v, d), "normal", std, weight_decay=True))
+        return rows
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p.name: p.shape for p in self.param_table()}
+
+    def no_decay_names(self) -> set[str]:
+        """Parameters excluded from weight decay: norms, biases, embeddings."""
+        return {p.name for p in self.param_table() if not p.weight_decay}
+
+    def num_params(self, *, active: bool = False, embedding: bool = True) -> int:
+        """Parameter count. ``active=True`` counts only the experts a token uses (top-k of E).
+
+        ``embedding=False`` leaves out the token/position tables (a tied lm_head is not counted
+        twice either way).
+        """
+        total = 0
+        for p in self.param_table():
+            if not embedding and p.name.startswith("embed."):
+                continue
+            n = p.size
+            if active and ".mlp.experts." in p.name:
+                n = n // self.num_experts * self.num_experts_per_token
+            total += n
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B accounting.
+
+        ``6 * N`` for every matmul parameter a token touches (active experts only; the lm_head
+        counted even when tied; the router included) plus ``12 * L * H * head_dim * T`` for the
+        attention score and value products (no causal discount, no sliding-window discount: the
+        convention nanoGPT and most MFU reports use).
+        """
+        t = self.max_seq_len if seq_len is None else seq_len
+        n = self.num_params(active=True, embedding=False)
+        norms = sum(p.size for p in self.param_table()
+                    if ("norm" in p.name or p.name.endswith(".bias")) and not p.name.startswith("embed."))
+        n = n - norms
+        if self.tie_embeddings:
+            n += self.vocab_size * self.hidden_size  # the lm_head matmul still happens
+        attn = 12 * self.num_layers * self.num_heads * self.dim_head * t
+        return float(6 * n + attn)
+
+
+# ---------------------------------------------------------------------- weights
+def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded float32 weights for every row of the table: the one source of starting weights.
+
+    Each parameter draws from its own stream keyed by (seed, its index in the table), so a weight's
+    value does not depend on which other parameters exist before it only through the table order.
+    """
+    out: dict[str, np.ndarray] = {}
+    root = np.random.SeedSequence(seed)
+    streams = root.spawn(len(spec.param_table()))
+    for info, ss in zip(spec.param_table(), streams):
+        if info.init == "zeros":
+            out[info.name] = np.zeros(info.shape, np.float32)
+        elif info.init == "ones":
+            out[info.name] = np.ones(info.shape, np.float32)
+        else:
+            rng = np.random.default_rng(ss)
+            out[info.name] = (rng.standard_normal(info.shape) * info.std).astype(np.float32)
+    return out
+
+
+def check_params(spec: ModelSpec, params: dict[str, Any], *, where: str = "params") -> None:
+    """Raise SpecError listing every missing, unexpected and mis-shaped canonical name."""
+    expected = spec.param_shapes()
+    missing = sorted(set(expected) - set(params))
+    unexpected = sorted(set(params) - set(expected))
+    misshaped = sorted(
+        f"{k}: expected {expected[k]}, got {tuple(params[k].shape)}"
+        for k in set(expected) & set(params) if tuple(params[k].shape) != expected[k]
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
+        raise SpecError(f"{where} do not match the spec -- " + " | ".join(parts))
+
+
+# ---------------------------------------------------------------------- position tables
+def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
+    """Inverse frequencies (head_dim // 2,) as float32, with Llama-3 scaling when configured."""
+    hd = spec.dim_head
+    inv = 1.0 / (spec.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    sc = spec.rope_scaling
+    if sc is not None:
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / lo, old_len / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(spec: ModelSpec, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables (T, head_dim) for rotate-half RoPE, float32.
+
+    Angles are formed from the float32 inverse frequencies times float32 positions, which is what
+    the reference implementations do, then cos/sin taken in float64 and rounded once.
+    """
+    if positions is None:
+        positions = np.arange(spec.max_seq_len)
+    inv = rope_inv_freq(spec)
+    angles = positions.astype(np.float32)[:, None] * inv[None, :]  # (T, hd/2) in fp32
+    emb = np.concatenate([angles, angles], axis=-1).astype(np.float64)  # (T, hd)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def sinusoidal_table(spec: ModelSpec) -> np.ndarray:
+    """(max_seq_len, hidden) table: pe[p, 2i] = sin(p / 10000^(2i/D)), pe[p, 2i+1] = cos(...)."""
+    d = spec.hidden_size
+    pos = np.arange(spec.max_seq_len, dtype=np.float64)[:, None]
+    div = np.power(10000.0, np.arange(0, d, 2, dtype=np.float64) / d)
+    table = np.zeros((spec.max_seq_len, d), np.float64)
+    table[:, 0::2] = np.sin(pos / div)
+    table[:, 1::2] = np.cos(pos / div)
+    return table.astype(np.float32)
+
