@@ -1,0 +1,237 @@
+"""The canonical checkpoint: one directory format that both backends read and write.
+
+```
+<dir>/model.safetensors   canonical parameter names (llm.spec), float32, (out, in) linears
+<dir>/config.json         the full resolved run config; its "model" entry is the ModelSpec
+<dir>/state.safetensors   optional: optimizer moments etc. under canonical-derived names
+<dir>/state.json          optional: step, schedule, RNG, data cursor (JSON-safe values)
+<dir>/manifest.json       format version and the sha256 of every other file
+```
+
+Writes go to a sibling temporary directory that is renamed into place, so a crash never leaves a
+half-written checkpoint under the final name. Loading verifies every hash first and refuses a torn
+or corrupt directory as a whole (``CheckpointError``); nothing is loaded partially. No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from llm.spec import ModelSpec, SpecError, check_params
+
+FORMAT_NAME = "llm-canonical-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.safetensors"
+STATE_META_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "list_checkpoints",
+    "latest_valid_checkpoint",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, torn, corrupt or does not match its spec."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; ``params`` are canonical float32 numpy arrays."""
+
+    path: Path
+    config: dict[str, Any]
+    spec: ModelSpec
+    params: dict[str, np.ndarray]
+    state_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    state_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(arrays, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: dict[str, np.ndarray],
+    config: dict[str, Any],
+    *,
+    state_tensors: dict[str, np.ndarray] | None = None,
+    state_meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Atomically write a canonical checkpoint to ``path`` and return it.
+
+    ``config`` must hold the spec under ``"model"`` (a run config dict or just ``{"model": ...}``);
+    ``params`` are validated against that spec before anything is written.
+    """
+    path = Path(path)
+    if "model" not in config:
+        raise CheckpointError("config must contain a 'model' section (the ModelSpec fields)")
+    spec = ModelSpec.from_dict(config["model"])
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+    check_params(spec, params, where=f"parameters for checkpoint {path}")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _write_tensors(tmp / MODEL_FILE, params)
+        _write_json(tmp / CONFIG_FILE, config)
+        if state_tensors is not None:
+            _write_tensors(tmp / STATE_FILE, {k: np.asarray(v) for k, v in state_tensors.items()})
+        if state_meta is not None:
+            _write_json(tmp / STATE_META_FILE, state_meta)
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "files": {name: _sha256(tmp / name) for name in files},
+        }
+        _write_json(tmp / MANIFEST_FILE, manifest)
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check the manifest and every file hash; return the manifest or raise CheckpointError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (does not exist)")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST_FILE} (torn or not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path}: format version {manifest.get('version')!r}, "
+                              f"this code reads version {FORMAT_VERSION}")
+    for required in (MODEL_FILE, CONFIG_FILE):
+        if required not in manifest["files"]:
+            raise CheckpointError(f"{path}: manifest lists no {required}")
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
+        actual = _sha256(file)
+        if actual != digest:
+            raise CheckpointError(f"{file}: sha256 mismatch (manifest {digest[:12]}..., "
+                                  f"file {actual[:12]}...): the file is corrupt or truncated")
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Checkpoint:
+    """Verify and load a checkpoint; raise CheckpointError on any problem, before returning data."""
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        spec = ModelSpec.from_dict(config.get("model", {}))
+        params = load_file(str(path / MODEL_FILE))
+        check_params(spec, params, where=f"{path / MODEL_FILE}")
+    except (SpecError, json.JSONDecodeError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    state_tensors: dict[str, np.ndarray] = {}
+    state_meta: dict[str, Any] = {}
+    if load_state:
+        if STATE_FILE in manifest["files"]:
+            state_tensors = load_file(str(path / STATE_FILE))
+        if STATE_META_FILE in manifest["files"]:
+            state_meta = json.loads((path / STATE_META_FILE).read_text(encoding="utf-8"))
+    return Checkpoint(path, config, spec, params, state_tensors, state_meta)
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` for every ``step_<N>`` directory, newest first (not verified)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found, reverse=True)
+
+
+def latest_valid_checkpoint(
+    checkpoints_dir: str | os.PathLike,
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and ``(path, reason)`` for each newer one skipped."""
+    skipped: list[tuple[Path, str]] = []
+    for _, path in list_checkpoints(checkpoints_dir):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            continue
+        return path, skipped
+    return None, skipped

@@ -1,0 +1,65 @@
+"""Hypothesis strategies that draw model specs over the whole ModelSpec space (small sizes)."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from llm.spec import ModelSpec
+
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8)
+
+
+@st.composite
+def specs(draw, *, moe: bool | None = None, max_layers: int = 3, max_seq_len: int = 16) -> ModelSpec:
+    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE."""
+    num_kv_heads = draw(st.sampled_from([1, 2, 3]))
+    num_heads = num_kv_heads * draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([4, 6, 8]))
+    if draw(st.booleans()):  # head_dim that does not divide hidden_size (set explicitly)
+        hidden_size = draw(st.sampled_from([8, 12, 20, 32]))
+        explicit_head_dim: int | None = head_dim
+    else:
+        hidden_size = num_heads * head_dim
+        explicit_head_dim = None
+    position = draw(st.sampled_from(["rope", "learned", "sinusoidal"]))
+    use_moe = draw(st.booleans()) if moe is None else moe
+    num_experts = draw(st.integers(2, 8))
+    k = draw(st.integers(1, num_experts))
+    return ModelSpec(
+        vocab_size=draw(st.integers(5, 48)),
+        max_seq_len=max_seq_len,
+        hidden_size=hidden_size,
+        num_layers=draw(st.integers(1, max_layers)),
+        num_heads=num_heads,
+        num_kv_heads=draw(st.sampled_from([None, num_kv_heads])) if num_kv_heads == num_heads else num_kv_heads,
+        head_dim=explicit_head_dim,
+        intermediate_size=draw(st.sampled_from([None, 8, 20, 36])),
+        activation=draw(st.sampled_from(["gelu", "gelu_tanh", "silu", "relu"])),
+        use_glu=draw(st.booleans()),
+        norm_type=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
+        position=position,
+        rope_theta=draw(st.sampled_from([10000.0, 500.0, 1e6])),
+        rope_scaling=draw(st.sampled_from([None, LLAMA3_SCALING])) if position == "rope" else None,
+        tie_embeddings=draw(st.booleans()),
+        attention_bias=draw(st.booleans()),
+        attention_out_bias=draw(st.sampled_from([None, True, False])),
+        sliding_window=draw(st.sampled_from([None, None, 1, 3, 8])),
+        mlp_bias=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.1])),  # compared in eval mode
+        use_moe=use_moe,
+        num_experts=num_experts,
+        num_experts_per_token=k,
+        norm_topk_prob=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, None, 0.5, 1.0, 1.5])),
+        router_aux_loss_coef=draw(st.sampled_from([0.0, 0.01, 0.1])),
+        router_z_loss_coef=draw(st.sampled_from([0.0, 0.001])),
+        init_std=draw(st.sampled_from([0.02, 0.1, 0.3])),
+        scale_residual_init=draw(st.booleans()),
+    )
+
+
+def batch_shapes(max_seq_len: int = 16):
+    """(batch, seq) including 1 in both."""
+    return st.tuples(st.integers(1, 3), st.integers(1, max_seq_len))

@@ -1,0 +1,82 @@
+"""The canonical checkpoint format: atomic writes, hashes, strict loading."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llm.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from llm.spec import ModelSpec, init_params
+
+SPEC = ModelSpec(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=8)
+
+
+def _save(path, **kw):
+    return save_checkpoint(path, init_params(SPEC, 3), {"model": SPEC.to_dict()}, **kw)
+
+
+def test_round_trip_with_state(tmp_path):
+    moments = {"exp_avg.embed.weight": np.ones((32, 16), np.float32)}
+    _save(tmp_path / "ck", state_tensors=moments, state_meta={"step": 7})
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.spec == SPEC and ck.state_meta == {"step": 7}
+    ref = init_params(SPEC, 3)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(ck.params[k], v)
+    np.testing.assert_array_equal(ck.state_tensors["exp_avg.embed.weight"], 1.0)
+    files = json.loads((tmp_path / "ck" / "manifest.json").read_text())["files"]
+    assert set(files) == {"model.safetensors", "config.json", "state.safetensors", "state.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path):
+    _save(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="already exists"):
+        _save(tmp_path / "ck")
+    _save(tmp_path / "ck", overwrite=True)
+    verify_checkpoint(tmp_path / "ck")
+
+
+def test_bad_params_are_rejected_before_writing(tmp_path):
+    params = init_params(SPEC)
+    params.pop("lm_head.weight")
+    with pytest.raises(Exception, match="missing 1: lm_head.weight"):
+        save_checkpoint(tmp_path / "ck", params, {"model": SPEC.to_dict()})
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "remove_manifest", "remove_model"])
+def test_corruption_is_detected(tmp_path, damage):
+    path = _save(tmp_path / "ck")
+    model = path / "model.safetensors"
+    if damage == "truncate":
+        model.write_bytes(model.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(model.read_bytes())
+        data[-5] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif damage == "remove_manifest":
+        (path / "manifest.json").unlink()
+    else:
+        model.unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_latest_valid_skips_corrupt_newer(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root / "step_10")
+    _save(root / "step_20")
+    (root / "step_20" / "model.safetensors").write_bytes(b"torn")
+    (root / "step_30").mkdir()  # torn: no manifest
+    best, skipped = latest_valid_checkpoint(root)
+    assert best == root / "step_10"
+    assert [p.name for p, _ in skipped] == ["step_30", "step_20"]
+    assert "sha256 mismatch" in skipped[1][1]

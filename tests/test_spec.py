@@ -1,0 +1,177 @@
+"""ModelSpec validation, the parameter table, numpy init and position tables."""
+
+import math
+
+import numpy as np
+import pytest
+
+from llm.spec import (
+    ModelSpec,
+    SpecError,
+    check_params,
+    init_params,
+    rope_cos_sin,
+    rope_inv_freq,
+    sinusoidal_table,
+)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(hidden_size=96, num_heads=6, num_kv_heads=4), "num_heads=6 is not divisible by num_kv_heads=4"),
+        (dict(hidden_size=100, num_heads=3), "hidden_size=100 is not divisible by num_heads=3"),
+        (dict(head_dim=7), "head_dim=7 must be even for position=rope"),
+        (dict(position="sinusoidal", hidden_size=63, num_heads=3, head_dim=22), "hidden_size=63 must be even"),
+        (dict(activation="swish"), "activation='swish' is not one of"),
+        (dict(norm_type="batchnorm"), "norm_type='batchnorm'"),
+        (dict(position="alibi"), "position='alibi'"),
+        (dict(use_moe=True, num_experts=2, num_experts_per_token=3), "num_experts_per_token=3 exceeds num_experts=2"),
+        (dict(use_moe=True, capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
+        (dict(dropout=1.0), "dropout=1.0 must be < 1"),
+        (dict(dropout=-0.1), "dropout=-0.1 must be >= 0"),
+        (dict(vocab_size=0), "vocab_size=0 must be >= 1"),
+        (dict(num_layers=2.5), "num_layers=2.5 must be an integer"),
+        (dict(use_glu="yes"), "use_glu='yes' must be true or false"),
+        (dict(norm_eps=0.0), "norm_eps=0.0 must be > 0"),
+        (dict(init_std=float("nan")), "init_std=nan must be finite"),
+        (dict(position="learned", rope_scaling={"rope_type": "llama3"}), "rope_scaling is set but position=learned"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_scaling.rope_type='yarn'"),
+        (dict(sliding_window=0), "sliding_window=0 must be >= 1"),
+    ],
+)
+def test_invalid_specs_name_field_and_rule(fields, message):
+    with pytest.raises(SpecError) as err:
+        ModelSpec(**fields)
+    assert message in str(err.value)
+
+
+def test_unknown_field_suggests_nearest():
+    with pytest.raises(SpecError, match=r"'num_kv_head' \(did you mean 'num_kv_heads'\?\)"):
+        ModelSpec.from_dict({"num_kv_head": 2})
+
+
+def test_derived_values():
+    spec = ModelSpec(hidden_size=96, num_heads=6, num_kv_heads=None)
+    assert spec.kv_heads == 6 and spec.dim_head == 16 and spec.ffn_size == 384
+    glu = ModelSpec(hidden_size=96, num_heads=6, use_glu=True)
+    assert glu.ffn_size == 256 and glu.ffn_size % 8 == 0  # 8/3 * 96 = 256
+    odd = ModelSpec(hidden_size=64, num_heads=4, head_dim=24)
+    assert odd.param_shapes()["layers.0.attn.q_proj.weight"] == (96, 64)
+    assert odd.param_shapes()["layers.0.attn.o_proj.weight"] == (64, 96)
+
+
+def test_dict_round_trip():
+    spec = ModelSpec(use_moe=True, capacity_factor=1.25, position="learned", activation="gelu_tanh")
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert spec.to_dict()["activation"] == "gelu_tanh"
+
+
+def test_param_table_names_and_shapes():
+    spec = ModelSpec(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=1,
+                     use_moe=True, num_experts=3, use_glu=True, intermediate_size=40,
+                     attention_bias=True, attention_out_bias=False, mlp_bias=True,
+                     position="learned", max_seq_len=16, norm_type="rmsnorm", tie_embeddings=True)
+    shapes = spec.param_shapes()
+    assert shapes["embed.weight"] == (50, 32)
+    assert shapes["embed.position.weight"] == (16, 32)
+    assert shapes["layers.1.attn.k_proj.weight"] == (8, 32)  # MQA: one kv head of 8
+    assert shapes["layers.1.attn.k_proj.bias"] == (8,)
+    assert "layers.1.attn.o_proj.bias" not in shapes
+    assert shapes["layers.0.mlp.router.weight"] == (3, 32)
+    assert shapes["layers.0.mlp.experts.gate_proj.weight"] == (3, 40, 32)
+    assert shapes["layers.0.mlp.experts.down_proj.weight"] == (3, 32, 40)
+    assert shapes["layers.0.mlp.experts.down_proj.bias"] == (3, 32)
+    assert "layers.0.attn_norm.bias" not in shapes  # rmsnorm has no bias
+    assert "lm_head.weight" not in shapes  # tied
+    assert spec.no_decay_names() >= {"embed.weight", "embed.position.weight", "final_norm.weight",
+                                     "layers.0.attn.q_proj.bias"}
+    assert "layers.0.attn.q_proj.weight" not in spec.no_decay_names()
+
+
+def test_param_counts_gpt2_small():
+    spec = ModelSpec(vocab_size=50257, max_seq_len=1024, hidden_size=768, num_layers=12, num_heads=12,
+                     activation="gelu_tanh", position="learned", tie_embeddings=True,
+                     attention_bias=True, mlp_bias=True)
+    assert spec.num_params() == 124_439_808  # the published GPT-2 small count
+
+
+def test_active_params_moe():
+    spec = ModelSpec(hidden_size=32, num_heads=4, use_moe=True, num_experts=4, num_experts_per_token=1,
+                     intermediate_size=64)
+    expert = 2 * 64 * 32  # up + down per expert
+    assert spec.num_params() - spec.num_params(active=True) == spec.num_layers * 3 * expert
+
+
+def test_flops_per_token_matches_6n_plus_attention():
+    spec = ModelSpec(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=8)
+    matmul = 2 * (4 * 32 * 32 + 2 * 32 * 128) + 100 * 32
+    assert spec.flops_per_token() == 6 * matmul + 12 * 2 * 4 * 8 * 8
+
+
+def test_init_is_seeded_and_follows_table():
+    spec = ModelSpec(num_layers=3, attention_bias=True)
+    a, b, c = init_params(spec, 0), init_params(spec, 0), init_params(spec, 1)
+    check_params(spec, a)
+    for k in a:
+        assert a[k].dtype == np.float32
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["embed.weight"], c["embed.weight"])
+    np.testing.assert_array_equal(a["layers.0.attn_norm.weight"], 1.0)
+    np.testing.assert_array_equal(a["layers.0.attn.q_proj.bias"], 0.0)
+    assert abs(a["embed.weight"].std() - 0.02) < 0.002
+    o_std = a["layers.0.attn.o_proj.weight"].std()
+    assert abs(o_std - 0.02 / math.sqrt(6)) < 0.001
+
+
+def test_check_params_lists_every_problem():
+    spec = ModelSpec(num_layers=1)
+    params = init_params(spec)
+    del params["final_norm.weight"]
+    params["extra.weight"] = np.zeros(3)
+    params["embed.weight"] = np.zeros((3, 3))
+    with pytest.raises(SpecError) as err:
+        check_params(spec, params)
+    msg = str(err.value)
+    assert "missing 1: final_norm.weight" in msg
+    assert "unexpected 1: extra.weight" in msg
+    assert "embed.weight: expected (256, 128), got (3, 3)" in msg
+
+
+def test_rope_tables():
+    spec = ModelSpec(hidden_size=32, num_heads=2, rope_theta=100.0, max_seq_len=5)
+    inv = rope_inv_freq(spec)
+    np.testing.assert_allclose(inv, 100.0 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
+    cos, sin = rope_cos_sin(spec)
+    assert cos.shape == (5, 16)
+    np.testing.assert_allclose(cos[3, 1], np.cos(3 * inv[1]), rtol=1e-6)
+    np.testing.assert_allclose(sin[3, 9], np.sin(3 * inv[1]), rtol=1e-6)  # rotate-half: halves repeat
+
+
+def test_llama3_rope_scaling_bands():
+    sc = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+    plain = rope_inv_freq(ModelSpec(hidden_size=128, num_heads=2))
+    scaled = rope_inv_freq(ModelSpec(hidden_size=128, num_heads=2, rope_scaling=sc))
+    wavelen = 2 * np.pi / plain
+    high = wavelen < 64 / 4
+    low = wavelen > 64 / 1
+    np.testing.assert_array_equal(scaled[high], plain[high])  # high frequencies untouched
+    np.testing.assert_allclose(scaled[low], plain[low] / 8.0, rtol=1e-6)  # low ones divided by factor
+    mid = ~(high | low)
+    assert mid.any() and np.all(scaled[mid] < plain[mid]) and np.all(scaled[mid] > plain[mid] / 8)
+
+
+def test_sinusoidal_table():
+    spec = ModelSpec(hidden_size=8, num_heads=2, position="sinusoidal", max_seq_len=4)
+    t = sinusoidal_table(spec)
+    assert t.shape == (4, 8)
+    np.testing.assert_allclose(t[0], [0, 1] * 4)
+    np.testing.assert_allclose(t[2, 2], np.sin(2 / 10000 ** (2 / 8)), rtol=1e-6)
+    np.testing.assert_allclose(t[2, 3], np.cos(2 / 10000 ** (2 / 8)), rtol=1e-6)
+
+
+def test_capacity():
+    spec = ModelSpec(use_moe=True, num_experts=4, num_experts_per_token=2, capacity_factor=1.0)
+    assert spec.capacity(10) == 5  # ceil(10 * 2 / 4 * 1.0)
+    assert ModelSpec(use_moe=True).capacity(10) is None
