@@ -37,6 +37,7 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "state.safetensors"
 STATE_META_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
+_RESERVED = {MODEL_FILE, CONFIG_FILE, STATE_FILE, STATE_META_FILE, MANIFEST_FILE}
 
 __all__ = [
     "Checkpoint",
@@ -107,12 +108,14 @@ def save_checkpoint(
     *,
     state_tensors: dict[str, np.ndarray] | None = None,
     state_meta: dict[str, Any] | None = None,
+    extra_files: dict[str, str | os.PathLike | bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Atomically write a canonical checkpoint to ``path`` and return it.
 
     ``config`` must hold the spec under ``"model"`` (a run config dict or just ``{"model": ...}``);
-    ``params`` are validated against that spec before anything is written.
+    ``params`` are validated against that spec before anything is written. ``extra_files`` maps a
+    file name (e.g. ``tokenizer.json``) to a path to copy or to bytes; they are hashed like the rest.
     """
     path = Path(path)
     if "model" not in config:
@@ -132,6 +135,14 @@ def save_checkpoint(
             _write_tensors(tmp / STATE_FILE, {k: np.asarray(v) for k, v in state_tensors.items()})
         if state_meta is not None:
             _write_json(tmp / STATE_META_FILE, state_meta)
+        for name, source in (extra_files or {}).items():
+            if Path(name).name != name or name in _RESERVED:
+                raise CheckpointError(f"extra file name {name!r} must be a plain file name other than "
+                                      f"{sorted(_RESERVED)}")
+            if isinstance(source, bytes):
+                (tmp / name).write_bytes(source)
+            else:
+                shutil.copyfile(source, tmp / name)
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
             "format": FORMAT_NAME,

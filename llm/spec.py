@@ -37,6 +37,7 @@ __all__ = [
     "SpecError",
     "init_params",
     "check_params",
+    "check_names",
     "rope_inv_freq",
     "rope_cos_sin",
     "sinusoidal_table",
@@ -393,7 +394,7 @@ def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     root = np.random.SeedSequence(seed)
     streams = root.spawn(len(spec.param_table()))
-    for info, ss in zip(spec.param_table(), streams):
+    for info, ss in zip(spec.param_table(), streams, strict=True):
         if info.init == "zeros":
             out[info.name] = np.zeros(info.shape, np.float32)
         elif info.init == "ones":
@@ -404,14 +405,18 @@ def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def check_params(spec: ModelSpec, params: dict[str, Any], *, where: str = "params") -> None:
-    """Raise SpecError listing every missing, unexpected and mis-shaped canonical name."""
-    expected = spec.param_shapes()
+def check_names(expected: dict[str, tuple[int, ...]], params: dict[str, Any], *,
+                where: str = "params") -> None:
+    """Raise SpecError listing every missing, unexpected and mis-shaped name against ``expected``.
+
+    The one strict-matching rule: both backends' loaders and the checkpoint reader call it.
+    ``params`` values need only a ``.shape``.
+    """
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
     misshaped = sorted(
-        f"{k}: expected {expected[k]}, got {tuple(params[k].shape)}"
-        for k in set(expected) & set(params) if tuple(params[k].shape) != expected[k]
+        f"{k}: expected {tuple(expected[k])}, got {tuple(params[k].shape)}"
+        for k in set(expected) & set(params) if tuple(params[k].shape) != tuple(expected[k])
     )
     if missing or unexpected or misshaped:
         parts = []
@@ -421,7 +426,12 @@ def check_params(spec: ModelSpec, params: dict[str, Any], *, where: str = "param
             parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
         if misshaped:
             parts.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
-        raise SpecError(f"{where} do not match the spec -- " + " | ".join(parts))
+        raise SpecError(f"{where} do not match -- " + " | ".join(parts))
+
+
+def check_params(spec: ModelSpec, params: dict[str, Any], *, where: str = "params") -> None:
+    """Raise SpecError listing every missing, unexpected and mis-shaped canonical name."""
+    check_names(spec.param_shapes(), params, where=f"{where} (spec)")
 
 
 # ---------------------------------------------------------------------- position tables

@@ -80,3 +80,15 @@ def test_latest_valid_skips_corrupt_newer(tmp_path):
     assert best == root / "step_10"
     assert [p.name for p, _ in skipped] == ["step_30", "step_20"]
     assert "sha256 mismatch" in skipped[1][1]
+
+
+def test_extra_files_are_hashed(tmp_path):
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"type": "char"}')
+    path = _save(tmp_path / "ck", extra_files={"tokenizer.json": tok, "notes.txt": b"hello"})
+    assert (path / "tokenizer.json").read_text() == '{"type": "char"}'
+    (path / "notes.txt").write_bytes(b"HELLO")
+    with pytest.raises(CheckpointError, match="notes.txt: sha256 mismatch"):
+        verify_checkpoint(path)
+    with pytest.raises(CheckpointError, match="plain file name"):
+        _save(tmp_path / "ck2", extra_files={"../x": b""})

@@ -1,0 +1,123 @@
+"""Canonical parameter dicts <-> Flax NNX modules: the one place where layouts are transposed.
+
+The transpose rule
+------------------
+A parameter is a *linear weight* iff its canonical name ends with ``_proj.weight``,
+``router.weight`` or ``lm_head.weight``. Canonical (PyTorch / Hugging Face) layout stores those
+``(out, in)`` -- ``(E, out, in)`` for stacked experts -- and the Flax modules store them
+``(in, out)`` / ``(E, in, out)``, so converting either way swaps the last two axes. Every other
+parameter (embedding tables, norms, biases) has the same layout on both sides and is copied as is.
+
+Names are dotted paths relative to the module converted (``layers.0.attn.q_proj.weight`` for a
+``DecoderModel``, ``attn.q_proj.weight`` for a ``TransformerBlock``, ``weight`` for a norm). A module
+converted on its own cannot see its own name, so for a root-level ``weight`` the owner's type
+decides (a ``Linear`` or ``ExpertLinear`` is a linear weight); everywhere else the name rule
+decides and the owner's type is checked against it, so a new layer that breaks the naming
+contract fails loudly instead of loading transposed.
+
+Loading is strict: every missing, unexpected and mis-shaped name is listed in one ``SpecError``.
+Values round-trip bitwise (float32 in, float32 out; transposes are exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from backends.flax.model import DecoderModel, ExpertLinear, Linear
+from llm.spec import ModelSpec, SpecError, check_params
+
+__all__ = ["LINEAR_SUFFIXES", "is_linear_weight", "to_canonical", "load_canonical", "from_canonical"]
+
+LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
+
+
+def is_linear_weight(name: str) -> bool:
+    """The transpose rule on a canonical name (see the module docstring)."""
+    return name.endswith(LINEAR_SUFFIXES)
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _natural_key(name: str) -> tuple:
+    # layers.2 before layers.10
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def _params(module: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
+    """Canonical name -> (the Param, whether it is a linear weight), in natural name order."""
+    nodes = dict(nnx.iter_graph(module))
+    found: dict[str, tuple[nnx.Param, bool]] = {}
+    for path, node in nodes.items():
+        if not isinstance(node, nnx.Param):
+            continue
+        name = _name(path)
+        by_type = path[-1] == "weight" and isinstance(nodes[path[:-1]], (Linear, ExpertLinear))
+        if len(path) == 1:
+            linear = by_type  # the module is the layer itself; its own name is not known here
+        else:
+            linear = is_linear_weight(name)
+            if linear != by_type:
+                owner = type(nodes[path[:-1]]).__name__
+                raise SpecError(f"{name}: the transpose rule says linear={linear} but it is held by "
+                                f"a {owner}; rename the attribute or extend LINEAR_SUFFIXES")
+        found[name] = (node, linear)
+    return {k: found[k] for k in sorted(found, key=_natural_key)}
+
+
+def to_canonical(module: nnx.Module) -> dict[str, np.ndarray]:
+    """Every ``nnx.Param`` of ``module`` as canonical float32 numpy, linears ``(out, in)``."""
+    out: dict[str, np.ndarray] = {}
+    for name, (param, linear) in _params(module).items():
+        value = np.asarray(param[...], dtype=np.float32)
+        out[name] = np.ascontiguousarray(np.swapaxes(value, -1, -2) if linear else value)
+    return out
+
+
+def load_canonical(module: nnx.Module, params: Mapping[str, Any], *, where: str = "params") -> None:
+    """Copy canonical ``params`` into ``module`` in place; strict about names and shapes.
+
+    Raises ``SpecError`` (a ``ValueError``) listing every missing, unexpected and mis-shaped name
+    before anything is written, so a failed load leaves the module untouched.
+    """
+    expected = _params(module)
+    arrays = {k: np.asarray(v) for k, v in params.items()}
+
+    def canonical_shape(param: nnx.Param, linear: bool) -> tuple[int, ...]:
+        shape = tuple(param[...].shape)
+        return (*shape[:-2], shape[-1], shape[-2]) if linear else shape
+
+    missing = sorted(set(expected) - set(arrays), key=_natural_key)
+    unexpected = sorted(set(arrays) - set(expected), key=_natural_key)
+    misshaped = [f"{k}: expected {canonical_shape(*expected[k])}, got {arrays[k].shape}"
+                 for k in expected if k in arrays and arrays[k].shape != canonical_shape(*expected[k])]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
+        raise SpecError(f"{where} do not match {type(module).__name__} -- " + " | ".join(parts))
+
+    for name, (param, linear) in expected.items():
+        value = arrays[name]
+        if linear:
+            value = np.swapaxes(value, -1, -2)
+        param[...] = jnp.asarray(value, dtype=param[...].dtype)
+
+
+def from_canonical(spec: ModelSpec, params: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                   seed: int = 0) -> DecoderModel:
+    """A ``DecoderModel`` holding canonical ``params`` (``seed`` only seeds the dropout streams)."""
+    check_params(spec, dict(params))
+    model = DecoderModel(spec, rngs=nnx.Rngs(seed), dtype=dtype)
+    load_canonical(model, params)
+    return model

@@ -1,0 +1,589 @@
+"""The decoder-only transformer in Flax NNX, written to ``docs/architecture.md``.
+
+Class and attribute names mirror ``backends/torch/model.py``, so NNX state paths are the canonical
+parameter names (``layers/0/attn/q_proj/weight`` is ``layers.0.attn.q_proj.weight``). The one
+difference is layout: linear weights are stored ``(in, out)`` (``(E, in, out)`` for experts), the
+natural ``x @ W`` layout; ``backends/flax/convert.py`` transposes to and from the canonical
+``(out, in)`` and is the only place that does.
+
+Shapes in comments: B batch, T query length, S key length, D hidden, H query heads, K key/value
+heads, G = H/K query heads per kv head, hd head size, F intermediate size, E experts, k experts per
+token, N = B*T tokens, V vocab. Einsum strings use the same letters (``I``/``O`` = in/out features).
+
+Precision: parameters are float32 and stay float32; ``dtype`` is the compute dtype. With bfloat16
+compute, parameters and activations are cast where they are used, while norms, softmaxes, RoPE,
+the router and the loss run in float32, and logits are returned in float32.
+
+Position tables (RoPE cos/sin, the sinusoidal table) come from ``llm.spec`` and are held in
+``Buffer`` variables: part of the module state (so ``nnx.jit`` passes them as arrays instead of
+baking them into every program) but never ``nnx.Param``, never trained and never in a checkpoint.
+
+Static vs traced ``start_pos``: a Python / numpy int is checked against ``max_seq_len`` (and the KV
+cache length) and raises ``ValueError``; a traced value (one compiled decode step reused for every
+position) cannot be checked, and out-of-range positions are then clamped by XLA.
+
+This module must never import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llm.spec import Activation, ModelSpec, NormType, Position, init_params, rope_cos_sin, sinusoidal_table
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Buffer",
+    "Linear",
+    "Embedding",
+    "RMSNorm",
+    "LayerNorm",
+    "build_norm",
+    "EmbeddingLayer",
+    "LayerKVCache",
+    "KVCache",
+    "MultiHeadAttention",
+    "MLP",
+    "ExpertLinear",
+    "Experts",
+    "MoE",
+    "TransformerBlock",
+    "ModelOutput",
+    "cross_entropy",
+    "DecoderModel",
+]
+
+IGNORE_INDEX = -100
+_MASKED = float(np.finfo(np.float32).min)  # finite, so a fully masked row could never produce NaN
+
+
+class Buffer(nnx.Variable):
+    """A constant array held in module state (position tables): not a Param, not trained, not saved."""
+
+
+class _SpecRef:
+    """Holds a ModelSpec as a hashable static attribute.
+
+    ``ModelSpec`` is not hashable when ``rope_scaling`` (a dict) is set, and NNX graph definitions
+    must be hashable to serve as ``jax.jit`` static arguments; this compares by the spec's JSON.
+    """
+
+    __slots__ = ("spec", "_key")
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self._key = json.dumps(spec.to_dict(), sort_keys=True)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SpecRef) and self._key == other._key
+
+    def __repr__(self) -> str:
+        return f"_SpecRef({self.spec!r})"
+
+
+class _SpecModule(nnx.Module):
+    """Base for modules that keep their ``ModelSpec`` (exposed as ``self.spec``)."""
+
+    def _set_spec(self, spec: ModelSpec) -> None:
+        self._spec_ref = _SpecRef(spec)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec_ref.spec
+
+
+def _static_int(value: Any) -> int | None:
+    """``value`` as an int when known at trace time (Python / numpy int), else None."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def _check_positions(start_pos: Any, length: int, limit: int, what: str) -> None:
+    start = _static_int(start_pos)
+    if start is not None and (start < 0 or start + length > limit):
+        raise ValueError(f"positions {start}..{start + length - 1} exceed {what}={limit} "
+                         f"(sequence of {length} tokens at start_pos={start})")
+
+
+def _out_std(spec: ModelSpec) -> float:
+    """Init std of residual-output projections (o_proj, down_proj), as in ``spec.param_table``."""
+    if spec.scale_residual_init:
+        return spec.init_std / math.sqrt(2 * spec.num_layers)
+    return spec.init_std
+
+
+def _activation(spec: ModelSpec, x: jax.Array) -> jax.Array:
+    if spec.activation is Activation.GELU:
+        return jax.nn.gelu(x, approximate=False)  # exact erf form
+    if spec.activation is Activation.GELU_TANH:
+        return jax.nn.gelu(x, approximate=True)
+    if spec.activation is Activation.SILU:
+        return jax.nn.silu(x)
+    return jax.nn.relu(x)
+
+
+# ---------------------------------------------------------------------- basic layers
+class Linear(nnx.Module):
+    """``y = x @ weight + bias`` with ``weight`` stored (in, out); computed in ``dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, std: float = 0.02,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = jnp.dtype(dtype)
+        self.weight = nnx.Param(std * jax.random.normal(rngs.params(), (in_features, out_features),
+                                                        jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.weight[...].astype(self.dtype)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    """A lookup table ``weight`` (rows, D), float32 (the learned position table)."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, std: float = 0.02, rngs: nnx.Rngs):
+        self.weight = nnx.Param(std * jax.random.normal(rngs.params(), (num_embeddings, dim),
+                                                        jnp.float32))
+
+    def __call__(self, idx: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], idx, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned scale and no bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * normed).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias; biased-variance statistics in float32, output in input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def build_norm(spec: ModelSpec) -> RMSNorm | LayerNorm:
+    """The norm the spec asks for, over the hidden size."""
+    if spec.norm_type is NormType.RMSNORM:
+        return RMSNorm(spec.hidden_size, spec.norm_eps)
+    return LayerNorm(spec.hidden_size, spec.norm_eps)
+
+
+# ---------------------------------------------------------------------- embedding
+class EmbeddingLayer(_SpecModule):
+    """Token table plus the absolute position signal (learned or sinusoidal); RoPE adds nothing here.
+
+    ``weight`` is the token table (V, D); it doubles as the output projection when embeddings are
+    tied (``attend``). The sinusoidal table is a ``Buffer``: a constant, not a parameter.
+    """
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        self.dtype = jnp.dtype(dtype)
+        self.weight = nnx.Param(spec.init_std * jax.random.normal(
+            rngs.params(), (spec.vocab_size, spec.hidden_size), jnp.float32))
+        if spec.position is Position.LEARNED:
+            self.position = Embedding(spec.max_seq_len, spec.hidden_size, std=spec.init_std, rngs=rngs)
+        elif spec.position is Position.SINUSOIDAL:
+            self.sinusoidal = Buffer(jnp.asarray(sinusoidal_table(spec)))  # (max_seq_len, D)
+        self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, start_pos: Any = 0, *, deterministic: bool = True) -> jax.Array:
+        T = input_ids.shape[1]
+        _check_positions(start_pos, T, self.spec.max_seq_len, "max_seq_len")
+        x = jnp.take(self.weight[...], input_ids, axis=0)  # (B, T, D) float32
+        if self.spec.position is Position.LEARNED:
+            x = x + self.position(start_pos + jnp.arange(T))  # (T, D) broadcast over B
+        elif self.spec.position is Position.SINUSOIDAL:
+            x = x + jax.lax.dynamic_slice_in_dim(self.sinusoidal[...], start_pos, T, axis=0)
+        return self.dropout(x.astype(self.dtype), deterministic=deterministic)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """The tied output projection: ``x @ weight.T`` (B, T, V), in the compute dtype."""
+        return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+
+
+# ---------------------------------------------------------------------- KV cache
+class LayerKVCache(nnx.Module):
+    """Preallocated keys and values of one layer, (B, S_max, K, hd) each; keys already rotated.
+
+    Held in ``nnx.Cache`` variables and written in place with ``dynamic_update_slice``, so a decode
+    step has static shapes and compiles once whatever ``start_pos`` is.
+    """
+
+    def __init__(self, batch_size: int, max_seq_len: int, kv_heads: int, head_dim: int,
+                 dtype: Any = jnp.float32):
+        shape = (batch_size, max_seq_len, kv_heads, head_dim)
+        self.k = nnx.Cache(jnp.zeros(shape, dtype))
+        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k[...].shape[1]
+
+    def update(self, k: jax.Array, v: jax.Array, start_pos: Any) -> tuple[jax.Array, jax.Array]:
+        """Write k, v (B, T, K, hd) at positions start_pos.. and return the whole cache (B, S_max, K, hd)."""
+        B, T = k.shape[:2]
+        cached = self.k[...]
+        if B != cached.shape[0]:
+            raise ValueError(f"KV cache holds batch size {cached.shape[0]}, got a batch of {B}")
+        start = _static_int(start_pos)
+        if start is not None and start + T > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: start_pos={start} + {T} new tokens > "
+                             f"cache length {self.max_seq_len}")
+        at = (0, start_pos, 0, 0)
+        self.k[...] = jax.lax.dynamic_update_slice(cached, k.astype(cached.dtype), at)
+        self.v[...] = jax.lax.dynamic_update_slice(self.v[...], v.astype(cached.dtype), at)
+        return self.k[...], self.v[...]
+
+
+class KVCache(nnx.Module):
+    """One ``LayerKVCache`` per layer, for incremental decoding.
+
+    The caller owns the position: ``model(ids, cache=cache, start_pos=p)`` writes the new tokens at
+    ``p .. p+T-1`` and attends to everything before them, so a prompt can be prefilled in one call
+    and then decoded one token at a time. The cache is NNX state: ``nnx.jit`` carries the in-place
+    writes out; under plain ``jax.jit`` split it with ``nnx.split`` and return ``nnx.state(cache)``.
+    """
+
+    def __init__(self, spec: ModelSpec, batch_size: int, *, max_seq_len: int | None = None,
+                 dtype: Any = jnp.float32):
+        length = spec.max_seq_len if max_seq_len is None else max_seq_len
+        self.layers = nnx.List([LayerKVCache(batch_size, length, spec.kv_heads, spec.dim_head, dtype)
+                                for _ in range(spec.num_layers)])
+
+    def __getitem__(self, layer_idx: int) -> LayerKVCache:
+        return self.layers[layer_idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+# ---------------------------------------------------------------------- attention
+def _rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+class MultiHeadAttention(_SpecModule):
+    """Causal self-attention with grouped-query heads, optional RoPE and sliding window.
+
+    The RoPE tables come from ``llm.spec.rope_cos_sin`` (rows = absolute positions) and are held
+    as ``Buffer`` constants so both backends rotate with the very same float32 numbers. Query head
+    ``h`` reads kv head ``h // G``: queries are viewed as (K, G) groups rather than repeating K/V.
+    """
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, spec.dim_head
+        self.dtype = jnp.dtype(dtype)
+        d, h, kv, hd = spec.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        std, bias = spec.init_std, spec.attention_bias
+        self.q_proj = Linear(d, h * hd, bias=bias, std=std, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kv * hd, bias=bias, std=std, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, kv * hd, bias=bias, std=std, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(h * hd, d, bias=spec.out_bias, std=_out_std(spec), dtype=dtype, rngs=rngs)
+        if spec.position is Position.ROPE:
+            cos, sin = rope_cos_sin(spec)  # (max_seq_len, hd) each
+            self.rope_cos = Buffer(jnp.asarray(cos))
+            self.rope_sin = Buffer(jnp.asarray(sin))
+        self.attn_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+
+    def _rope(self, x: jax.Array, start_pos: Any) -> jax.Array:
+        T = x.shape[1]
+        cos = jax.lax.dynamic_slice_in_dim(self.rope_cos[...], start_pos, T, axis=0)[None, :, None, :]
+        sin = jax.lax.dynamic_slice_in_dim(self.rope_sin[...], start_pos, T, axis=0)[None, :, None, :]
+        x32 = x.astype(jnp.float32)
+        return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)  # (B, T, heads, hd)
+
+    def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
+                 deterministic: bool = True) -> jax.Array:
+        spec = self.spec
+        B, T, _ = x.shape
+        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        _check_positions(start_pos, T, spec.max_seq_len, "max_seq_len")
+        q = self.q_proj(x).reshape(B, T, H, hd)
+        k = self.k_proj(x).reshape(B, T, K, hd)
+        v = self.v_proj(x).reshape(B, T, K, hd)
+        if spec.position is Position.ROPE:
+            q, k = self._rope(q, start_pos), self._rope(k, start_pos)
+
+        # Keys cover absolute positions 0..S_max-1 when caching (unwritten slots lie in the future
+        # of every query, so the causal mask hides them), else the T positions of this call.
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)  # (B, S_max, K, hd)
+            k_pos = jnp.arange(k.shape[1])
+        else:
+            k_pos = start_pos + jnp.arange(T)
+        q_pos = start_pos + jnp.arange(T)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S); True = may attend
+        if spec.sliding_window is not None:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - spec.sliding_window)
+
+        q = q.reshape(B, T, K, H // K, hd)  # head h = kv * G + g, so it reads kv head h // G
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+        scores = jnp.where(mask, scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1)  # float32
+        probs = self.attn_dropout(probs, deterministic=deterministic)
+        y = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), v.astype(self.dtype))
+        return self.o_proj(y.reshape(B, T, H * hd))  # (B, T, D)
+
+
+# ---------------------------------------------------------------------- feed-forward
+class MLP(_SpecModule):
+    """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        d, f, bias, std = spec.hidden_size, spec.ffn_size, spec.mlp_bias, spec.init_std
+        if spec.use_glu:
+            self.gate_proj = Linear(d, f, bias=bias, std=std, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=bias, std=std, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=bias, std=_out_std(spec), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.spec.use_glu:
+            h = _activation(self.spec, self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = _activation(self.spec, self.up_proj(x))
+        return self.down_proj(h)
+
+
+class ExpertLinear(nnx.Module):
+    """E stacked linear maps: ``weight`` (E, in, out), optional ``bias`` (E, out)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool, std: float, *,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(dtype)
+        self.weight = nnx.Param(std * jax.random.normal(
+            rngs.params(), (num_experts, in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_experts, out_features), jnp.float32)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (N, in) for every expert alike, or (E, N, in) per expert -> (E, N, out)."""
+        eq = "NI,EIO->ENO" if x.ndim == 2 else "ENI,EIO->ENO"
+        y = jnp.einsum(eq, x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...][:, None, :].astype(self.dtype)
+        return y
+
+
+class Experts(_SpecModule):
+    """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        e, d, f, bias, std = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias, spec.init_std
+        if spec.use_glu:
+            self.gate_proj = ExpertLinear(e, d, f, bias, std, dtype=dtype, rngs=rngs)
+        self.up_proj = ExpertLinear(e, d, f, bias, std, dtype=dtype, rngs=rngs)
+        self.down_proj = ExpertLinear(e, f, d, bias, _out_std(spec), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (N, D) -> every expert's output on every token, (E, N, D)."""
+        if self.spec.use_glu:
+            h = _activation(self.spec, self.gate_proj(x)) * self.up_proj(x)  # (E, N, F)
+        else:
+            h = _activation(self.spec, self.up_proj(x))
+        return self.down_proj(h)
+
+
+class MoE(_SpecModule):
+    """Top-k mixture of experts with optional capacity dropping (contract, "MoE" steps 1-5).
+
+    Static shapes and no Python loops over tokens, so it runs under ``jax.jit``: every expert is
+    evaluated on every token and the outputs are mixed by a dense (N, E) weight matrix that is zero
+    off the selected experts, which gives the same values and gradients as a sparse dispatch.
+    ``__call__`` returns ``(y, balance, z)`` with the losses unscaled; the model applies the
+    coefficients.
+    """
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        self.dtype = jnp.dtype(dtype)
+        # The router runs in float32 whatever the compute dtype: top-k choices flip on bf16 rounding.
+        self.router = Linear(spec.hidden_size, spec.num_experts, std=spec.init_std, dtype=jnp.float32,
+                             rngs=rngs)
+        self.experts = Experts(spec, rngs=rngs, dtype=dtype)
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E)."""
+        spec = self.spec
+        E, k = spec.num_experts, spec.num_experts_per_token
+        N = x.shape[0]
+        logits = self.router(x.astype(jnp.float32))  # (N, E)
+        probs = jax.nn.softmax(logits, axis=-1)
+        # lax.top_k returns equal values lower index first: ties go to the lower expert, as a
+        # stable descending sort would.
+        w, idx = jax.lax.top_k(probs, k)  # (N, k)
+        if spec.norm_topk_prob:
+            w = w / jnp.sum(w, axis=-1, keepdims=True)
+        onehot = jax.nn.one_hot(idx, E, dtype=jnp.float32)  # (N, k, E)
+
+        capacity = spec.capacity(N)
+        if capacity is not None:
+            # Rank of each assignment among those to the same expert, counted token-major.
+            flat = onehot.reshape(N * k, E)
+            rank = jnp.sum((jnp.cumsum(flat, axis=0) - 1.0) * flat, axis=-1).reshape(N, k)
+            w = w * (rank < capacity).astype(w.dtype)  # dropped assignments weigh 0, no renormalising
+        combine = jnp.sum(w[..., None] * onehot, axis=1)  # (N, E); top-k experts are distinct
+        return combine, idx, logits, probs
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        B, T, D = x.shape
+        E, k = self.spec.num_experts, self.spec.num_experts_per_token
+        xf = x.reshape(B * T, D)  # (N, D)
+        combine, idx, logits, probs = self.route(xf)
+
+        expert_out = self.experts(xf)  # (E, N, D)
+        y = jnp.einsum("NE,END->ND", combine.astype(expert_out.dtype), expert_out)
+
+        # Load balance counts assignments before capacity drops; f carries no gradient, P does.
+        f = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=(0, 1)) / (idx.shape[0] * k)  # (E,)
+        balance = E * jnp.sum(f * jnp.mean(probs, axis=0))
+        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+        return y.reshape(B, T, D).astype(x.dtype), balance, z
+
+
+# ---------------------------------------------------------------------- block and model
+class TransformerBlock(_SpecModule):
+    """Pre-norm block: ``x += attn(attn_norm(x))``; ``x += mlp(mlp_norm(x))``, residual dropout."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int = 0, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        self.layer_idx = layer_idx
+        self.attn_norm = build_norm(spec)
+        self.attn = MultiHeadAttention(spec, rngs=rngs, dtype=dtype)
+        self.mlp_norm = build_norm(spec)
+        self.mlp = MoE(spec, rngs=rngs, dtype=dtype) if spec.use_moe else MLP(spec, rngs=rngs, dtype=dtype)
+        self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+        h = self.attn(self.attn_norm(x), start_pos, cache, deterministic=deterministic)
+        x = x + self.dropout(h, deterministic=deterministic)
+        if self.spec.use_moe:
+            h, balance, z = self.mlp(self.mlp_norm(x))
+        else:
+            h = self.mlp(self.mlp_norm(x))
+            balance = z = jnp.zeros((), jnp.float32)
+        x = x + self.dropout(h, deterministic=deterministic)
+        return x, balance, z
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """What ``DecoderModel.__call__`` returns (a pytree); the objective is ``loss + aux_loss + z_loss``.
+
+    ``logits`` (B, T, V) float32; ``loss`` mean cross-entropy over targets != -100 (None without
+    targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
+    the MoE balance and z losses (scalar zeros without MoE).
+    """
+
+    logits: jax.Array
+    loss: jax.Array | None
+    aux_loss: jax.Array
+    z_loss: jax.Array
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean float32 cross-entropy over targets != IGNORE_INDEX; 0 (not NaN) when none is valid."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE_INDEX
+    safe = jnp.where(valid, targets, 0)  # any in-range index; its term is zeroed below
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+class DecoderModel(_SpecModule):
+    """The decoder-only language model: embed -> blocks -> final_norm -> lm_head.
+
+    The constructor draws its own random weights from ``rngs`` (right shapes, spec stds);
+    ``DecoderModel.from_spec(spec, seed)`` loads ``llm.spec.init_params``, the starting weights
+    both backends share. ``dtype`` is the compute dtype; parameters stay float32.
+    """
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        self.dtype = jnp.dtype(dtype)
+        self.embed = EmbeddingLayer(spec, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List([TransformerBlock(spec, i, rngs=rngs, dtype=dtype)
+                                for i in range(spec.num_layers)])
+        self.final_norm = build_norm(spec)
+        # Tied: the output projection is embed.weight, so there is no lm_head module (and no name).
+        self.lm_head = None if spec.tie_embeddings else Linear(
+            spec.hidden_size, spec.vocab_size, std=spec.init_std, dtype=dtype, rngs=rngs)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, seed: int = 0, *, dtype: Any = jnp.float32) -> DecoderModel:
+        """A model holding ``init_params(spec, seed)`` (dropout streams seeded by ``seed`` too)."""
+        from backends.flax.convert import load_canonical  # convert imports this module
+
+        model = cls(spec, rngs=nnx.Rngs(seed), dtype=dtype)
+        load_canonical(model, init_params(spec, seed))
+        return model
+
+    def new_cache(self, batch_size: int, *, max_seq_len: int | None = None, dtype: Any = None) -> KVCache:
+        """An empty KV cache (dtype defaults to the compute dtype)."""
+        return KVCache(self.spec, batch_size, max_seq_len=max_seq_len,
+                       dtype=self.dtype if dtype is None else dtype)
+
+    def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, deterministic: bool = True,
+                 cache: KVCache | None = None, start_pos: Any = 0) -> ModelOutput:
+        spec = self.spec
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        _check_positions(start_pos, input_ids.shape[1], spec.max_seq_len, "max_seq_len")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.layers)}")
+
+        x = self.embed(input_ids, start_pos, deterministic=deterministic)  # (B, T, D)
+        balances, zs = [], []
+        for i, layer in enumerate(self.layers):
+            x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
+                                  deterministic=deterministic)
+            balances.append(balance)
+            zs.append(z)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = logits.astype(jnp.float32)  # (B, T, V)
+
+        zero = jnp.zeros((), jnp.float32)
+        aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances)) if spec.use_moe else zero
+        z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs)) if spec.use_moe else zero
+        loss = None if targets is None else cross_entropy(logits, targets)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss)

@@ -1,0 +1,464 @@
+"""The decoder-only transformer in PyTorch, written to ``docs/architecture.md``.
+
+Every module's attribute path is the canonical parameter name (``layers.0.attn.q_proj.weight``),
+so ``DecoderModel(spec).state_dict()`` keys equal ``spec.param_table()`` names exactly and the
+canonical layout is the torch layout (no transposes anywhere in this backend).
+
+Shapes in comments: B batch, T query length, S key length, D hidden, H query heads, KV key/value
+heads, hd head size, F intermediate size, E experts, k experts per token, N = B*T tokens, V vocab.
+
+Precision: parameters may be float32 or bfloat16 and the forward pass runs under
+``torch.autocast``; norms, softmaxes, the router and the loss are computed in float32 regardless,
+and logits are returned in float32.
+
+This module must never import jax or flax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm.spec import Activation, ModelSpec, NormType, Position, init_params, rope_cos_sin, sinusoidal_table
+
+__all__ = [
+    "RMSNorm",
+    "LayerNorm",
+    "build_norm",
+    "EmbeddingLayer",
+    "LayerKVCache",
+    "KVCache",
+    "MultiHeadAttention",
+    "MLP",
+    "MoE",
+    "TransformerBlock",
+    "ModelOutput",
+    "DecoderModel",
+]
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale and no bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias; statistics in float32, output in the input dtype.
+
+    ``nn.LayerNorm`` would return float32 under autocast; this one keeps the residual dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def build_norm(spec: ModelSpec) -> RMSNorm | LayerNorm:
+    """The norm the spec asks for, over the hidden size."""
+    if spec.norm_type is NormType.RMSNORM:
+        return RMSNorm(spec.hidden_size, spec.norm_eps)
+    return LayerNorm(spec.hidden_size, spec.norm_eps)
+
+
+def _activation(spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
+    if spec.activation is Activation.GELU:
+        return F.gelu(x)  # exact erf form
+    if spec.activation is Activation.GELU_TANH:
+        return F.gelu(x, approximate="tanh")
+    if spec.activation is Activation.SILU:
+        return F.silu(x)
+    return F.relu(x)
+
+
+# ---------------------------------------------------------------------- embedding
+class EmbeddingLayer(nn.Module):
+    """Token table plus the absolute position signal (learned or sinusoidal); RoPE adds nothing here.
+
+    ``weight`` is the token table (V, D); it doubles as the output projection when embeddings are
+    tied. The sinusoidal table is a non-persistent buffer: a constant, not a parameter.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size))
+        nn.init.normal_(self.weight, std=spec.init_std)
+        if spec.position is Position.LEARNED:
+            self.position = nn.Embedding(spec.max_seq_len, spec.hidden_size)
+        elif spec.position is Position.SINUSOIDAL:
+            self.register_buffer("sinusoidal", torch.from_numpy(sinusoidal_table(spec)), persistent=False)
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = F.embedding(input_ids, self.weight)  # (B, T, D)
+        if self.spec.position is Position.LEARNED:
+            pos = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+            x = x + self.position(pos)  # (T, D) broadcast over B
+        elif self.spec.position is Position.SINUSOIDAL:
+            x = x + self.sinusoidal[start_pos:start_pos + T].to(x.dtype)
+        return self.dropout(x)
+
+
+# ---------------------------------------------------------------------- attention
+class LayerKVCache:
+    """Preallocated keys and values of one layer, (B, KV, max_seq_len, hd), keys already rotated."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k
+        self.v = v
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, hd) at positions start_pos.. and return all keys/values so far."""
+        B, _, T, _ = k.shape
+        if B != self.k.shape[0]:
+            raise ValueError(f"KV cache holds batch size {self.k.shape[0]}, got a batch of {B}")
+        end = start_pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: start_pos={start_pos} + {T} new tokens > "
+                             f"cache length {self.max_seq_len}")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, KV, end, hd)
+
+
+class KVCache:
+    """One ``LayerKVCache`` per layer, for incremental decoding.
+
+    The caller owns the position: ``model(ids, cache=cache, start_pos=p)`` writes the new tokens at
+    ``p .. p+T-1`` and attends to everything before them, so a prompt can be prefilled in one call
+    and then decoded one token at a time.
+    """
+
+    def __init__(self, spec: ModelSpec, batch_size: int, *, max_seq_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        length = spec.max_seq_len if max_seq_len is None else max_seq_len
+        shape = (batch_size, spec.kv_heads, length, spec.dim_head)
+        self.layers = [
+            LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                         torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+
+    def __getitem__(self, layer_idx: int) -> LayerKVCache:
+        return self.layers[layer_idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention with grouped-query heads, optional RoPE and sliding window.
+
+    The RoPE tables come from ``llm.spec.rope_cos_sin`` (rows = absolute positions) and are kept as
+    non-persistent buffers so both backends rotate with the very same float32 numbers.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, spec.dim_head
+        d, h, kv, hd = spec.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=spec.out_bias)
+        if spec.position is Position.ROPE:
+            cos, sin = rope_cos_sin(spec)  # (max_seq_len, hd) each
+            self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
+            self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+
+    def _rope(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        T = x.shape[1]
+        cos = self.rope_cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, hd)
+        sin = self.rope_sin[start_pos:start_pos + T, None, :].to(x.dtype)
+        return x * cos + _rotate_half(x) * sin  # (B, T, heads, hd)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KV, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.spec.position is Position.ROPE:
+            q, k = self._rope(q, start_pos), self._rope(k, start_pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+
+        # Keys cover absolute positions key_start .. key_start+S-1: the whole prefix when caching.
+        key_start = start_pos
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)  # (B, KV, S, hd), S = start_pos + T
+            key_start = 0
+        S = k.shape[2]
+
+        mask = None
+        if self.spec.sliding_window is not None or S != T:
+            # An explicit mask when the plain lower triangle is not the rule; True = may attend.
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]  # (T, 1)
+            k_pos = torch.arange(key_start, key_start + S, device=x.device)[None, :]  # (1, S)
+            mask = k_pos <= q_pos
+            if self.spec.sliding_window is not None:
+                mask = mask & (k_pos > q_pos - self.spec.sliding_window)  # (T, S)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.spec.dropout if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, hd); query head h reads kv head h // (H/KV)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(y)
+
+
+# ---------------------------------------------------------------------- feed-forward
+class MLP(nn.Module):
+    """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        d, f = spec.hidden_size, spec.ffn_size
+        if spec.use_glu:
+            self.gate_proj = nn.Linear(d, f, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.use_glu:
+            h = _activation(self.spec, self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = _activation(self.spec, self.up_proj(x))
+        return self.down_proj(h)
+
+
+class ExpertLinear(nn.Module):
+    """E stacked linear maps: ``weight`` (E, out, in), optional ``bias`` (E, out)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        nn.init.normal_(self.weight, std=std)
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) for every expert alike, or (E, N, in) per expert -> (E, N, out)."""
+        eq = "ni,eoi->eno" if x.dim() == 2 else "eni,eoi->eno"
+        y = torch.einsum(eq, x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias[:, None, :].to(y.dtype)
+        return y
+
+
+class Experts(nn.Module):
+    """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        e, d, f, bias = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias
+        if spec.use_glu:
+            self.gate_proj = ExpertLinear(e, d, f, bias, spec.init_std)
+        self.up_proj = ExpertLinear(e, d, f, bias, spec.init_std)
+        self.down_proj = ExpertLinear(e, f, d, bias, spec.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> every expert's output on every token, (E, N, D)."""
+        if self.spec.use_glu:
+            h = _activation(self.spec, self.gate_proj(x)) * self.up_proj(x)  # (E, N, F)
+        else:
+            h = _activation(self.spec, self.up_proj(x))
+        return self.down_proj(h)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts with optional capacity dropping (contract, "MoE" steps 1-5).
+
+    Vectorised with static shapes (no ``.item()``, no boolean indexing) so it runs under
+    ``torch.compile(fullgraph=True)``: every expert is evaluated on every token and the outputs are
+    mixed by a dense (N, E) weight matrix that is zero off the selected experts, which gives the
+    same values and gradients as a sparse dispatch. ``forward`` returns ``(y, balance, z)`` with the
+    losses unscaled; the model applies the coefficients.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = Experts(spec)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E)."""
+        spec = self.spec
+        E, k = spec.num_experts, spec.num_experts_per_token
+        N = x.shape[0]
+        # The router stays in float32 even under autocast: top-k choices flip on bf16 rounding.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = torch.softmax(logits, dim=-1)
+        # A stable descending sort keeps equal probabilities in index order: ties go to the lower expert.
+        sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        w, idx = sorted_probs[:, :k], sorted_idx[:, :k]  # (N, k)
+        if spec.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        onehot = F.one_hot(idx, E)  # (N, k, E) int64
+
+        capacity = spec.capacity(N)
+        if capacity is not None:
+            # Rank of each assignment among those to the same expert, counted token-major
+            # (integer cumsum: exact at any batch size).
+            flat = onehot.reshape(N * k, E)
+            rank = ((flat.cumsum(dim=0) - 1) * flat).sum(dim=-1).reshape(N, k)  # (N, k)
+            w = w * (rank < capacity).to(w.dtype)  # dropped assignments weigh 0, no renormalising
+        combine = (w.unsqueeze(-1) * onehot.to(w.dtype)).sum(dim=1)  # (N, E); top-k experts are distinct
+        return combine, idx, logits, probs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        spec = self.spec
+        E, k = spec.num_experts, spec.num_experts_per_token
+        xf = x.reshape(B * T, D)  # (N, D)
+        combine, idx, logits, probs = self.route(xf)
+
+        expert_out = self.experts(xf)  # (E, N, D)
+        y = torch.einsum("ne,end->nd", combine.to(expert_out.dtype), expert_out)  # (N, D)
+
+        # Load balance counts assignments before capacity drops; f carries no gradient, P does.
+        f = F.one_hot(idx, E).sum(dim=(0, 1)).float() / (idx.shape[0] * k)  # (E,)
+        balance = E * (f * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return y.reshape(B, T, D).to(x.dtype), balance, z
+
+
+# ---------------------------------------------------------------------- block and model
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x += attn(attn_norm(x))``; ``x += mlp(mlp_norm(x))``, residual dropout."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.attn_norm = build_norm(spec)
+        self.attn = MultiHeadAttention(spec)
+        self.mlp_norm = build_norm(spec)
+        self.mlp = MoE(spec) if spec.use_moe else MLP(spec)
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.dropout(self.attn(self.attn_norm(x), start_pos, cache))
+        if self.spec.use_moe:
+            h, balance, z = self.mlp(self.mlp_norm(x))
+        else:
+            h = self.mlp(self.mlp_norm(x))
+            balance = z = torch.zeros((), device=x.device)
+        x = x + self.dropout(h)
+        return x, balance, z
+
+
+@dataclass
+class ModelOutput:
+    """What ``DecoderModel.forward`` returns; the training objective is ``loss + aux_loss + z_loss``.
+
+    ``logits`` (B, T, V) float32; ``loss`` mean cross-entropy over targets != -100 (None without
+    targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
+    the MoE balance and z losses (scalar zeros without MoE).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+class DecoderModel(nn.Module):
+    """The decoder-only language model: embed -> blocks -> final_norm -> lm_head.
+
+    The constructor's initialisation is a placeholder (torch defaults); ``from_spec(spec, seed)``
+    loads ``llm.spec.init_params``, the starting weights both backends share.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = EmbeddingLayer(spec)
+        self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.num_layers))
+        self.final_norm = build_norm(spec)
+        # Tied: the output projection is embed.weight, so there is no lm_head module (and no key).
+        self.lm_head = (None if spec.tie_embeddings
+                        else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, seed: int = 0) -> DecoderModel:
+        """A model holding ``init_params(spec, seed)``."""
+        model = cls(spec)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in init_params(spec, seed).items()})
+        return model
+
+    def new_cache(self, batch_size: int, *, max_seq_len: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device (dtype defaults to the parameters')."""
+        p = self.embed.weight
+        return KVCache(self.spec, batch_size, max_seq_len=max_seq_len,
+                       dtype=p.dtype if dtype is None else dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+        spec = self.spec
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if start_pos < 0 or start_pos + T > spec.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                             f"{spec.max_seq_len} (sequence of {T} tokens at start_pos={start_pos})")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.layers)}")
+
+        x = self.embed(input_ids, start_pos)  # (B, T, D)
+        balances, zs = [], []
+        for i, layer in enumerate(self.layers):
+            x, balance, z = layer(x, start_pos, None if cache is None else cache[i])
+            balances.append(balance)
+            zs.append(z)
+        x = self.final_norm(x)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head).float()  # (B, T, V)
+
+        zero = torch.zeros((), device=logits.device)
+        aux_loss = spec.router_aux_loss_coef * torch.stack(balances).mean() if spec.use_moe else zero
+        z_loss = spec.router_z_loss_coef * torch.stack(zs).mean() if spec.use_moe else zero
+
+        loss = None
+        if targets is not None:
+            per_token = F.cross_entropy(logits.reshape(-1, spec.vocab_size), targets.reshape(-1),
+                                        ignore_index=IGNORE_INDEX, reduction="none")  # ignored -> 0
+            n_valid = (targets != IGNORE_INDEX).sum()
+            loss = per_token.sum() / n_valid.clamp(min=1)  # 0, not nan, when nothing is valid
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss)

@@ -1,0 +1,738 @@
+"""The run config: frozen, validated sections and the loader that layers YAML, env and CLI.
+
+A config is seven sections plus the task::
+
+    model         llm.spec.ModelSpec (the architecture; its own validation)
+    training      optimiser, schedule, batch, steps, eval cadence, seed
+    data          corpus source, tokenizer, sequence length, split, cache
+    optimization  torch.compile, compute dtype
+    checkpoint    cadence, retention, directory
+    logging       metrics.jsonl cadence, tensorboard, progress bar, run directory
+    distributed   process-group backend
+
+Every section is a frozen dataclass that converts and checks its fields at construction: a value of
+the wrong type fails as ``training.batch_size: expected int, got 'abc'`` and a value that breaks a
+rule as ``training.lr=-1.0 must be > 0``. ``Config`` adds the rules that span sections
+(``data.seq_len <= model.max_seq_len`` ...).
+
+``load_config(path, overrides, env)`` resolves, lowest to highest precedence::
+
+    dataclass defaults < YAML file < env LLM_<SECTION>__<FIELD> (and LLM_TASK) < CLI "section.field=value"
+
+Env and CLI values are parsed as YAML scalars (``3e-4``, ``true``, ``null``, ``[1, 2]``); a field
+typed ``str`` takes the raw text. Unknown sections or keys from any layer are errors that name the
+key and the nearest valid one. This module must not import torch or jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm.spec import ModelSpec, SpecError
+
+__all__ = [
+    "CheckpointConfig",
+    "CompileMode",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistBackend",
+    "DistributedConfig",
+    "DType",
+    "LoggingConfig",
+    "LRSchedule",
+    "OptimizationConfig",
+    "Task",
+    "TokenizerKind",
+    "TrainingConfig",
+    "dump_yaml",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A bad run config. ``key`` is the dotted key at fault (``"training.lr"``) when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------- choices
+class Task(str, enum.Enum):
+    LM = "lm"  # next-token prediction on data.source
+    REGRESSION = "regression"  # y = x @ w + noise (llm.data.synthetic); a smoke test of the engines
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def is_half(self) -> bool:
+        return self is not DType.FLOAT32
+
+
+class CompileMode(str, enum.Enum):
+    """``torch.compile(mode=...)`` values."""
+
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE = "max-autotune"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
+class TokenizerKind(str, enum.Enum):
+    CHAR = "char"
+    BPE = "bpe"
+
+
+class LRSchedule(str, enum.Enum):
+    COSINE = "cosine"  # linear warmup, cosine decay to the floor (training.final_lr)
+    LINEAR = "linear"  # linear warmup, linear decay to the floor
+    CONSTANT = "constant"  # linear warmup, then flat
+
+
+class DistBackend(str, enum.Enum):
+    AUTO = "auto"  # nccl when CUDA is available, else gloo
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+# ---------------------------------------------------------------------- type conversion
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(e.value) for e in tp)
+    origin = typing.get_origin(tp)
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _str_typed(tp: Any) -> bool:
+    """Whether a field takes text (str, str|None or a str enum): env/CLI give it the raw text."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return all(_str_typed(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp is str or (isinstance(tp, type) and issubclass(tp, str))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the field type ``tp`` or raise a ConfigError naming ``key``.
+
+    Accepted conversions are the ones text sources need: numeric strings (YAML 1.1 reads ``3e-4`` as
+    a string), integral floats to int, the usual boolean words, enum values by name or value.
+    """
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise fail()
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str):
+            for member in tp:
+                if value.lower() in (member.value.lower(), member.name.lower()):
+                    return member
+        raise fail()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in ("true", "yes", "on", "1"):
+                return True
+            if word in ("false", "no", "off", "0"):
+                return False
+        raise fail()
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        number = value
+        if isinstance(value, str):
+            text = value.strip().replace("_", "")
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise fail() from None
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise fail()
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail()
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise fail() from None
+        if isinstance(number, (int, float)):
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite float, got {value!r}", key)
+            return float(number)
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if origin is dict or tp is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise fail()
+    raise TypeError(f"{key}: unsupported config field type {tp!r}")  # a bug in this module
+
+
+def _nearest(word: str, choices: Iterable[str]) -> str | None:
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------------- sections
+class _Section:
+    """Shared machinery: per-field conversion, ``from_dict`` with unknown-key hints, ``to_dict``."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _coerce(getattr(self, f.name), hints[f.name], f"{self.SECTION}.{f.name}")
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    def _need(self, ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            key = f"{self.SECTION}.{name}"
+            raise ConfigError(f"{key}={getattr(self, name)!r} {rule}", key)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None):
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.SECTION}: expected a mapping of fields, got {data!r}", cls.SECTION)
+        for key in data:
+            _check_key(cls.SECTION, str(key))
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Section):
+    """Optimiser (AdamW), schedule and loop cadence.
+
+    ``batch_size`` is the global micro-batch in sequences (summed over data-parallel ranks; each rank
+    gets ``batch_size // world_size``); one optimiser step consumes ``grad_accum_steps`` micro-batches,
+    i.e. ``batch_size * grad_accum_steps * data.seq_len`` tokens. ``max_steps`` counts optimiser steps;
+    ``None`` derives it from ``epochs`` (see ``total_steps``). The LR floor is ``min_lr`` when set,
+    else ``lr * min_lr_ratio`` (``final_lr``). ``grad_clip=0`` disables clipping; ``eval_every=0``
+    disables evaluation. ``log_every`` is the console cadence; ``logging.every_steps`` the
+    metrics.jsonl one.
+    """
+
+    SECTION = "training"
+
+    batch_size: int = 32
+    lr: float = 3e-4
+    min_lr: float | None = None
+    min_lr_ratio: float = 0.1
+    lr_schedule: LRSchedule = LRSchedule.COSINE
+    max_steps: int | None = None
+    epochs: int = 1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+
+    def _validate(self) -> None:
+        need = self._need
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr",
+             f"must be >= 0 and <= training.lr={self.lr!r}")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
+        need(self.epochs >= 1, "epochs", "must be >= 1")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        need(self.eps > 0, "eps", "must be > 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        need(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.eval_every >= 0, "eval_every", "must be >= 0 (0 disables evaluation)")
+        need(self.eval_batches >= 1, "eval_batches", "must be >= 1")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+
+    @property
+    def final_lr(self) -> float:
+        """The floor the schedule decays to."""
+        return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the run: ``max_steps``, or ``epochs`` passes over ``steps_per_epoch``
+        micro-batches (the data module's ``steps_per_epoch``) divided by ``grad_accum_steps``."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, self.epochs * steps_per_epoch // self.grad_accum_steps)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Where tokens come from.
+
+    ``source``: ``"stdlib"`` (every ``*.py`` of the running Python's standard library, tests and
+    site-packages excluded, sorted; the default corpus, no download), ``"synthetic"`` (seeded random
+    tokens; the regression task always uses synthetic data), or a file, a directory (recursive, text
+    files only) or a glob. ``max_bytes`` caps the bytes read from a text source (files in sorted order,
+    the last one cut; null = no cap). ``vocab_size`` is the BPE target size (ignored for ``char``).
+    ``val_fraction`` is the tail of the token stream held out (0 = no validation split).
+    ``cache_dir`` holds tokenized corpora (null = ``$XDG_CACHE_HOME/llm`` or ``~/.cache/llm``).
+    ``synthetic_size`` is the number of sequences (or regression rows) of the synthetic source.
+    """
+
+    SECTION = "data"
+
+    source: str = "stdlib"
+    seq_len: int = 128
+    tokenizer: TokenizerKind = TokenizerKind.CHAR
+    vocab_size: int = 4096
+    val_fraction: float = 0.1
+    cache_dir: str | None = None
+    max_bytes: int | None = 4_000_000
+    synthetic_size: int = 8192
+
+    def _validate(self) -> None:
+        need = self._need
+        need(self.source.strip() != "", "source", "must name 'stdlib', 'synthetic' or a path")
+        need(self.seq_len >= 1, "seq_len", "must be >= 1")
+        if self.tokenizer is TokenizerKind.BPE:
+            need(self.vocab_size >= 260, "vocab_size",
+                 "must be >= 260 for a byte-level BPE (256 byte tokens + 4 special tokens)")
+        need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        need(self.max_bytes is None or self.max_bytes >= 1, "max_bytes", "must be >= 1 or null")
+        need(self.synthetic_size >= 1, "synthetic_size", "must be >= 1")
+
+    @property
+    def is_stdlib(self) -> bool:
+        return self.source == "stdlib"
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+        return Path(base).expanduser() / "llm"
+
+
+@dataclass(frozen=True)
+class OptimizationConfig(_Section):
+    """Speed knobs.
+
+    ``compile`` wraps the torch model in ``torch.compile(mode=compile_mode)``. It means nothing for
+    the JAX backend: XLA always compiles the jitted step, so the flag is ignored there.
+    ``dtype`` is the compute dtype of forward and backward (torch autocast / the flax modules'
+    ``dtype``); parameters and optimiser moments stay float32 (mixed precision).
+    """
+
+    SECTION = "optimization"
+
+    compile: bool = False
+    compile_mode: CompileMode = CompileMode.DEFAULT
+    dtype: DType = DType.FLOAT32
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """Canonical checkpoints: every ``every_steps`` optimiser steps (0 = only at the end of the run),
+    the newest ``keep_last`` kept (null = keep all), under ``dir`` (null = ``<run_dir>/checkpoints``)."""
+
+    SECTION = "checkpoint"
+
+    every_steps: int = 1000
+    keep_last: int | None = 3
+    dir: str | None = None
+
+    def _validate(self) -> None:
+        self._need(self.every_steps >= 0, "every_steps", "must be >= 0 (0 = only at the end)")
+        self._need(self.keep_last is None or self.keep_last >= 1, "keep_last", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class LoggingConfig(_Section):
+    """``every_steps``: cadence of metrics.jsonl rows; ``tensorboard``: also write event files;
+    ``progress``: a progress bar on rank 0; ``run_dir``: where metrics, events and (by default)
+    checkpoints go (null = chosen by the entry point, e.g. ``runs/<task>-<timestamp>``)."""
+
+    SECTION = "logging"
+
+    every_steps: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+    run_dir: str | None = None
+
+    def _validate(self) -> None:
+        self._need(self.every_steps >= 1, "every_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistributedConfig(_Section):
+    """Process-group backend for torch DDP (``torchrun`` sets rank and world size). The JAX backend
+    shards over a device mesh and ignores this section."""
+
+    SECTION = "distributed"
+
+    backend: DistBackend = DistBackend.AUTO
+
+    def resolve_backend(self, cuda_available: bool) -> str:
+        """The concrete backend name for ``torch.distributed.init_process_group``."""
+        if self.backend is DistBackend.AUTO:
+            return "nccl" if cuda_available else "gloo"
+        return self.backend.value
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "optimization": OptimizationConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "distributed": DistributedConfig,
+}
+_TOP_LEVEL_SCALARS = {"task": Task}
+
+
+def _fields_of(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_SECTIONS[section])]
+
+
+def _check_section(section: str, origin: str = "") -> None:
+    """Raise a ConfigError with the nearest valid section unless ``section`` exists."""
+    if section in _SECTIONS:
+        return
+    where = f" ({origin})" if origin else ""
+    valid = sorted(_SECTIONS) + sorted(_TOP_LEVEL_SCALARS)
+    near = _nearest(section, valid)
+    hint = f"; did you mean {near!r}?" if near else f"; valid: {', '.join(valid)}"
+    raise ConfigError(f"unknown config section {section!r}{where}{hint}", section)
+
+
+def _check_key(section: str, key: str, origin: str = "") -> None:
+    """Raise a ConfigError with the nearest valid key unless ``section.key`` exists."""
+    _check_section(section, origin)
+    where = f" ({origin})" if origin else ""
+    names = _fields_of(section)
+    if key in names:
+        return
+    dotted = f"{section}.{key}"
+    elsewhere = [s for s in _SECTIONS if key in _fields_of(s)]
+    if elsewhere:
+        near = f"{elsewhere[0]}.{key}"
+    else:
+        close = _nearest(key, names)
+        near = f"{section}.{close}" if close else None
+    hint = f"; did you mean {near!r}?" if near else f"; valid keys of {section}: {', '.join(names)}"
+    raise ConfigError(f"unknown config key {dotted!r}{where}{hint}", dotted)
+
+
+def _model_from_dict(data: Mapping[str, Any] | None) -> ModelSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model: expected a mapping of fields, got {data!r}", "model")
+    hints = _type_hints(ModelSpec)
+    converted = {}
+    for key, value in data.items():
+        _check_key("model", str(key))
+        converted[key] = _coerce(value, hints[key], f"model.{key}")
+    try:
+        return ModelSpec(**converted)
+    except SpecError as e:
+        # SpecError messages lead with the field ("hidden_size=7 is not ..."): make it a dotted key.
+        first = re.match(r"\w+", str(e))
+        if first and first.group(0) in hints:
+            raise ConfigError(f"model.{e}", f"model.{first.group(0)}") from e
+        raise ConfigError(f"model: {e}", "model") from e
+
+
+# ---------------------------------------------------------------------- the whole config
+@dataclass(frozen=True)
+class Config:
+    """A fully resolved run config. ``Config.from_dict(c.to_dict()) == c`` (and the dict is JSON-safe).
+
+    Cross-section rules checked here: for the LM task ``data.seq_len <= model.max_seq_len``; for BPE
+    ``data.vocab_size <= model.vocab_size``; evaluation (``training.eval_every > 0``) needs
+    ``data.val_fraction > 0``.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    task: Task = Task.LM
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", _coerce(self.task, Task, "task"))
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name}: expected a {cls.__name__}, got {getattr(self, name)!r}", name)
+        m, d, t = self.model, self.data, self.training
+        if self.task is Task.LM and d.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}",
+                              "data.seq_len")
+        if self.task is Task.LM and d.tokenizer is TokenizerKind.BPE and d.vocab_size > m.vocab_size:
+            raise ConfigError(f"data.vocab_size={d.vocab_size} must be <= model.vocab_size={m.vocab_size} "
+                              "(the BPE ids index the embedding table)", "data.vocab_size")
+        if t.eval_every > 0 and d.val_fraction == 0:
+            raise ConfigError(f"training.eval_every={t.eval_every} needs data.val_fraction > 0 "
+                              "(or set training.eval_every=0)", "training.eval_every")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        """Build from nested mappings (a parsed YAML file); missing sections take their defaults."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config: expected a mapping of sections, got {data!r}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            name = str(name)
+            if name in _TOP_LEVEL_SCALARS:
+                kwargs[name] = value
+                continue
+            _check_section(name)
+            if name == "model":
+                kwargs[name] = _model_from_dict(value)
+            else:
+                kwargs[name] = _SECTIONS[name].from_dict(value)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task": self.task.value}
+        for name in _SECTIONS:
+            out[name] = _plain(getattr(self, name).to_dict())
+        return out
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def dump_yaml(config: Config, path: str | os.PathLike | None = None) -> str:
+    """The resolved config as YAML (what ``--print-config`` prints); also written to ``path`` if given."""
+    text = config.to_yaml()
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------------- loading
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {p}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    for name, section in data.items():
+        if name in _TOP_LEVEL_SCALARS:
+            continue
+        _check_section(str(name), f"in {p}")
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{p}: section {name!r} must be a mapping, got {section!r}", str(name))
+        for key in section or {}:
+            _check_key(str(name), str(key), f"in {p}")
+    return data
+
+
+def _field_type(section: str | None, key: str) -> Any:
+    if section is None:
+        return _TOP_LEVEL_SCALARS[key]
+    return _type_hints(_SECTIONS[section])[key]
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    """A text value from env or CLI: the raw text for str fields, else a YAML scalar."""
+    stripped = raw.strip()
+    if stripped.lower() in ("null", "~", "none"):
+        return None
+    if _str_typed(tp):
+        return raw
+    try:
+        return yaml.safe_load(stripped)
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_override(text: str) -> tuple[str | None, str, str]:
+    """Split ``"section.field=value"`` (or ``"task=..."``) into (section, field, raw value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected 'section.field=value'")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    if dotted in _TOP_LEVEL_SCALARS:
+        return None, dotted, raw
+    if dotted.count(".") != 1:
+        near = _nearest(dotted, [f"{s}.{f}" for s in _SECTIONS for f in _fields_of(s)])
+        hint = f"; did you mean {near!r}?" if near else ""
+        raise ConfigError(f"override {text!r}: expected 'section.field=value'{hint}", dotted)
+    section, key = dotted.split(".")
+    return section, key, raw
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[str | None, str, str, str]]:
+    out = []
+    for name in sorted(env):
+        if name == "LLM_TASK":
+            out.append((None, "task", env[name], f"environment variable {name}"))
+        elif name.startswith("LLM_") and "__" in name:
+            section, _, key = name[len("LLM_"):].partition("__")
+            out.append((section.lower(), key.lower(), env[name], f"environment variable {name}"))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                env: Mapping[str, str] | None = None) -> Config:
+    """Resolve a Config: defaults < YAML at ``path`` < env ``LLM_<SECTION>__<FIELD>`` < ``overrides``.
+
+    ``env`` defaults to ``os.environ``; only names ``LLM_<SECTION>__<FIELD>`` and ``LLM_TASK`` are
+    read (other ``LLM_*`` names are not config). Errors are ConfigError; when a layer set the key at
+    fault the message says which (file, variable or override).
+    """
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        for name, section in _read_yaml(path).items():
+            if name in _TOP_LEVEL_SCALARS:
+                merged[name] = section
+                origins[name] = f"in {path}"
+                continue
+            merged[name] = dict(section or {})
+            for key in merged[name]:
+                origins[f"{name}.{key}"] = f"in {path}"
+
+    layers = list(_env_overrides(env))
+    layers += [(*parse_override(o), f"override {o!r}") for o in overrides]
+    for section, key, raw, origin in layers:
+        if section is None:
+            merged[key] = _parse_value(raw, _field_type(None, key))
+            origins[key] = origin
+            continue
+        _check_key(section, key, origin)
+        tp = _field_type(section, key)
+        try:
+            value = _coerce(_parse_value(raw, tp), tp, f"{section}.{key}")
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({origin})", e.key) from None
+        merged.setdefault(section, {})
+        if merged[section] is None:
+            merged[section] = {}
+        merged[section][key] = value
+        origins[f"{section}.{key}"] = origin
+
+    try:
+        return Config.from_dict(merged)
+    except ConfigError as e:
+        origin = origins.get(e.key or "")
+        if origin and origin not in str(e):
+            raise ConfigError(f"{e} ({origin})", e.key) from None
+        raise

@@ -1,0 +1,333 @@
+"""Text corpora tokenized once into a cached memmap, served as windows of ``seq_len + 1`` tokens.
+
+Sources (``data.source``):
+
+* ``"stdlib"`` -- every ``*.py`` under the running Python's standard library
+  (``sysconfig.get_paths()["stdlib"]``), without ``site-packages``/``dist-packages``, test
+  directories (``test``, ``tests``, ``idle_test``) and hidden or ``__pycache__`` directories; sorted by
+  relative path. Always present, no download.
+* a file (must be UTF-8 text), a directory (recursive; hidden entries skipped; files that are not
+  UTF-8 text -- a NUL byte or a decode error -- skipped), or a glob (``**`` recursive; non-text
+  matches skipped).
+
+Files are read in sorted order until ``max_bytes`` (the last file cut at a character boundary).
+Each file is one document; the token stream is ``doc_0 <EOS> doc_1 <EOS> ...``. The tokenizer
+(``char`` by default, or ``bpe``, or a tokenizer object passed in) is built from the whole corpus.
+
+Cache: ``<cache_dir>/text-<key>/`` holds ``tokens.npy`` (uint16, or uint32 above 65536 ids),
+``tokenizer.json`` and ``meta.json``; ``key`` = sha256 of the file contents in order (length-prefixed)
+and the tokenizer identity. The directory is built under a temporary name and renamed into place,
+so concurrent ranks never see a partial cache and a second ``setup()`` reads instead of tokenizing.
+
+Split: the last ``val_fraction`` of the token stream is val, the rest train (contiguous). Train
+item ``i`` of epoch ``e`` is the window ``tokens[o + i*T : o + i*T + T + 1]`` with ``T = seq_len``
+and a per-epoch offset ``o`` drawn from the slack left after the last whole window; val windows
+start at 0. ``inputs = window[:-1]``, ``targets = window[1:]``, both int64 ``(B, T)``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm.data.base import BaseDataModule, Batch, DataError
+from llm.tokenization import build_tokenizer, load_tokenizer
+
+__all__ = ["TextDataModule", "Corpus", "read_corpus", "resolve_source", "stdlib_files"]
+
+log = logging.getLogger(__name__)
+
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
+                              "__pycache__"})
+_CACHE_FORMAT = "llm-text-cache-v1"
+_SNIFF_BYTES = 8192
+
+
+# ---------------------------------------------------------------------- finding and reading files
+def stdlib_files() -> list[Path]:
+    """The ``*.py`` files of the standard library, sorted by relative path (see module docstring)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in _walk(root, STDLIB_SKIP_DIRS) if p.suffix == ".py"]
+
+
+def _walk(root: Path, skip_dirs: frozenset[str] = frozenset({"__pycache__"})) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
+        out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def resolve_source(source: str) -> tuple[list[Path], bool]:
+    """(files in read order, whether non-text files are skipped rather than errors)."""
+    if source == "stdlib":
+        return stdlib_files(), True
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path], False
+    if path.is_dir():
+        files = _walk(path)
+        if not files:
+            raise DataError(f"data.source={source!r}: the directory has no files")
+        return files, True
+    if any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)
+                       if os.path.isfile(p))
+        if not files:
+            raise DataError(f"data.source={source!r}: the glob matched no files")
+        return files, True
+    raise DataError(f"data.source={source!r}: no such file or directory ({path.resolve()}); "
+                    "expected 'stdlib', 'synthetic', a file, a directory or a glob")
+
+
+def _as_text(raw: bytes) -> str | None:
+    if b"\x00" in raw[:_SNIFF_BYTES]:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@dataclass
+class Corpus:
+    """The documents of a source after the byte cap, and the sha256 of their bytes."""
+
+    source: str
+    docs: list[str]
+    files: list[Path]  # the file each doc came from
+    num_bytes: int
+    truncated: bool
+    skipped: list[Path]  # non-text files left out
+    content_hash: str
+
+
+def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
+    """Read ``source`` in sorted order up to ``max_bytes``; empty results are DataErrors."""
+    files, lenient = resolve_source(source)
+    docs, used, skipped = [], [], []
+    digest = hashlib.sha256()
+    total, truncated = 0, False
+    for path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"data.source={source!r}: cannot read {path}: {e}") from None
+        text = _as_text(raw)
+        if text is None:
+            if not lenient:
+                raise DataError(f"data.source={source!r}: {path} is not UTF-8 text")
+            skipped.append(path)
+            continue
+        if not raw:
+            continue
+        if max_bytes is not None and total + len(raw) > max_bytes:
+            raw = raw[:max_bytes - total]
+            text = raw.decode("utf-8", errors="ignore")  # drops only a cut trailing character
+            raw = text.encode("utf-8")
+            truncated = True
+        if raw:
+            digest.update(len(raw).to_bytes(8, "little"))
+            digest.update(raw)
+            docs.append(text)
+            used.append(path)
+            total += len(raw)
+        if truncated:
+            break
+    if truncated and source != "stdlib":
+        log.warning("data.source=%r: read only the first %d bytes (data.max_bytes); set "
+                    "data.max_bytes=null to read everything", source, total)
+    if total == 0:
+        what = f"{len(files)} file(s), {len(skipped)} skipped as non-text"
+        raise DataError(f"data.source={source!r}: the corpus is empty ({what})")
+    return Corpus(source, docs, used, total, truncated, skipped, digest.hexdigest())
+
+
+# ---------------------------------------------------------------------- the data module
+class TextDataModule(BaseDataModule):
+    """Language-model windows over a tokenized text corpus (see the module docstring).
+
+    ``tokenizer`` is ``"char"``, ``"bpe"`` (trained to ``vocab_size``) or a tokenizer object
+    (e.g. loaded from a checkpoint), which is then used as is. After ``setup()``: ``tokenizer``,
+    ``vocab_size``, ``num_tokens``, ``cache_path`` and ``from_cache`` (whether the tokens came from
+    the cache rather than being tokenized by this call).
+    """
+
+    def __init__(self, source: str = "stdlib", *, seq_len: int, batch_size: int,
+                 tokenizer: Any = "char", vocab_size: int = 4096, val_fraction: float = 0.1,
+                 cache_dir: str | os.PathLike | None = None, max_bytes: int | None = 4_000_000,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        if seq_len < 1:
+            raise DataError(f"data.seq_len={seq_len} must be >= 1")
+        if not 0 <= val_fraction < 1:
+            raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        self.source = source
+        self.seq_len = seq_len
+        self.val_fraction = val_fraction
+        self.max_bytes = max_bytes
+        self.vocab_size_target = vocab_size
+        if isinstance(tokenizer, str) or hasattr(tokenizer, "value"):
+            self._tokenizer_kind = str(getattr(tokenizer, "value", tokenizer)).lower()
+            if self._tokenizer_kind not in ("char", "bpe"):
+                raise DataError(f"data.tokenizer={tokenizer!r} must be 'char' or 'bpe'")
+            self._given_tokenizer = None
+        else:
+            self._tokenizer_kind = tokenizer.type
+            self._given_tokenizer = tokenizer
+        if cache_dir is None:
+            cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "llm"
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.cache_path: Path | None = None
+        self.from_cache: bool | None = None
+        self.tokenizer = None
+        self.meta: dict[str, Any] = {}
+        self._key: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, *, rank: int = 0, world_size: int = 1) -> TextDataModule:
+        d, t = config.data, config.training
+        return cls(d.source, seq_len=d.seq_len, batch_size=t.batch_size, tokenizer=d.tokenizer,
+                   vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+                   cache_dir=d.resolved_cache_dir, max_bytes=d.max_bytes, seed=t.seed,
+                   rank=rank, world_size=world_size)
+
+    # ------------------------------------------------------------------ cache
+    def _tokenizer_identity(self) -> str:
+        if self._given_tokenizer is not None:
+            return f"given:{self._given_tokenizer.identity}"
+        if self._tokenizer_kind == "bpe":
+            import tokenizers  # the library version can change merges
+
+            return f"bpe:vocab={self.vocab_size_target}:tokenizers={tokenizers.__version__}"
+        return "char"
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus into the cache unless an identical one is there already."""
+        corpus = read_corpus(self.source, self.max_bytes)
+        key = hashlib.sha256(f"{_CACHE_FORMAT}\0{self._tokenizer_identity()}\0{corpus.content_hash}"
+                             .encode()).hexdigest()
+        self._key = key
+        self.cache_path = self.cache_dir / f"text-{key[:24]}"
+        if (self.cache_path / "meta.json").is_file():
+            self.from_cache = True
+            return
+        self.from_cache = False
+        self._build_cache(corpus, key)
+
+    def _build_cache(self, corpus: Corpus, key: str) -> None:
+        started = time.perf_counter()
+        tok = self._given_tokenizer
+        if tok is None:
+            tok = build_tokenizer(self._tokenizer_kind, corpus.docs, vocab_size=self.vocab_size_target)
+        eos = tok.eos_id
+        parts = tok.encode_arrays(corpus.docs)
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        total = sum(len(p) for p in parts) + (len(parts) if eos is not None else 0)
+        tokens = np.empty(total, dtype)
+        pos = 0
+        for part in parts:
+            tokens[pos:pos + len(part)] = part
+            pos += len(part)
+            if eos is not None:
+                tokens[pos] = eos
+                pos += 1
+        meta = {"format": _CACHE_FORMAT, "key": key, "source": corpus.source,
+                "files": len(corpus.files), "skipped_files": len(corpus.skipped),
+                "bytes": corpus.num_bytes, "truncated": corpus.truncated, "tokens": int(total),
+                "dtype": np.dtype(dtype).name, "tokenizer": tok.type, "vocab_size": tok.vocab_size}
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".tmp-{key[:12]}-"))
+        try:
+            np.save(tmp / "tokens.npy", tokens)
+            tok.save(tmp / "tokenizer.json")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(tmp, self.cache_path)
+            except OSError:
+                if not (self.cache_path / "meta.json").is_file():  # not a concurrent rank's win
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("tokenized %s: %d files, %.2f MB -> %d tokens (%s, vocab %d) in %.1fs; cached at %s",
+                 corpus.source, len(corpus.files), corpus.num_bytes / 1e6, total, tok.type,
+                 tok.vocab_size, time.perf_counter() - started, self.cache_path)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        if self._key is None:
+            self.prepare_data()
+        assert self.cache_path is not None
+        try:
+            tokens = np.load(self.cache_path / "tokens.npy", mmap_mode="r")
+            meta = json.loads((self.cache_path / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"corrupt token cache {self.cache_path} ({e}); delete it to rebuild") from None
+        if meta.get("key") != self._key or len(tokens) != meta.get("tokens"):
+            raise DataError(f"corrupt token cache {self.cache_path} (meta.json does not match); "
+                            "delete it to rebuild")
+        self.tokenizer = self._given_tokenizer or load_tokenizer(self.cache_path / "tokenizer.json")
+        self.meta = meta
+        self._tokens = tokens
+        n = len(tokens)
+        n_val = int(n * self.val_fraction)
+        self._train, self._val = tokens[:n - n_val], tokens[n - n_val:]
+        T, B = self.seq_len, self.batch_size
+        if len(self._train) < T + 1:
+            raise DataError(f"data.seq_len={T} is too large for data.source={self.source!r}: the train "
+                            f"split has {len(self._train)} tokens and a window needs seq_len + 1 = {T + 1}")
+        self._n_train_windows = (len(self._train) - 1) // T
+        self._n_val_windows = (len(self._val) - 1) // T if len(self._val) > T else 0
+        if self._n_train_windows < B:
+            raise DataError(f"training.batch_size={B} is larger than the {self._n_train_windows} train "
+                            f"windows of data.seq_len={T} tokens in data.source={self.source!r}; lower "
+                            "the batch size or seq_len, or use more data")
+        if n_val and self._n_val_windows < B:
+            raise DataError(f"data.val_fraction={self.val_fraction} leaves {len(self._val)} val tokens = "
+                            f"{self._n_val_windows} windows of data.seq_len={T}, fewer than "
+                            f"training.batch_size={B}; raise val_fraction or lower the batch size")
+        self._offsets: dict[int, int] = {}
+        self._is_setup = True
+
+    # ------------------------------------------------------------------ items
+    @property
+    def fingerprint(self) -> str:
+        return f"text:{self._key}:seq_len={self.seq_len}:val_fraction={self.val_fraction}"
+
+    @property
+    def vocab_size(self) -> int:
+        self._require_setup()
+        return self.tokenizer.vocab_size
+
+    @property
+    def num_tokens(self) -> int:
+        self._require_setup()
+        return len(self._tokens)
+
+    def _num_items(self, split: str) -> int:
+        return self._n_train_windows if split == "train" else self._n_val_windows
+
+    def _train_offset(self, epoch: int) -> int:
+        if epoch not in self._offsets:
+            slack = (len(self._train) - 1) - self._n_train_windows * self.seq_len
+            self._offsets = {epoch: int(self._rng(1, epoch).integers(0, slack + 1))}
+        return self._offsets[epoch]
+
+    def _gather(self, split: str, indices: np.ndarray, epoch: int) -> Batch:
+        tokens = self._train if split == "train" else self._val
+        offset = self._train_offset(epoch) if split == "train" else 0
+        starts = offset + np.asarray(indices, np.int64) * self.seq_len
+        windows = np.asarray(tokens[starts[:, None] + np.arange(self.seq_len + 1)], np.int64)  # (B, T+1)
+        return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])

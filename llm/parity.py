@@ -1,0 +1,290 @@
+"""Where do the two backends diverge? ``python -m llm.parity --config FILE``.
+
+Builds the PyTorch and the Flax model from the same seeded canonical weights, runs the same batch
+through both in float32 (TF32 off, JAX matmul precision "highest") and reports, per layer and for
+the whole model, max-abs and relative errors of activations, logits, loss, MoE aux losses and the
+gradient of every parameter, plus the mean KL between the two softmaxes. ``--steps N`` also trains
+both for N AdamW steps on identical batches and compares the loss trajectories.
+
+This is the one module under ``llm`` that imports both frameworks, and only when called.
+
+Errors: relative error is ``||a - b|| / ||b||`` with the PyTorch side as ``b``. A gradient that is
+exactly zero in theory (an expert no token reached, an unused position row) is float noise in both
+backends, so gradient denominators are floored at ``GRAD_FLOOR`` times the largest parameter
+gradient norm of the model: a relative error of a tensor whose gradient is a millionth of the
+largest one is not meaningful at float32 precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm.spec import ModelSpec
+
+GRAD_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Float32 parity targets (DESIGN.md). Both backends do the same float32 operations in
+    possibly different orders; after a few layers reassociation error is ~1e-7 relative per op,
+    so 1e-5 on logits leaves two orders of headroom for depth while still catching any real
+    mismatch (a wrong mask, scale or transpose shows up at 1e-2 or above). Gradients pass through
+    twice as many ops and a softmax Jacobian, hence 1e-4."""
+
+    logits_rel: float = 1e-5
+    loss_abs: float = 1e-5
+    aux_abs: float = 1e-6
+    grad_rel: float = 1e-4
+    kl: float = 1e-8
+    hidden_rel: float = 1e-5
+    trajectory_rel: float = 1e-4
+
+
+def configure_numerics() -> None:
+    """float32 everywhere, no TF32 on either side."""
+    import jax
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------------- error measures
+def rel_err(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> float:
+    """``||a - b|| / max(||b||, floor)`` in float64; 0 when both are exactly equal."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(np.linalg.norm((a64 - b64).ravel()))
+    if diff == 0.0:
+        return 0.0
+    denom = max(float(np.linalg.norm(b64.ravel())), floor)
+    return diff / denom if denom > 0 else math.inf
+
+
+def max_abs_err(a: np.ndarray, b: np.ndarray) -> float:
+    if np.size(a) == 0:
+        return 0.0
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def mean_kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(p) || softmax(q)), in float64."""
+    p = np.asarray(logits_p, np.float64).reshape(-1, logits_p.shape[-1])
+    q = np.asarray(logits_q, np.float64).reshape(-1, logits_q.shape[-1])
+    logp = p - _logsumexp(p)
+    logq = q - _logsumexp(q)
+    kl = np.sum(np.exp(logp) * (logp - logq), axis=-1)
+    return float(max(kl.mean(), 0.0))
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+# ---------------------------------------------------------------------- one backend's pass
+@dataclass
+class BackendResult:
+    """Numpy outputs of one forward + backward pass."""
+
+    logits: np.ndarray
+    loss: float
+    aux_loss: float
+    z_loss: float
+    hidden: list[np.ndarray]
+    grads: dict[str, np.ndarray]
+    router_logits: list[np.ndarray] = field(default_factory=list)
+
+
+def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
+               targets: np.ndarray) -> BackendResult:
+    """Forward + backward of ``loss + aux_loss + z_loss`` in PyTorch, eval mode (no dropout)."""
+    import torch
+
+    from backends.torch.convert import from_canonical
+
+    model = from_canonical(spec, params).eval()
+    router_logits: list[np.ndarray] = []
+    hooks = []
+    if spec.use_moe:
+        for layer in model.layers:
+            hooks.append(layer.mlp.router.register_forward_hook(
+                lambda _m, _i, out: router_logits.append(out.detach().float().numpy().copy())))
+    out = model(torch.from_numpy(ids), torch.from_numpy(targets), return_hidden=True)
+    for h in hooks:
+        h.remove()
+    (out.loss + out.aux_loss + out.z_loss).backward()
+    grads = {name: (p.grad.numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+             for name, p in model.named_parameters()}
+    return BackendResult(
+        logits=out.logits.detach().numpy(),
+        loss=float(out.loss), aux_loss=float(out.aux_loss), z_loss=float(out.z_loss),
+        hidden=[h.detach().numpy() for h in out.hidden_states],
+        grads=grads, router_logits=router_logits,
+    )
+
+
+def flax_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
+              targets: np.ndarray) -> BackendResult:
+    """Forward + backward of ``loss + aux_loss + z_loss`` in Flax NNX, deterministic."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from backends.flax.convert import from_canonical, grads_to_canonical
+
+    model = from_canonical(spec, params)
+    jids, jtargets = jnp.asarray(ids), jnp.asarray(targets)
+
+    def objective(m):
+        out = m(jids, jtargets, return_hidden=True)
+        return out.loss + out.aux_loss + out.z_loss, out
+
+    (_, out), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    return BackendResult(
+        logits=np.asarray(out.logits),
+        loss=float(out.loss), aux_loss=float(out.aux_loss), z_loss=float(out.z_loss),
+        hidden=[np.asarray(h) for h in out.hidden_states],
+        grads=grads_to_canonical(model, grads),
+    )
+
+
+# ---------------------------------------------------------------------- comparison
+def compare(spec: ModelSpec, ref: BackendResult, other: BackendResult,
+            tol: Tolerances = Tolerances()) -> dict[str, Any]:
+    """The report: every quantity's error, per-layer rows, and ``ok``."""
+    names = ["embed"] + [f"layers.{i}" for i in range(spec.num_layers)] + ["final_norm"]
+    layers = []
+    for name, a, b in zip(names, other.hidden, ref.hidden, strict=True):
+        layers.append({"name": name, "max_abs_err": max_abs_err(a, b), "rel_err": rel_err(a, b)})
+    grad_norms = {k: float(np.linalg.norm(v.ravel().astype(np.float64))) for k, v in ref.grads.items()}
+    floor = GRAD_FLOOR * max(grad_norms.values(), default=0.0)
+    grads = {k: {"rel_err": rel_err(other.grads[k], ref.grads[k], floor),
+                 "max_abs_err": max_abs_err(other.grads[k], ref.grads[k]),
+                 "norm": grad_norms[k]}
+             for k in ref.grads}
+    worst_grad = max(grads, key=lambda k: grads[k]["rel_err"]) if grads else None
+    report: dict[str, Any] = {
+        "logits_max_abs_err": max_abs_err(other.logits, ref.logits),
+        "logits_rel_err": rel_err(other.logits, ref.logits),
+        "loss_torch": ref.loss,
+        "loss_jax": other.loss,
+        "loss_abs_err": abs(other.loss - ref.loss),
+        "aux_loss_abs_err": abs(other.aux_loss - ref.aux_loss),
+        "z_loss_abs_err": abs(other.z_loss - ref.z_loss),
+        "kl": mean_kl(ref.logits, other.logits),
+        "grad_max_rel_err": grads[worst_grad]["rel_err"] if worst_grad else 0.0,
+        "grad_worst_param": worst_grad,
+        "hidden_max_rel_err": max((r["rel_err"] for r in layers), default=0.0),
+        "layers": layers,
+        "grads": grads,
+    }
+    report["ok"] = bool(
+        report["logits_rel_err"] <= tol.logits_rel
+        and report["loss_abs_err"] <= tol.loss_abs
+        and report["aux_loss_abs_err"] <= tol.aux_abs
+        and report["z_loss_abs_err"] <= tol.aux_abs
+        and report["kl"] <= tol.kl
+        and report["grad_max_rel_err"] <= tol.grad_rel
+        and report["hidden_max_rel_err"] <= tol.hidden_rel
+    )
+    return report
+
+
+def make_batch(spec: ModelSpec, batch_size: int, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed + 1)
+    ids = rng.integers(0, spec.vocab_size, size=(batch_size, seq_len), dtype=np.int64)
+    targets = np.roll(ids, -1, axis=1)
+    targets[:, -1] = -100
+    return ids, targets
+
+
+def run_parity(spec: ModelSpec, *, seed: int = 0, batch_size: int = 2, seq_len: int | None = None,
+               tol: Tolerances = Tolerances()) -> dict[str, Any]:
+    """Forward/backward parity of one spec on one random batch."""
+    from llm.spec import init_params
+
+    configure_numerics()
+    seq_len = min(spec.max_seq_len, 32) if seq_len is None else seq_len
+    if not 1 <= seq_len <= spec.max_seq_len:
+        raise ValueError(f"--seq-len={seq_len} must be in 1..max_seq_len={spec.max_seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size={batch_size} must be >= 1")
+    params = init_params(spec, seed)
+    ids, targets = make_batch(spec, batch_size, seq_len, seed)
+    ref = torch_pass(spec, params, ids, targets)
+    other = flax_pass(spec, params, ids, targets)
+    report = compare(spec, ref, other, tol)
+    report.update(seed=seed, batch_size=batch_size, seq_len=seq_len, tolerances=asdict(tol))
+    return report
+
+
+# ---------------------------------------------------------------------- CLI
+def _format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'quantity':<34}{'max_abs_err':>14}{'rel_err':>14}"]
+    for row in report["layers"]:
+        lines.append(f"{'activation ' + row['name']:<34}{row['max_abs_err']:>14.3e}{row['rel_err']:>14.3e}")
+    lines.append(f"{'logits':<34}{report['logits_max_abs_err']:>14.3e}{report['logits_rel_err']:>14.3e}")
+    lines.append(f"{'loss':<34}{report['loss_abs_err']:>14.3e}{'':>14}")
+    lines.append(f"{'aux_loss':<34}{report['aux_loss_abs_err']:>14.3e}{'':>14}")
+    lines.append(f"{'z_loss':<34}{report['z_loss_abs_err']:>14.3e}{'':>14}")
+    for name, g in report["grads"].items():
+        lines.append(f"{'grad ' + name:<34}{g['max_abs_err']:>14.3e}{g['rel_err']:>14.3e}")
+    lines.append(f"mean KL(torch || jax) = {report['kl']:.3e}")
+    lines.append(f"loss torch = {report['loss_torch']:.6f}   loss jax = {report['loss_jax']:.6f}")
+    if "trajectory" in report:
+        t = report["trajectory"]
+        lines.append(f"trajectory over {len(t['torch'])} steps: max rel err {t['max_rel_err']:.3e}")
+    lines.append(f"worst gradient: {report['grad_worst_param']} ({report['grad_max_rel_err']:.3e})")
+    lines.append("PARITY OK" if report["ok"] else "PARITY FAILED (tolerances: " +
+                 ", ".join(f"{k}={v:g}" for k, v in report["tolerances"].items()) + ")")
+    return "\n".join(lines)
+
+
+def _load_spec(path: str) -> ModelSpec:
+    from llm.config import load_config
+
+    return load_config(path).model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm.parity", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a run config YAML (its model: section is used)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=0, help="also compare N training steps")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if not Path(args.config).is_file():
+            raise FileNotFoundError(f"config file not found: {args.config}")
+        spec = _load_spec(args.config)
+        report = run_parity(spec, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len)
+        if args.steps:
+            from llm.parity_train import trajectory_parity
+
+            report["trajectory"] = trajectory_parity(spec, steps=args.steps, seed=args.seed,
+                                                     batch_size=args.batch_size, seq_len=report["seq_len"])
+            report["ok"] = report["ok"] and report["trajectory"]["ok"]
+    except Exception as e:  # a one-line error, never a traceback
+        print(f"llm.parity: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, default=float))
+    else:
+        print(_format_table(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
