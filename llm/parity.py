@@ -128,7 +128,7 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
              for name, p in model.named_parameters()}
     return BackendResult(
         logits=out.logits.detach().numpy(),
-        loss=float(out.loss), aux_loss=float(out.aux_loss), z_loss=float(out.z_loss),
+        loss=out.loss.item(), aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item(),
         hidden=[h.detach().numpy() for h in out.hidden_states],
         grads=grads, router_logits=router_logits,
     )

@@ -15,8 +15,9 @@ decides (a ``Linear`` or ``ExpertLinear`` is a linear weight); everywhere else t
 decides and the owner's type is checked against it, so a new layer that breaks the naming
 contract fails loudly instead of loading transposed.
 
-Loading is strict: every missing, unexpected and mis-shaped name is listed in one ``SpecError``.
-Values round-trip bitwise (float32 in, float32 out; transposes are exact).
+Loading is strict (``llm.spec.check_names``, the rule every loader shares): every missing,
+unexpected and mis-shaped name is listed in one ``SpecError``, and nothing is written unless all
+match. Values round-trip bitwise (float32 in, float32 out; transposes are exact).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import numpy as np
 from flax import nnx
 
 from backends.flax.model import DecoderModel, ExpertLinear, Linear
-from llm.spec import ModelSpec, SpecError, check_params
+from llm.spec import ModelSpec, SpecError, check_names, check_params
 
-__all__ = ["LINEAR_SUFFIXES", "is_linear_weight", "to_canonical", "load_canonical", "from_canonical"]
+__all__ = ["LINEAR_SUFFIXES", "is_linear_weight", "to_canonical", "load_canonical", "from_canonical",
+           "grads_to_canonical"]
 
 LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
 
@@ -71,16 +73,29 @@ def _params(module: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
     return {k: found[k] for k in sorted(found, key=_natural_key)}
 
 
+def _to_numpy(value: Any, linear: bool) -> np.ndarray:
+    value = np.asarray(value, dtype=np.float32)
+    return np.ascontiguousarray(np.swapaxes(value, -1, -2) if linear else value)
+
+
 def to_canonical(module: nnx.Module) -> dict[str, np.ndarray]:
     """Every ``nnx.Param`` of ``module`` as canonical float32 numpy, linears ``(out, in)``."""
+    return {name: _to_numpy(param[...], linear) for name, (param, linear) in _params(module).items()}
+
+
+def grads_to_canonical(module: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:
+    """Gradients w.r.t. ``module``'s Params (what ``nnx.grad`` returns) as canonical float32 numpy."""
+    params = _params(module)
     out: dict[str, np.ndarray] = {}
-    for name, (param, linear) in _params(module).items():
-        value = np.asarray(param[...], dtype=np.float32)
-        out[name] = np.ascontiguousarray(np.swapaxes(value, -1, -2) if linear else value)
-    return out
+    for path, value in nnx.to_flat_state(grads):
+        name = _name(path)
+        if name not in params:
+            raise SpecError(f"gradient {name!r} has no Param of that name in {type(module).__name__}")
+        out[name] = _to_numpy(value[...] if isinstance(value, nnx.Variable) else value, params[name][1])
+    return {k: out[k] for k in sorted(out, key=_natural_key)}
 
 
-def load_canonical(module: nnx.Module, params: Mapping[str, Any], *, where: str = "params") -> None:
+def load_canonical(module: nnx.Module, params: Mapping[str, Any]) -> None:
     """Copy canonical ``params`` into ``module`` in place; strict about names and shapes.
 
     Raises ``SpecError`` (a ``ValueError``) listing every missing, unexpected and mis-shaped name
@@ -93,20 +108,8 @@ def load_canonical(module: nnx.Module, params: Mapping[str, Any], *, where: str 
         shape = tuple(param[...].shape)
         return (*shape[:-2], shape[-1], shape[-2]) if linear else shape
 
-    missing = sorted(set(expected) - set(arrays), key=_natural_key)
-    unexpected = sorted(set(arrays) - set(expected), key=_natural_key)
-    misshaped = [f"{k}: expected {canonical_shape(*expected[k])}, got {arrays[k].shape}"
-                 for k in expected if k in arrays and arrays[k].shape != canonical_shape(*expected[k])]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
-        if misshaped:
-            parts.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped)}")
-        raise SpecError(f"{where} do not match {type(module).__name__} -- " + " | ".join(parts))
-
+    check_names({k: canonical_shape(*v) for k, v in expected.items()}, arrays,
+                where=f"parameters for {type(module).__name__}")
     for name, (param, linear) in expected.items():
         value = arrays[name]
         if linear:

@@ -275,6 +275,8 @@ class KVCache(nnx.Module):
     ``p .. p+T-1`` and attends to everything before them, so a prompt can be prefilled in one call
     and then decoded one token at a time. The cache is NNX state: ``nnx.jit`` carries the in-place
     writes out; under plain ``jax.jit`` split it with ``nnx.split`` and return ``nnx.state(cache)``.
+    With ``capacity_factor`` set, MoE capacity depends on the number of tokens in each call, so
+    cached decoding reproduces a full forward exactly only for dropless MoE (or dense models).
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int, *, max_seq_len: int | None = None,
@@ -510,13 +512,16 @@ class ModelOutput:
 
     ``logits`` (B, T, V) float32; ``loss`` mean cross-entropy over targets != -100 (None without
     targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
-    the MoE balance and z losses (scalar zeros without MoE).
+    the MoE balance and z losses (scalar zeros without MoE). ``hidden_states`` (only with
+    ``return_hidden=True``, for layer-by-layer parity) is the embedding output, every block's
+    output and the final norm's output: ``num_layers + 2`` arrays (B, T, D).
     """
 
     logits: jax.Array
     loss: jax.Array | None
     aux_loss: jax.Array
     z_loss: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -563,7 +568,7 @@ class DecoderModel(_SpecModule):
                        dtype=self.dtype if dtype is None else dtype)
 
     def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, deterministic: bool = True,
-                 cache: KVCache | None = None, start_pos: Any = 0) -> ModelOutput:
+                 cache: KVCache | None = None, start_pos: Any = 0, return_hidden: bool = False) -> ModelOutput:
         spec = self.spec
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -572,13 +577,16 @@ class DecoderModel(_SpecModule):
             raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.layers)}")
 
         x = self.embed(input_ids, start_pos, deterministic=deterministic)  # (B, T, D)
+        hidden = [x]
         balances, zs = [], []
         for i, layer in enumerate(self.layers):
             x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
                                   deterministic=deterministic)
+            hidden.append(x)
             balances.append(balance)
             zs.append(z)
         x = self.final_norm(x)
+        hidden.append(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = logits.astype(jnp.float32)  # (B, T, V)
 
@@ -586,4 +594,5 @@ class DecoderModel(_SpecModule):
         aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances)) if spec.use_moe else zero
         z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs)) if spec.use_moe else zero
         loss = None if targets is None else cross_entropy(logits, targets)
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
+                           hidden_states=tuple(hidden) if return_hidden else None)

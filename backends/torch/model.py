@@ -396,6 +396,7 @@ class ModelOutput:
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    hidden_states: list[torch.Tensor] | None = None  # embed, each block, final_norm (return_hidden)
 
 
 class DecoderModel(nn.Module):
@@ -430,7 +431,8 @@ class DecoderModel(nn.Module):
                        dtype=p.dtype if dtype is None else dtype, device=p.device)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+                cache: KVCache | None = None, start_pos: int = 0,
+                return_hidden: bool = False) -> ModelOutput:
         spec = self.spec
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -442,12 +444,15 @@ class DecoderModel(nn.Module):
             raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.layers)}")
 
         x = self.embed(input_ids, start_pos)  # (B, T, D)
+        hidden = [x]
         balances, zs = [], []
         for i, layer in enumerate(self.layers):
             x, balance, z = layer(x, start_pos, None if cache is None else cache[i])
             balances.append(balance)
             zs.append(z)
+            hidden.append(x)
         x = self.final_norm(x)
+        hidden.append(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head).float()  # (B, T, V)
 
@@ -461,4 +466,5 @@ class DecoderModel(nn.Module):
                                         ignore_index=IGNORE_INDEX, reduction="none")  # ignored -> 0
             n_valid = (targets != IGNORE_INDEX).sum()
             loss = per_token.sum() / n_valid.clamp(min=1)  # 0, not nan, when nothing is valid
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
+                           hidden_states=hidden if return_hidden else None)

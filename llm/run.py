@@ -1,0 +1,234 @@
+"""The run directory, the canonical training state of a checkpoint, and the run summary.
+
+A run directory (``--run-dir``; default ``runs/<timestamp>``) holds::
+
+    config.json          the full resolved config (Config.to_dict())
+    tokenizer.json       the tokenizer (LM on text), also copied into every checkpoint
+    metrics.jsonl        one JSON object per logged optimiser step (logging.every_steps)
+    checkpoints/step_<N>/  canonical checkpoints (llm.checkpoint), the newest checkpoint.keep_last kept
+    loss.png             the loss curve, drawn at the end
+    summary.json         final losses, baselines, throughput
+
+Only rank 0 writes. Everything here is backend-agnostic: the torch and JAX engines write the same
+``state.json`` keys (``STATE_KEYS``) and the same ``state.safetensors`` names (``moment_name``), so a
+run started on one backend resumes on the other. This module must not import torch or jax.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "STATE_FORMAT",
+    "STATE_KEYS",
+    "NonFiniteLossError",
+    "RunDir",
+    "TrainResult",
+    "default_run_dir",
+    "moment_name",
+    "split_moment_name",
+]
+
+log = logging.getLogger("llm.run")
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+STATE_FORMAT = "llm-train-state"
+# state.json of a training checkpoint (JSON). Every engine writes all of them:
+#   format, version         STATE_FORMAT, 1
+#   backend                 "torch" | "jax": who wrote it (informational; either may resume)
+#   step                    optimiser steps done; the next update uses lr_at(step)
+#   micro_step              micro-batches consumed (= step * grad_accum_steps)
+#   epoch                   data epoch of the next micro-batch
+#   data                    the DataModule's state_dict() (cursor, seed, global batch, fingerprint)
+#   rng                     {"seed", "scheme"}: dropout randomness is a pure function of (seed, micro_step, rank)
+#   schedule                {"name", "lr", "warmup_steps", "total_steps", "final_lr", "next_lr"}
+#   optimizer               {"name": "adamw", "beta1", "beta2", "eps", "weight_decay", "step"}
+#   grad_scaler             {"scale", "growth_tracker"} for float16 loss scaling, else null
+#   tokens_seen             training tokens (items) consumed, all ranks
+#   best_val_loss           lowest val loss seen so far, or null
+#   callbacks               {callback name: its state_dict()} (early stopping patience, ...)
+#   world_size, reason      ranks of the run; why it was written (periodic, final, interrupt, early_stop)
+STATE_KEYS = ("format", "version", "backend", "step", "micro_step", "epoch", "data", "rng", "schedule",
+              "optimizer", "grad_scaler", "tokens_seen", "best_val_loss", "callbacks", "world_size",
+              "reason")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # state.safetensors: f"{moment}.{canonical name}", fp32, canonical layout
+
+
+def moment_name(moment: str, param: str) -> str:
+    """The state.safetensors key of AdamW moment ``moment`` of canonical parameter ``param``."""
+    if moment not in MOMENTS:
+        raise ValueError(f"moment {moment!r}: expected one of {MOMENTS}")
+    return f"{moment}.{param}"
+
+
+def split_moment_name(key: str) -> tuple[str, str]:
+    """Inverse of ``moment_name``: ``"exp_avg_sq.layers.0.attn.q_proj.weight"`` -> (moment, param)."""
+    moment, _, param = key.partition(".")
+    if moment not in MOMENTS or not param:
+        raise CheckpointError(f"state tensor {key!r} is not '<{'|'.join(MOMENTS)}>.<canonical name>'")
+    return moment, param
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped without writing a checkpoint of the bad state."""
+
+
+def default_run_dir(root: str | os.PathLike = "runs") -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>``, with a ``-<n>`` suffix if that name is taken."""
+    base = Path(root) / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def newest_run_dir(root: str | os.PathLike = "runs") -> Path | None:
+    """The most recently modified run under ``root`` that has a checkpoints folder (for bare --resume)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    runs = [p for p in root.iterdir() if (p / "checkpoints").is_dir()]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+@dataclass
+class RunDir:
+    """Paths of one run and the file operations on them (call the writers on rank 0 only)."""
+
+    root: Path
+    checkpoints: Path
+
+    @classmethod
+    def from_config(cls, config: Any, run_dir: str | os.PathLike | None = None) -> RunDir:
+        root = Path(run_dir if run_dir is not None else (config.logging.run_dir or default_run_dir()))
+        ckpt = Path(config.checkpoint.dir) if config.checkpoint.dir else root / "checkpoints"
+        return cls(root, ckpt)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    @property
+    def plot_path(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.json"
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step}"
+
+    # ------------------------------------------------------------------ writing
+    def create(self, config: Any, *, resume: bool) -> None:
+        """Make the directory and write config.json; refuse to start afresh over old checkpoints."""
+        if not resume and list_checkpoints(self.checkpoints):
+            raise CheckpointError(f"{self.checkpoints} already holds checkpoints; pass --resume to continue "
+                                  "that run or choose another --run-dir")
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.config_path, config.to_dict())
+
+    def write_artifacts(self, files: dict[str, bytes]) -> None:
+        for name, data in files.items():
+            write_bytes_atomic(self.root / name, data)
+
+    def prune(self, keep_last: int | None) -> list[Path]:
+        """Delete all but the newest ``keep_last`` step checkpoints; return the deleted paths."""
+        if keep_last is None:
+            return []
+        old = [path for _, path in list_checkpoints(self.checkpoints)[keep_last:]]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return old
+
+    # ------------------------------------------------------------------ resuming
+    def find_resume(self) -> Path | None:
+        """The newest checkpoint that verifies. Each newer corrupt one is logged and renamed to
+        ``step_<N>.corrupt`` so it is never picked (nor overwritten) again; None when there is none."""
+        path, skipped = latest_valid_checkpoint(self.checkpoints)
+        for bad, reason in skipped:
+            log.warning("skipping corrupt checkpoint %s: %s", bad, reason)
+            target = bad.with_name(bad.name + ".corrupt")
+            n = 1
+            while target.exists():
+                target, n = bad.with_name(f"{bad.name}.corrupt{n}"), n + 1
+            try:
+                os.rename(bad, target)
+            except OSError as e:  # read-only checkpoints: leave it, it will be skipped again
+                log.warning("could not move %s aside (%s)", bad, e)
+        return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@dataclass
+class TrainResult:
+    """What ``TrainingEngine.fit()`` returns (rank 0 has the full picture; other ranks the same numbers)."""
+
+    run_dir: Path | None
+    step: int
+    total_steps: int
+    stop_reason: str  # "completed", "early_stop", "interrupted", "requested"
+    train_loss: float | None = None
+    val_loss: float | None = None
+    best_val_loss: float | None = None
+    tokens_per_s: float | None = None
+    train_seconds: float = 0.0
+    tokens_seen: int = 0
+    baselines: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    sample: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("run_dir", "last_checkpoint"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+    def summary_lines(self) -> list[str]:
+        """A short human summary (printed by ``python -m llm.train`` at the end)."""
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.4f}"
+
+        lines = [f"stopped: {self.stop_reason} at step {self.step}/{self.total_steps} "
+                 f"({self.train_seconds:.0f}s training, {self.tokens_seen:,} tokens)",
+                 f"final train loss {fmt(self.train_loss)} | val loss {fmt(self.val_loss)} "
+                 f"| best val {fmt(self.best_val_loss)}"]
+        if "unigram_entropy" in self.baselines:
+            lines.append(f"unigram baseline (entropy of the train tokens) {self.baselines['unigram_entropy']:.4f} "
+                         "nats/token")
+        if self.tokens_per_s is not None:
+            lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s")
+        if self.run_dir is not None:
+            lines.append(f"run dir {self.run_dir}")
+        if self.last_checkpoint is not None:
+            lines.append(f"last checkpoint {self.last_checkpoint}")
+        return lines
