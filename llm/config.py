@@ -297,7 +297,8 @@ class TrainingConfig(_Section):
     ``None`` derives it from ``epochs`` (see ``total_steps``). The LR floor is ``min_lr`` when set,
     else ``lr * min_lr_ratio`` (``final_lr``). ``grad_clip=0`` disables clipping; ``eval_every=0``
     disables evaluation. ``log_every`` is the console cadence; ``logging.every_steps`` the
-    metrics.jsonl one.
+    metrics.jsonl one. ``early_stopping_patience`` stops the run after that many evaluations without
+    a val-loss improvement larger than ``early_stopping_min_delta`` (0 = never).
     """
 
     SECTION = "training"
@@ -320,6 +321,8 @@ class TrainingConfig(_Section):
     eval_every: int = 250
     eval_batches: int = 20
     log_every: int = 10
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
     def _validate(self) -> None:
         need = self._need
@@ -341,6 +344,8 @@ class TrainingConfig(_Section):
         need(self.eval_every >= 0, "eval_every", "must be >= 0 (0 disables evaluation)")
         need(self.eval_batches >= 1, "eval_batches", "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0 (0 = off)")
+        need(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", "must be >= 0")
 
     @property
     def final_lr(self) -> float:

@@ -1,0 +1,119 @@
+"""The torch halves of the training tasks (``llm.tasks`` holds the backend-agnostic halves).
+
+A torch task half builds the model and computes the loss; the engine does everything else (devices,
+AMP, DDP, the optimiser). ``loss(model, batch)`` returns ``(objective, parts)``: the objective is
+what is differentiated, ``parts`` are 0-d tensors to log and must include ``"loss"`` (for the LM the
+cross-entropy alone; MoE adds ``aux_loss`` and ``z_loss``). ``model`` may be wrapped (DDP,
+``torch.compile``), so call it, do not reach into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backends.torch.convert import load_canonical, to_canonical
+from backends.torch.model import DecoderModel
+
+__all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask", "sample_text"]
+
+
+class TorchTask:
+    """Base for torch task halves: ``build_model`` and ``loss`` are required, the rest has defaults."""
+
+    def build_model(self, config: Any, datamodule: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def no_decay_names(self, config: Any, model: nn.Module) -> set[str]:
+        """Parameters without weight decay: by default every vector (biases, norm scales)."""
+        return {name for name, p in model.named_parameters() if p.dim() < 2}
+
+    def to_canonical(self, model: nn.Module) -> dict[str, np.ndarray]:
+        return to_canonical(model)
+
+    def load_canonical(self, model: nn.Module, params: dict[str, np.ndarray]) -> None:
+        load_canonical(model, params)
+
+    def sample(self, model: nn.Module, datamodule: Any, **kwargs: Any) -> str | None:
+        """A short text sample from the trained model, when the task has one."""
+        return None
+
+
+class TorchLMTask(TorchTask):
+    """Causal LM: ``DecoderModel.from_spec(config.model, seed)``; objective ``loss + aux + z``."""
+
+    def build_model(self, config: Any, datamodule: Any) -> nn.Module:
+        return DecoderModel.from_spec(config.model, seed=config.training.seed)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, targets = batch
+        out = model(inputs, targets)
+        parts = {"loss": out.loss}
+        if _spec_of(model).use_moe:
+            parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)
+        return out.loss + out.aux_loss + out.z_loss, parts
+
+    def no_decay_names(self, config: Any, model: nn.Module) -> set[str]:
+        return config.model.no_decay_names()  # norms, biases, embedding tables (llm.spec)
+
+    def sample(self, model: nn.Module, datamodule: Any, **kwargs: Any) -> str | None:
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        return sample_text(model, tokenizer, **kwargs)
+
+
+def _spec_of(model: nn.Module):
+    inner = getattr(model, "module", model)  # DDP
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    return inner.spec
+
+
+def sample_text(model: DecoderModel, tokenizer: Any, prompt: str = "def ", max_new_tokens: int = 200,
+                temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
+    """Prompt + a sampled continuation (temperature 0 = greedy), decoded, cut at the first EOS and
+    at ``model.spec.max_seq_len`` (``backends.torch.generate``, KV-cached)."""
+    from backends.torch.generate import generate
+
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_id or 0]
+    new = max(0, min(max_new_tokens, model.spec.max_seq_len - len(ids)))
+    out = generate(model, np.array([ids]), new, temperature=temperature, top_k=top_k, seed=seed,
+                   eos_id=tokenizer.eos_id)[0, len(ids):].tolist()
+    if tokenizer.eos_id in out:
+        out = out[:out.index(tokenizer.eos_id)]
+    return prompt + tokenizer.decode(out, skip_special_tokens=True)
+
+
+class RegressionMLP(nn.Module):
+    """``out(gelu(hidden(x)))``: a one-hidden-layer MLP."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 64):
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden)
+        self.out = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.hidden(x)))  # (B, out)
+
+
+class TorchRegressionTask(TorchTask):
+    """MSE regression of SyntheticDataModule's ``y = x @ w + noise`` with ``RegressionMLP``."""
+
+    def build_model(self, config: Any, datamodule: Any) -> nn.Module:
+        torch.manual_seed(config.training.seed)
+        return RegressionMLP(datamodule.in_features, datamodule.out_features)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        mse = F.mse_loss(model(x).float(), y)
+        return mse, {"loss": mse}

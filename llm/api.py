@@ -1,0 +1,250 @@
+"""The small public API: ``llm.load(checkpoint_dir, backend=...)`` -> a ``LoadedModel``.
+
+```
+model = llm.load("runs/x/checkpoints/step_1000", backend="jax")
+model.logits([[5, 6, 7]])              # float32 numpy (B, T, V)
+model.generate([5, 6, 7], 20)          # int64 numpy (B, T0 + 20); greedy unless temperature > 0
+model.generate_text("Once upon", 40, temperature=0.8, top_k=50)   # the continuation, a str
+```
+
+The backend is chosen here, once, by name (keras-3 style): ``"torch"`` or ``"jax"`` (alias
+``"flax"``). Its package is imported only when a model is built, so ``import llm.api`` (and
+``llm.load(..., backend="torch")``) never imports jax, and ``backend="jax"`` never imports torch.
+Every array in and out is numpy; the backend model is ``LoadedModel.model`` for anything more.
+
+Loading goes through ``llm.checkpoint.load_checkpoint``: a missing, torn or corrupt checkpoint
+raises its ``CheckpointError`` and nothing is half-loaded. A directory holding ``step_<N>``
+checkpoints (a run's ``checkpoints/``) loads the newest one that verifies. A ``tokenizer.json``
+saved beside the weights becomes ``LoadedModel.tokenizer`` (else None).
+
+Generation rules (greedy tie-breaking, top-k/top-p, the no-crop length rule, EOS) are in
+``llm.generate``; ``LoadedModel.generate`` is ``backends.<name>.generate.generate``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm.checkpoint import (
+    MANIFEST_FILE,
+    CheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from llm.spec import ModelSpec
+from llm.tokenization import Tokenizer, check_vocab, load_tokenizer
+
+__all__ = ["BACKENDS", "DTYPES", "TOKENIZER_FILE", "LoadedModel", "load", "from_params", "resolve_checkpoint"]
+
+# accepted name -> canonical backend name; the canonical name picks ``backends/<package>``
+BACKENDS = {"torch": "torch", "jax": "jax", "flax": "jax"}
+_PACKAGES = {"torch": "backends.torch", "jax": "backends.flax"}
+DTYPES = ("float32", "bfloat16")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _backend_name(backend: Any) -> str:
+    name = BACKENDS.get(str(backend).lower()) if isinstance(backend, str) else None
+    if name is None:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: torch, jax (alias flax)")
+    return name
+
+
+def _check_dtype(dtype: Any) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of: {', '.join(DTYPES)} (parameters are loaded "
+                         "from float32 checkpoints and cast)")
+    return dtype
+
+
+# ---------------------------------------------------------------------- backend builders
+def _build_torch(spec: ModelSpec, params: dict[str, np.ndarray], device: Any, dtype: str):
+    import torch
+
+    from backends.torch.convert import from_canonical
+
+    model = from_canonical(spec, params)
+    try:
+        model.to(device=torch.device("cpu" if device is None else device), dtype=getattr(torch, dtype))
+    except (RuntimeError, TypeError) as e:  # an unknown or unavailable device
+        raise ValueError(f"torch device {device!r}: {e}") from None
+    return model.eval()
+
+
+def _jax_device(device: Any):
+    import jax
+
+    if device is None or isinstance(device, jax.Device):
+        return device
+    platform, _, index = str(device).partition(":")
+    try:
+        devices = jax.devices(platform)
+        return devices[int(index or 0)]
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"jax device {device!r} is not available ({e}); "
+                         f"have {[str(d) for d in jax.devices()]}") from None
+
+
+def _build_jax(spec: ModelSpec, params: dict[str, np.ndarray], device: Any, dtype: str):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from backends.flax.convert import from_canonical
+
+    target = _jax_device(device)
+    model = from_canonical(spec, params, dtype=getattr(jnp, dtype))  # params stay float32
+    if target is not None:
+        nnx.update(model, jax.device_put(nnx.state(model), target))
+    return model
+
+
+_BUILDERS = {"torch": _build_torch, "jax": _build_jax}
+
+
+# ---------------------------------------------------------------------- the loaded model
+class LoadedModel:
+    """A model of either backend behind one numpy interface.
+
+    ``spec`` (ModelSpec), ``tokenizer`` (or None), ``backend`` ("torch" or "jax"), ``model`` (the
+    backend's ``DecoderModel``), ``path`` (the checkpoint directory, None when built in memory).
+    Token ids may be a list, a 1-D array (one sequence: batch 1) or a 2-D ``(batch, length)`` array.
+    """
+
+    def __init__(self, spec: ModelSpec, model: Any, backend: str, tokenizer: Tokenizer | None = None,
+                 path: Path | None = None):
+        self.spec = spec
+        self.model = model
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.path = path
+        self._ops = importlib.import_module(f"{_PACKAGES[backend]}.generate")
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return (f"LoadedModel(backend={self.backend!r}, layers={self.spec.num_layers}, "
+                f"hidden={self.spec.hidden_size}, vocab={self.spec.vocab_size}{where})")
+
+    def _batch(self, token_ids: Any) -> np.ndarray:
+        try:
+            ids = np.asarray(token_ids)
+        except ValueError:
+            raise ValueError("token_ids rows must all have the same length (no ragged batches)") from None
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2:
+            raise ValueError(f"token_ids must be a list, a 1-D or a 2-D int array, got shape {ids.shape}")
+        if ids.size == 0:
+            raise ValueError(f"empty token_ids (shape {ids.shape}): give at least one token")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"token_ids must be integers, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.spec.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} is out of range for vocab_size={self.spec.vocab_size}")
+        return ids.astype(np.int64)
+
+    def logits(self, token_ids: Any) -> np.ndarray:
+        """Float32 next-token logits ``(B, T, V)`` for every position (eval mode, no dropout)."""
+        ids = self._batch(token_ids)
+        if ids.shape[1] > self.spec.max_seq_len:
+            raise ValueError(f"{ids.shape[1]} tokens exceed max_seq_len={self.spec.max_seq_len}")
+        return self._ops.logits(self.model, ids)
+
+    def generate(self, token_ids: Any, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> np.ndarray:
+        """Prompt plus ``max_new_tokens`` new ids, int64 ``(B, T0 + max_new_tokens)`` (always 2-D).
+
+        ``temperature=0`` is greedy; see ``llm.generate`` for top-k / top-p / EOS behaviour.
+        """
+        return self._ops.generate(self.model, self._batch(token_ids), max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
+
+    def generate_texts(self, prompt: str, max_new_tokens: int = 64, *, num_samples: int = 1,
+                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int = 0, stop_at_eos: bool = True) -> list[str]:
+        """``num_samples`` continuations of ``prompt`` (drawn as one batch from one seed).
+
+        Each is the decoded new tokens only (not the prompt), cut before the first EOS when
+        ``stop_at_eos``, with special tokens left out of the text, as are ids of embedding rows
+        past the tokenizer's vocabulary (a model table padded beyond it).
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (no tokenizer.json in the checkpoint); "
+                             "use generate() with token ids")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("empty prompt: it encodes to no tokens; give at least one character")
+        eos = self.tokenizer.eos_id if stop_at_eos else None
+        eos = eos if eos is not None and eos < self.spec.vocab_size else None
+        batch = np.tile(np.asarray(ids, np.int64), (num_samples, 1))
+        out = self.generate(batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, eos_id=eos)
+        texts = []
+        for row in out[:, len(ids):]:
+            if eos is not None and (row == eos).any():
+                row = row[:int(np.argmax(row == eos))]
+            row = row[row < self.tokenizer.vocab_size]  # padded embedding rows have no text
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                      stop_at_eos: bool = True) -> str:
+        """The continuation of ``prompt`` as text (see ``generate_texts``)."""
+        return self.generate_texts(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, stop_at_eos=stop_at_eos)[0]
+
+
+# ---------------------------------------------------------------------- entry points
+def from_params(spec: ModelSpec, params: dict[str, np.ndarray], backend: str = "torch",
+                tokenizer: Tokenizer | None = None, *, device: Any = None, dtype: str = "float32",
+                path: Path | None = None) -> LoadedModel:
+    """A ``LoadedModel`` from canonical in-memory weights (strict: names and shapes must match)."""
+    name, dtype = _backend_name(backend), _check_dtype(dtype)
+    if not isinstance(spec, ModelSpec):
+        raise ValueError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+    if tokenizer is not None:
+        check_vocab(tokenizer, spec)
+    model = _BUILDERS[name](spec, params, device, dtype)
+    return LoadedModel(spec, model, name, tokenizer, path)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a directory of ``step_<N>`` checkpoints the newest valid one."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).exists() or not list_checkpoints(path):
+        return path
+    found, skipped = latest_valid_checkpoint(path)
+    if found is None:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise CheckpointError(f"{path}: no valid step_<N> checkpoint ({reasons})")
+    return found
+
+
+def load(checkpoint_dir: str | os.PathLike, backend: str = "torch", *, device: Any = None,
+         dtype: str = "float32") -> LoadedModel:
+    """Load a canonical checkpoint into ``backend`` (``"torch"``, ``"jax"`` or ``"flax"``).
+
+    ``device``: a torch device (``"cpu"``, ``"cuda:0"``) or a jax platform[:index] (``"cpu"``,
+    ``"gpu:1"``); None = CPU for torch, jax's default device. ``dtype``: ``"float32"`` or
+    ``"bfloat16"`` (torch casts the parameters; flax keeps float32 parameters and computes in it).
+    Logits come back float32 either way.
+    """
+    _backend_name(backend)
+    _check_dtype(dtype)
+    path = resolve_checkpoint(checkpoint_dir)
+    ckpt = load_checkpoint(path, load_state=False)
+    tokenizer = None
+    if (path / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(path / TOKENIZER_FILE)
+    return from_params(ckpt.spec, ckpt.params, backend, tokenizer, device=device, dtype=dtype, path=path)

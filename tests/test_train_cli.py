@@ -1,0 +1,185 @@
+"""``python -m llm.train``: config resolution, one-line errors, Ctrl-C, NaN exit, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.checkpoint import latest_valid_checkpoint, load_checkpoint
+from llm.config import dump_yaml, load_config
+from llm.train import EMBEDDED_DEFAULT, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "model.num_layers=1",
+        "model.num_heads=4", "model.num_kv_heads=2", "data.source=synthetic", "data.seq_len=16",
+        "data.synthetic_size=512", "training.batch_size=8", "training.max_steps=4",
+        "training.warmup_steps=1", "training.lr=1e-2", "training.eval_every=0", "training.log_every=1",
+        "logging.every_steps=1", "logging.progress=false", "checkpoint.every_steps=0",
+        "checkpoint.keep_last=null"]
+
+
+def tiny_yaml(tmp_path: Path, *overrides: str) -> Path:
+    path = tmp_path / "tiny.yaml"
+    dump_yaml(load_config(None, [*TINY, *overrides], env={}), path)
+    return path
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
+    out["OMP_NUM_THREADS"] = "1"
+    return out
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm.train", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env(), timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# ---------------------------------------------------------------------- config resolution
+def test_print_config_from_any_cwd_is_the_default_and_imports_no_framework(tmp_path):
+    code = ("import sys, llm.train; rc = llm.train.main(['--print-config']); "
+            "print('FRAMEWORK', sorted({'torch', 'jax'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    text, _, tail = out.stdout.rpartition("FRAMEWORK")
+    assert tail.strip() == "[]"
+    assert yaml.safe_load(text) == load_config(REPO / "configs" / "default.yaml", env={}).to_dict()
+
+
+def test_embedded_default_equals_configs_default(tmp_path):
+    (tmp_path / "embedded.yaml").write_text(EMBEDDED_DEFAULT)
+    assert load_config(tmp_path / "embedded.yaml", env={}) == load_config(REPO / "configs" / "default.yaml", env={})
+
+
+def test_named_flags_override_set_which_overrides_env(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_TRAINING__LR", "0.1")
+    monkeypatch.setenv("LLM_TRAINING__SEED", "5")
+    args = ["--config", str(tiny_yaml(tmp_path)), "--set", "training.lr=0.2", "--set", "training.batch_size=2",
+            "--batch-size", "4", "--epochs", "3", "--max-steps", "9", "--task", "regression",
+            "--run-dir", "somewhere", "--print-config"]
+    assert main(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    t = printed["training"]
+    assert (t["lr"], t["seed"], t["batch_size"], t["epochs"], t["max_steps"]) == (0.2, 5, 4, 3, 9)
+    assert printed["task"] == "regression" and printed["logging"]["run_dir"] == "somewhere"
+    assert main(args + ["--lr", "0.3", "--seed", "7"]) == 0
+    t = yaml.safe_load(capsys.readouterr().out)["training"]
+    assert (t["lr"], t["seed"]) == (0.3, 7)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "training.lrr=1"], "did you mean 'training.lr'"),
+    (["--set", "optimization.dtype=float8"], "optimization.dtype"),
+    (["--set", "model.hidden_size=30", "--set", "model.num_heads=4", "--set", "model.head_dim=null"],
+     "model.hidden_size"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--batch-size", "abc"], "--batch-size: invalid int value: 'abc'"),
+    (["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+    (["--callback", "nope"], "unknown callback 'nope'"),
+    (["--task", "translate"], "task: expected one of"),
+])
+def test_bad_flags_and_keys_are_one_line_errors(args, needle):
+    out = cli(*args, "--print-config", timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llm-train: error: ") and needle in lines[0], out.stderr
+    assert out.stdout == ""
+
+
+def test_runtime_errors_are_one_line_too(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("abcdefghij" * 500)
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--set", f"data.source={tmp_path / 'corpus.txt'}",
+               "--set", "model.vocab_size=8", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+               "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("llm-train: error: tokenizer (char) has 14 tokens but "
+                                          "model.vocab_size=8")
+
+
+def test_unknown_backend_engine_is_a_one_line_error(tmp_path, capsys):
+    if (REPO / "backends" / "flax" / "engine.py").exists():
+        pytest.skip("the jax engine exists now")
+    assert main(["--backend", "jax", "--config", str(tiny_yaml(tmp_path)), "--run-dir", str(tmp_path)]) == 2
+    assert "no training engine yet (backends.flax.engine is missing)" in capsys.readouterr().err
+
+
+def test_nan_loss_exits_1_with_a_clear_message(tmp_path, capsys):
+    # an absurd lr without clipping overflows the weights within a few steps
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--lr", "1e30", "--set", "training.grad_clip=0",
+               "--set", "checkpoint.every_steps=1", "--max-steps", "20", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and "llm-train: error: the loss is nan at step" in err and "last good checkpoint" in err
+    step = int(err.split("at step ")[1].split(";")[0])
+    newest, skipped = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")
+    assert newest.name == f"step_{step - 1}" and not skipped and f"{newest}" in err
+
+
+def test_resume_without_any_run_is_a_clear_error(tmp_path):
+    out = cli("--resume", "--print-config", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "no run with checkpoints under runs/" in out.stderr
+
+
+# ---------------------------------------------------------------------- signals and processes
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "llm.train", "--config", str(tiny_yaml(tmp_path)),
+                             "--max-steps", "100000", "--run-dir", str(run)], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "SIGINT received" in err and "Traceback" not in err and "stopped: interrupted" in out
+    path, skipped = latest_valid_checkpoint(run / "checkpoints")
+    meta = load_checkpoint(path).state_meta
+    last_logged = max(losses(run))
+    assert not skipped and meta["reason"] == "interrupt" and meta["step"] == last_logged >= 3
+    assert path.name == f"step_{last_logged}"
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, capsys):
+    config = tiny_yaml(tmp_path, "training.grad_accum_steps=2", "training.eval_every=2",
+                       "training.eval_batches=2", "checkpoint.every_steps=2")
+    assert main(["--config", str(config), "--run-dir", str(tmp_path / "single")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "llm.train", "--config", str(config), "--run-dir", str(tmp_path / "ddp")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env(),
+                            start_new_session=True)  # a hung worker must not outlive the test
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("stopped: completed at step 4/4") == 1  # rank 0 alone prints the summary
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert single.keys() == ddp.keys() == {1, 2, 3, 4}
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
+    val = [json.loads(line).get("val_loss") for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    val_single = [json.loads(line).get("val_loss")
+                  for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert val == pytest.approx(val_single, abs=1e-5) and val[1] is not None
+    assert sorted(p.name for p in tmp_path.rglob("metrics.jsonl")) == ["metrics.jsonl"] * 2  # one per run
+    meta = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_4").state_meta
+    assert meta["world_size"] == 2 and meta["micro_step"] == 8
