@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[torch,jax,dev]"
+	$(BIN)/python -m pip install -q -e ".[torch,jax,dev,hf]"
 	touch $(STAMP)
 
 init: $(STAMP)

@@ -298,7 +298,9 @@ class TrainingConfig(_Section):
     else ``lr * min_lr_ratio`` (``final_lr``). ``grad_clip=0`` disables clipping; ``eval_every=0``
     disables evaluation. ``log_every`` is the console cadence; ``logging.every_steps`` the
     metrics.jsonl one. ``early_stopping_patience`` stops the run after that many evaluations without
-    a val-loss improvement larger than ``early_stopping_min_delta`` (0 = never).
+    a val-loss improvement larger than ``early_stopping_min_delta`` (0 = never). ``init_from`` names a
+    canonical checkpoint (e.g. one written by ``python -m llm.hf import``) whose weights the run starts
+    from, with its spec as ``model`` and its ``tokenizer.json`` as the tokenizer (``llm.init_from``).
     """
 
     SECTION = "training"
@@ -323,9 +325,12 @@ class TrainingConfig(_Section):
     log_every: int = 10
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
+    init_from: str | None = None
 
     def _validate(self) -> None:
         need = self._need
+        need(self.init_from is None or self.init_from.strip() != "", "init_from",
+             "must name a checkpoint directory or be null")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr",

@@ -145,6 +145,19 @@ class LMTask(TrainingTask):
 
     backends = {"torch": "backends.torch.tasks:TorchLMTask", "jax": "backends.flax.tasks:FlaxLMTask"}
 
+    def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
+        """As the base class, but a text source uses the ``training.init_from`` checkpoint's tokenizer
+        when it has one (``llm.init_from``); the backend halves load its weights in ``build_model``."""
+        if not config.data.is_synthetic:
+            from llm.init_from import init_from_tokenizer
+
+            tokenizer = init_from_tokenizer(config)
+            if tokenizer is not None:
+                from llm.data import TextDataModule
+
+                return TextDataModule.from_config(config, rank=rank, world_size=world_size, tokenizer=tokenizer)
+        return build_datamodule(config, rank=rank, world_size=world_size)
+
     def validate(self, config: Any, datamodule: BaseDataModule) -> None:
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:

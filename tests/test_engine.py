@@ -33,6 +33,15 @@ TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "
         "checkpoint.every_steps=0", "checkpoint.keep_last=null"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a thread pool, and on a shared CPU a spinning pool is far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.py"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from backends.torch.convert import load_canonical, to_canonical
 from backends.torch.model import DecoderModel
+from llm.init_from import init_from_params
 
 __all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask", "sample_text"]
 
@@ -48,10 +49,15 @@ class TorchTask:
 
 
 class TorchLMTask(TorchTask):
-    """Causal LM: ``DecoderModel.from_spec(config.model, seed)``; objective ``loss + aux + z``."""
+    """Causal LM: ``DecoderModel.from_spec(config.model, seed)`` (or the ``training.init_from``
+    checkpoint's weights); objective ``loss + aux + z``."""
 
     def build_model(self, config: Any, datamodule: Any) -> nn.Module:
-        return DecoderModel.from_spec(config.model, seed=config.training.seed)
+        model = DecoderModel.from_spec(config.model, seed=config.training.seed)
+        params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
+        if params is not None:
+            load_canonical(model, params)
+        return model
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

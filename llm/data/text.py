@@ -197,9 +197,12 @@ class TextDataModule(BaseDataModule):
         self._key: str | None = None
 
     @classmethod
-    def from_config(cls, config: Any, *, rank: int = 0, world_size: int = 1) -> TextDataModule:
+    def from_config(cls, config: Any, *, rank: int = 0, world_size: int = 1,
+                    tokenizer: Any = None) -> TextDataModule:
+        """The module of a run config; ``tokenizer`` (an object) replaces ``data.tokenizer`` when given."""
         d, t = config.data, config.training
-        return cls(d.source, seq_len=d.seq_len, batch_size=t.batch_size, tokenizer=d.tokenizer,
+        tokenizer = d.tokenizer if tokenizer is None else tokenizer
+        return cls(d.source, seq_len=d.seq_len, batch_size=t.batch_size, tokenizer=tokenizer,
                    vocab_size=d.vocab_size, val_fraction=d.val_fraction,
                    cache_dir=d.resolved_cache_dir, max_bytes=d.max_bytes, seed=t.seed,
                    rank=rank, world_size=world_size)

@@ -1,11 +1,14 @@
-"""Tokenizers: a character tokenizer and a byte-level BPE, one JSON file format, one interface.
+"""Tokenizers: a character tokenizer, a byte-level BPE and imported Hugging Face tokenizers (``hf``),
+one JSON file format, one interface.
 
-Both tokenizers offer ``encode(str) -> list[int]``, ``encode_batch``, ``encode_array(s)`` (int64
+Every tokenizer offers ``encode(str) -> list[int]``, ``encode_batch``, ``encode_array(s)`` (int64
 numpy), ``decode(ids, skip_special_tokens=False)``, ``vocab_size``, ``pad_id/unk_id/bos_id/eos_id``
-(``0..3`` in both), ``identity`` (sha256 of the JSON form), ``save(path)`` and ``load(path)``.
+(``0..3`` for char and bpe), ``identity`` (sha256 of the JSON form), ``save(path)`` and ``load(path)``.
 
 * ``build_tokenizer(kind, texts, vocab_size=...)`` -- train/build one of ``"char"``, ``"bpe"``.
-* ``load_tokenizer(path)`` -- read any tokenizer file, dispatching on its ``type`` field.
+* ``load_tokenizer(path)`` -- read any tokenizer file, dispatching on its ``type`` field
+  (``"char"``, ``"bpe"``, or ``"hf"``: a ``tokenizers``-library file of an imported model, see
+  ``llm.tokenization.hf``; its special ids are the source's, not ``0..3``).
 * ``check_vocab(tokenizer, spec_vocab_size)`` -- fail when ids would not fit the embedding table.
 """
 
@@ -22,10 +25,12 @@ from llm.tokenization.char import (
     TokenizerError,
     read_tokenizer_json,
 )
+from llm.tokenization.hf import HFTokenizer
 
 __all__ = [
     "SPECIAL_TOKENS",
     "BPETokenizer",
+    "HFTokenizer",
     "SimpleCharacterTokenizer",
     "Tokenizer",
     "TokenizerError",
@@ -34,9 +39,10 @@ __all__ = [
     "load_tokenizer",
 ]
 
-Tokenizer = SimpleCharacterTokenizer | BPETokenizer
+Tokenizer = SimpleCharacterTokenizer | BPETokenizer | HFTokenizer
 
-_TYPES: dict[str, Any] = {"char": SimpleCharacterTokenizer, "bpe": BPETokenizer}
+_TYPES: dict[str, Any] = {"char": SimpleCharacterTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
+_BUILDABLE = ("char", "bpe")  # "hf" tokenizers come with an imported model (llm.hf), never trained here
 
 
 def _kind_name(kind: Any) -> str:
@@ -58,7 +64,7 @@ def build_tokenizer(kind: Any, texts: Iterable[str | os.PathLike] = (), *, vocab
         return SimpleCharacterTokenizer(items, special_tokens=special_tokens)
     if name == "bpe":
         return BPETokenizer.train(texts, vocab_size, special_tokens)
-    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of: {', '.join(_TYPES)}")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of: {', '.join(_BUILDABLE)}")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

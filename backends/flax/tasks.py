@@ -1,0 +1,149 @@
+"""The JAX/Flax halves of the training tasks (``llm.tasks`` holds the backend-agnostic halves).
+
+Mirrors ``backends/torch/tasks.py``: a flax task half builds the model and computes the loss; the
+engine does everything else (the mesh, mixed precision, the optimiser, jit). Differences forced by
+JAX:
+
+* ``build_model`` gets the compute dtype from ``config.optimization.dtype`` (flax modules take a
+  ``dtype``; parameters stay float32), where torch uses autocast around an fp32 model.
+* ``loss(model, batch, *, deterministic)`` is traced inside the jitted step: ``deterministic=False``
+  in training (dropout on), True in evaluation. It returns ``(objective, parts)`` like torch:
+  ``parts`` are 0-d arrays and must include ``"loss"``.
+* A task half must be stateless beyond plain attributes: the engine passes it to ``jax.jit`` as a
+  static argument, so halves compare (and hash) by class and attributes, which lets two engines of
+  the same task share compiled steps.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from backends.flax.convert import load_canonical, to_canonical
+from backends.flax.model import DecoderModel
+from llm.init_from import init_from_params
+
+__all__ = ["COMPUTE_DTYPES", "FlaxLMTask", "FlaxRegressionTask", "FlaxTask", "RegressionMLP",
+           "compute_dtype", "param_names", "sample_text"]
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(config: Any) -> Any:
+    """The flax compute dtype of ``config.optimization.dtype``."""
+    return COMPUTE_DTYPES[str(getattr(config.optimization.dtype, "value", config.optimization.dtype))]
+
+
+def param_names(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Dotted ``nnx.Param`` paths -> shapes (for a ``DecoderModel`` these are the canonical names)."""
+    return {".".join(str(k) for k in path): tuple(v[...].shape)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+class FlaxTask:
+    """Base for flax task halves: ``build_model`` and ``loss`` are required, the rest has defaults."""
+
+    def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array], *, deterministic: bool
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def no_decay_names(self, config: Any, model: nnx.Module) -> set[str]:
+        """Parameters without weight decay: by default every vector (biases, norm scales)."""
+        return {name for name, shape in param_names(model).items() if len(shape) < 2}
+
+    def to_canonical(self, model: nnx.Module) -> dict[str, np.ndarray]:
+        return to_canonical(model)
+
+    def load_canonical(self, model: nnx.Module, params: dict[str, np.ndarray]) -> None:
+        load_canonical(model, params)
+
+    def sample(self, model: nnx.Module, datamodule: Any, **kwargs: Any) -> str | None:
+        """A short text sample from the trained model, when the task has one."""
+        return None
+
+    # static argument of jax.jit: equal when the class and the attributes are
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class FlaxLMTask(FlaxTask):
+    """Causal LM: ``DecoderModel.from_spec(config.model, seed)`` in the compute dtype (or the
+    ``training.init_from`` checkpoint's weights); objective ``loss + aux + z``."""
+
+    def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
+        model = DecoderModel.from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))
+        params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
+        if params is not None:
+            load_canonical(model, params)
+        return model
+
+    def loss(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array], *, deterministic: bool
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        inputs, targets = batch
+        out = model(inputs, targets, deterministic=deterministic)
+        parts = {"loss": out.loss}
+        if model.spec.use_moe:
+            parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)
+        return out.loss + out.aux_loss + out.z_loss, parts
+
+    def no_decay_names(self, config: Any, model: nnx.Module) -> set[str]:
+        return config.model.no_decay_names()  # norms, biases, embedding tables (llm.spec)
+
+    def sample(self, model: nnx.Module, datamodule: Any, **kwargs: Any) -> str | None:
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        return sample_text(model, tokenizer, **kwargs)
+
+
+def sample_text(model: DecoderModel, tokenizer: Any, prompt: str = "def ", max_new_tokens: int = 200,
+                temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
+    """Prompt + a sampled continuation (temperature 0 = greedy), decoded, cut at the first EOS and
+    at ``model.spec.max_seq_len`` (``backends.flax.generate``, KV-cached)."""
+    from backends.flax.generate import generate
+
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_id or 0]
+    new = max(0, min(max_new_tokens, model.spec.max_seq_len - len(ids)))
+    out = generate(model, np.array([ids]), new, temperature=temperature, top_k=top_k, seed=seed,
+                   eos_id=tokenizer.eos_id)[0, len(ids):].tolist()
+    if tokenizer.eos_id in out:
+        out = out[:out.index(tokenizer.eos_id)]
+    return prompt + tokenizer.decode(out, skip_special_tokens=True)
+
+
+class RegressionMLP(nnx.Module):
+    """``out(gelu(hidden(x)))``: a one-hidden-layer MLP (``backends.torch.tasks.RegressionMLP``)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 64, *, dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(in_features, hidden, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.out = nnx.Linear(hidden, out_features, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(jax.nn.gelu(self.hidden(x), approximate=False))  # (B, out)
+
+
+class FlaxRegressionTask(FlaxTask):
+    """MSE regression of SyntheticDataModule's ``y = x @ w + noise`` with ``RegressionMLP``."""
+
+    def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
+        return RegressionMLP(datamodule.in_features, datamodule.out_features, dtype=compute_dtype(config),
+                             rngs=nnx.Rngs(config.training.seed))
+
+    def loss(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array], *, deterministic: bool
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x, y = batch
+        mse = jnp.mean(jnp.square(model(x).astype(jnp.float32) - y))
+        return mse, {"loss": mse}

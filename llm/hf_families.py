@@ -1,0 +1,690 @@
+"""Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
+
+One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
+``mixtral``) holds three things, each written once and used by import and export alike:
+
+* ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
+  is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
+  accepted, e.g. ``router_jitter_noise=0``), or *ignored* (metadata, runtime switches, generation
+  defaults: nothing that changes the function the weights compute). Any other key, and any checked
+  key with a value we cannot honour, is collected; all of them are raised at once in one
+  ``HFError`` that lists every field. Absent keys take transformers' default for that family.
+* ``Family.to_config(spec)`` -- the reverse; a spec field the family cannot express is collected
+  the same way and raised as one ``HFError`` naming every field.
+* ``Family.weight_groups(spec, names)`` -- canonical names <-> HF tensor names, as groups with a
+  function each way (renames, GPT-2's Conv1D transposes and fused ``c_attn``, Mixtral's per-expert
+  ``w1/w2/w3`` or transformers-5 fused ``gate_up_proj``). The set of HF names the groups expect is
+  the strict check for a weights file: missing and unexpected names are errors.
+
+The numerics each family is mapped onto (``docs/architecture.md`` is our side):
+
+* GPT-2: pre-norm LayerNorm (``layer_norm_epsilon``), learned positions (``wpe``), ``gelu_new`` =
+  our ``gelu_tanh``, biases everywhere, scale ``1/sqrt(head_dim)``, tied ``wte``; Conv1D weights
+  are stored ``(in, out)`` and transposed here; ``c_attn`` is q|k|v concatenated on the out axis.
+* Llama / Mistral / Qwen2 / Mixtral: RMSNorm (fp32 statistics, ``weight * x.to(dtype)``), GLU MLP,
+  rotate-half RoPE with ``rope_theta`` (Llama-3 scaling supported), GQA. transformers' sliding
+  window lets query ``i`` see key ``j`` iff ``i - window < j <= i`` (``masking_utils``:
+  ``kv_idx > q_idx - sliding_window``), exactly ``ModelSpec.sliding_window``: the value maps 1:1.
+  Qwen2: q/k/v bias, no o_proj bias. Mixtral router: fp32 softmax over all experts, top-k,
+  always renormalised (``norm_topk_prob=True``), no capacity limit.
+
+This module must not import torch, jax or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llm.spec import Activation, ModelSpec, NormType, Position, SpecError
+
+__all__ = ["FAMILIES", "Family", "HFError", "WeightGroup", "family_for_config", "get_family",
+           "GENERIC_IGNORED_KEYS"]
+
+
+class HFError(ValueError):
+    """A Hugging Face directory, config or spec that cannot be mapped; the message lists every field."""
+
+
+# Keys any transformers config may carry that do not change what the weights compute: metadata,
+# runtime/output switches, generation defaults, heads other than the causal LM head. Ignored.
+GENERIC_IGNORED_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "_name_or_path", "name_or_path", "return_dict", "output_hidden_states", "output_attentions",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "is_decoder", "id2label", "label2id",
+    "num_labels", "problem_type", "finetuning_task", "task_specific_params", "prefix",
+    "tokenizer_class", "chunk_size_feed_forward", "attn_implementation", "_attn_implementation",
+    "_attn_implementation_autoset", "_commit_hash", "auto_map",
+    # generation defaults (generation_config.json's business; the model function is unchanged)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+})
+
+# Keys whose presence (or a non-default value) changes the model in a way no spec expresses.
+_GENERIC_CHECKED = {
+    "is_encoder_decoder": (False, "encoder-decoder models are not decoder-only LMs"),
+    "add_cross_attention": (False, "cross-attention layers have no ModelSpec equivalent"),
+    "tie_encoder_decoder": (False, "encoder-decoder models are not decoder-only LMs"),
+    "pruned_heads": ({}, "pruned attention heads (per-layer head counts) are not representable"),
+    "cross_attention_hidden_size": (None, "cross-attention layers have no ModelSpec equivalent"),
+}
+
+class ConfigReader:
+    """Reads a config dict key by key, remembering what was read and every problem found."""
+
+    def __init__(self, cfg: dict[str, Any], family: str):
+        self.cfg = cfg
+        self.family = family
+        self.used: set[str] = set()
+        self.problems: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (an explicit null stays None), or ``default`` when the key is absent."""
+        self.used.add(key)
+        return self.cfg.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.cfg
+
+    def check(self, key: str, ok: Callable[[Any], bool], default: Any, why: str) -> Any:
+        """Read ``key``; a value ``ok`` rejects is recorded as a problem (with ``why``)."""
+        value = self.get(key, default)
+        if not ok(value):
+            self.problems.append(f"{key}={value!r}: {why}")
+        return value
+
+    def problem(self, msg: str) -> None:
+        self.problems.append(msg)
+
+    def finish(self) -> None:
+        for key, (ok_value, why) in _GENERIC_CHECKED.items():
+            if key in self.cfg:
+                self.check(key, lambda v, ok_value=ok_value: v == ok_value or (ok_value == {} and not v),
+                           ok_value, why)
+        if "quantization_config" in self.cfg:
+            self.used.add("quantization_config")
+            self.problems.append("quantization_config: quantized weights are not supported "
+                                 "(dequantize to float16/bfloat16/float32 safetensors first)")
+        unknown = sorted(set(self.cfg) - self.used - GENERIC_IGNORED_KEYS)
+        for key in unknown:
+            self.problems.append(f"{key}={self.cfg[key]!r}: not a {self.family} config field this importer "
+                                 "knows, so it cannot tell whether it changes the model")
+        if self.problems:
+            raise HFError(f"cannot honour {len(self.problems)} {self.family} config field(s):\n  - "
+                          + "\n  - ".join(self.problems))
+
+
+class SpecChecker:
+    """Collects the spec fields a family cannot express (``Family.to_config``)."""
+
+    def __init__(self, spec: ModelSpec, family: str):
+        self.spec = spec
+        self.family = family
+        self.problems: list[str] = []
+
+    def need(self, ok: bool, field: str, why: str) -> None:
+        if not ok:
+            value = getattr(self.spec, field)
+            value = value.value if hasattr(value, "value") else value
+            self.problems.append(f"{field}={value!r}: {why}")
+
+    def finish(self) -> None:
+        if self.problems:
+            raise HFError(f"the {self.family} family cannot express {len(self.problems)} spec field(s):\n  - "
+                          + "\n  - ".join(self.problems))
+
+
+# ---------------------------------------------------------------------- weight groups
+@dataclass(frozen=True)
+class WeightGroup:
+    """Canonical tensors <-> HF tensors, with the conversion each way (arrays in the listed order)."""
+
+    canonical: tuple[str, ...]
+    hf: tuple[str, ...]
+    to_hf: Callable[[list[np.ndarray]], list[np.ndarray]]
+    from_hf: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def _same(xs: list[np.ndarray]) -> list[np.ndarray]:
+    return list(xs)
+
+
+def _rename(canonical: str, hf: str) -> WeightGroup:
+    return WeightGroup((canonical,), (hf,), _same, _same)
+
+
+def _transposed(canonical: str, hf: str) -> WeightGroup:
+    """A GPT-2 Conv1D weight: HF stores ``(in, out)``, canonical is ``(out, in)``."""
+    return WeightGroup((canonical,), (hf,), lambda xs: [xs[0].T], lambda xs: [xs[0].T])
+
+
+def _concat(canonical: tuple[str, ...], hf: str, axis: int, transpose: bool = False) -> WeightGroup:
+    """Several canonical tensors stored as one HF tensor, concatenated on ``axis`` (of the HF layout)."""
+
+    def to_hf(xs: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate([x.T if transpose else x for x in xs], axis=axis)]
+
+    def from_hf(xs: list[np.ndarray]) -> list[np.ndarray]:
+        if xs[0].shape[axis] % len(canonical):
+            raise HFError(f"{hf}: axis {axis} of shape {xs[0].shape} does not split into {len(canonical)} "
+                          "equal parts")
+        parts = np.split(xs[0], len(canonical), axis=axis)
+        return [p.T if transpose else p for p in parts]
+
+    return WeightGroup(canonical, (hf,), to_hf, from_hf)
+
+
+def _stacked(canonical: str, hf: tuple[str, ...]) -> WeightGroup:
+    """A canonical ``(E, ...)`` stack stored as one HF tensor per expert."""
+    return WeightGroup((canonical,), hf, lambda xs: list(xs[0]), lambda xs: [np.stack(xs)])
+
+
+def _slice_rows(canonical: str, hf: str, rows: int) -> WeightGroup:
+    """A position table that may be cut to fewer rows on import (``--max-seq-len``)."""
+    return WeightGroup((canonical,), (hf,), _same, lambda xs: [xs[0][:rows]])
+
+
+# ---------------------------------------------------------------------- activations and RoPE
+_HF_ACTIVATIONS = {"gelu_new": Activation.GELU_TANH, "gelu_pytorch_tanh": Activation.GELU_TANH,
+                   "gelu": Activation.GELU, "relu": Activation.RELU, "silu": Activation.SILU,
+                   "swish": Activation.SILU}
+
+
+def _activation(r: ConfigReader, key: str, default: str) -> Activation | None:
+    name = r.get(key, default)
+    if name not in _HF_ACTIVATIONS:
+        r.problem(f"{key}={name!r}: not one of the activations with a ModelSpec equivalent "
+                  f"({', '.join(sorted(_HF_ACTIVATIONS))})")
+        return None
+    return _HF_ACTIVATIONS[name]
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _read_rope(r: ConfigReader, default_theta: float, max_positions: int) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from transformers-5 ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling`` (``rope_scaling`` wins when both are set, as in transformers)."""
+    params, legacy = r.get("rope_parameters"), r.get("rope_scaling")
+    top_theta = r.get("rope_theta")
+    top_partial = r.get("partial_rotary_factor")
+    source = "rope_scaling" if legacy else "rope_parameters"
+    p = dict(legacy or params or {})
+    rope_type = p.pop("rope_type", None)
+    legacy_type = p.pop("type", None)
+    rope_type = rope_type or legacy_type or "default"
+    theta = p.pop("rope_theta", None)
+    if theta is None:
+        theta = (params or {}).get("rope_theta") if legacy else None
+    theta = float(theta if theta is not None else top_theta if top_theta is not None else default_theta)
+    partial = p.pop("partial_rotary_factor", top_partial)
+    if partial is not None and partial != 1.0:
+        r.problem(f"partial_rotary_factor={partial!r}: RoPE on part of each head is not implemented "
+                  "(ModelSpec rotates the whole head)")
+    scaling = None
+    if rope_type == "default":
+        pass
+    elif rope_type == "llama3":
+        p.setdefault("original_max_position_embeddings", max_positions)
+        missing = [k for k in _LLAMA3_KEYS if k not in p]
+        if missing:
+            r.problem(f"{source}: llama3 scaling without {missing}")
+        else:
+            scaling = {"rope_type": "llama3", **{k: p.pop(k) for k in _LLAMA3_KEYS}}
+    else:
+        r.problem(f"{source}.rope_type={rope_type!r}: only 'default' and 'llama3' RoPE are implemented")
+        p.clear()
+    if p:
+        r.problem(f"{source} has key(s) {sorted(p)} that {rope_type!r} RoPE does not use; refusing to guess")
+    return theta, scaling
+
+
+def _write_rope(spec: ModelSpec) -> dict[str, Any]:
+    """transformers-5 ``rope_parameters`` plus the older ``rope_theta`` / ``rope_scaling`` keys."""
+    params: dict[str, Any] = {"rope_theta": spec.rope_theta, "rope_type": "default"}
+    scaling = None
+    if spec.rope_scaling is not None:
+        scaling = dict(spec.rope_scaling)
+        params = {"rope_theta": spec.rope_theta, **scaling}
+    return {"rope_parameters": params, "rope_theta": spec.rope_theta, "rope_scaling": scaling}
+
+
+def _head_dim(hidden: int, heads: int, head_dim: Any) -> int | None:
+    """Our ``head_dim``: None when it is the derived ``hidden // heads``."""
+    if head_dim is None or (hidden % heads == 0 and head_dim == hidden // heads):
+        return None
+    return int(head_dim)
+
+
+def _is_zero(value: Any) -> bool:
+    return value is None or value == 0
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# ---------------------------------------------------------------------- the family record
+@dataclass(frozen=True)
+class Family:
+    """One transformers architecture (see the module docstring)."""
+
+    name: str
+    model_type: str
+    architecture: str
+    spec_from_config: Callable[[ConfigReader], dict[str, Any]]
+    config_fields: Callable[[ModelSpec, SpecChecker], dict[str, Any]]
+    weight_groups: Callable[[ModelSpec, set[str] | None], list[WeightGroup]]
+    ignored_weight: Callable[[str], bool] = lambda name: False
+    normalise_names: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = lambda t: t
+
+    def to_spec(self, cfg: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec of a config dict; one HFError lists every field that cannot be honoured."""
+        r = ConfigReader(cfg, self.name)
+        fields = self.spec_from_config(r)
+        r.finish()
+        try:
+            return ModelSpec(**fields)
+        except SpecError as e:
+            raise HFError(f"{self.name} config maps to an invalid spec: {e}") from None
+
+    def to_config(self, spec: ModelSpec, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A transformers config.json dict for ``spec``; one HFError names every inexpressible field."""
+        c = SpecChecker(spec, self.name)
+        fields = self.config_fields(spec, c)
+        c.finish()
+        cfg = {"architectures": [self.architecture], "model_type": self.model_type, **fields,
+               "initializer_range": spec.init_std, "dtype": "float32", "use_cache": True}
+        cfg.update(extra or {})
+        return dict(sorted(cfg.items()))
+
+    def can_express(self, spec: ModelSpec) -> list[str]:
+        """The problems ``to_config`` would raise (empty when the family can express ``spec``)."""
+        c = SpecChecker(spec, self.name)
+        self.config_fields(spec, c)
+        return c.problems
+
+
+# ---------------------------------------------------------------------- GPT-2
+def _gpt2_spec(r: ConfigReader) -> dict[str, Any]:
+    d, heads = r.get("n_embd", 768), r.get("n_head", 12)
+    positions = r.get("n_positions", 1024)
+    if r.has("n_ctx"):
+        r.check("n_ctx", lambda v: v == positions, positions,
+                f"differs from n_positions={positions} (the position table has n_positions rows)")
+    drops = {k: r.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if len(set(drops.values())) > 1:
+        r.problem(f"resid_pdrop/embd_pdrop/attn_pdrop={tuple(drops.values())}: ModelSpec has one dropout "
+                  "rate for embeddings, residuals and attention probabilities")
+    r.check("scale_attn_weights", lambda v: v is True, True,
+            "unscaled attention scores are not implemented (scale is 1/sqrt(head_dim))")
+    r.check("scale_attn_by_inverse_layer_idx", lambda v: v is False, False,
+            "scaling attention by 1/(layer+1) is not implemented")
+    r.get("reorder_and_upcast_attn")  # how fp16 scores are accumulated; identical in float32
+    for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+                "summary_first_dropout"):
+        r.get(key)  # the double-heads / classification head; not part of the causal LM
+    return dict(
+        vocab_size=r.get("vocab_size", 50257), max_seq_len=positions, hidden_size=d,
+        num_layers=r.get("n_layer", 12), num_heads=heads, intermediate_size=r.get("n_inner") or 4 * d,
+        activation=_activation(r, "activation_function", "gelu_new") or Activation.GELU_TANH,
+        use_glu=False, norm_type=NormType.LAYERNORM, norm_eps=float(r.get("layer_norm_epsilon", 1e-5)),
+        position=Position.LEARNED, tie_embeddings=bool(r.get("tie_word_embeddings", True)),
+        attention_bias=True, attention_out_bias=True, mlp_bias=True,
+        dropout=float(drops["resid_pdrop"]), init_std=float(r.get("initializer_range", 0.02)),
+        scale_residual_init=True,  # transformers' GPT-2 init scales c_proj by 1/sqrt(2 * n_layer) too
+    )
+
+
+_GPT2_ACT_NAMES = {Activation.GELU_TANH: "gelu_new", Activation.GELU: "gelu", Activation.RELU: "relu",
+                   Activation.SILU: "silu"}
+
+
+def _gpt2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    c.need(spec.position is Position.LEARNED, "position", "GPT-2 uses a learned position table (wpe)")
+    c.need(spec.norm_type is NormType.LAYERNORM, "norm_type", "GPT-2 uses LayerNorm with bias")
+    c.need(not spec.use_glu, "use_glu", "GPT-2's MLP is c_fc -> act -> c_proj (no gate)")
+    c.need(not spec.use_moe, "use_moe", "GPT-2 has dense MLPs")
+    c.need(spec.attention_bias, "attention_bias", "GPT-2's c_attn always has a bias")
+    c.need(spec.out_bias, "attention_out_bias", "GPT-2's attention c_proj always has a bias")
+    c.need(spec.mlp_bias, "mlp_bias", "GPT-2's c_fc / c_proj always have biases")
+    c.need(spec.kv_heads == spec.num_heads, "num_kv_heads", "GPT-2 has no grouped-query attention")
+    c.need(spec.head_dim is None or spec.head_dim * spec.num_heads == spec.hidden_size, "head_dim",
+           "GPT-2's head size is n_embd / n_head")
+    c.need(spec.sliding_window is None, "sliding_window", "GPT-2 attends to the whole prefix")
+    c.need(spec.rope_scaling is None, "rope_scaling", "GPT-2 has no RoPE")
+    return {"vocab_size": spec.vocab_size, "n_positions": spec.max_seq_len, "n_embd": spec.hidden_size,
+            "n_layer": spec.num_layers, "n_head": spec.num_heads,
+            "n_inner": None if spec.ffn_size == 4 * spec.hidden_size else spec.ffn_size,
+            "activation_function": _GPT2_ACT_NAMES[spec.activation], "layer_norm_epsilon": spec.norm_eps,
+            "resid_pdrop": spec.dropout, "embd_pdrop": spec.dropout, "attn_pdrop": spec.dropout,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "add_cross_attention": False,
+            "tie_word_embeddings": spec.tie_embeddings}
+
+
+def _gpt2_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+    t = "transformer"
+    groups = [_rename("embed.weight", f"{t}.wte.weight"),
+              _slice_rows("embed.position.weight", f"{t}.wpe.weight", spec.max_seq_len)]
+    for i in range(spec.num_layers):
+        h, p = f"{t}.h.{i}", f"layers.{i}"
+        qkv = tuple(f"{p}.attn.{n}_proj" for n in "qkv")
+        groups += [
+            _rename(f"{p}.attn_norm.weight", f"{h}.ln_1.weight"),
+            _rename(f"{p}.attn_norm.bias", f"{h}.ln_1.bias"),
+            _concat(tuple(f"{n}.weight" for n in qkv), f"{h}.attn.c_attn.weight", axis=1, transpose=True),
+            _concat(tuple(f"{n}.bias" for n in qkv), f"{h}.attn.c_attn.bias", axis=0),
+            _transposed(f"{p}.attn.o_proj.weight", f"{h}.attn.c_proj.weight"),
+            _rename(f"{p}.attn.o_proj.bias", f"{h}.attn.c_proj.bias"),
+            _rename(f"{p}.mlp_norm.weight", f"{h}.ln_2.weight"),
+            _rename(f"{p}.mlp_norm.bias", f"{h}.ln_2.bias"),
+            _transposed(f"{p}.mlp.up_proj.weight", f"{h}.mlp.c_fc.weight"),
+            _rename(f"{p}.mlp.up_proj.bias", f"{h}.mlp.c_fc.bias"),
+            _transposed(f"{p}.mlp.down_proj.weight", f"{h}.mlp.c_proj.weight"),
+            _rename(f"{p}.mlp.down_proj.bias", f"{h}.mlp.c_proj.bias"),
+        ]
+    groups += [_rename("final_norm.weight", f"{t}.ln_f.weight"), _rename("final_norm.bias", f"{t}.ln_f.bias")]
+    if not spec.tie_embeddings:
+        groups.append(_rename("lm_head.weight", "lm_head.weight"))
+    return groups
+
+
+def _gpt2_ignored(name: str) -> bool:
+    # the causal-mask buffers older GPT-2 checkpoints carry (attn.bias is 4-D, c_attn.bias is not)
+    return name.endswith((".attn.bias", ".attn.masked_bias"))
+
+
+def _gpt2_normalise(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The original GPT-2 files name weights without the ``transformer.`` prefix (``h.0.ln_1.weight``)."""
+    out = {}
+    for name, value in tensors.items():
+        bare = name.split(".")[0] in ("wte", "wpe", "h", "ln_f")
+        out[f"transformer.{name}" if bare else name] = value
+    return out
+
+
+# ---------------------------------------------------------------------- the Llama-style families
+_LLAMA_DEFAULTS = {
+    # transformers' defaults for absent keys: (max_position_embeddings, rms_norm_eps, rope_theta,
+    # num_key_value_heads, vocab_size, intermediate_size)
+    "llama": (2048, 1e-6, 10000.0, None, 32000, 11008),
+    "mistral": (4096 * 32, 1e-6, 10000.0, 8, 32000, 14336),
+    "qwen2": (32768, 1e-6, 10000.0, 32, 151936, 22016),
+    "mixtral": (4096 * 32, 1e-5, 1e6, 8, 32000, 14336),
+}
+
+
+def _llama_like_spec(r: ConfigReader) -> dict[str, Any]:
+    max_pos, eps, theta, kv_default, vocab, ffn = _LLAMA_DEFAULTS[r.family]
+    d, heads = r.get("hidden_size", 4096), r.get("num_attention_heads", 32)
+    kv = r.get("num_key_value_heads", kv_default)
+    max_pos = r.get("max_position_embeddings", max_pos)
+    rope_theta, rope_scaling = _read_rope(r, theta, max_pos)
+    r.check("attention_dropout", _is_zero, 0.0,
+            "ModelSpec.dropout also drops embeddings and residuals; attention-only dropout is not "
+            "implemented")
+    return dict(
+        vocab_size=r.get("vocab_size", vocab), max_seq_len=max_pos,
+        hidden_size=d, num_layers=r.get("num_hidden_layers", 32), num_heads=heads,
+        num_kv_heads=None if kv is None or kv == heads else kv,
+        head_dim=_head_dim(d, heads, r.get("head_dim")),
+        intermediate_size=r.get("intermediate_size", ffn),
+        activation=_activation(r, "hidden_act", "silu") or Activation.SILU, use_glu=True,
+        norm_type=NormType.RMSNORM, norm_eps=float(r.get("rms_norm_eps", eps)), position=Position.ROPE,
+        rope_theta=rope_theta, rope_scaling=rope_scaling,
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)), dropout=0.0,
+        init_std=float(r.get("initializer_range", 0.02)), scale_residual_init=False,
+    )
+
+
+def _uniform_window(r: ConfigReader, window: Any, sliding_layers: list[bool]) -> int | None:
+    """One window for every layer, or a problem when layers differ (per-layer windows)."""
+    if window is not None and not _positive_int(window):
+        r.problem(f"sliding_window={window!r}: must be a positive integer or null")
+        return None
+    if window is None or not any(sliding_layers):
+        return None
+    if not all(sliding_layers):
+        r.problem(f"layer_types: sliding-window attention on some layers only "
+                  f"({sum(sliding_layers)} of {len(sliding_layers)}); ModelSpec.sliding_window applies to "
+                  "every layer")
+    return window
+
+
+def _layer_types(r: ConfigReader, num_layers: int, default: list[str]) -> list[str]:
+    types = r.get("layer_types", None)
+    if types is None:
+        return default
+    allowed = {"full_attention", "sliding_attention"}
+    if not isinstance(types, list) or len(types) != num_layers or not set(types) <= allowed:
+        r.problem(f"layer_types={types!r}: expected {num_layers} entries of {sorted(allowed)}")
+        return default
+    return types
+
+
+def _llama_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    bias = r.check("attention_bias", lambda v: isinstance(v, bool), False, "must be true or false")
+    fields.update(attention_bias=bool(bias), attention_out_bias=None,
+                  mlp_bias=bool(r.check("mlp_bias", lambda v: isinstance(v, bool), False, "must be true or false")))
+    r.get("pretraining_tp")  # split matmuls of the original Llama code: the same function
+    return fields
+
+
+def _mistral_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    layers = fields["num_layers"]
+    window = r.get("sliding_window", 4096)
+    # transformers' Mistral applies its window to every layer; per-layer types are the ministral family
+    uniform = ["sliding_attention" if window is not None else "full_attention"] * layers
+    if r.has("layer_types") and _layer_types(r, layers, uniform) != uniform:
+        r.problem(f"layer_types={r.cfg['layer_types']!r}: per-layer attention types (the ministral family) "
+                  "are not supported; ModelSpec.sliding_window applies to every layer")
+    fields["sliding_window"] = _uniform_window(r, window, [True] * layers)
+    return fields
+
+
+def _mixtral_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    window = r.get("sliding_window", None)
+    fields["sliding_window"] = _uniform_window(r, window, [True] * fields["num_layers"])
+    experts = r.get("num_local_experts", 8)
+    fields.update(use_moe=True, num_experts=experts, num_experts_per_token=r.get("num_experts_per_tok", 2),
+                  norm_topk_prob=True, capacity_factor=None,
+                  router_aux_loss_coef=float(r.get("router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
+    r.check("router_jitter_noise", _is_zero, 0.0,
+            "multiplicative router jitter during training is not implemented")
+    r.get("output_router_logits")  # an output switch; the aux loss coefficient is mapped above
+    return fields
+
+
+def _qwen2_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    layers = fields["num_layers"]
+    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
+    window = r.get("sliding_window", 4096)
+    first = r.get("max_window_layers", 28)
+    window = window if use_window else None  # what transformers' Qwen2Config does
+    default = ["sliding_attention" if window is not None and i >= first else "full_attention"
+               for i in range(layers)]
+    types = _layer_types(r, layers, default)
+    fields["sliding_window"] = _uniform_window(r, window, [t == "sliding_attention" for t in types])
+    fields.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
+    return fields
+
+
+def _llama_like_config(spec: ModelSpec, c: SpecChecker, family: str) -> dict[str, Any]:
+    c.need(spec.position is Position.ROPE, "position", f"{family} uses RoPE")
+    c.need(spec.norm_type is NormType.RMSNORM, "norm_type", f"{family} uses RMSNorm")
+    c.need(spec.use_glu, "use_glu", f"{family}'s MLP is gated (down(act(gate(x)) * up(x)))")
+    c.need(spec.activation in _LLAMA_ACT_NAMES, "activation", "no transformers activation name")
+    return {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.ffn_size, "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.kv_heads,
+            "head_dim": spec.dim_head, "hidden_act": _LLAMA_ACT_NAMES.get(spec.activation, "silu"),
+            "max_position_embeddings": spec.max_seq_len, "rms_norm_eps": spec.norm_eps,
+            "attention_dropout": 0.0, "tie_word_embeddings": spec.tie_embeddings, **_write_rope(spec)}
+
+
+_LLAMA_ACT_NAMES = {Activation.SILU: "silu", Activation.GELU: "gelu", Activation.GELU_TANH: "gelu_pytorch_tanh",
+                    Activation.RELU: "relu"}
+
+
+def _dense_only(spec: ModelSpec, c: SpecChecker, family: str) -> None:
+    c.need(not spec.use_moe, "use_moe", f"{family} has dense MLPs (mixtral has experts)")
+
+
+def _llama_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "llama")
+    _dense_only(spec, c, "llama")
+    c.need(spec.out_bias == spec.attention_bias, "attention_out_bias",
+           "llama's attention_bias covers q/k/v and o_proj alike (qwen2 has q/k/v bias only)")
+    c.need(spec.sliding_window is None, "sliding_window", "llama attends to the whole prefix (mistral has a window)")
+    cfg.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias, pretraining_tp=1)
+    return cfg
+
+
+def _no_biases(spec: ModelSpec, c: SpecChecker, family: str) -> None:
+    c.need(not spec.attention_bias, "attention_bias", f"{family} has no q/k/v biases")
+    c.need(not spec.out_bias, "attention_out_bias", f"{family} has no o_proj bias")
+    c.need(not spec.mlp_bias, "mlp_bias", f"{family} has no MLP biases")
+
+
+def _mistral_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "mistral")
+    _dense_only(spec, c, "mistral")
+    _no_biases(spec, c, "mistral")
+    cfg["sliding_window"] = spec.sliding_window
+    return cfg
+
+
+def _qwen2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "qwen2")
+    _dense_only(spec, c, "qwen2")
+    c.need(spec.attention_bias, "attention_bias", "qwen2 always has q/k/v biases")
+    c.need(not spec.out_bias, "attention_out_bias", "qwen2 has no o_proj bias")
+    c.need(not spec.mlp_bias, "mlp_bias", "qwen2 has no MLP biases")
+    window = spec.sliding_window
+    cfg.update(use_sliding_window=window is not None, sliding_window=window,
+               max_window_layers=0 if window is not None else spec.num_layers,
+               layer_types=["sliding_attention" if window is not None else "full_attention"] * spec.num_layers)
+    return cfg
+
+
+def _mixtral_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "mixtral")
+    _no_biases(spec, c, "mixtral")
+    c.need(spec.use_moe, "use_moe", "mixtral's MLPs are mixtures of experts")
+    if spec.use_moe:
+        c.need(spec.norm_topk_prob, "norm_topk_prob", "mixtral always renormalises the top-k weights")
+        c.need(spec.capacity_factor is None, "capacity_factor",
+               "mixtral is dropless (capacity dropping changes the outputs)")
+    cfg.update(sliding_window=spec.sliding_window, num_local_experts=spec.num_experts,
+               num_experts_per_tok=spec.num_experts_per_token, router_aux_loss_coef=spec.router_aux_loss_coef,
+               router_jitter_noise=0.0, output_router_logits=False)
+    return cfg
+
+
+def _llama_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+    groups = [_rename("embed.weight", "model.embed_tokens.weight")]
+    for i in range(spec.num_layers):
+        h, p = f"model.layers.{i}", f"layers.{i}"
+        groups += [_rename(f"{p}.attn_norm.weight", f"{h}.input_layernorm.weight"),
+                   _rename(f"{p}.mlp_norm.weight", f"{h}.post_attention_layernorm.weight")]
+        for n in "qkvo":
+            groups.append(_rename(f"{p}.attn.{n}_proj.weight", f"{h}.self_attn.{n}_proj.weight"))
+            if (spec.out_bias if n == "o" else spec.attention_bias):
+                groups.append(_rename(f"{p}.attn.{n}_proj.bias", f"{h}.self_attn.{n}_proj.bias"))
+        if spec.use_moe:
+            groups += _mixtral_expert_groups(spec, p, h, names)
+        else:
+            for n in ("gate", "up", "down"):
+                groups.append(_rename(f"{p}.mlp.{n}_proj.weight", f"{h}.mlp.{n}_proj.weight"))
+                if spec.mlp_bias:
+                    groups.append(_rename(f"{p}.mlp.{n}_proj.bias", f"{h}.mlp.{n}_proj.bias"))
+    groups.append(_rename("final_norm.weight", "model.norm.weight"))
+    if not spec.tie_embeddings:
+        groups.append(_rename("lm_head.weight", "lm_head.weight"))
+    return groups
+
+
+def _mixtral_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
+    """Mixtral experts: per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3`` (the on-disk format every
+    transformers version writes and reads; w1 = gate, w3 = up, w2 = down), or the transformers-5
+    in-memory layout ``mlp.experts.gate_up_proj`` (E, 2F, D; gate rows first) + ``down_proj``,
+    chosen by which names the file holds. Export writes the per-expert format."""
+    e = range(spec.num_experts)
+    if names is not None and f"{h}.mlp.experts.gate_up_proj" in names:
+        return [_rename(f"{p}.mlp.router.weight", f"{h}.mlp.gate.weight"),
+                _concat((f"{p}.mlp.experts.gate_proj.weight", f"{p}.mlp.experts.up_proj.weight"),
+                        f"{h}.mlp.experts.gate_up_proj", axis=1),
+                _rename(f"{p}.mlp.experts.down_proj.weight", f"{h}.mlp.experts.down_proj")]
+    m = f"{h}.block_sparse_moe"
+    return [_rename(f"{p}.mlp.router.weight", f"{m}.gate.weight"),
+            _stacked(f"{p}.mlp.experts.gate_proj.weight", tuple(f"{m}.experts.{j}.w1.weight" for j in e)),
+            _stacked(f"{p}.mlp.experts.up_proj.weight", tuple(f"{m}.experts.{j}.w3.weight" for j in e)),
+            _stacked(f"{p}.mlp.experts.down_proj.weight", tuple(f"{m}.experts.{j}.w2.weight" for j in e))]
+
+
+def _llama_ignored(name: str) -> bool:
+    return name.endswith("rotary_emb.inv_freq")  # a buffer some older checkpoints saved
+
+
+# ---------------------------------------------------------------------- the registry
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (
+        Family("gpt2", "gpt2", "GPT2LMHeadModel", _gpt2_spec, _gpt2_config, _gpt2_weights,
+               _gpt2_ignored, _gpt2_normalise),
+        Family("llama", "llama", "LlamaForCausalLM", _llama_spec, _llama_config, _llama_weights, _llama_ignored),
+        Family("mistral", "mistral", "MistralForCausalLM", _mistral_spec, _mistral_config, _llama_weights,
+               _llama_ignored),
+        Family("qwen2", "qwen2", "Qwen2ForCausalLM", _qwen2_spec, _qwen2_config, _llama_weights, _llama_ignored),
+        Family("mixtral", "mixtral", "MixtralForCausalLM", _mixtral_spec, _mixtral_config, _llama_weights,
+               _llama_ignored),
+    )
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise HFError(f"unknown family {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_for_config(cfg: dict[str, Any]) -> Family:
+    """The family of a config.json dict, from ``model_type`` (or ``architectures``)."""
+    model_type = cfg.get("model_type")
+    for f in FAMILIES.values():
+        if model_type == f.model_type:
+            return f
+    archs = cfg.get("architectures") or []
+    for f in FAMILIES.values():
+        if f.architecture in archs:
+            return f
+    raise HFError(f"model_type={model_type!r} (architectures={archs}) is not a supported family; "
+                  f"supported model_type values: {', '.join(f.model_type for f in FAMILIES.values())}")
+
+
+def infer_family(spec: ModelSpec, preferred: Iterable[str] = ()) -> Family:
+    """The first family (``preferred`` first, then gpt2, llama, mistral, qwen2, mixtral) that can
+    express ``spec``; one HFError with every family's reasons when none can."""
+    order = [*preferred, *FAMILIES]
+    reasons = []
+    for name in dict.fromkeys(order):
+        if name not in FAMILIES:
+            continue
+        problems = FAMILIES[name].can_express(spec)
+        if not problems:
+            return FAMILIES[name]
+        reasons.append(f"{name}: " + "; ".join(problems))
+    raise HFError("no supported family can express this spec:\n  - " + "\n  - ".join(reasons))
+

@@ -1,0 +1,163 @@
+"""Training-trajectory parity: the torch and the JAX engine, same spec, seed and batches, N steps.
+
+``trajectory_parity(spec, steps=20, ...)`` trains the spec with both ``TrainingEngine``s -- the real
+engines, so the AdamW math, weight-decay groups, warmup + cosine schedule, gradient clipping and
+gradient accumulation are the ones runs use -- on the same synthetic token batches (one seeded
+``SyntheticDataModule``, the same micro-batch cursor), in float32 on CPU with TF32 off and JAX
+matmul precision "highest", and compares:
+
+* the per-step logged loss (LM cross-entropy, the mean over the accumulated micro-batches):
+  relative error ``|jax - torch| / |torch|`` at every step, worst must be <= ``loss_rel``
+  (``Tolerances.trajectory_rel``, 1e-4);
+* every parameter after the last step: ``||jax - torch|| / ||torch||`` per tensor, worst must be
+  <= ``param_rel`` (1e-4).
+
+Dropout is switched off (``model.dropout=0``): the backends draw different masks, so with dropout the
+trajectories are different samples, not the same computation. Everything else in the spec is kept.
+
+Why these tolerances hold: one forward/backward agrees to ~1e-6 relative (``llm.parity``), and Adam
+normalises each update by the gradient's own running RMS, so a 1e-6 relative gradient difference
+becomes a ~1e-6 relative update difference, summed over the steps. The exception is a gradient that
+is zero in exact arithmetic but float noise in practice (a key bias under softmax shift invariance,
+q/k under a one-token sliding window): Adam turns noise into lr-sized steps of arbitrary sign in
+each backend. ``noise_floor`` makes such tensors measurable: a parameter whose gradient stayed below
+``noise_floor`` times the largest gradient norm at every step in the torch run is reported under
+``noise_params`` and held only to the lr-scale bound ``steps * lr * sqrt(size)`` instead of
+``param_rel`` -- the loss trajectory is unaffected by such parameters, by construction.
+
+``python -m llm.parity --config FILE --steps N`` prints this report after the one-batch report.
+This module imports torch and jax only inside ``trajectory_parity``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm.spec import ModelSpec
+
+__all__ = ["trajectory_parity", "trajectory_config"]
+
+NOISE_FLOOR = 1e-6
+
+
+def trajectory_config(spec: ModelSpec, *, steps: int, seed: int, batch_size: int, seq_len: int,
+                      grad_accum: int = 2, lr: float = 1e-2, warmup_steps: int | None = None,
+                      weight_decay: float = 0.1, grad_clip: float = 1.0):
+    """The run config both engines train: synthetic tokens, no eval, no checkpoints, fp32."""
+    from llm.config import (
+        CheckpointConfig,
+        Config,
+        DataConfig,
+        LoggingConfig,
+        OptimizationConfig,
+        TrainingConfig,
+    )
+
+    if not 1 <= seq_len <= spec.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in 1..max_seq_len={spec.max_seq_len}")
+    warmup = max(1, steps // 4) if warmup_steps is None else warmup_steps
+    samples = max(256, 2 * batch_size * grad_accum * steps)
+    return Config(
+        model=spec.replace(dropout=0.0),
+        training=TrainingConfig(batch_size=batch_size, max_steps=steps, lr=lr, warmup_steps=warmup,
+                                weight_decay=weight_decay, grad_clip=grad_clip, grad_accum_steps=grad_accum,
+                                seed=seed, eval_every=0, log_every=1),
+        data=DataConfig(source="synthetic", seq_len=seq_len, synthetic_size=samples, val_fraction=0.0),
+        optimization=OptimizationConfig(),
+        checkpoint=CheckpointConfig(every_steps=0),
+        logging=LoggingConfig(every_steps=1, progress=False),
+    )
+
+
+def _run(engine_cls: Any, config: Any, run_dir: Path, grad_peaks: dict[str, float] | None = None
+         ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+    """Train with ``engine_cls``; per-step losses and grad norms, final canonical params. With
+    ``grad_peaks`` (torch only) a hook keeps each parameter's largest micro-batch gradient norm."""
+    from llm.callbacks import Callback
+
+    class Record(Callback):
+        def __init__(self):
+            self.loss: list[float] = []
+            self.grad_norm: list[float] = []
+
+        def needs_metrics(self, step: int) -> bool:
+            return True
+
+        def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+            self.loss.append(float(metrics["loss"]))
+            self.grad_norm.append(float(metrics.get("grad_norm", math.nan)))
+
+    record = Record()
+    with engine_cls(config, run_dir=run_dir, callbacks=[record], callback_names=()) as engine:
+        if grad_peaks is not None:
+            for name, p in engine.model.named_parameters():
+                grad_peaks[name] = 0.0
+
+                def keep(grad, name=name):
+                    grad_peaks[name] = max(grad_peaks[name], float(grad.norm()))
+
+                p.register_hook(keep)
+        engine.fit()
+        params = engine.impl.to_canonical(engine.model)
+    return record.loss, record.grad_norm, params
+
+
+def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_size: int = 4, seq_len: int = 16,
+                      grad_accum: int = 2, *, lr: float = 1e-2, warmup_steps: int | None = None,
+                      weight_decay: float = 0.1, grad_clip: float = 1.0, loss_rel: float | None = None,
+                      param_rel: float = 1e-4, noise_floor: float = NOISE_FLOOR) -> dict[str, Any]:
+    """Train ``spec`` for ``steps`` AdamW steps with both engines; compare (see the module docstring).
+
+    Returns ``torch`` / ``jax`` (per-step losses), ``rel_err`` (per step), ``max_rel_err``,
+    ``grad_norm`` (torch's pre-clip norms; > ``grad_clip`` means that step clipped), ``clipped_steps``,
+    ``params`` (per-tensor rel err), ``param_max_rel_err`` / ``param_worst`` (over the non-noise
+    tensors), ``noise_params`` (name -> max abs err, bound), ``tolerances`` and ``ok``.
+    """
+    from backends.flax.engine import TrainingEngine as JaxEngine
+    from backends.torch.engine import TrainingEngine as TorchEngine
+    from llm.parity import Tolerances, configure_numerics, max_abs_err, rel_err
+
+    configure_numerics()
+    loss_rel = Tolerances().trajectory_rel if loss_rel is None else loss_rel
+    if steps < 1:
+        raise ValueError(f"--steps={steps} must be >= 1")
+    seq_len = min(seq_len, spec.max_seq_len)
+    config = trajectory_config(spec, steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len,
+                               grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                               weight_decay=weight_decay, grad_clip=grad_clip)
+    with tempfile.TemporaryDirectory(prefix="llm-trajectory-") as tmp:
+        peaks: dict[str, float] = {}
+        torch_loss, grad_norm, torch_params = _run(TorchEngine, config, Path(tmp) / "torch", peaks)
+        jax_loss, _, jax_params = _run(JaxEngine, config, Path(tmp) / "jax")
+
+    rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(jax_loss, torch_loss, strict=True)]
+    params = {k: rel_err(jax_params[k], torch_params[k]) for k in torch_params}
+    suspects = [k for k, v in params.items() if v > param_rel]
+    noise: dict[str, dict[str, float]] = {}
+    top = max(peaks.values(), default=0.0)
+    for k in suspects:  # float-noise gradients in both backends, or a real mismatch?
+        if peaks[k] <= noise_floor * top:
+            bound = steps * lr * math.sqrt(torch_params[k].size)
+            noise[k] = {"max_abs_err": max_abs_err(jax_params[k], torch_params[k]),
+                        "norm_err": float(np.linalg.norm((jax_params[k] - torch_params[k]).ravel())),
+                        "bound": bound, "grad_peak_rel": peaks[k] / top if top else 0.0}
+    judged = {k: v for k, v in params.items() if k not in noise}
+    worst = max(judged, key=judged.get) if judged else None
+    report = {
+        "steps": steps, "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
+        "lr": lr, "weight_decay": weight_decay, "grad_clip": grad_clip,
+        "torch": torch_loss, "jax": jax_loss, "rel_err": rel, "max_rel_err": max(rel),
+        "grad_norm": grad_norm, "clipped_steps": sum(1 for g in grad_norm if g > grad_clip),
+        "params": params, "param_max_rel_err": judged[worst] if worst else 0.0, "param_worst": worst,
+        "noise_params": noise, "tolerances": {"loss_rel": loss_rel, "param_rel": param_rel,
+                                              "noise_floor": noise_floor},
+    }
+    report["ok"] = bool(report["max_rel_err"] <= loss_rel and report["param_max_rel_err"] <= param_rel
+                        and all(v["norm_err"] <= v["bound"] for v in noise.values())
+                        and all(math.isfinite(x) for x in torch_loss + jax_loss))
+    return report

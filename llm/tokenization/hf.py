@@ -1,0 +1,170 @@
+"""A tokenizer from any Hugging Face ``tokenizers``-library file (an imported model's tokenizer).
+
+``HFTokenizer`` wraps a ``tokenizers.Tokenizer`` exactly as the model was trained with it: its
+normaliser, pre-tokeniser, model, post-processor and decoder all come from the file, so ids match
+what ``transformers``' fast tokenizer produces. Differences from ``BPETokenizer``, on purpose:
+
+* ``encode`` applies the file's post-processor (``add_special_tokens=True``, the transformers
+  default), so a Llama-style tokenizer prefixes ``<s>``/``<|begin_of_text|>`` as the model expects;
+  the text data module then appends ``eos`` after each document (``<s> doc </s>``).
+* special-token text inside the input is parsed as special tokens (the library default).
+* the special ids are whatever the source names (``bos``/``eos``/``pad``/``unk`` tokens from its
+  ``tokenizer_config.json``), not ``0..3``; any of them may be None.
+
+File format (JSON, never pickle)::
+
+    {"type": "hf", "format_version": 1, "tokenizer": <the tokenizers library's JSON>,
+     "special_tokens": {"bos": "<s>", "eos": "</s>", "pad": null, "unk": "<unk>"},
+     "add_special_tokens": true}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from llm.tokenization.char import TokenizerError, check_ids, read_tokenizer_json, write_tokenizer_json
+
+__all__ = ["HFTokenizer", "SPECIAL_ROLES"]
+
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+
+
+class HFTokenizer:
+    """A ``tokenizers``-library tokenizer plus the names of its special tokens."""
+
+    type = "hf"
+
+    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str | None] | None = None, *,
+                 add_special_tokens: bool = True):
+        self._tok = tokenizer
+        roles = dict(special_tokens or {})
+        unknown = set(roles) - set(SPECIAL_ROLES)
+        if unknown:
+            raise TokenizerError(f"special_tokens has unknown role(s) {sorted(unknown)}; "
+                                 f"expected some of {list(SPECIAL_ROLES)}")
+        for role, token in roles.items():
+            if token is not None and tokenizer.token_to_id(token) is None:
+                raise TokenizerError(f"special token {role}={token!r} is not in the tokenizer's vocabulary")
+        self._roles = {role: roles.get(role) for role in SPECIAL_ROLES}
+        self.add_special_tokens = bool(add_special_tokens)
+
+    @classmethod
+    def from_str(cls, tokenizer_json: str, special_tokens: dict[str, str | None] | None = None, *,
+                 add_special_tokens: bool = True, where: str = "tokenizer") -> HFTokenizer:
+        """From the text of a ``tokenizer.json`` written by the ``tokenizers`` library."""
+        try:
+            tok = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the library raises a bare Exception on malformed files
+            raise TokenizerError(f"{where}: not a tokenizers-library tokenizer.json ({e})") from None
+        return cls(tok, special_tokens, add_special_tokens=add_special_tokens)
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+
+    @property
+    def special_token_names(self) -> dict[str, str | None]:
+        """Role -> token text (``{"bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>"}``)."""
+        return dict(self._roles)
+
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str:
+        check_ids([idx], self.vocab_size)
+        return self._tok.id_to_token(idx)
+
+    def _role_id(self, role: str) -> int | None:
+        token = self._roles[role]
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._role_id("pad")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._role_id("unk")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._role_id("bos")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._role_id("eos")
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
+        ids = np.asarray(ids).reshape(-1).tolist()
+        check_ids(ids, self.vocab_size)  # the library silently drops unknown ids
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ files
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "tokenizer": json.loads(self._tok.to_str()),
+                "special_tokens": dict(self._roles), "add_special_tokens": self.add_special_tokens}
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the tokenizer's JSON form: equal identities encode identically."""
+        blob = json.dumps(self.to_json_dict(), sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_tokenizer_json(path, self.to_json_dict())
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any], *, where: str = "tokenizer") -> HFTokenizer:
+        inner, roles = data.get("tokenizer"), data.get("special_tokens", {})
+        if not isinstance(inner, dict) or not isinstance(roles, dict):
+            raise TokenizerError(f"{where}: corrupt hf tokenizer ('tokenizer' and 'special_tokens' must be "
+                                 "JSON objects)")
+        add = data.get("add_special_tokens", True)
+        if not isinstance(add, bool):
+            raise TokenizerError(f"{where}: corrupt hf tokenizer (add_special_tokens={add!r} is not a bool)")
+        try:
+            return cls.from_str(json.dumps(inner), roles, add_special_tokens=add, where=where)
+        except TokenizerError as e:
+            raise TokenizerError(f"corrupt hf tokenizer: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HFTokenizer:
+        return cls.from_json_dict(read_tokenizer_json(path, cls.type), where=str(path))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFTokenizer) and self.identity == other.identity
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size})"

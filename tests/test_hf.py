@@ -1,0 +1,463 @@
+"""Hugging Face interop (``llm.hf``): tiny random transformers models built here, saved, imported.
+
+For every family and several shapes (GQA ratios, MQA, tied/untied, a head_dim that is not
+hidden/heads, sliding windows, biases, Llama-3 RoPE scaling, MoE top-1/top-2), in float32 on CPU:
+
+* our torch and flax logits against transformers': max-abs <= 1e-4 and mean KL <= 1e-8;
+* greedy generation of 32 tokens identical to transformers' ``generate`` (both backends);
+* import -> export -> ``AutoModelForCausalLM.from_pretrained``: no missing/unexpected keys, no
+  warnings, the same logits, and re-importing the export gives the same spec.
+
+Plus the tokenizer (imported, used by ``python -m llm.generate``, exported back), config fields that
+cannot be honoured (one error listing them all), export errors, and ``--init-from`` training.
+Weights use ``initializer_range=0.2`` so logits spread over a few units and greedy choices are not
+near-ties that 1e-6 rounding could flip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import llm  # noqa: E402
+from llm.hf import HFError, export_hf, import_hf, read_hf_weights  # noqa: E402
+from llm.hf_families import FAMILIES  # noqa: E402
+from llm.spec import ModelSpec  # noqa: E402
+
+MAX_ABS, MAX_KL = 1e-4, 1e-8
+VOCAB = 160
+TOK_VOCAB = 300  # the model that carries a byte-level BPE (256 byte symbols + merges + specials)
+NEW_TOKENS = 32
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)
+NO_SPECIALS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no early stop in generate
+
+# id -> (transformers config class name, model class name, config kwargs)
+CASES = {
+    "gpt2-tied": ("GPT2Config", "GPT2LMHeadModel",
+                  dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2-untied-hd12-gelu": ("GPT2Config", "GPT2LMHeadModel",
+                              dict(n_embd=36, n_layer=2, n_head=3, n_positions=64, n_inner=80,
+                                   activation_function="gelu", layer_norm_epsilon=1e-6,
+                                   tie_word_embeddings=False)),
+    "llama-gqa2-tied-hd12-llama3rope": ("LlamaConfig", "LlamaForCausalLM",
+                                        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                             max_position_embeddings=64, tie_word_embeddings=True,
+                                             rope_scaling=LLAMA3)),
+    "llama-mqa-bias": ("LlamaConfig", "LlamaForCausalLM",
+                       dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                            num_key_value_heads=1, max_position_embeddings=64, attention_bias=True,
+                            mlp_bias=True, rope_theta=500.0)),
+    "mistral-mqa-window5": ("MistralConfig", "MistralForCausalLM",
+                            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=1, max_position_embeddings=64, sliding_window=5)),
+    "qwen2-gqa2-tied": ("Qwen2Config", "Qwen2ForCausalLM",
+                        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
+    "qwen2-gqa4-window6": ("Qwen2Config", "Qwen2ForCausalLM",
+                           dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True,
+                                sliding_window=6, max_window_layers=0)),
+    "mixtral-e4-top2": ("MixtralConfig", "MixtralForCausalLM",
+                        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4,
+                             num_experts_per_tok=2)),
+    "mixtral-e3-top1-mqa-window7": ("MixtralConfig", "MixtralForCausalLM",
+                                    dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                         num_local_experts=3, num_experts_per_tok=1, sliding_window=7)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine a spinning pool makes tiny models ~100x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def build_hf(case: str, seed: int = 0):
+    cfg_name, model_name, kwargs = CASES[case]
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, initializer_range=0.2, **NO_SPECIALS, **kwargs)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """case -> (HF model, HF dir, canonical checkpoint dir), built and imported once per case."""
+    cache: dict[str, tuple] = {}
+
+    def get(case: str):
+        if case not in cache:
+            root = tmp_path_factory.mktemp(case)
+            model = build_hf(case)
+            # one case exercises sharded files (model.safetensors.index.json)
+            model.save_pretrained(root / "hf", max_shard_size="20KB" if case == "llama-mqa-bias" else "1GB")
+            import_hf(root / "hf", root / "ckpt")
+            cache[case] = (model, root / "hf", root / "ckpt")
+        return cache[case]
+
+    return get
+
+
+def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(max-abs, mean KL(ref || got)) over positions, in float64."""
+    a, b = ref.astype(np.float64), got.astype(np.float64)
+    la = a - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)) - a.max(-1, keepdims=True)
+    lb = b - np.log(np.exp(b - b.max(-1, keepdims=True)).sum(-1, keepdims=True)) - b.max(-1, keepdims=True)
+    kl = (np.exp(la) * (la - lb)).sum(-1).mean()
+    return float(np.abs(a - b).max()), float(kl)
+
+
+# ---------------------------------------------------------------------- logits and generation
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, imported):
+    model, _, ckpt = imported(case)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 40))  # longer than every window
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.float().numpy()
+    assert np.abs(ref).max() > 1.0  # a model whose logits are not all ~0 (the check could fail)
+    for backend in ("torch", "jax"):
+        got = llm.load(ckpt, backend=backend).logits(ids)
+        max_abs, kl = _compare(ref, got)
+        print(f"{case} {backend}: max-abs {max_abs:.2e} KL {kl:.2e}")
+        assert max_abs <= MAX_ABS and kl <= MAX_KL, (case, backend, max_abs, kl)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_generation_matches_transformers(case, imported):
+    model, _, ckpt = imported(case)
+    prompt = np.random.default_rng(2).integers(0, VOCAB, size=(2, 8))
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(prompt), max_new_tokens=NEW_TOKENS, do_sample=False).numpy()
+    assert ref.shape == (2, 8 + NEW_TOKENS)
+    for backend in ("torch", "jax"):
+        got = llm.load(ckpt, backend=backend).generate(prompt, NEW_TOKENS)
+        np.testing.assert_array_equal(got, ref, err_msg=f"{case} {backend}")
+
+
+# ---------------------------------------------------------------------- round trip
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_export_loads_in_transformers(case, imported, tmp_path):
+    model, hf_dir, ckpt = imported(case)
+    res = export_hf(ckpt, tmp_path / "out")
+    assert res.family == FAMILIES[json.loads((hf_dir / "config.json").read_text())["model_type"]].name
+    handler = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert type(again) is type(model)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    assert handler.messages == []
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, VOCAB, size=(2, 40)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(again.eval()(ids).logits.numpy(), model(ids).logits.numpy())
+    import_hf(tmp_path / "out", tmp_path / "again")
+    assert llm.checkpoint.load_checkpoint(tmp_path / "again").spec == llm.checkpoint.load_checkpoint(ckpt).spec
+
+
+def test_spec_mapping_examples(imported):
+    """The mapped fields are the documented ones (a regression check of the table in docs/hf_interop.md)."""
+    spec = llm.checkpoint.load_checkpoint(imported("qwen2-gqa4-window6")[2]).spec
+    assert (spec.attention_bias, spec.out_bias, spec.sliding_window, spec.kv_heads) == (True, False, 6, 2)
+    spec = llm.checkpoint.load_checkpoint(imported("llama-gqa2-tied-hd12-llama3rope")[2]).spec
+    assert spec.head_dim == 12 and spec.tie_embeddings and spec.rope_scaling["rope_type"] == "llama3"
+    spec = llm.checkpoint.load_checkpoint(imported("gpt2-untied-hd12-gelu")[2]).spec
+    assert (spec.position.value, spec.activation.value, spec.norm_eps, spec.ffn_size, spec.dropout) == \
+        ("learned", "gelu", 1e-6, 80, 0.1)
+    spec = llm.checkpoint.load_checkpoint(imported("mixtral-e3-top1-mqa-window7")[2]).spec
+    assert (spec.use_moe, spec.num_experts, spec.num_experts_per_token, spec.norm_topk_prob,
+            spec.router_aux_loss_coef) == (True, 3, 1, True, 0.001)
+
+
+def test_sliding_window_maps_one_to_one(imported):
+    """transformers' window W is our sliding_window W: W - 1 or W + 1 would not match its logits."""
+    from llm.api import from_params
+
+    model, _, ckpt = imported("mistral-mqa-window5")
+    loaded = llm.checkpoint.load_checkpoint(ckpt)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    errors = {w: _compare(ref, from_params(loaded.spec.replace(sliding_window=w), loaded.params).logits(ids))[0]
+              for w in (4, 5, 6)}
+    assert errors[5] <= MAX_ABS < min(errors[4], errors[6]), errors
+
+
+def test_fused_mixtral_experts_and_bf16_weights(tmp_path):
+    """transformers-5 in-memory names (mlp.experts.gate_up_proj, mlp.gate) and bfloat16 files import too."""
+    from safetensors.torch import save_file
+
+    model = build_hf("mixtral-e4-top2")
+    model.config.save_pretrained(tmp_path / "fused")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors"))
+    assert any("gate_up_proj" in k for k in read_hf_weights(tmp_path / "fused"))
+    import_hf(tmp_path / "fused", tmp_path / "ckpt")
+    ids = np.random.default_rng(4).integers(0, VOCAB, size=(1, 24))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert _compare(ref, llm.load(tmp_path / "ckpt").logits(ids))[0] <= MAX_ABS
+
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    weights = read_hf_weights(tmp_path / "bf16")
+    w = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == np.float32
+    np.testing.assert_array_equal(w, model.model.layers[0].self_attn.q_proj.weight.detach().float().numpy())
+
+
+# ---------------------------------------------------------------------- tokenizer
+def _hf_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOK_VOCAB - 8, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = "the quick brown fox jumps over the lazy dog. " * 30 + "hello world, hello there. " * 30
+    tok.train_from_iterator([text], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(tmp_path_factory):
+    """A tiny Llama saved with a tokenizers-library BPE (tokenizer.json + tokenizer_config.json), imported."""
+    root = tmp_path_factory.mktemp("llama_tok")
+    hf_tok = _hf_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=TOK_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                                   initializer_range=0.2, bos_token_id=hf_tok.bos_token_id,
+                                   eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(root / "hf")
+    hf_tok.save_pretrained(root / "hf")
+    assert llm.hf.main(["import", str(root / "hf"), str(root / "ckpt")]) == 0
+    return model, hf_tok, root
+
+
+def test_tokenizer_imported_and_used_by_generate_cli(llama_with_tokenizer, capsys):
+    from llm.generate import main as generate_main
+    from llm.tokenization import HFTokenizer, load_tokenizer
+
+    model, hf_tok, root = llama_with_tokenizer
+    tok = load_tokenizer(root / "ckpt" / "tokenizer.json")
+    assert isinstance(tok, HFTokenizer)
+    text = "the lazy fox says hello there"
+    assert tok.encode(text) == hf_tok(text).input_ids  # post-processor included: <s> first
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id)
+
+    prompt = "the quick brown"
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(root / "ckpt"), "--prompt", prompt, "--greedy",
+                          "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    expected = prompt + hf_tok.decode(ref, skip_special_tokens=True)
+    assert out == expected
+
+
+def test_tokenizer_exported_loads_in_transformers(llama_with_tokenizer, tmp_path):
+    _, hf_tok, root = llama_with_tokenizer
+    assert llm.hf.main(["export", str(root / "ckpt"), str(tmp_path / "out")]) == 0
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "hello world, the quick dog"
+    assert again(text).input_ids == hf_tok(text).input_ids
+    assert (again.bos_token, again.eos_token, again.pad_token) == ("<s>", "</s>", "<pad>")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (hf_tok.bos_token_id, hf_tok.eos_token_id)
+
+
+def test_original_gpt2_layout_and_vocab_merges_tokenizer(tmp_path):
+    """The original GPT-2 files: names without ``transformer.``, bool ``attn.bias`` mask buffers, and a
+    slow tokenizer (vocab.json + merges.txt, no tokenizer.json)."""
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    cfg = transformers.GPT2Config(vocab_size=TOK_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(6)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.config.save_pretrained(tmp_path / "hf")
+    weights = {k.removeprefix("transformer."): v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for i in range(2):
+        weights[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), bool))
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=TOK_VOCAB - 10, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["hello world, the quick brown fox. " * 50], trainer=trainer)
+    bpe.model.save(str(tmp_path / "hf"))  # vocab.json + merges.txt
+
+    res = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    ids = np.random.default_rng(7).integers(0, TOK_VOCAB, size=(1, 30))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert _compare(ref, llm.load(tmp_path / "ckpt").logits(ids))[0] <= MAX_ABS
+    slow = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("hello world", "the quick  brown fox<|endoftext|>x", "naïve 🙂 text"):
+        assert res.tokenizer.encode(text) == slow(text).input_ids, text
+    assert res.tokenizer.eos_id == 0 and res.tokenizer.decode(res.tokenizer.encode("naïve 🙂")) == "naïve 🙂"
+
+
+def test_import_needs_neither_torch_nor_transformers(imported, tmp_path):
+    _, hf_dir, _ = imported("llama-gqa2-tied-hd12-llama3rope")
+    code = (f"import sys, llm.hf; rc = llm.hf.main(['import', {str(hf_dir)!r}, {str(tmp_path / 'c')!r}]); "
+            "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'flax', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip().splitlines()[-1] == "0 []"
+
+
+# ---------------------------------------------------------------------- errors
+def _write_config(path: Path, cfg: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_unhonourable_config_fields_are_listed_together(tmp_path):
+    cfg = build_hf("llama-mqa-bias").config.to_dict()
+    cfg.update(attention_dropout=0.1, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+               my_new_field=3, pruned_heads={"0": [1]})
+    with pytest.raises(HFError) as e:
+        import_hf(_write_config(tmp_path / "a", cfg), tmp_path / "out")
+    msg = str(e.value)
+    assert "cannot honour 4 llama config field(s)" in msg
+    for field in ("attention_dropout=0.1", "rope_type='yarn'", "my_new_field=3", "pruned_heads"):
+        assert field in msg, field
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case,change,needle", [
+    ("mixtral-e4-top2", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
+    ("gpt2-tied", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+    ("gpt2-tied", {"attn_pdrop": 0.0}, "one dropout rate"),
+    ("qwen2-gqa4-window6", {"layer_types": ["full_attention", "sliding_attention"]}, "some layers only"),
+    ("mistral-mqa-window5", {"layer_types": ["full_attention", "sliding_attention"]}, "ministral"),
+    ("llama-mqa-bias", {"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast'"),
+])
+def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_path):
+    cfg = build_hf(case).config.to_dict()
+    cfg.update(change)
+    with pytest.raises(HFError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        import_hf(_write_config(tmp_path / "a", cfg), tmp_path / "out")
+
+
+def test_weight_names_are_checked_strictly(imported, tmp_path):
+    from safetensors.numpy import save_file
+
+    _, hf_dir, _ = imported("qwen2-gqa2-tied")
+    weights = read_hf_weights(hf_dir)
+    weights.pop("model.layers.1.self_attn.k_proj.bias")
+    weights["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text((hf_dir / "config.json").read_text())
+    save_file(weights, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(HFError, match=r"missing 1: model.layers.1.self_attn.k_proj.bias \| unexpected 1: "
+                                      r"model.layers.0.self_attn.o_proj.bias"):
+        import_hf(tmp_path / "bad", tmp_path / "out")
+
+
+def test_export_errors_name_the_fields(tmp_path, capsys):
+    from llm.checkpoint import save_checkpoint
+    from llm.spec import init_params
+
+    spec = ModelSpec(vocab_size=32, max_seq_len=16, hidden_size=16, num_layers=1, num_heads=2,
+                     position="sinusoidal", dropout=0.1)
+    save_checkpoint(tmp_path / "c", init_params(spec), {"model": spec.to_dict()})
+    with pytest.raises(HFError) as e:
+        export_hf(tmp_path / "c", tmp_path / "out")
+    msg = str(e.value)
+    assert all(f"{name}: " in msg for name in FAMILIES) and "position='sinusoidal'" in msg
+    with pytest.raises(HFError, match="(?s)norm_type='layernorm'.*use_glu=False"):
+        export_hf(tmp_path / "c", tmp_path / "out", family="llama")
+
+    learned = spec.replace(position="learned", use_glu=True, activation="silu", norm_type="rmsnorm",
+                           num_kv_heads=1)
+    save_checkpoint(tmp_path / "d", init_params(learned), {"model": learned.to_dict()})
+    assert llm.hf.main(["export", str(tmp_path / "d"), str(tmp_path / "out"), "--family", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the gpt2 family cannot express 6 spec field(s)")
+    for field in ("norm_type", "use_glu", "attention_bias", "attention_out_bias", "mlp_bias", "num_kv_heads"):
+        assert f"{field}=" in err
+
+    llama = ModelSpec(vocab_size=32, max_seq_len=16, hidden_size=16, num_layers=1, num_heads=2, use_glu=True,
+                      activation="silu", norm_type="rmsnorm", dropout=0.1)
+    save_checkpoint(tmp_path / "e", init_params(llama), {"model": llama.to_dict()})
+    with pytest.raises(HFError, match="(?s)training-only setting.*dropout=0.1.*--drop-training-settings"):
+        export_hf(tmp_path / "e", tmp_path / "out")
+    res = export_hf(tmp_path / "e", tmp_path / "out", drop_training_settings=True)
+    assert res.family == "llama" and any("dropout=0.1" in n for n in res.notes)
+
+
+# ---------------------------------------------------------------------- --init-from
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_init_from_an_imported_model_continues_training(backend, llama_with_tokenizer, tmp_path):
+    """3 steps of ``python -m llm.train --init-from``: the step-1 loss is the imported model's loss on
+    that batch (computed by transformers), and the run uses the imported tokenizer."""
+    import importlib.util
+
+    from llm.tasks import get_task
+    from llm.tokenization import load_tokenizer
+    from llm.train import BACKENDS, build_parser, main, resolve_config
+
+    if importlib.util.find_spec(BACKENDS[backend]) is None:
+        pytest.skip(f"{BACKENDS[backend]} does not exist yet (its LM task half must call "
+                    "llm.init_from.init_from_params in build_model, as backends/torch/tasks.py does)")
+    model, _, root = llama_with_tokenizer
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("the quick brown fox says hello to the lazy dog.\n" * 40, encoding="utf-8")
+    argv = ["--backend", backend, "--init-from", str(root / "ckpt"), "--run-dir", str(tmp_path / "run"), "--max-steps", "3",
+            "--batch-size", "2", "--lr", "1e-3", "--sample-tokens", "0",
+            "--set", f"data.source={corpus}", "--set", "data.seq_len=16", "--set", f"data.cache_dir={tmp_path}/cache",
+            "--set", "training.eval_every=0", "--set", "training.warmup_steps=0",
+            "--set", "logging.every_steps=1", "--set", "logging.progress=false"]
+    assert main(argv) == 0
+
+    config = resolve_config(build_parser().parse_args(argv))
+    assert config.model == llm.checkpoint.load_checkpoint(root / "ckpt").spec
+    dm = get_task("lm").build_datamodule(config)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.tokenizer == load_tokenizer(root / "ckpt" / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "run" / "tokenizer.json") == dm.tokenizer
+    inputs, targets = dm.batch_at(0)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(inputs)).logits
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, TOK_VOCAB), torch.from_numpy(targets).reshape(-1))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    last = next(r for r in reversed(rows) if "loss" in r)
+    assert last["step"] == 3 and last["loss"] != first["loss"]  # it trained
