@@ -22,7 +22,7 @@ test: init
 
 parity: init
 	HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests
-	$(BIN)/python -m llm.parity --config configs/tiny.yaml
+	$(BIN)/python -m llm.parity --config configs/tiny.yaml --steps 20
 
 parity-thorough:
 	$(MAKE) parity PARITY_PROFILE=thorough

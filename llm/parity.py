@@ -258,6 +258,10 @@ def _format_table(report: dict[str, Any]) -> str:
     if "trajectory" in report:
         t = report["trajectory"]
         lines.append(f"trajectory over {len(t['torch'])} steps: max rel err {t['max_rel_err']:.3e}")
+        if "param_max_rel_err" in t:
+            lines.append(f"trajectory final params: max rel err {t['param_max_rel_err']:.3e} ({t['param_worst']}); "
+                         f"{t['clipped_steps']} of {len(t['torch'])} steps clipped"
+                         + (f"; float-noise tensors {sorted(t['noise_params'])}" if t["noise_params"] else ""))
     lines.append(f"worst gradient: {report['grad_worst_param']} ({report['grad_max_rel_err']:.3e})")
     lines.append("PARITY OK" if report["ok"] else "PARITY FAILED (tolerances: " +
                  ", ".join(f"{k}={v:g}" for k, v in report["tolerances"].items()) + ")")

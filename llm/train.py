@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="= --set training.max_steps=N")
     p.add_argument("--seed", type=int, help="= --set training.seed=N")
     p.add_argument("--task", help="= --set task=NAME (lm, regression)")
-    p.add_argument("--epochs", type=int, help="= --set training.epochs=N (with max_steps null)")
+    p.add_argument("--epochs", type=int, help="= --set training.epochs=N training.max_steps=null "
+                                               "(unless --max-steps is given too)")
     p.add_argument("--batch-size", type=int, help="= --set training.batch_size=N (global)")
     p.add_argument("--lr", type=float, help="= --set training.lr=X")
     p.add_argument("--callback", dest="callbacks", action="append", default=[], metavar="NAME",
@@ -102,6 +103,8 @@ def resolve_config(args: argparse.Namespace):
              "training.epochs": args.epochs, "training.batch_size": args.batch_size, "training.lr": args.lr,
              "logging.run_dir": args.run_dir, "training.init_from": args.init_from}
     overrides = list(args.overrides) + [f"{k}={v}" for k, v in named.items() if v is not None]
+    if args.epochs is not None and args.max_steps is None:
+        overrides.append("training.max_steps=null")  # --epochs means: run that many epochs
     from llm.init_from import apply_init_from
 
     return apply_init_from(load_config(_config_path(args), overrides))  # model: from training.init_from
@@ -159,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         with engine_module.TrainingEngine(config, resume=args.resume, callbacks=[c for c in extra if c]
                                           ) as engine:
             result = engine.fit()
-            if engine.is_main and args.sample_tokens > 0 and result.stop_reason != "interrupted":
-                result.sample = engine.sample(max_new_tokens=args.sample_tokens)
+        # after the process group is gone: only rank 0 samples, the others may already have exited
+        if engine.is_main and args.sample_tokens > 0 and result.stop_reason != "interrupted":
+            result.sample = engine.sample(max_new_tokens=args.sample_tokens)
         if engine.is_main:
             print("\n".join(result.summary_lines()))
             if result.sample is not None:
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, NonFiniteLossError, SpecError, TaskError, TokenizerError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"{PROG}: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

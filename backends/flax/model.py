@@ -58,6 +58,7 @@ __all__ = [
     "TransformerBlock",
     "ModelOutput",
     "cross_entropy",
+    "lean_cross_entropy",
     "DecoderModel",
 ]
 
@@ -304,6 +305,13 @@ class MultiHeadAttention(_SpecModule):
     The RoPE tables come from ``llm.spec.rope_cos_sin`` (rows = absolute positions) and are held
     as ``Buffer`` constants so both backends rotate with the very same float32 numbers. Query head
     ``h`` reads kv head ``h // G``: queries are viewed as (K, G) groups rather than repeating K/V.
+
+    ``attention_impl`` picks the kernel (``model.set_attributes(attention_impl=...)`` sets it on
+    every layer): ``"auto"`` uses cuDNN flash attention (``jax.nn.dot_product_attention``,
+    ``implementation="cudnn"``) where it computes the same function -- on a GPU, bf16/fp16 compute,
+    no KV cache, no sliding window, no attention dropout, head_dim a multiple of 8 up to 128 -- and
+    the einsum path below otherwise (every CPU run, so float32 parity is untouched); ``"cudnn"``
+    insists (an error where it cannot apply); ``"xla"`` always takes the einsum path.
     """
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
@@ -321,6 +329,26 @@ class MultiHeadAttention(_SpecModule):
             self.rope_cos = Buffer(jnp.asarray(cos))
             self.rope_sin = Buffer(jnp.asarray(sin))
         self.attn_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+        self.attention_impl = "auto"
+
+    def _cudnn_applies(self, cache: LayerKVCache | None, deterministic: bool) -> bool:
+        """Whether the cuDNN flash kernel computes exactly this layer's attention (see the class doc)."""
+        if self.attention_impl not in ("auto", "cudnn", "xla"):
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of: auto, cudnn, xla")
+        if self.attention_impl == "xla":
+            return False
+        why_not = [reason for bad, reason in (
+            (jax.default_backend() != "gpu", f"backend is {jax.default_backend()}, not gpu"),
+            (self.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+             f"compute dtype {self.dtype} (cuDNN needs bf16/fp16)"),
+            (cache is not None, "a KV cache is in use"),
+            (self.spec.sliding_window is not None, "sliding_window is set"),
+            (not deterministic and self.spec.dropout > 0, "attention dropout is active"),
+            (self.head_dim % 8 != 0 or self.head_dim > 128, f"head_dim={self.head_dim}"),
+        ) if bad]
+        if why_not and self.attention_impl == "cudnn":
+            raise ValueError("attention_impl='cudnn' cannot apply: " + "; ".join(why_not))
+        return not why_not
 
     def _rope(self, x: jax.Array, start_pos: Any) -> jax.Array:
         T = x.shape[1]
@@ -340,6 +368,14 @@ class MultiHeadAttention(_SpecModule):
         v = self.v_proj(x).reshape(B, T, K, hd)
         if spec.position is Position.ROPE:
             q, k = self._rope(q, start_pos), self._rope(k, start_pos)
+
+        if self._cudnn_applies(cache, deterministic):
+            # Flash attention: no (T, S) scores in memory, float32 softmax statistics inside the
+            # kernel; keys and queries share positions, so the plain causal triangle is the mask.
+            y = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                                             scale=1.0 / math.sqrt(hd), is_causal=True,
+                                             implementation="cudnn")  # (B, T, H, hd); h reads kv h // G
+            return self.o_proj(y.reshape(B, T, H * hd))
 
         # Keys cover absolute positions 0..S_max-1 when caching (unwritten slots lie in the future
         # of every query, so the causal mask hides them), else the T positions of this call.
@@ -510,14 +546,14 @@ class TransformerBlock(_SpecModule):
 class ModelOutput:
     """What ``DecoderModel.__call__`` returns (a pytree); the objective is ``loss + aux_loss + z_loss``.
 
-    ``logits`` (B, T, V) float32; ``loss`` mean cross-entropy over targets != -100 (None without
-    targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
+    ``logits`` (B, T, V) float32 (None with ``return_logits=False``); ``loss`` mean cross-entropy
+    over targets != -100 (None without targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
     the MoE balance and z losses (scalar zeros without MoE). ``hidden_states`` (only with
     ``return_hidden=True``, for layer-by-layer parity) is the embedding output, every block's
     output and the final norm's output: ``num_layers + 2`` arrays (B, T, D).
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     loss: jax.Array | None
     aux_loss: jax.Array
     z_loss: jax.Array
@@ -531,6 +567,42 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     safe = jnp.where(valid, targets, 0)  # any in-range index; its term is zeroed below
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    valid = targets != IGNORE_INDEX
+    safe = jnp.where(valid, targets, 0)
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # the upcast fuses into the reduction
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return jnp.where(valid, lse - picked, 0.0), (logits, lse, safe, valid)
+
+
+def _token_nll_bwd(res, g):
+    logits, lse, safe, valid = res
+    g = jnp.where(valid, g, 0.0)[..., None]  # (..., 1)
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])  # float32, one fused pass
+    onehot = jnp.arange(logits.shape[-1]) == safe[..., None]
+    return ((probs - onehot) * g).astype(logits.dtype), None
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def lean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``cross_entropy`` on logits in the compute dtype, without a float32 copy of them.
+
+    The same float32 math (the upcast happens inside the fused reductions), but the saved residual
+    is the bf16 logits and the hand-written VJP writes the gradient ``softmax - onehot`` straight in
+    the logits' dtype: one read of the logits forward, one read and one write backward.
+    """
+    valid = targets != IGNORE_INDEX
+    nll = _token_nll(logits, targets)
     return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
@@ -568,8 +640,17 @@ class DecoderModel(_SpecModule):
                        dtype=self.dtype if dtype is None else dtype)
 
     def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, deterministic: bool = True,
-                 cache: KVCache | None = None, start_pos: Any = 0, return_hidden: bool = False) -> ModelOutput:
+                 cache: KVCache | None = None, start_pos: Any = 0, return_hidden: bool = False,
+                 return_logits: bool = True) -> ModelOutput:
+        """Logits (float32) and, with ``targets``, the losses.
+
+        ``return_logits=False`` (needs ``targets``) is the training path: ``logits`` is None and the
+        loss comes from ``lean_cross_entropy`` on the compute-dtype logits (no float32 (B, T, V)
+        copy, forward or backward). The loss is the same float32 quantity.
+        """
         spec = self.spec
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: there would be nothing to return")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         _check_positions(start_pos, input_ids.shape[1], spec.max_seq_len, "max_seq_len")
@@ -587,12 +668,15 @@ class DecoderModel(_SpecModule):
             zs.append(z)
         x = self.final_norm(x)
         hidden.append(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = logits.astype(jnp.float32)  # (B, T, V)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
 
         zero = jnp.zeros((), jnp.float32)
         aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances)) if spec.use_moe else zero
         z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs)) if spec.use_moe else zero
+        if not return_logits:
+            return ModelOutput(logits=None, loss=lean_cross_entropy(logits, targets), aux_loss=aux_loss,
+                               z_loss=z_loss, hidden_states=tuple(hidden) if return_hidden else None)
+        logits = logits.astype(jnp.float32)
         loss = None if targets is None else cross_entropy(logits, targets)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
                            hidden_states=tuple(hidden) if return_hidden else None)

@@ -387,12 +387,12 @@ class TransformerBlock(nn.Module):
 class ModelOutput:
     """What ``DecoderModel.forward`` returns; the training objective is ``loss + aux_loss + z_loss``.
 
-    ``logits`` (B, T, V) float32; ``loss`` mean cross-entropy over targets != -100 (None without
-    targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
-    the MoE balance and z losses (scalar zeros without MoE).
+    ``logits`` (B, T, V) float32 (None with ``return_logits=False``); ``loss`` mean cross-entropy
+    over targets != -100 (None without targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the
+    coefficient-scaled layer means of the MoE balance and z losses (scalar zeros without MoE).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
@@ -432,8 +432,16 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int = 0,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, return_logits: bool = True) -> ModelOutput:
+        """Logits (float32) and, with ``targets``, the losses.
+
+        ``return_logits=False`` (needs ``targets``) is the training path: ``logits`` is None and the
+        float32 (B, T, V) copy is never kept, so under autocast only the bf16 logits exist and
+        ``torch.compile`` fuses the upcast into the cross-entropy. The loss is the same number.
+        """
         spec = self.spec
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: there would be nothing to return")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -454,7 +462,9 @@ class DecoderModel(nn.Module):
         x = self.final_norm(x)
         hidden.append(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head).float()  # (B, T, V)
+        logits = F.linear(x, head)  # (B, T, V), the autocast dtype
+        if return_logits:
+            logits = logits.float()
 
         zero = torch.zeros((), device=logits.device)
         aux_loss = spec.router_aux_loss_coef * torch.stack(balances).mean() if spec.use_moe else zero
@@ -462,9 +472,10 @@ class DecoderModel(nn.Module):
 
         loss = None
         if targets is not None:
-            per_token = F.cross_entropy(logits.reshape(-1, spec.vocab_size), targets.reshape(-1),
+            per_token = F.cross_entropy(logits.reshape(-1, spec.vocab_size).float(), targets.reshape(-1),
                                         ignore_index=IGNORE_INDEX, reduction="none")  # ignored -> 0
             n_valid = (targets != IGNORE_INDEX).sum()
             loss = per_token.sum() / n_valid.clamp(min=1)  # 0, not nan, when nothing is valid
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
+        return ModelOutput(logits=logits if return_logits else None, loss=loss,
+                           aux_loss=aux_loss, z_loss=z_loss,
                            hidden_states=hidden if return_hidden else None)

@@ -1,0 +1,162 @@
+"""One PyTorch mode of the throughput benchmark (``torch-eager`` / ``torch-compile``), in its own process.
+
+The step is the engine's (``backends/torch/engine.py``), written lean: fp32 master weights, bf16
+autocast, the loss-only forward (``return_logits=False``), ``backward``, ``clip_grad_norm_(1.0)``,
+fused AdamW with the spec's no-decay set, ``zero_grad(set_to_none=True)``. Nothing in the step reads
+a value back to the host. Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP
+after compiling, as the engine does, and each rank trains ``job["batch_size"]`` sequences.
+
+Options (``job["options"]``, each an ablation of one speed change):
+``logits``: ``lossonly`` (default) | ``full`` (the float32 (B, T, V) logits are produced too);
+``adamw``: ``fused`` (default on CUDA) | ``foreach``;
+``sdpa``: ``cudnn`` (default on CUDA: measured fastest on H100, ``benchmarks/NOTES.md``) | ``flash`` |
+``efficient`` | ``math`` | ``any`` (torch's own choice).
+
+Run: ``python -m benchmarks.torch_worker --job job.json --out result.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from backends.torch.model import DecoderModel
+from benchmarks.job import load_weights, make_batches, preset_config, run_worker
+from benchmarks.measure import step_stats, summarise_kernels, time_steps
+
+_SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+         "math": "MATH"}
+
+
+def _sdpa_context(choice: str):
+    if choice == "any":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, _SDPA[choice])])
+
+
+def _profile(step, sync, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    return summarise_kernels(events, steps=steps)
+
+
+def run(job: dict) -> dict:
+    opts = job.get("options", {})
+    with _sdpa_context(opts.get("sdpa", "cudnn" if job["device"] == "cuda" else "any")):
+        return _run(job)
+
+
+def _run(job: dict) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = job["device"] == "cuda"
+    device = torch.device(f"cuda:{local_rank}" if on_cuda else "cpu")
+    if on_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach",
+            "sdpa": "cudnn" if on_cuda else "any", **job.get("options", {})}
+    compiled = job["mode"] == "torch-compile"
+    config = preset_config(job)
+    spec, t = config.model, config.training
+    B, T = job["batch_size"], job["seq_len"]
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(job["dtype"])
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers (none in bf16 mode) on tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+
+    t_setup = time.perf_counter()
+    with torch.device(device):
+        model = DecoderModel(spec)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in load_weights(job["weights_dir"]).items()})
+    model.to(device).train()
+    no_decay = spec.no_decay_names()
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": t.weight_decay},
+              {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                            fused=opts["adamw"] == "fused", foreach=opts["adamw"] == "foreach" or None)
+    params = [p for _, p in named]
+    fwd = torch.compile(model) if compiled else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(fwd, device_ids=[local_rank] if on_cuda else None,
+                                      gradient_as_bucket_view=True)
+
+    tokens = torch.from_numpy(make_batches(spec.vocab_size, B, T, job["num_batches"],
+                                           job["seed"] + rank).astype(np.int64)).to(device)
+    inputs, targets = tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous()  # (n, B, T)
+    return_logits = opts["logits"] == "full"
+    state = {"i": 0, "loss": None}
+
+    def step() -> None:
+        i = state["i"] % inputs.shape[0]
+        state["i"] += 1
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = fwd(inputs[i], targets[i], return_logits=return_logits)
+            objective = out.loss + out.aux_loss + out.z_loss
+        objective.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["loss"] = objective.detach()
+
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    setup_s = time.perf_counter() - t_setup
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    # The very first loss, before any update: equal across modes (same weights, same batch 0).
+    timing = time_steps(step, sync, warmup=0, steps=0, repeats=0)
+    loss0 = float(state["loss"])
+    more = time_steps(step, sync, warmup=job["warmup"], steps=job["steps"], repeats=job["repeats"])
+    timing["step_times_s"] = more["step_times_s"]
+    loss_last = float(state["loss"])
+    stats = step_stats(timing["step_times_s"])
+    result = {
+        "mode": job["mode"], "options": opts, "world_size": world, "device": str(device),
+        "batch_per_process": B, "seq_len": T, "global_batch": B * world,
+        "tokens_per_step": B * T * world,
+        "setup_s": setup_s, "first_step_s": timing["first_step_s"],
+        "compile_s": max(0.0, timing["first_step_s"] - stats["median_s"]) if compiled else None,
+        "step_time": stats, "step_times_s": timing["step_times_s"],
+        "tokens_per_s": B * T * world / stats["median_s"],
+        "loss_step0": loss0, "loss_last": loss_last,
+    }
+    if on_cuda:
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        result["device_name"] = torch.cuda.get_device_name(device)
+        if job.get("profile_steps", 0) > 0 and rank == 0:
+            try:
+                result["profile"] = _profile(step, sync, job["profile_steps"])
+            except Exception as e:  # noqa: BLE001 - the profile is evidence, not the measurement
+                result["profile"] = {"error": repr(e)}
+    result["torch"] = torch.__version__
+    result["torch_cuda"] = torch.version.cuda
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        result["write"] = False
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_worker(run))

@@ -1,0 +1,123 @@
+"""The throughput harness on the CPU (tiny preset): files written and well-formed, failures reported.
+
+Timings are never asserted (STYLE.md: timings live in benchmark results); what is asserted is the
+harness: every mode yields a record, the same weights and data give the same first loss in both
+backends, a broken mode is reported with its error instead of hidden, and JSON / Markdown / PNG
+are written and parse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.hardware import card_peak_tflops, card_slug  # noqa: E402
+from benchmarks.throughput import parse_mode  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--out-dir", str(out),
+           "--date", "2000-01-01", "--modes", "torch-eager", "jax-jit", "jax-jit[attention=bogus]"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_smoke_writes_wellformed_files(smoke_run):
+    stem = smoke_run / "tiny_cpu_2000-01-01"
+    record = json.loads(stem.with_suffix(".json").read_text())
+    assert record["preset"] == "tiny" and record["config"]["model"]["hidden_size"] == 64
+    for key in ("torch", "jax", "flax", "optax", "numpy"):
+        assert record["env"][key], key
+    w = record["workload"]
+    assert w["tokens_per_step"] == w["global_batch"] * w["seq_len"] == 8 * 32
+    modes = [r["mode"] for r in record["results"]]
+    assert modes == ["torch-eager", "jax-jit", "jax-jit[attention=bogus]"]
+    ok = [r for r in record["results"] if r["status"] == "ok"]
+    assert [r["mode"] for r in ok] == ["torch-eager", "jax-jit"]
+    for r in ok:
+        st = r["step_time"]
+        assert st["min_s"] <= st["median_s"] <= st["max_s"] and st["windows"] == 2
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["mfu_card"] is None  # no card on a CPU: no datasheet peak to divide by
+        assert math.isfinite(r["loss_last"])
+    # Same seeded weights, same batches: the first loss agrees across backends (float32 on CPU).
+    assert ok[0]["loss_step0"] == pytest.approx(ok[1]["loss_step0"], rel=1e-5)
+    assert ok[0]["loss_step0"] == pytest.approx(math.log(128), rel=0.05)  # near-uniform at init
+
+    md = stem.with_suffix(".md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 3  # header + one row per mode
+    assert "| torch-eager | ok |" in md and "| jax-jit | ok |" in md
+    assert stem.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    latest = (smoke_run / "LATEST.md").read_text()
+    assert "tiny_cpu_2000-01-01.png" in latest
+
+
+def test_failed_mode_is_reported_with_its_error(smoke_run):
+    record = json.loads((smoke_run / "tiny_cpu_2000-01-01.json").read_text())
+    bad = record["results"][-1]
+    assert bad["status"] == "failed"
+    assert "attention_impl='bogus'" in bad["error"]
+    md = (smoke_run / "tiny_cpu_2000-01-01.md").read_text()
+    assert "| jax-jit[attention=bogus] | **failed**: ValueError" in md
+
+
+def test_render_rebuilds_md_and_png_from_json(smoke_run, tmp_path):
+    src = smoke_run / "tiny_cpu_2000-01-01.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--render", str(src),
+           "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "tiny_cpu_2000-01-01.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "tiny_cpu_2000-01-01.md").read_text() == (smoke_run / "tiny_cpu_2000-01-01.md").read_text()
+
+
+def test_parse_mode():
+    assert parse_mode("torch-compile") == ("torch-compile", {})
+    assert parse_mode("jax-jit[attention=xla,donate=0]") == ("jax-jit", {"attention": "xla", "donate": "0"})
+    with pytest.raises(SystemExit, match="unknown mode"):
+        parse_mode("tf-eager")
+
+
+def test_card_peak_and_slug():
+    assert card_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert card_peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert card_peak_tflops(None) is None
+    assert card_slug("NVIDIA H100 80GB HBM3") == "H100-80GB-HBM3"
+    assert card_slug(None) == "cpu"
+
+
+def _record(results):
+    return {"workload": {"flops_per_token": 1e9}, "peak": {"card_bf16_tflops": 1000.0,
+                                                          "measured_matmul_tflops": 800.0},
+            "results": results}
+
+
+def test_mfu_and_targets_say_by_how_much():
+    rec = _record([{"mode": "a", "status": "ok", "tokens_per_s": 400_000.0},
+                   {"mode": "b", "status": "failed", "error": "OOM"}])
+    report.add_derived(rec)
+    a = rec["results"][0]
+    assert a["mfu_card"] == pytest.approx(0.4) and a["mfu_measured"] == pytest.approx(0.5)
+    out = report.check_targets(rec, [
+        {"mode": "a", "metric": "tokens_per_s", "threshold": 500_000, "label": "a fast"},
+        {"mode": "a", "metric": "mfu_card", "threshold": 0.3, "label": "a mfu"},
+        {"mode": "b", "metric": "tokens_per_s", "threshold": 1, "label": "b runs"},
+        {"mode": "*", "metric": "all_modes_ok", "threshold": 1, "label": "all"},
+    ])
+    assert [t["met"] for t in out] == [False, True, False, False]
+    assert out[0]["ratio"] == pytest.approx(0.8) and "-20.0%" in out[0]["detail"]
+    assert "failed" in out[2]["detail"] and "['b']" in out[3]["detail"]
