@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import Activation, ModelSpec, NormType, Position, init_params, rope_cos_sin, sinusoidal_table
 
 __all__ = [
@@ -457,6 +458,46 @@ class Experts(_SpecModule):
             h = _activation(self.spec, self.up_proj(x))
         return self.down_proj(h)
 
+    def mix_selected(self, x: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+        """``sum_slot w[n, slot] * expert_{idx[n, slot]}(x[n])`` on the selected pairs only, (N, D).
+
+        The blocked dispatch of ``llm.moe_dispatch`` (static shapes, no loop over experts): each
+        assignment gets a row of a padded buffer in which every block of ``b`` rows belongs to one
+        expert, and the experts run as one batched matmul over blocks with gathered weights.
+        """
+        spec = self.spec
+        N, D = x.shape
+        E, k = spec.num_experts, spec.num_experts_per_token
+        A = N * k
+        b = block_rows(A, E)
+        P = padded_rows(A, E, b)
+        dt = self.up_proj.dtype
+        expert = idx.reshape(A)  # assignment a = n * k + slot
+        order = jnp.argsort(expert, stable=True)  # (A,) assignments grouped by expert
+        sorted_e = expert[order]
+        counts = jnp.zeros((E,), jnp.int32).at[expert].add(1)
+        padded = (counts + b - 1) // b * b
+        ends = jnp.cumsum(padded)
+        dest = (ends - padded)[sorted_e] + jnp.arange(A) - (jnp.cumsum(counts) - counts)[sorted_e]
+        pos = jnp.zeros((A,), dest.dtype).at[order].set(dest, unique_indices=True)  # buffer row per assignment
+        block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(P // b) * b, side="right"), E - 1)
+        rows = jnp.zeros((P, D), dt).at[pos].set(jnp.repeat(x.astype(dt), k, axis=0), unique_indices=True)
+        h = rows.reshape(P // b, b, D)  # (nb, b, D), block i belongs to expert block_expert[i]
+
+        def linear(layer: ExpertLinear, h: jax.Array) -> jax.Array:
+            y = jnp.einsum("NBI,NIO->NBO", h, layer.weight[...].astype(dt)[block_expert])
+            if layer.bias is not None:
+                y = y + layer.bias[...].astype(dt)[block_expert][:, None, :]
+            return y
+
+        if spec.use_glu:
+            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (nb, b, F)
+        else:
+            h = _activation(spec, linear(self.up_proj, h))
+        out = linear(self.down_proj, h).reshape(P, D)
+        acc = jnp.promote_types(dt, jnp.float32)  # mix in (at least) float32
+        return jnp.sum(out[pos].reshape(N, k, D).astype(acc) * w[..., None].astype(acc), axis=1)
+
 
 class MoE(_SpecModule):
     """Top-k mixture of experts with optional capacity dropping (contract, "MoE" steps 1-5).
@@ -466,6 +507,10 @@ class MoE(_SpecModule):
     off the selected experts, which gives the same values and gradients as a sparse dispatch.
     ``__call__`` returns ``(y, balance, z)`` with the losses unscaled; the model applies the
     coefficients.
+
+    ``moe_impl = "blocked"`` (``model.set_attributes(moe_impl="blocked")``; the spec does not
+    change) computes the experts on the selected pairs only (``Experts.mix_selected``,
+    ``llm.moe_dispatch``): the same function with k/E of the expert FLOPs.
     """
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
@@ -475,6 +520,7 @@ class MoE(_SpecModule):
         self.router = Linear(spec.hidden_size, spec.num_experts, std=spec.init_std, dtype=jnp.float32,
                              rngs=rngs)
         self.experts = Experts(spec, rngs=rngs, dtype=dtype)
+        self.moe_impl = "dense"
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E)."""
@@ -505,8 +551,13 @@ class MoE(_SpecModule):
         xf = x.reshape(B * T, D)  # (N, D)
         combine, idx, logits, probs = self.route(xf)
 
-        expert_out = self.experts(xf)  # (E, N, D)
-        y = jnp.einsum("NE,END->ND", combine.astype(expert_out.dtype), expert_out)
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r} is not one of: {', '.join(MOE_IMPLS)}")
+        if self.moe_impl == "blocked":
+            y = self.experts.mix_selected(xf, idx, jnp.take_along_axis(combine, idx, axis=-1))  # (N, D)
+        else:
+            expert_out = self.experts(xf)  # (E, N, D)
+            y = jnp.einsum("NE,END->ND", combine.astype(expert_out.dtype), expert_out)
 
         # Load balance counts assignments before capacity drops; f carries no gradient, P does.
         f = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=(0, 1)) / (idx.shape[0] * k)  # (E,)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import Activation, ModelSpec, NormType, Position, init_params, rope_cos_sin, sinusoidal_table
 
 __all__ = [
@@ -297,6 +298,47 @@ class Experts(nn.Module):
             h = _activation(self.spec, self.up_proj(x))
         return self.down_proj(h)
 
+    def mix_selected(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``sum_slot w[n, slot] * expert_{idx[n, slot]}(x[n])`` on the selected pairs only, (N, D).
+
+        The blocked dispatch of ``llm.moe_dispatch`` (static shapes, no loop over experts): each
+        assignment gets a row of a padded buffer in which every block of ``b`` rows belongs to one
+        expert, and the experts run as one batched matmul over blocks with gathered weights.
+        """
+        spec = self.spec
+        N, D = x.shape
+        E, k = spec.num_experts, spec.num_experts_per_token
+        A = N * k
+        b = block_rows(A, E)
+        P = padded_rows(A, E, b)
+        dev = x.device
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        expert = idx.reshape(A)  # assignment a = n * k + slot
+        order = torch.argsort(expert, stable=True)  # (A,) assignments grouped by expert
+        sorted_e = expert[order]
+        counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert, torch.ones_like(expert))
+        padded = (counts + b - 1) // b * b
+        ends = torch.cumsum(padded, 0)
+        dest = (ends - padded)[sorted_e] + torch.arange(A, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+        pos = torch.empty_like(dest).scatter_(0, order, dest)  # (A,) buffer row of each assignment
+        block_expert = torch.searchsorted(ends, torch.arange(P // b, device=dev) * b, right=True).clamp(max=E - 1)
+        rows = x.new_zeros(P, D, dtype=dt).index_copy(0, pos, x.to(dt).repeat_interleave(k, dim=0))
+        h = rows.view(P // b, b, D)  # (nb, b, D), block i belongs to expert block_expert[i]
+
+        def linear(layer: ExpertLinear, h: torch.Tensor) -> torch.Tensor:
+            y = torch.bmm(h, layer.weight.to(dt)[block_expert].transpose(1, 2))  # (nb, b, out)
+            if layer.bias is not None:
+                y = y + layer.bias.to(dt)[block_expert][:, None, :]
+            return y
+
+        if spec.use_glu:
+            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (nb, b, F)
+        else:
+            h = _activation(spec, linear(self.up_proj, h))
+        out = linear(self.down_proj, h).reshape(P, D)
+        acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
+        return (out[pos].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
+
 
 class MoE(nn.Module):
     """Top-k mixture of experts with optional capacity dropping (contract, "MoE" steps 1-5).
@@ -306,6 +348,10 @@ class MoE(nn.Module):
     mixed by a dense (N, E) weight matrix that is zero off the selected experts, which gives the
     same values and gradients as a sparse dispatch. ``forward`` returns ``(y, balance, z)`` with the
     losses unscaled; the model applies the coefficients.
+
+    ``moe_impl = "blocked"`` (set on each MoE module; the spec does not change) computes the experts
+    on the selected pairs only (``Experts.mix_selected``, ``llm.moe_dispatch``): the same function
+    with k/E of the expert FLOPs.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -313,6 +359,7 @@ class MoE(nn.Module):
         self.spec = spec
         self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.experts = Experts(spec)
+        self.moe_impl = "dense"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E)."""
@@ -347,8 +394,13 @@ class MoE(nn.Module):
         xf = x.reshape(B * T, D)  # (N, D)
         combine, idx, logits, probs = self.route(xf)
 
-        expert_out = self.experts(xf)  # (E, N, D)
-        y = torch.einsum("ne,end->nd", combine.to(expert_out.dtype), expert_out)  # (N, D)
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r} is not one of: {', '.join(MOE_IMPLS)}")
+        if self.moe_impl == "blocked":
+            y = self.experts.mix_selected(xf, idx, combine.gather(1, idx))  # (N, D) float32
+        else:
+            expert_out = self.experts(xf)  # (E, N, D)
+            y = torch.einsum("ne,end->nd", combine.to(expert_out.dtype), expert_out)  # (N, D)
 
         # Load balance counts assignments before capacity drops; f carries no gradient, P does.
         f = F.one_hot(idx, E).sum(dim=(0, 1)).float() / (idx.shape[0] * k)  # (E,)
