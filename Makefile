@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PARITY_PROFILE ?= ci
 
-.PHONY: init test parity parity-thorough lint train bench clean
+.PHONY: init test parity parity-thorough lint train bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ train: init
 
 bench: init
 	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+bench-scaling: init
+	$(BIN)/python benchmarks/scaling.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

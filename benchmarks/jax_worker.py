@@ -10,7 +10,8 @@ replicated: XLA inserts the gradient all-reduce (data parallel in one process).
 Options (``job["options"]``, each an ablation of one speed change): ``attention``: ``auto``
 (default: cuDNN where it applies) | ``xla`` (the einsum path) | ``cudnn``; ``loss``: ``lean``
 (default: ``return_logits=False``, no float32 logits) | ``full`` (float32 logits, autodiff CE);
-``donate``: ``1`` (default) | ``0``.
+``donate``: ``1`` (default) | ``0``; ``moe``: ``dense`` (default, the reference) | ``blocked``
+(``llm.moe_dispatch``).
 
 Run: ``python -m benchmarks.jax_worker --job job.json --out result.json``.
 """
@@ -74,7 +75,7 @@ def _profile(step, sync, steps: int) -> dict:
 
 
 def run(job: dict) -> dict:
-    opts = {"attention": "auto", "loss": "lean", "donate": 1, **job.get("options", {})}
+    opts = {"attention": "auto", "loss": "lean", "donate": 1, "moe": "dense", **job.get("options", {})}
     config = preset_config(job)
     spec, t = config.model, config.training
     B, T = job["batch_size"], job["seq_len"]  # B per device
@@ -90,7 +91,7 @@ def run(job: dict) -> dict:
     with jax.default_device(devices[0]):
         model = DecoderModel(spec, rngs=nnx.Rngs(job["seed"]), dtype=dtype)
         load_canonical(model, load_weights(job["weights_dir"]))
-    model.set_attributes(attention_impl=opts["attention"], raise_if_not_found=False)
+    model.set_attributes(attention_impl=opts["attention"], moe_impl=opts["moe"], raise_if_not_found=False)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, replicated)
     rest = jax.device_put(rest, replicated)

@@ -207,7 +207,8 @@ def run_modes(record: dict, mode_texts: list[str], args, work: Path, deadline: f
                    "dtype": w["dtype"], "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
                    "seed": args.seed, "num_batches": args.num_batches, "weights_dir": str(weights_dir),
                    "profile_steps": args.profile_steps if args.device == "cuda" else 0,
-                   "check_attention": args.device == "cuda" and mode == "jax-jit" and not opts}
+                   "check_attention": (args.device == "cuda" and mode == "jax-jit" and not opts
+                                       and preset in args.check_attention)}
             name = f"{preset}_{re.sub(r'[^A-Za-z0-9]+', '-', text).strip('-')}"
             job["name"] = name
             if log_dir is not None and args.device == "cuda":
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode-timeout-s", type=float, default=900.0)
     p.add_argument("--min-mode-s", type=float, default=20.0, help="don't start a mode with less budget left")
     p.add_argument("--no-jax-peak", action="store_true")
+    p.add_argument("--check-attention", nargs="*", default=["gpt2_124m", "moe"], metavar="PRESET",
+                   help="presets whose jax-jit run first compares cuDNN and einsum attention (GPU)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU harness check: tiny preset, torch-eager and jax-jit, 1 window of 1 step")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
@@ -287,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if shutil.which("nvidia-smi") else "cpu"
     presets = args.presets or PRESETS
     modes = args.modes or MODES
-    extra: dict[str, list[str]] = {}
+    extra: list[tuple[str, list[str]]] = []  # consecutive items of one preset share its weights
     for item in args.extra_modes:
         preset, _, mode = item.partition(":")
         parse_mode(mode)
-        extra.setdefault(preset, []).append(mode)
+        if extra and extra[-1][0] == preset:
+            extra[-1][1].append(mode)
+        else:
+            extra.append((preset, [mode]))
     for m in modes:
         parse_mode(m)
     start = time.time()
@@ -319,11 +325,15 @@ def main(argv: list[str] | None = None) -> int:
             records.append(new_record(preset, args, env, peaks))
             run_modes(records[-1], modes, args, work, deadline, log_dir)
             report.write_latest(records, out_dir)
-        # Ablations last: the main table is complete before any of them can eat the budget.
-        for rec in records:
-            if rec["preset"] in extra:
-                run_modes(rec, extra[rec["preset"]], args, work, deadline, log_dir)
-                report.write_latest(records, out_dir)
+        # Ablations last, in the order given: the main table is complete before any of them can
+        # eat the budget.
+        by_preset = {rec["preset"]: rec for rec in records}
+        for preset, group in extra:
+            if preset not in by_preset:
+                by_preset[preset] = new_record(preset, args, env, peaks)
+                records.append(by_preset[preset])
+            run_modes(by_preset[preset], group, args, work, deadline, log_dir)
+            report.write_latest(records, out_dir)
     report.write_latest(records, out_dir)
     print(f"\nwritten to {out_dir} in {time.time() - start:.0f} s\n", flush=True)
     for rec in records:

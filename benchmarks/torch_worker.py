@@ -10,7 +10,9 @@ Options (``job["options"]``, each an ablation of one speed change):
 ``logits``: ``lossonly`` (default) | ``full`` (the float32 (B, T, V) logits are produced too);
 ``adamw``: ``fused`` (default on CUDA) | ``foreach``;
 ``sdpa``: ``cudnn`` (default on CUDA: measured fastest on H100, ``benchmarks/NOTES.md``) | ``flash`` |
-``efficient`` | ``math`` | ``any`` (torch's own choice).
+``efficient`` | ``math`` | ``any`` (torch's own choice);
+``moe``: ``dense`` (default: the reference, every expert on every token) | ``blocked`` (the
+sort-based dispatch of ``llm.moe_dispatch``: only the selected experts).
 
 Run: ``python -m benchmarks.torch_worker --job job.json --out result.json``.
 """
@@ -70,7 +72,7 @@ def _run(job: dict) -> dict:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if on_cuda else "gloo")
-    opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach",
+    opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach", "moe": "dense",
             "sdpa": "cudnn" if on_cuda else "any", **job.get("options", {})}
     compiled = job["mode"] == "torch-compile"
     config = preset_config(job)
@@ -85,6 +87,9 @@ def _run(job: dict) -> dict:
         model = DecoderModel(spec)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in load_weights(job["weights_dir"]).items()})
     model.to(device).train()
+    for module in model.modules():
+        if hasattr(module, "moe_impl"):
+            module.moe_impl = opts["moe"]
     no_decay = spec.no_decay_names()
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": t.weight_decay},

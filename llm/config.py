@@ -422,9 +422,12 @@ class OptimizationConfig(_Section):
     """Speed knobs.
 
     ``compile`` wraps the torch model in ``torch.compile(mode=compile_mode)``. It means nothing for
-    the JAX backend: XLA always compiles the jitted step, so the flag is ignored there.
+    the JAX backend: XLA always compiles the jitted step, so the flag is ignored there (the JAX
+    engine logs a line saying so when it is set).
     ``dtype`` is the compute dtype of forward and backward (torch autocast / the flax modules'
-    ``dtype``); parameters and optimiser moments stay float32 (mixed precision).
+    ``dtype``); parameters and optimiser moments stay float32 (mixed precision). ``float16`` adds
+    a dynamic loss scale in both engines (``torch.amp.GradScaler`` / the same rule in
+    ``backends/flax/optim.py``).
     """
 
     SECTION = "optimization"

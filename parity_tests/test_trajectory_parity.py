@@ -4,11 +4,10 @@ Same spec, seed and batches, float32 on CPU (``llm.parity.configure_numerics``),
 weight decay, gradient clipping and gradient accumulation 2, through the real ``TrainingEngine``s
 (``llm.parity_train.trajectory_parity``). Asserted: the logged loss of every step within 1e-4
 relative (``Tolerances.trajectory_rel``) and, after the last step, every parameter within 1e-4
-relative (``||jax - torch|| / ||torch||`` per tensor) -- except tensors whose gradient is float
-noise in both backends (below 1e-6 of the largest gradient norm at every step, e.g. a key bias
-under softmax shift invariance), which are reported and held only to Adam's lr-scale step bound
-(see ``llm/parity_train.py`` for why). Measured on CPU: per-step loss errors ~1e-7 (a few float32
-ulps), final parameters ~1e-5 at worst.
+relative (``||jax - torch|| / ||torch||`` per tensor) -- scaled by ``GRAD_FLOOR * top / peak`` for a
+tensor whose gradient stayed below 1e-2 of the model's largest (its gradient is only accurate to
+~1e-6 of the largest in absolute terms; ``llm/parity_train.py`` explains). Measured on CPU: per-step
+loss errors ~3e-7 (a few float32 ulps), final parameters ~5e-6 at worst for the tensors held to 1e-4.
 
 Specs are drawn by hypothesis over the whole space (GQA/MQA, GLU or not, both norms, every
 position scheme, MoE with aux and z losses, biases, sliding windows); dropout is set to 0 because
@@ -56,13 +55,18 @@ def _check(report: dict, context: str) -> None:
     count("trajectory")
     record("trajectory loss rel (per step)", report["max_rel_err"], context)
     record("trajectory final param rel", report["param_max_rel_err"], f"{context}: {report['param_worst']}")
+    if report["loosened"]:
+        worst = max(report["loosened"], key=lambda k: report["loosened"][k]["rel_err"] / report["loosened"][k]["tol"])
+        w = report["loosened"][worst]
+        record("trajectory small-grad param rel", w["rel_err"],
+               f"{context}: {worst} (tol {w['tol']:.1e}, grad {w['grad_peak_rel']:.1e} of top)")
     tol = Tolerances().trajectory_rel
     worst_step = max(range(STEPS), key=lambda i: report["rel_err"][i])
     assert report["max_rel_err"] <= tol, (
         f"step {worst_step + 1}: torch {report['torch'][worst_step]!r} vs jax {report['jax'][worst_step]!r}")
     assert report["param_max_rel_err"] <= 1e-4, report["param_worst"]
-    for name, noise in report["noise_params"].items():
-        assert noise["norm_err"] <= noise["bound"], name
+    bad = {k: (v, report["param_tol"][k]) for k, v in report["params"].items() if v > report["param_tol"][k]}
+    assert not bad, bad
     assert report["ok"]
 
 

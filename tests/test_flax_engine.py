@@ -33,7 +33,7 @@ from backends.flax.optim import (  # noqa: E402
 from backends.flax.tasks import FlaxTask  # noqa: E402
 from llm.callbacks import Callback  # noqa: E402
 from llm.checkpoint import latest_valid_checkpoint, load_checkpoint  # noqa: E402
-from llm.config import Config, ConfigError, load_config  # noqa: E402
+from llm.config import Config, load_config  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
 from llm.run import STATE_KEYS, NonFiniteLossError  # noqa: E402
 from llm.schedule import lr_at  # noqa: E402

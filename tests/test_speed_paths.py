@@ -198,7 +198,7 @@ def test_blocked_moe_agrees_across_backends_in_bf16():
             if hasattr(m, "moe_impl"):
                 m.moe_impl = impl
         fmodel.set_attributes(moe_impl=impl)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             t = float(tmodel(torch.as_tensor(ids), torch.as_tensor(tgt)).loss)
         f = float(fmodel(jnp.asarray(ids), jnp.asarray(tgt)).loss)
         losses[impl] = (t, f)
