@@ -46,12 +46,16 @@ def check_targets(record: dict, targets: list[dict]) -> list[dict]:
     """Evaluate ``targets`` ({mode, metric, threshold, label}) against the results; say by how much."""
     out = []
     by_mode = {r["mode"]: r for r in record["results"]}
+    card = record.get("env", {}).get("card") or "CPU"
     for tgt in targets:
         r = by_mode.get(tgt["mode"])
         entry = dict(tgt)
-        if tgt["metric"] == "all_modes_ok":
-            bad = [m["mode"] for m in record["results"] if m.get("status") != "ok"]
-            entry.update(measured=len(record["results"]) - len(bad), met=not bad and bool(record["results"]),
+        if tgt.get("card") and not re.search(tgt["card"], card):
+            entry.update(measured=None, met=None, detail=f"set for {tgt['card']}; this run is on {card}")
+        elif tgt["metric"] == "all_modes_ok":  # the plain modes; ablations (name[options]) are extra
+            main = [m for m in record["results"] if "[" not in m["mode"]]
+            bad = [m["mode"] for m in main if m.get("status") != "ok"]
+            entry.update(measured=len(main) - len(bad), met=not bad and bool(main),
                          detail=f"failed or skipped: {bad}" if bad else "every mode reported")
         elif r is None or r.get("status") != "ok":
             entry.update(measured=None, met=False,
@@ -80,8 +84,8 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v * 100:.1f}%"
 
 
-def render_markdown(record: dict, *, image: str | None = None, level: int = 2) -> str:
-    """The Markdown section for one preset: workload, peaks, the per-mode table, targets."""
+def render_markdown(record: dict, *, image: str | None = None, level: int = 2, notes: bool = True) -> str:
+    """The Markdown section for one preset: workload, peaks, the per-mode table, targets, notes."""
     w, pk, env = record["workload"], record["peak"], record["env"]
     h = "#" * level
     lines = [f"{h} {record['preset']} on {env.get('card') or 'CPU'} ({record['date']})", ""]
@@ -109,7 +113,7 @@ def render_markdown(record: dict, *, image: str | None = None, level: int = 2) -
     lines.append("|" + "---|" * len(head))
     for r in record["results"]:
         if r.get("status") != "ok":
-            err = (r.get("error") or r.get("status") or "").replace("|", "/").replace("\n", " ")[:160]
+            err = (r.get("error") or r.get("status") or "").replace("|", "/").replace("\n", " ")[:240]
             row = [r["mode"], f"**{r.get('status')}**: {err}"] + ["-"] * (len(head) - 2)
         else:
             st = r["step_time"]
@@ -125,9 +129,9 @@ def render_markdown(record: dict, *, image: str | None = None, level: int = 2) -
     if record.get("targets"):
         lines += ["", "Targets:", ""]
         for t in record["targets"]:
-            mark = "MET" if t.get("met") else "MISSED"
+            mark = {True: "MET", False: "MISSED", None: "not applicable"}[t.get("met")]
             lines.append(f"- {t['label']}: **{mark}** ({t.get('detail', '-')})")
-    if record.get("notes"):
+    if notes and record.get("notes"):
         lines += [""] + [f"- {n}" for n in record["notes"]]
     if image:
         lines += ["", f"![{record['preset']} throughput]({image})"]
@@ -210,9 +214,11 @@ def update_readme(readme: str | os.PathLike, records: list[dict], results_rel: s
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         return False
-    body = [README_START, ""]
+    body = [README_START, "", f"Written by `benchmarks/throughput.py --render ... --update-readme`; the notes on "
+            f"each run (profiles, what limits a missed target) are in [`{results_rel}/LATEST.md`]"
+            f"({results_rel}/LATEST.md) and `benchmarks/NOTES.md`.", ""]
     for rec in records:
-        md = render_markdown(rec, image=f"{results_rel}/{file_stem(rec)}.png", level=3)
+        md = render_markdown(rec, image=f"{results_rel}/{file_stem(rec)}.png", level=3, notes=False)
         body.append(md)
     body.append(README_END)
     new = re.sub(re.escape(README_START) + r".*?" + re.escape(README_END), lambda _: "\n".join(body), text,

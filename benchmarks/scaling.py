@@ -43,7 +43,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 def _summary(res: dict) -> dict:
     keep = ("status", "error", "tokens_per_s", "step_time", "step_times_s", "global_batch", "tokens_per_step",
             "world_size", "peak_memory_bytes", "compile_s", "first_step_s", "loss_step0", "loss_last",
-            "wall_s", "options")
+            "wall_s", "options", "profile")
     return {k: res[k] for k in keep if k in res}
 
 
@@ -57,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many steps after timing (torch: rank 0; JAX: device 0), kernels by category")
     p.add_argument("--mode-timeout-s", type=float, default=400.0)
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--log-dir", default=None)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a harness check only (gloo, host-platform devices), no meaningful numbers")
+    p.add_argument("--append", action="store_true",
+                   help="add to this card/date's scaling file instead of starting a new one")
     p.add_argument("--date", default=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"))
     args = p.parse_args(argv)
     for key, value in SAFE_ENV.items():
@@ -85,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "gradient_as_bucket_view",
                            "jax": f"one process, Mesh of {n} devices ('data'), batch sharded, params replicated"},
               "command": sys.argv, "runs": []}
+    previous = out_dir / f"{stem}.json"
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        record["runs"] = old.get("runs", [])
+        record["command"] = [*old.get("command", []), "&&", *sys.argv]
 
     def write() -> None:
         (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                            "device": args.device, "batch_size": B, "seq_len": T,
                            "dtype": config.optimization.dtype.value, "warmup": args.warmup, "steps": args.steps,
                            "repeats": args.repeats, "seed": args.seed, "num_batches": 4,
-                           "weights_dir": str(wdir), "profile_steps": 0, "devices": gpus}
+                           "weights_dir": str(wdir), "profile_steps": args.profile_steps if args.device == "cuda" else 0,
+                           "devices": gpus}
                     launcher, extra_env = None, {}
                     if gpus == 1 and args.device == "cuda":
                         extra_env["CUDA_VISIBLE_DEVICES"] = "0"
@@ -164,6 +174,8 @@ def render(record: dict) -> str:
         eff = "-" if e.get("ratio") is None else f"{e['efficiency'] * 100:.1f}%"
         lines.append(f"| {e['preset']} | {e['mode']} | {tps(one)} | {tps(many)} | {ratio} | {eff} | "
                      f"{ms(one)} / {ms(many)} | {'MET' if e.get('met') else 'MISSED'} |")
+    if record.get("notes"):
+        lines += [""] + [f"- {n}" for n in record["notes"]]
     return "\n".join(lines) + "\n"
 
 

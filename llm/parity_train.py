@@ -32,6 +32,13 @@ RoPE, q/k under a one-token sliding window), which Adam turns into lr-sized step
 each backend -- their tolerance becomes effectively unbounded, which is the honest statement: such
 tensors cannot move the loss, and their values are noise in both backends.
 
+One tensor needs more than that rule, because Adam normalises per *element*: the key bias under
+RoPE. ``q_i . R(j-i) b`` is constant over the keys ``j`` for the slow rotary frequencies, so those
+elements of ``b``'s gradient cancel under the softmax's shift invariance while the fast-frequency
+elements keep the tensor's gradient norm large. The cancelling elements are rounding-dominated and
+Adam gives them lr-sized steps anyway; measured errors reach ~1e-3 (head_dim 4, rope_theta 1e6).
+Names ending in ``attn.k_proj.bias`` therefore get ``KEY_BIAS_FACTOR`` (100) times ``param_rel``.
+
 ``python -m llm.parity --config FILE --steps N`` prints this report after the one-batch report.
 This module imports torch and jax only inside ``trajectory_parity``.
 """
@@ -47,7 +54,9 @@ import numpy as np
 
 from llm.spec import ModelSpec
 
-__all__ = ["trajectory_parity", "trajectory_config"]
+__all__ = ["KEY_BIAS_FACTOR", "trajectory_parity", "trajectory_config"]
+
+KEY_BIAS_FACTOR = 100.0  # tolerance factor of attn.k_proj.bias (softmax shift invariance, see above)
 
 
 def trajectory_config(spec: ModelSpec, *, steps: int, seed: int, batch_size: int, seq_len: int,
@@ -79,10 +88,12 @@ def trajectory_config(spec: ModelSpec, *, steps: int, seed: int, batch_size: int
     )
 
 
-def _run(engine_cls: Any, config: Any, run_dir: Path, grad_peaks: dict[str, float] | None = None
-         ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
-    """Train with ``engine_cls``; per-step losses and grad norms, final canonical params. With
-    ``grad_peaks`` (torch only) a hook keeps each parameter's largest micro-batch gradient norm."""
+def _run(engine_cls: Any, config: Any, run_dir: Path, grad_peaks: dict[str, float] | None = None,
+         router: dict[str, float] | None = None) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+    """Train with ``engine_cls``; per-step losses and grad norms, final canonical params. Torch only:
+    with ``grad_peaks`` a hook keeps each parameter's largest micro-batch gradient norm; with
+    ``router`` a hook keeps ``router["min_gap"]``, the smallest margin between the k-th and the
+    (k+1)-th router probability of any token in any step."""
     from llm.callbacks import Callback
 
     class Record(Callback):
@@ -107,9 +118,31 @@ def _run(engine_cls: Any, config: Any, run_dir: Path, grad_peaks: dict[str, floa
                     grad_peaks[name] = max(grad_peaks[name], float(grad.norm()))
 
                 p.register_hook(keep)
+        if router is not None:
+            _watch_router(engine.model, router)
         engine.fit()
         params = engine.impl.to_canonical(engine.model)
     return record.loss, record.grad_norm, params
+
+
+def _watch_router(model: Any, router: dict[str, float]) -> None:
+    import torch
+
+    spec = model.spec
+    router["min_gap"] = math.inf
+    k, experts = spec.num_experts_per_token, spec.num_experts
+    if not spec.use_moe or k >= experts:
+        return
+
+    def gap(moe, inputs, output):
+        with torch.no_grad():
+            x = inputs[0].detach().reshape(-1, spec.hidden_size).float()
+            probs = torch.softmax(x @ moe.router.weight.detach().float().T, dim=-1)
+            top = torch.topk(probs, k + 1, dim=-1).values  # (N, k+1)
+            router["min_gap"] = min(router["min_gap"], float((top[:, k - 1] - top[:, k]).min()))
+
+    for layer in model.layers:
+        layer.mlp.register_forward_hook(gap)
 
 
 def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_size: int = 4, seq_len: int = 16,
@@ -139,7 +172,8 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
                                weight_decay=weight_decay, grad_clip=grad_clip)
     with tempfile.TemporaryDirectory(prefix="llm-trajectory-") as tmp:
         peaks: dict[str, float] = {}
-        torch_loss, grad_norm, torch_params = _run(TorchEngine, config, Path(tmp) / "torch", peaks)
+        router: dict[str, float] = {}
+        torch_loss, grad_norm, torch_params = _run(TorchEngine, config, Path(tmp) / "torch", peaks, router)
         jax_loss, _, jax_params = _run(JaxEngine, config, Path(tmp) / "jax")
 
     rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(jax_loss, torch_loss, strict=True)]
@@ -149,6 +183,8 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
     loosened: dict[str, dict[str, float]] = {}
     for k in params:
         scale = GRAD_FLOOR * top / peaks[k] if peaks[k] > 0 else math.inf
+        if k.endswith("attn.k_proj.bias"):
+            scale = max(scale, KEY_BIAS_FACTOR)
         tol[k] = param_rel * max(1.0, scale)
         if scale > 1.0:
             loosened[k] = {"rel_err": params[k], "tol": tol[k], "grad_peak_rel": peaks[k] / top if top else 0.0}
@@ -160,7 +196,7 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
         "torch": torch_loss, "jax": jax_loss, "rel_err": rel, "max_rel_err": max(rel),
         "grad_norm": grad_norm, "clipped_steps": sum(1 for g in grad_norm if g > grad_clip),
         "params": params, "param_tol": tol, "param_max_rel_err": strict[worst] if worst else 0.0,
-        "param_worst": worst, "loosened": loosened,
+        "param_worst": worst, "loosened": loosened, "router_min_gap": router["min_gap"],
         "worst_tol_ratio": max((params[k] / tol[k] for k in params), default=0.0),
         "tolerances": {"loss_rel": loss_rel, "param_rel": param_rel, "grad_floor": GRAD_FLOOR},
     }

@@ -6,8 +6,11 @@ weight decay, gradient clipping and gradient accumulation 2, through the real ``
 relative (``Tolerances.trajectory_rel``) and, after the last step, every parameter within 1e-4
 relative (``||jax - torch|| / ||torch||`` per tensor) -- scaled by ``GRAD_FLOOR * top / peak`` for a
 tensor whose gradient stayed below 1e-2 of the model's largest (its gradient is only accurate to
-~1e-6 of the largest in absolute terms; ``llm/parity_train.py`` explains). Measured on CPU: per-step
-loss errors ~3e-7 (a few float32 ulps), final parameters ~5e-6 at worst for the tensors held to 1e-4.
+~1e-6 of the largest in absolute terms), and by 100 for the key bias (its slow-RoPE elements cancel
+under the softmax's shift invariance); ``llm/parity_train.py`` explains both. A draw in which some
+token came within 1e-4 of an MoE routing tie is rejected (``assume``): top-k is discontinuous there.
+Measured on CPU over ~150 drawn specs: per-step loss errors <= ~1e-6 (typically a few float32 ulps,
+~3e-7), final parameters <= ~1.4e-5 for the tensors held to 1e-4 itself.
 
 Specs are drawn by hypothesis over the whole space (GQA/MQA, GLU or not, both norms, every
 position scheme, MoE with aux and z losses, biases, sliding windows); dropout is set to 0 because
@@ -20,7 +23,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from llm.parity import Tolerances
@@ -32,6 +35,7 @@ from parity_tests.strategies import specs
 torch = pytest.importorskip("torch")
 
 STEPS = 20
+ROUTER_MARGIN = 1e-4  # a token this close to a routing tie may pick another expert in the other backend
 EXAMPLES = {"ci": 3, "thorough": 40}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
 DENSE = ModelSpec(vocab_size=48, max_seq_len=16, hidden_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
                   use_glu=True, activation="silu", norm_type="rmsnorm", position="rope", init_std=0.1)
@@ -77,6 +81,11 @@ def _check(report: dict, context: str) -> None:
 def test_twenty_adamw_steps_agree(spec, seed, clip):
     report = trajectory_parity(spec, steps=STEPS, seed=seed, batch_size=4, seq_len=12, grad_accum=2, lr=1e-2,
                                warmup_steps=5, weight_decay=0.1, grad_clip=clip)
+    # MoE top-k is discontinuous: when some token's k-th and (k+1)-th router probabilities came within
+    # float32 distance of each other during the run, the backends may legitimately route it differently
+    # and the trajectories part (a real ~1e-3 loss jump). Such draws say nothing about parity; ties
+    # themselves are tested exactly in test_moe_ties.py.
+    assume(report["router_min_gap"] > ROUTER_MARGIN)
     _check(report, f"seed={seed} clip={clip} moe={spec.use_moe} layers={spec.num_layers}")
     if spec in (DENSE, MOE):  # the fixed specs exercise clipping on some steps and not on others
         assert 0 < report["clipped_steps"] < STEPS, report["grad_norm"]

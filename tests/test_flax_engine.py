@@ -1,6 +1,6 @@
 """The JAX TrainingEngine: learning, the torch-exact optimiser math, schedule, accumulation,
 checkpoints, exact resume, NaN handling, mixed precision, tasks, callbacks, and 2-device data
-parallelism (in a subprocess with XLA_FLAGS). One tiny spec and one set of optimiser settings
+parallelism (in a subprocess with XLA_FLAGS, which also checks that torch is never imported). One tiny spec and one set of optimiser settings
 throughout, so most tests reuse the compiled step. Never imports torch (cross-backend checks live
 in ``parity_tests/test_cross_backend.py``)."""
 
@@ -384,6 +384,8 @@ TWO_DEVICES = textwrap.dedent("""
         TrainingEngine(load_config(None, overrides + ["training.batch_size=7"], env={}), run_dir=f"{root}/bad")
     except ConfigError as e:
         out["error"] = str(e)
+    import llm.train  # noqa: F401 -- the CLI module too
+    out["frameworks"] = sorted({"torch", "tensorflow"} & {m.split(".")[0] for m in sys.modules})
     print("RESULT", json.dumps(out))
 """)
 
@@ -403,3 +405,4 @@ def test_two_devices_give_the_one_device_losses(tmp_path):
     assert result["val"] == pytest.approx(result["val_1"], rel=1e-6)
     assert result["batch_sharding"] == [["data"], 2] and result["param_sharding"] == []  # rows split, params replicated
     assert "training.batch_size=7" in result["error"] and "2 JAX devices" in result["error"]
+    assert result["frameworks"] == []  # the JAX engine, its tasks and the CLI never import torch
