@@ -39,6 +39,12 @@ elements keep the tensor's gradient norm large. The cancelling elements are roun
 Adam gives them lr-sized steps anyway; measured errors reach ~1e-3 (head_dim 4, rope_theta 1e6).
 Names ending in ``attn.k_proj.bias`` therefore get ``KEY_BIAS_FACTOR`` (100) times ``param_rel``.
 
+MoE routing is discontinuous: a token whose k-th and (k+1)-th router probabilities come within
+float32 distance of each other may go to different experts in the two backends, and from then on
+the trajectories part for a real reason. ``router_min_gap`` (the smallest such margin over every
+token, layer and micro-batch of the torch run, from a forward hook) says how close a run came;
+``parity_tests`` rejects draws below 1e-5 (ties themselves are tested exactly elsewhere).
+
 ``python -m llm.parity --config FILE --steps N`` prints this report after the one-batch report.
 This module imports torch and jax only inside ``trajectory_parity``.
 """
@@ -156,7 +162,7 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
     ``params`` (per-tensor rel err), ``param_tol`` (per-tensor tolerance), ``param_max_rel_err`` /
     ``param_worst`` (over the tensors held to ``param_rel`` itself), ``loosened`` (name -> rel err,
     tolerance, gradient peak relative to the largest), ``worst_tol_ratio`` (max rel err / tolerance),
-    ``tolerances`` and ``ok``.
+    ``router_min_gap`` (inf without MoE), ``tolerances`` and ``ok``.
     """
     from backends.flax.engine import TrainingEngine as JaxEngine
     from backends.torch.engine import TrainingEngine as TorchEngine

@@ -8,7 +8,7 @@ relative (``||jax - torch|| / ||torch||`` per tensor) -- scaled by ``GRAD_FLOOR 
 tensor whose gradient stayed below 1e-2 of the model's largest (its gradient is only accurate to
 ~1e-6 of the largest in absolute terms), and by 100 for the key bias (its slow-RoPE elements cancel
 under the softmax's shift invariance); ``llm/parity_train.py`` explains both. A draw in which some
-token came within 1e-4 of an MoE routing tie is rejected (``assume``): top-k is discontinuous there.
+token came within 1e-5 of an MoE routing tie is rejected (``assume``): top-k is discontinuous there.
 Measured on CPU over ~150 drawn specs: per-step loss errors <= ~1e-6 (typically a few float32 ulps,
 ~3e-7), final parameters <= ~1.4e-5 for the tensors held to 1e-4 itself.
 
@@ -35,7 +35,7 @@ from parity_tests.strategies import specs
 torch = pytest.importorskip("torch")
 
 STEPS = 20
-ROUTER_MARGIN = 1e-4  # a token this close to a routing tie may pick another expert in the other backend
+ROUTER_MARGIN = 1e-5  # a token this close to a routing tie may pick another expert in the other backend
 EXAMPLES = {"ci": 3, "thorough": 40}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
 DENSE = ModelSpec(vocab_size=48, max_seq_len=16, hidden_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
                   use_glu=True, activation="silu", norm_type="rmsnorm", position="rope", init_std=0.1)
@@ -77,7 +77,7 @@ def _check(report: dict, context: str) -> None:
 @settings(max_examples=EXAMPLES)
 @given(spec=specs(max_layers=2), seed=st.integers(0, 2 ** 16), clip=st.sampled_from([0.05, 0.3, 1.0]))
 @example(spec=DENSE, seed=0, clip=1.0)
-@example(spec=MOE, seed=1, clip=0.5)
+@example(spec=MOE, seed=2, clip=0.5)
 def test_twenty_adamw_steps_agree(spec, seed, clip):
     report = trajectory_parity(spec, steps=STEPS, seed=seed, batch_size=4, seq_len=12, grad_accum=2, lr=1e-2,
                                warmup_steps=5, weight_decay=0.1, grad_clip=clip)
@@ -85,7 +85,10 @@ def test_twenty_adamw_steps_agree(spec, seed, clip):
     # float32 distance of each other during the run, the backends may legitimately route it differently
     # and the trajectories part (a real ~1e-3 loss jump). Such draws say nothing about parity; ties
     # themselves are tested exactly in test_moe_ties.py.
+    fixed = spec in (DENSE, MOE)
+    if fixed:
+        assert report["router_min_gap"] > ROUTER_MARGIN  # the fixed examples are chosen clear of ties
     assume(report["router_min_gap"] > ROUTER_MARGIN)
     _check(report, f"seed={seed} clip={clip} moe={spec.use_moe} layers={spec.num_layers}")
-    if spec in (DENSE, MOE):  # the fixed specs exercise clipping on some steps and not on others
+    if fixed:  # the fixed specs exercise clipping on some steps and not on others
         assert 0 < report["clipped_steps"] < STEPS, report["grad_norm"]
