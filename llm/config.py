@@ -230,8 +230,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config field type {tp!r}")  # a bug in this module
 
 
+# Names other frameworks use for our keys: spelling distance alone would suggest the wrong field
+# (``learning_rate`` is closer to ``early_stopping_patience`` than to ``lr``).
+_ALIASES = {
+    "learning_rate": "lr", "max_iters": "max_steps", "num_steps": "max_steps", "steps": "max_steps",
+    "lr_warmup_steps": "warmup_steps", "warmup_iters": "warmup_steps", "gradient_accumulation_steps":
+    "grad_accum_steps", "max_grad_norm": "grad_clip", "clip_grad": "grad_clip", "block_size": "seq_len",
+    "micro_batch_size": "batch_size", "eval_interval": "eval_every", "log_interval": "log_every",
+}
+
+
 def _nearest(word: str, choices: Iterable[str]) -> str | None:
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    section, _, leaf = word.rpartition(".")
+    alias = _ALIASES.get(leaf)
+    if alias is not None:
+        target = f"{section}.{alias}" if section else alias
+        if target in choices:
+            return target
+        same_leaf = [c for c in choices if c.rpartition(".")[2] == alias]
+        if same_leaf:
+            return same_leaf[0]
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return found[0] if found else None
 
 

@@ -287,3 +287,12 @@ def test_llm_imports_pull_in_neither_torch_nor_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_other_frameworks_names_suggest_our_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'training.lr'"):
+        load_config(overrides=["training.learning_rate=3e-4"], env={})
+    with pytest.raises(ConfigError, match=r"did you mean 'training.max_steps'"):
+        load_config(overrides=["training.max_iters=10"], env={})
+    with pytest.raises(ConfigError, match=r"did you mean 'training.grad_accum_steps'"):
+        load_config(write(tmp_path, "training:\n  gradient_accumulation_steps: 2\n"), env={})
