@@ -14,7 +14,6 @@ File format (JSON, never pickle)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -27,15 +26,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from llm.tokenization.char import (
     SPECIAL_TOKENS,
     TokenizerError,
+    TokenizerFile,
     check_ids,
-    read_tokenizer_json,
-    write_tokenizer_json,
 )
 
 __all__ = ["BPETokenizer"]
 
 
-class BPETokenizer:
+class BPETokenizer(TokenizerFile):
     """Byte-level BPE; build with ``BPETokenizer.train(...)`` or ``BPETokenizer.load(path)``."""
 
     type = "bpe"
@@ -134,15 +132,6 @@ class BPETokenizer:
     def to_json_dict(self) -> dict[str, Any]:
         return {"type": self.type, "tokenizer": json.loads(self._tok.to_str())}
 
-    @property
-    def identity(self) -> str:
-        """sha256 of the tokenizer's JSON form: equal identities encode identically."""
-        blob = json.dumps(self.to_json_dict(), sort_keys=True, ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_tokenizer_json(path, self.to_json_dict())
-
     @classmethod
     def from_json_dict(cls, data: dict[str, Any], *, where: str = "tokenizer") -> BPETokenizer:
         inner = data.get("tokenizer")
@@ -153,10 +142,6 @@ class BPETokenizer:
         except Exception as e:  # the library raises a bare Exception on malformed JSON models
             raise TokenizerError(f"{where}: corrupt bpe tokenizer ({e})") from None
         return cls(tok)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        return cls.from_json_dict(read_tokenizer_json(path, cls.type), where=str(path))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BPETokenizer) and self.identity == other.identity

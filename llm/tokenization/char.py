@@ -94,7 +94,27 @@ def check_ids(ids: Sequence[int], vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------------- the tokenizer
-class SimpleCharacterTokenizer:
+class TokenizerFile:
+    """What every tokenizer shares about its file: a ``type``-tagged JSON form (``to_json_dict`` /
+    ``from_json_dict`` per class), its sha256 ``identity``, ``save`` and ``load``."""
+
+    type = ""
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the tokenizer's JSON form: equal identities encode identically."""
+        blob = json.dumps(self.to_json_dict(), sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_tokenizer_json(path, self.to_json_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        return cls.from_json_dict(read_tokenizer_json(path, cls.type), where=str(path))
+
+
+class SimpleCharacterTokenizer(TokenizerFile):
     """One id per character seen in ``text`` (a string or an iterable of strings).
 
     ``encode`` never fails (unknown characters map to ``unk_id``); ``decode`` renders special ids as
@@ -200,15 +220,6 @@ class SimpleCharacterTokenizer:
     def to_json_dict(self) -> dict[str, Any]:
         return {"type": self.type, "special_tokens": list(self.special_tokens), "vocab": self._vocab}
 
-    @property
-    def identity(self) -> str:
-        """sha256 of the tokenizer's JSON form: equal identities encode identically."""
-        blob = json.dumps(self.to_json_dict(), sort_keys=True, ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_tokenizer_json(path, self.to_json_dict())
-
     @classmethod
     def from_json_dict(cls, data: dict[str, Any], *, where: str = "tokenizer") -> SimpleCharacterTokenizer:
         vocab, specials = data.get("vocab"), data.get("special_tokens", list(SPECIAL_TOKENS))
@@ -219,10 +230,6 @@ class SimpleCharacterTokenizer:
             return cls.from_vocab(vocab, specials, where=where)
         except TokenizerError as e:
             raise TokenizerError(f"corrupt char tokenizer: {e}") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> SimpleCharacterTokenizer:
-        return cls.from_json_dict(read_tokenizer_json(path, cls.type), where=str(path))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SimpleCharacterTokenizer) and self._vocab == other._vocab

@@ -20,23 +20,21 @@ File format (JSON, never pickle)::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from llm.tokenization.char import TokenizerError, check_ids, read_tokenizer_json, write_tokenizer_json
+from llm.tokenization.char import TokenizerError, TokenizerFile, check_ids
 
 __all__ = ["HFTokenizer", "SPECIAL_ROLES"]
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerFile):
     """A ``tokenizers``-library tokenizer plus the names of its special tokens."""
 
     type = "hf"
@@ -134,15 +132,6 @@ class HFTokenizer:
         return {"type": self.type, "tokenizer": json.loads(self._tok.to_str()),
                 "special_tokens": dict(self._roles), "add_special_tokens": self.add_special_tokens}
 
-    @property
-    def identity(self) -> str:
-        """sha256 of the tokenizer's JSON form: equal identities encode identically."""
-        blob = json.dumps(self.to_json_dict(), sort_keys=True, ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_tokenizer_json(path, self.to_json_dict())
-
     @classmethod
     def from_json_dict(cls, data: dict[str, Any], *, where: str = "tokenizer") -> HFTokenizer:
         inner, roles = data.get("tokenizer"), data.get("special_tokens", {})
@@ -156,10 +145,6 @@ class HFTokenizer:
             return cls.from_str(json.dumps(inner), roles, add_special_tokens=add, where=where)
         except TokenizerError as e:
             raise TokenizerError(f"corrupt hf tokenizer: {e}") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> HFTokenizer:
-        return cls.from_json_dict(read_tokenizer_json(path, cls.type), where=str(path))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and self.identity == other.identity
