@@ -1,6 +1,6 @@
 """Data-parallel scaling on the GPUs of one host: torch DDP (torchrun) and JAX data parallel vs one GPU.
 
-For each preset and backend, in the same run: the throughput benchmark's step on one GPU
+For each preset and mode (``--modes``, with options as in ``throughput.py``), in the same run: the throughput benchmark's step on one GPU
 (``CUDA_VISIBLE_DEVICES=0``), then on ``--gpus`` GPUs -- torch through ``torchrun --standalone
 --nproc_per_node N`` (one process per GPU, DDP over NCCL, compiled model), JAX in one process
 over a ``Mesh`` of all N devices (batch sharded on "data", parameters replicated, XLA's all-reduce).
@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,14 +31,20 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.hardware import collect_env  # noqa: E402
 from benchmarks.job import write_weights  # noqa: E402
-from benchmarks.throughput import run_worker, workload  # noqa: E402
+from benchmarks.throughput import WORKERS, mode_env, parse_mode, run_worker, workload  # noqa: E402
 from llm.config import load_config  # noqa: E402
 from llm.spec import init_params  # noqa: E402
 
 TARGET_RATIO = 1.85
-BACKENDS = {"torch": ("torch-compile", "benchmarks.torch_worker"), "jax": ("jax-jit", "benchmarks.jax_worker")}
+MODE_BACKEND = {"torch-eager": "torch", "torch-compile": "torch", "jax-jit": "jax"}
+# Options that only change the multi-GPU run; the variants that differ only in these share one 1-GPU run.
+DATA_PARALLEL_OPTIONS = {"bucket_mb", "ddp_split", "static_graph", "comm_hook"}
 # NVLink multicast stays off on shared hosts (a program using it can take the GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
 def _summary(res: dict) -> dict:
@@ -51,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["gpt2_124m"])
     p.add_argument("--batch-size", type=int, default=None, help="per GPU (default: the preset's batch)")
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    p.add_argument("--modes", nargs="+", default=["torch-compile", "jax-jit"],
+                   help="modes as in throughput.py, with options, e.g. 'torch-compile[bucket_mb=100]' "
+                        "(DDP options: see benchmarks/torch_worker.py)")
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -86,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
               "protocol": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
                            "scaling": "weak: each GPU keeps the preset's batch",
                            "torch": f"torchrun --standalone --nproc_per_node {n}, DDP(torch.compile(model)), NCCL, "
-                                    "gradient_as_bucket_view",
+                                    "gradient_as_bucket_view; a row's options set bucket_mb (25), ddp_split (on: DDPOptimizer "
+                                    "graph splits at buckets), static_graph (0), comm_hook (none: fp32 all-reduce)",
                            "jax": f"one process, Mesh of {n} devices ('data'), batch sharded, params replicated"},
               "command": sys.argv, "runs": []}
     previous = out_dir / f"{stem}.json"
@@ -106,38 +116,54 @@ def main(argv: list[str] | None = None) -> int:
             B, T = args.batch_size or config.training.batch_size, config.data.seq_len
             wdir = work / f"weights_{preset}"
             write_weights(init_params(config.model, args.seed), wdir)
-            for backend in args.backends:
-                mode, module = BACKENDS[backend]
-                entry = {"preset": preset, "backend": backend, "mode": mode, "batch_per_gpu": B, "seq_len": T,
+            singles: dict[str, dict] = {}  # one-GPU job key -> its result, shared by the variants
+
+            def run(mode: str, opts: dict, gpus: int, label: str) -> dict:
+                remaining = deadline - time.time()
+                if remaining < 30:
+                    return {"status": "skipped", "error": "time budget spent"}
+                backend = MODE_BACKEND[mode]
+                job = {"config_path": str(ROOT / "configs" / f"{preset}.yaml"), "mode": mode, "options": opts,
+                       "device": args.device, "batch_size": B, "seq_len": T,
+                       "dtype": config.optimization.dtype.value, "warmup": args.warmup, "steps": args.steps,
+                       "repeats": args.repeats, "seed": args.seed, "num_batches": 4,
+                       "weights_dir": str(wdir), "profile_steps": args.profile_steps if args.device == "cuda" else 0,
+                       "devices": gpus}
+                launcher = None
+                extra_env = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{_slug(label)}_{gpus}"), **mode_env(opts)}
+                if gpus == 1 and args.device == "cuda":
+                    extra_env["CUDA_VISIBLE_DEVICES"] = "0"
+                if args.device == "cpu" and backend == "jax":
+                    extra_env["XLA_FLAGS"] = " ".join(filter(None, [extra_env.get("XLA_FLAGS", ""),
+                                                                    f"--xla_force_host_platform_device_count={gpus}"]))
+                elif backend == "torch":
+                    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={gpus}"]
+                name = f"scaling_{preset}_{_slug(label)}_{gpus}gpu"
+                print(f"[{preset}] {label} on {gpus} GPU(s): running", flush=True)
+                res = run_worker(WORKERS[mode], job, work, name, min(args.mode_timeout_s, remaining), args.device,
+                                 launcher=launcher, log_dir=log_dir, extra_env=extra_env)
+                msg = (f"{res['tokens_per_s']:,.0f} tok/s (global batch {res['global_batch']}, "
+                       f"step {res['step_time']['median_s'] * 1e3:.1f} ms)"
+                       if res.get("status") == "ok" else f"{res.get('status')}: {res.get('error')}")
+                print(f"[{preset}] {label} on {gpus} GPU(s): {msg}", flush=True)
+                return _summary(res)
+
+            for text in args.modes:
+                mode, opts = parse_mode(text)
+                backend = MODE_BACKEND[mode]
+                entry = {"preset": preset, "backend": backend, "mode": text, "batch_per_gpu": B, "seq_len": T,
                          "workload": workload(config, B, T)}
-                for gpus in (1, n):
-                    remaining = deadline - time.time()
-                    if remaining < 30:
-                        entry[f"gpus_{gpus}"] = {"status": "skipped", "error": "time budget spent"}
-                        continue
-                    job = {"config_path": str(ROOT / "configs" / f"{preset}.yaml"), "mode": mode, "options": {},
-                           "device": args.device, "batch_size": B, "seq_len": T,
-                           "dtype": config.optimization.dtype.value, "warmup": args.warmup, "steps": args.steps,
-                           "repeats": args.repeats, "seed": args.seed, "num_batches": 4,
-                           "weights_dir": str(wdir), "profile_steps": args.profile_steps if args.device == "cuda" else 0,
-                           "devices": gpus}
-                    launcher, extra_env = None, {}
-                    if gpus == 1 and args.device == "cuda":
-                        extra_env["CUDA_VISIBLE_DEVICES"] = "0"
-                    if args.device == "cpu" and backend == "jax":
-                        extra_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={gpus}"
-                    elif backend == "torch":
-                        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc_per_node={gpus}"]
-                    name = f"scaling_{preset}_{backend}_{gpus}gpu"
-                    print(f"[{preset}] {backend} on {gpus} GPU(s): running", flush=True)
-                    res = run_worker(module, job, work, name, min(args.mode_timeout_s, remaining), args.device,
-                                     launcher=launcher, log_dir=log_dir, extra_env=extra_env)
-                    entry[f"gpus_{gpus}"] = _summary(res)
-                    msg = (f"{res['tokens_per_s']:,.0f} tok/s (global batch {res['global_batch']})"
-                           if res.get("status") == "ok" else f"{res.get('status')}: {res.get('error')}")
-                    print(f"[{preset}] {backend} on {gpus} GPU(s): {msg}", flush=True)
-                one, many = entry.get("gpus_1", {}), entry.get(f"gpus_{n}", {})
+                single_opts = {k: v for k, v in opts.items() if k not in DATA_PARALLEL_OPTIONS}
+                key = json.dumps([mode, single_opts], sort_keys=True)
+                if key not in singles:
+                    single_text = mode + ("[" + ",".join(f"{k}={v}" for k, v in single_opts.items()) + "]"
+                                          if single_opts else "")
+                    singles[key] = run(mode, single_opts, 1, single_text)
+                    singles[key]["mode"] = single_text
+                entry["gpus_1"] = singles[key]
+                entry[f"gpus_{n}"] = run(mode, opts, n, text)
+                one, many = entry["gpus_1"], entry[f"gpus_{n}"]
                 if one.get("status") == "ok" and many.get("status") == "ok":
                     entry["ratio"] = many["tokens_per_s"] / one["tokens_per_s"]
                     entry["efficiency"] = entry["ratio"] / n
@@ -174,6 +200,15 @@ def render(record: dict) -> str:
         eff = "-" if e.get("ratio") is None else f"{e['efficiency'] * 100:.1f}%"
         lines.append(f"| {e['preset']} | {e['mode']} | {tps(one)} | {tps(many)} | {ratio} | {eff} | "
                      f"{ms(one)} / {ms(many)} | {'MET' if e.get('met') else 'MISSED'} |")
+    profiled = [(e, g) for e in record["runs"] for g in (1, n)
+                 if isinstance(e.get(f"gpus_{g}", {}).get("profile"), dict) and "by_category_ms_per_step" in e[f"gpus_{g}"]["profile"]]
+    if profiled:
+        lines += ["", "Kernel profiles (torch: rank 0; JAX: device 0), ms per step by category:", ""]
+        for e, g in profiled:
+            prof = e[f"gpus_{g}"]["profile"]
+            cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["by_category_ms_per_step"].items())
+            lines.append(f"- {e['preset']} {e[f'gpus_{g}'].get('mode', e['mode']) if g == 1 else e['mode']} on {g} GPU(s): "
+                         f"span {prof['span_ms_per_step']:.1f}, GPU busy {prof['busy_fraction'] * 100:.1f}%; {cats}")
     if record.get("notes"):
         lines += [""] + [f"- {n}" for n in record["notes"]]
     return "\n".join(lines) + "\n"

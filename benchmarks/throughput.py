@@ -70,6 +70,27 @@ TARGETS = {
 }
 
 
+# Named XLA flag sets for the ``xla=<name>`` option of ``jax-jit`` (set as XLA_FLAGS before JAX starts).
+XLA_FLAG_SETS = {
+    "default": "",
+    # Schedule collectives against independent compute (overlap the gradient all-reduce with the backward).
+    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "lhs_combine": "--xla_gpu_enable_latency_hiding_scheduler=true "
+                   "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+}
+
+
+def mode_env(opts: dict[str, str]) -> dict[str, str]:
+    """Environment a mode's options need before its framework starts (``xla=<flag set>``)."""
+    if "xla" not in opts:
+        return {}
+    if opts["xla"] not in XLA_FLAG_SETS:
+        raise SystemExit(f"xla={opts['xla']!r} is not one of: {', '.join(XLA_FLAG_SETS)}")
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), XLA_FLAG_SETS[opts["xla"]]]))
+    return {"XLA_FLAGS": flags}
+
+
 def parse_mode(text: str) -> tuple[str, dict[str, str]]:
     """``'jax-jit[attention=xla,donate=0]'`` -> ``('jax-jit', {'attention': 'xla', 'donate': '0'})``."""
     m = re.fullmatch(r"([a-z-]+)(?:\[(.*)\])?", text.strip())
@@ -79,6 +100,7 @@ def parse_mode(text: str) -> tuple[str, dict[str, str]]:
     for part in filter(None, (m.group(2) or "").split(",")):
         key, _, value = part.partition("=")
         opts[key.strip()] = value.strip()
+    mode_env(opts)  # an unknown flag set is an error now, not a failed run later
     return m.group(1), opts
 
 
@@ -221,7 +243,7 @@ def run_modes(record: dict, mode_texts: list[str], args, work: Path, deadline: f
             cache = work / ("inductor_" + (re.sub(r"[^A-Za-z0-9]+", "-", json.dumps(opts, sort_keys=True)).strip("-")
                                            or "default"))
             res = run_worker(WORKERS[mode], job, work, name, timeout, args.device, log_dir=log_dir,
-                             extra_env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+                             extra_env={"TORCHINDUCTOR_CACHE_DIR": str(cache), **mode_env(opts)})
             res["mode"] = text
             record["results"].append(res)
             if res.get("status") == "ok":

@@ -14,6 +14,13 @@ Options (``job["options"]``, each an ablation of one speed change):
 ``moe``: ``dense`` (default: the reference, every expert on every token) | ``blocked`` (the
 sort-based dispatch of ``llm.moe_dispatch``: only the selected experts).
 
+Data parallel options (under ``torchrun`` only): ``bucket_mb``: DDP's gradient bucket size in MB
+(default 25, DDP's own); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
+graph at bucket boundaries so each bucket's all-reduce overlaps the rest of the backward) | ``off``
+(one graph: every all-reduce waits for the whole backward); ``static_graph``: ``0`` (default) |
+``1``; ``comm_hook``: ``none`` (default: float32 all-reduce) | ``bf16`` (gradients cast to bf16 for
+the all-reduce, half the bytes, and back).
+
 Run: ``python -m benchmarks.torch_worker --job job.json --out result.json``.
 """
 
@@ -74,6 +81,9 @@ def _run(job: dict) -> dict:
         dist.init_process_group("nccl" if on_cuda else "gloo")
     opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach", "moe": "dense",
             "sdpa": "cudnn" if on_cuda else "any", **job.get("options", {})}
+    if world > 1:
+        opts = {"bucket_mb": "25", "ddp_split": "on", "static_graph": "0", "comm_hook": "none", **opts}
+        torch._dynamo.config.optimize_ddp = opts["ddp_split"] == "on"
     compiled = job["mode"] == "torch-compile"
     config = preset_config(job)
     spec, t = config.model, config.training
@@ -102,7 +112,14 @@ def _run(job: dict) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         fwd = DistributedDataParallel(fwd, device_ids=[local_rank] if on_cuda else None,
-                                      gradient_as_bucket_view=True)
+                                      gradient_as_bucket_view=True, bucket_cap_mb=float(opts["bucket_mb"]),
+                                      static_graph=opts["static_graph"] == "1")
+        if opts["comm_hook"] == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            fwd.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        elif opts["comm_hook"] != "none":
+            raise ValueError(f"comm_hook={opts['comm_hook']!r} is not one of: none, bf16")
 
     tokens = torch.from_numpy(make_batches(spec.vocab_size, B, T, job["num_batches"],
                                            job["seed"] + rank).astype(np.int64)).to(device)

@@ -121,3 +121,31 @@ def test_mfu_and_targets_say_by_how_much():
     assert [t["met"] for t in out] == [False, True, False, False]
     assert out[0]["ratio"] == pytest.approx(0.8) and "-20.0%" in out[0]["detail"]
     assert "failed" in out[2]["detail"] and "['b']" in out[3]["detail"]
+
+
+def test_scaling_harness_on_cpu(tmp_path):
+    """Two host 'devices': every variant gets a 2-process/2-device run; DDP-only options share one 1-GPU run."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--device", "cpu", "--presets", "tiny",
+           "--modes", "torch-eager", "torch-eager[bucket_mb=1,static_graph=1]", "jax-jit[xla=lhs]",
+           "--gpus", "2", "--warmup", "1", "--steps", "1", "--repeats", "2", "--out-dir", str(tmp_path),
+           "--date", "2000-01-01"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads((tmp_path / "scaling_cpux2_2000-01-01.json").read_text())
+    runs = record["runs"]
+    assert [r["mode"] for r in runs] == ["torch-eager", "torch-eager[bucket_mb=1,static_graph=1]", "jax-jit[xla=lhs]"]
+    for r in runs:
+        assert r["gpus_1"]["status"] == "ok" and r["gpus_2"]["status"] == "ok", r
+        assert r["gpus_2"]["global_batch"] == 2 * r["gpus_1"]["global_batch"]
+        assert r["ratio"] == pytest.approx(r["gpus_2"]["tokens_per_s"] / r["gpus_1"]["tokens_per_s"])
+    assert runs[0]["gpus_1"] == runs[1]["gpus_1"]  # the same 1-process run, not a second one
+    assert runs[1]["gpus_2"]["options"]["bucket_mb"] == "1" and runs[1]["gpus_2"]["options"]["static_graph"] == "1"
+    assert runs[0]["gpus_2"]["options"]["bucket_mb"] == "25"
+    assert runs[2]["gpus_2"]["options"]["xla"] == "lhs"
+    md = (tmp_path / "scaling_cpux2_2000-01-01.md").read_text()
+    assert md.count("| tiny |") == 3
+
+
+def test_unknown_xla_flag_set_is_refused():
+    with pytest.raises(SystemExit, match="xla='nope' is not one of"):
+        parse_mode("jax-jit[xla=nope]")
