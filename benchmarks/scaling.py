@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                        "device": args.device, "batch_size": B, "seq_len": T,
                        "dtype": config.optimization.dtype.value, "warmup": args.warmup, "steps": args.steps,
                        "repeats": args.repeats, "seed": args.seed, "num_batches": 4,
-                       "weights_dir": str(wdir), "profile_steps": args.profile_steps if args.device == "cuda" else 0,
+                       "weights_dir": str(wdir), "profile_steps": args.profile_steps,
                        "devices": gpus}
                 launcher = None
                 extra_env = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{_slug(label)}_{gpus}"), **mode_env(opts)}

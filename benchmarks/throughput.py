@@ -25,11 +25,13 @@ it are reported as skipped, and a running one is cut at it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -126,13 +128,17 @@ def run_worker(module: str, job: dict, work: Path, name: str, timeout: float, de
     cmd = (launcher or [sys.executable]) + ["-m", module, "--job", str(job_path), "--out", str(out_path)]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
+        # Its own session, so a timeout kills the whole tree: torchrun's workers would otherwise
+        # outlive it and keep holding the GPUs the next mode needs.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_worker_env(device) | (extra_env or {}),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=_worker_env(device) | (extra_env or {}),
-                                  stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=max(1.0, timeout))
-            code = proc.returncode
+            code = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
             code = None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     wall = time.perf_counter() - t0
     tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
     if out_path.exists():

@@ -53,13 +53,17 @@ def _sdpa_context(choice: str):
 def _profile(step, sync, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         sync()
+    # Kernels only: record_function ranges (e.g. "Optimizer.step#AdamW.step") are mirrored on the GPU
+    # timeline as user annotations and would count their kernels twice.
     events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-              if e.device_type == torch.autograd.DeviceType.CUDA]
+              if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+              and "#" not in e.name]
     return summarise_kernels(events, steps=steps)
 
 
@@ -165,11 +169,12 @@ def _run(job: dict) -> dict:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         result["device_name"] = torch.cuda.get_device_name(device)
-        if job.get("profile_steps", 0) > 0 and rank == 0:
-            try:
-                result["profile"] = _profile(step, sync, job["profile_steps"])
-            except Exception as e:  # noqa: BLE001 - the profile is evidence, not the measurement
-                result["profile"] = {"error": repr(e)}
+    if job.get("profile_steps", 0) > 0:
+        # Every rank runs the profiled steps (their all-reduces must be matched); rank 0 reports.
+        try:
+            result["profile"] = _profile(step, sync, job["profile_steps"])
+        except Exception as e:  # noqa: BLE001 - the profile is evidence, not the measurement
+            result["profile"] = {"error": repr(e)}
     result["torch"] = torch.__version__
     result["torch_cuda"] = torch.version.cuda
     if world > 1:

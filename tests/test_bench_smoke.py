@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,7 @@ def test_scaling_harness_on_cpu(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--device", "cpu", "--presets", "tiny",
            "--modes", "torch-eager", "torch-eager[bucket_mb=1,static_graph=1]", "jax-jit[xla=lhs]",
            "--gpus", "2", "--warmup", "1", "--steps", "1", "--repeats", "2", "--out-dir", str(tmp_path),
+           "--profile-steps", "1", "--mode-timeout-s", "120",  # profiled steps on every rank, or DDP hangs
            "--date", "2000-01-01"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -142,6 +145,8 @@ def test_scaling_harness_on_cpu(tmp_path):
     assert runs[1]["gpus_2"]["options"]["bucket_mb"] == "1" and runs[1]["gpus_2"]["options"]["static_graph"] == "1"
     assert runs[0]["gpus_2"]["options"]["bucket_mb"] == "25"
     assert runs[2]["gpus_2"]["options"]["xla"] == "lhs"
+    for r in runs[:2]:
+        assert "profile" in r["gpus_2"], r  # rank 0 reports it; the other rank ran the same steps
     md = (tmp_path / "scaling_cpux2_2000-01-01.md").read_text()
     assert md.count("| tiny |") == 3
 
@@ -149,3 +154,24 @@ def test_scaling_harness_on_cpu(tmp_path):
 def test_unknown_xla_flag_set_is_refused():
     with pytest.raises(SystemExit, match="xla='nope' is not one of"):
         parse_mode("jax-jit[xla=nope]")
+
+
+def test_worker_timeout_kills_the_whole_process_tree(tmp_path):
+    """A timed-out launcher's children (torchrun's workers) must not outlive it and hold the GPUs."""
+    from benchmarks.throughput import run_worker
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    res = run_worker("unused", {}, tmp_path, "hang", timeout=5.0, device="cpu", launcher=[sys.executable, "-c", code])
+    assert res["status"] == "failed" and "timed out after 5 s" in res["error"]
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init shortly after the kill
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"grandchild {pid} still running after the timeout")
