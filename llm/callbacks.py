@@ -1,6 +1,6 @@
 """Training callbacks: the hooks both engines call, the built-ins, and a registry.
 
-An engine (``backends.torch.engine.TrainingEngine``, later the JAX one) calls, on every rank::
+Both engines (``llm.engine_base.BaseTrainingEngine``, for torch and for JAX) call, on every rank::
 
     on_train_start(trainer)                 after setup and resume; trainer.step = first step - 1
     on_step_end(trainer, metrics)           after every optimiser step

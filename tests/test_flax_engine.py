@@ -19,7 +19,9 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
+import engine_checks as checks  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from engine_checks import TINY, fit, losses, tiny  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from backends.flax.engine import TrainingEngine  # noqa: E402
@@ -32,57 +34,10 @@ from backends.flax.optim import (  # noqa: E402
 )
 from backends.flax.tasks import FlaxTask  # noqa: E402
 from llm.callbacks import Callback  # noqa: E402
-from llm.checkpoint import latest_valid_checkpoint, load_checkpoint  # noqa: E402
-from llm.config import Config, load_config  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
-from llm.run import STATE_KEYS, NonFiniteLossError  # noqa: E402
-from llm.schedule import lr_at  # noqa: E402
 from llm.tasks import TrainingTask, register_task  # noqa: E402
-from llm.train import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = "".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n\n" for i in range(400))
-
-TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "model.num_layers=1",
-        "model.num_heads=4", "model.num_kv_heads=2", "model.norm_type=rmsnorm", "model.use_glu=true",
-        "model.activation=silu", "data.seq_len=16", "data.max_bytes=null", "training.batch_size=8",
-        "training.max_steps=6", "training.warmup_steps=2", "training.lr=1e-2", "training.eval_every=0",
-        "training.log_every=1", "logging.every_steps=1", "logging.progress=false",
-        "checkpoint.every_steps=0", "checkpoint.keep_last=null"]
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.py"
-    path.write_text(CORPUS)
-    return path
-
-
-def tiny(tmp_path: Path, *overrides: str, source: str | Path = "synthetic") -> Config:
-    return load_config(None, [*TINY, f"data.source={source}", f"data.cache_dir={tmp_path / 'cache'}",
-                              *overrides], env={})
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows(run_dir) if "loss" in r}
-
-
-def fit(config: Config, run_dir: Path, **kwargs):
-    with TrainingEngine(config, run_dir=run_dir, **kwargs) as engine:
-        return engine, engine.fit()
-
-
-class StopAt(Callback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, trainer, metrics):
-        if metrics["step"] == self.at:
-            trainer.request_stop()
 
 
 # ---------------------------------------------------------------------- the optimiser math
@@ -140,132 +95,63 @@ def test_loss_scale_backs_off_on_inf_and_grows_after_the_interval():
 
 # ---------------------------------------------------------------------- learning
 def test_loss_falls_on_a_tiny_corpus_below_the_unigram_baseline(tmp_path, corpus):
-    config = tiny(tmp_path, "training.max_steps=40", "training.eval_every=20", source=corpus)
-    engine, result = fit(config, tmp_path / "run")
-    steps = losses(tmp_path / "run")
-    assert len(steps) == 40 and result.stop_reason == "completed"
-    assert np.mean([steps[s] for s in range(36, 41)]) < 0.5 * np.mean([steps[s] for s in range(1, 6)])
-    unigram = result.baselines["unigram_entropy"]
-    assert result.val_loss < 0.6 * unigram
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["val_loss"] == pytest.approx(result.val_loss) and summary["tokens_per_s"] > 0
-    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
-    assert all(r["grad_norm"] > 0 for r in rows(tmp_path / "run") if "loss" in r)
-    assert engine.sample(max_new_tokens=20, temperature=0).startswith("def ")
+    engine, _ = checks.learns_below_the_unigram_baseline(TrainingEngine, tmp_path, corpus)
     assert engine.model.embed.weight[...].dtype == jnp.float32
 
 
 def test_weight_decay_groups_follow_the_spec_and_the_schedule_is_llm_schedule(tmp_path):
-    config = tiny(tmp_path, "training.max_steps=5", "training.min_lr_ratio=0.1")
-    engine, _ = fit(config, tmp_path / "run")
-    assert set(engine.no_decay_names) == config.model.no_decay_names()
-    assert set(engine.decay_names) == {p.name for p in config.model.param_table() if p.weight_decay}
-    logged = [r["lr"] for r in rows(tmp_path / "run")]
-    assert logged == [lr_at(s, lr=0.01, warmup_steps=2, total_steps=5, final_lr=0.001) for s in range(5)]
+    checks.follows_the_schedule(TrainingEngine, tmp_path)
 
 
 def test_grad_accumulation_equals_the_big_batch(tmp_path, corpus):
-    e_big, _ = fit(tiny(tmp_path, "training.max_steps=3", source=corpus), tmp_path / "big")
-    e_small, _ = fit(tiny(tmp_path, "training.max_steps=3", "training.batch_size=4", "training.grad_accum_steps=2",
-                          source=corpus), tmp_path / "small")
-    a, b = losses(tmp_path / "big"), losses(tmp_path / "small")
-    assert a.keys() == b.keys() == {1, 2, 3}
-    for s in a:
-        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6)
+    e_big, e_small = checks.accumulation_equals_the_big_batch(TrainingEngine, tmp_path, corpus)
     for name in e_big.params:
         np.testing.assert_allclose(e_small.params[name], e_big.params[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    assert e_small.datamodule.step == 6 and e_big.datamodule.step == 3
 
 
 # ---------------------------------------------------------------------- checkpoints and resume
 def test_checkpoint_holds_the_canonical_training_state(tmp_path, corpus):
-    config = tiny(tmp_path, "training.max_steps=2", source=corpus)
-    engine, result = fit(config, tmp_path / "run")
-    ckpt = load_checkpoint(result.last_checkpoint)
-    assert set(ckpt.state_meta) == set(STATE_KEYS)
-    meta = ckpt.state_meta
-    assert (meta["step"], meta["micro_step"], meta["backend"], meta["reason"]) == (2, 2, "jax", "final")
-    assert meta["data"] == engine.datamodule.state_dict() and meta["grad_scaler"] is None
-    assert meta["optimizer"]["step"] == 2 and meta["schedule"]["total_steps"] == 2
-    names = [p.name for p in config.model.param_table()]
-    assert set(ckpt.state_tensors) == {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in names}
+    engine, ckpt = checks.checkpoint_holds_the_training_state(TrainingEngine, "jax", tmp_path, corpus)
     # canonical layout: the flax (in, out) moment of a linear is stored transposed, like its weight
     adam = engine.opt_state[-1]
     q = "layers.0.attn.q_proj.weight"
     np.testing.assert_array_equal(ckpt.state_tensors[f"exp_avg_sq.{q}"], np.asarray(adam.exp_avg_sq[q]).T)
     np.testing.assert_array_equal(ckpt.params[q], np.asarray(engine.params[q]).T)
     assert int(adam.count) == 2
-    assert (result.last_checkpoint / "tokenizer.json").is_file()
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, corpus):
-    # dropout and accumulation on purpose: the dropout keys and the data cursor must both resume exactly
-    over = ("training.max_steps=8", "training.grad_accum_steps=2", "training.batch_size=4",
-            "model.dropout=0.1", "training.eval_every=4", "training.early_stopping_patience=5")
-    fit(tiny(tmp_path, *over, source=corpus), tmp_path / "full")
-    _, first = fit(tiny(tmp_path, *over, source=corpus), tmp_path / "cut", callbacks=[StopAt(3)])
-    assert first.stop_reason == "requested" and first.last_checkpoint.name == "step_3"
-    assert main(["--backend", "jax", "--run-dir", str(tmp_path / "cut"), "--resume", "--sample-tokens", "0"]) == 0
-    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(cut) == list(range(1, 9))
-    assert [cut[s] for s in range(4, 9)] == [full[s] for s in range(4, 9)]  # bit-exact in fp32 on CPU
-    val_full = {r["step"]: r["val_loss"] for r in rows(tmp_path / "full") if "val_loss" in r}
-    val_cut = {r["step"]: r["val_loss"] for r in rows(tmp_path / "cut") if "val_loss" in r and r["step"] > 3}
-    assert val_cut == val_full == {4: val_full[4], 8: val_full[8]}
-    a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_8")
-    b = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_8")
-    assert a.state_meta["callbacks"] == b.state_meta["callbacks"]
-    for key in b.state_tensors:
-        np.testing.assert_array_equal(a.state_tensors[key], b.state_tensors[key], err_msg=key)
+    checks.resume_is_exact(TrainingEngine, tmp_path, corpus, cli=("--backend", "jax"))
 
 
 def test_dropout_is_on_in_training_and_off_in_eval(tmp_path):
-    e0, _ = fit(tiny(tmp_path, "training.max_steps=1"), tmp_path / "a")
-    e1, _ = fit(tiny(tmp_path, "training.max_steps=1", "model.dropout=0.3"), tmp_path / "b")
+    e0, _ = fit(TrainingEngine, tiny(tmp_path, "training.max_steps=1"), tmp_path / "a")
+    e1, _ = fit(TrainingEngine, tiny(tmp_path, "training.max_steps=1", "model.dropout=0.3"), tmp_path / "b")
     assert losses(tmp_path / "a")[1] != losses(tmp_path / "b")[1]  # same weights and batch, masks differ
     # evaluation is deterministic: the same params give the same val loss with and without dropout
     e1.params = dict(e0.params)
     assert e1.evaluate(2)["val_loss"] == e0.evaluate(2)["val_loss"]
 
 
-class NaNAt(Callback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, trainer, metrics):
-        if metrics["step"] == self.at:
-            trainer.params = {k: v * jnp.nan if k == "embed.weight" else v for k, v in trainer.params.items()}
+def poison_embedding(trainer) -> None:
+    trainer.params = {k: v * jnp.nan if k == "embed.weight" else v for k, v in trainer.params.items()}
 
 
 @pytest.mark.parametrize("log_every", [1, 4])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, log_every):
-    # log_every=4: the NaN at step 4 is not read as a metric before the step-4 checkpoint; the
-    # device-side flag must still stop the save
-    config = tiny(tmp_path, "training.max_steps=10", "checkpoint.every_steps=2",
-                  f"logging.every_steps={log_every}", f"training.log_every={log_every}")
-    with pytest.raises(NonFiniteLossError, match=r"nan.*last good checkpoint is .*step_2"):
-        fit(config, tmp_path / "run", callbacks=[NaNAt(3)])
-    path, skipped = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")
-    assert path.name == "step_2" and not skipped
-    assert all(np.isfinite(a).all() for a in load_checkpoint(path).params.values())
+    checks.nan_stops_at_the_last_good_checkpoint(TrainingEngine, tmp_path, log_every, poison_embedding)
 
 
 # ---------------------------------------------------------------------- precision
 def test_bf16_computes_in_bf16_with_fp32_master_weights(tmp_path):
-    fit(tiny(tmp_path, "training.max_steps=3"), tmp_path / "fp32")
-    engine, _ = fit(tiny(tmp_path, "training.max_steps=3", "optimization.dtype=bfloat16"), tmp_path / "bf16")
+    engine = checks.bf16_stays_close_to_fp32(TrainingEngine, tmp_path)
     assert engine.model.dtype == jnp.bfloat16
     assert all(p.dtype == jnp.float32 for p in engine.params.values())
     assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(engine.opt_state[-1].exp_avg))
-    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
-    assert all(abs(a[s] - b[s]) < 0.05 for s in a) and a != b  # bf16 differs, but only a little
 
 
 def test_fp16_loss_scale_is_checkpointed_and_an_overflow_skips_the_step(tmp_path):
-    _, result = fit(tiny(tmp_path, "training.max_steps=2", "optimization.dtype=float16"), tmp_path / "run")
-    scaler = load_checkpoint(result.last_checkpoint).state_meta["grad_scaler"]
-    assert scaler == {"scale": 65536.0, "growth_tracker": 2}
-    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    assert checks.fp16_scaler_is_checkpointed(TrainingEngine, tmp_path) == {"scale": 65536.0, "growth_tracker": 2}
     # a scale so large that the scaled gradients overflow float16: the update is skipped, the scale halves
     config = tiny(tmp_path, "training.max_steps=3", "optimization.dtype=float16")
     with TrainingEngine(config, run_dir=tmp_path / "inf", callback_names=()) as engine:
@@ -287,12 +173,7 @@ def test_compile_flag_is_reported_as_meaningless(tmp_path, caplog):
 
 # ---------------------------------------------------------------------- tasks and callbacks
 def test_regression_task_trains(tmp_path):
-    config = tiny(tmp_path, "task=regression", "training.max_steps=60", "training.lr=1e-2",
-                  "training.batch_size=32", "training.eval_every=60", "data.synthetic_size=2048")
-    _, result = fit(config, tmp_path / "run")
-    first = losses(tmp_path / "run")[1]
-    assert first > 0.5 and result.val_loss < first / 20
-    assert result.last_checkpoint is None and not (tmp_path / "run" / "checkpoints").exists()
+    checks.regression_task_trains(TrainingEngine, tmp_path)
 
 
 class MAEFlax(FlaxTask):  # the flax half of a custom task: model + loss

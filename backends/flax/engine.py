@@ -2,11 +2,12 @@
 
 ``TrainingEngine(config).fit()`` trains ``config.task`` and returns a ``llm.run.TrainResult``, like
 ``backends.torch.engine.TrainingEngine`` and with the same surface (``fit``, ``evaluate``,
-``save_checkpoint``, ``sample``, ``request_stop``, the trainer attributes callbacks read). Both
-engines drive the same backend-agnostic pieces -- task, DataModule, callbacks, ``llm.schedule``,
-``llm.run`` (run directory, canonical training state) and ``llm.checkpoint`` -- and write the same
-checkpoint, so a run started on one backend resumes on the other (moments, step, schedule position,
-data cursor, loss scale and callback state all carry over).
+``save_checkpoint``, ``sample``, ``request_stop``, the trainer attributes callbacks read): both
+subclass ``llm.engine_base.BaseTrainingEngine``, which holds the loop, evaluation, checkpoints,
+resume and signal handling. Both engines drive the same backend-agnostic pieces -- task, DataModule,
+callbacks, ``llm.schedule``, ``llm.run`` (run directory, canonical training state) and
+``llm.checkpoint`` -- and write the same checkpoint, so a run started on one backend resumes on the
+other (moments, step, schedule position, data cursor, loss scale and callback state all carry over).
 
 One optimiser step is one call of a jitted function (params, optimiser state and the device-side
 flags donated, so XLA updates them in place)::
@@ -54,10 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import signal
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -73,30 +71,17 @@ from jax.sharding import PartitionSpec as P
 
 from backends.flax.convert import is_linear_weight
 from backends.flax.optim import AdamWState, LossScale, build_optimizer, global_norm_torch, update_loss_scale
-from llm.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
-from llm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from llm.callbacks import DEFAULT_CALLBACKS, Callback
+from llm.checkpoint import CheckpointError
 from llm.config import Config, ConfigError, DType
-from llm.run import (
-    MOMENTS,
-    STATE_FORMAT,
-    NonFiniteLossError,
-    RunDir,
-    TrainResult,
-    moment_name,
-    split_moment_name,
-    write_json_atomic,
-)
-from llm.schedule import schedule_for
-from llm.tasks import TaskError, TrainingTask, get_task
+from llm.engine_base import BaseTrainingEngine, StepReadout
+from llm.run import MOMENTS, TrainResult, moment_name
+from llm.tasks import TrainingTask
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
 
 log = logging.getLogger("llm.train")
 
-BACKEND = "jax"
-STATE_VERSION = 1
-RNG_SCHEME = ("jax: dropout stream i of micro-batch s uses fold_in(fold_in(key(SeedSequence([seed, 0xF1A8])), s), i) "
-              "for the global batch (independent of the device count)")
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
@@ -237,22 +222,17 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(_local(x)), tree)
 
 
-class TrainingEngine:
+class TrainingEngine(BaseTrainingEngine):
     """Trains ``config.task`` (or ``task``) with JAX. See the module docstring for one step.
 
     Args:
-        config: the resolved run config (``llm.config.Config``).
-        run_dir: where files go (default: ``config.logging.run_dir`` or ``runs/<timestamp>``).
-        resume: False; True = continue from the newest valid checkpoint of the run dir (corrupt
-            newer ones are reported and skipped; none at all = start fresh with a warning); or the
-            path of one checkpoint directory -- written by either backend.
-        task: a registered task name or a ``TrainingTask`` (default ``config.task``).
-        callbacks: extra ``Callback`` instances, added to the built-ins.
-        callback_names: registered callbacks built from the config (default: all built-ins that the
-            config enables).
-        datamodule: a DataModule to use instead of the task's (not yet set up).
         devices: the devices of the data mesh (default: ``jax.devices()``, all of them).
+        The others: see ``llm.engine_base.BaseTrainingEngine``.
     """
+
+    backend = "jax"
+    rng_scheme = ("jax: dropout stream i of micro-batch s uses fold_in(fold_in(key(SeedSequence([seed, 0xF1A8])), s), i) "
+                  "for the global batch (independent of the device count)")
 
     def __init__(self, config: Config, *, run_dir: str | os.PathLike | None = None,
                  resume: bool | str | os.PathLike = False, task: str | TrainingTask | None = None,
@@ -260,14 +240,8 @@ class TrainingEngine:
                  callback_names: tuple[str, ...] | list[str] = DEFAULT_CALLBACKS,
                  datamodule: Any = None, devices: list[Any] | None = None):
         initialize_distributed()
-        self.config = config
-        self.task = get_task(task if task is not None else config.task)
-        self.impl = self.task.backend(BACKEND)
-        self.rank, self.world_size = jax.process_index(), jax.process_count()
-        self.is_main = self.rank == 0
-        # callbacks first: a config they reject (e.g. tensorboard not installed) fails before any work
-        self.callbacks = CallbackList(build_callbacks(config, callback_names, checkpoints=self.task.canonical)
-                                      + list(callbacks or []), is_main=self.is_main)
+        super().__init__(config, rank=jax.process_index(), world_size=jax.process_count(), task=task,
+                         callbacks=callbacks, callback_names=callback_names)
         t = config.training
         self.devices = list(devices) if devices is not None else jax.devices()
         if t.batch_size % len(self.devices):
@@ -277,20 +251,7 @@ class TrainingEngine:
         self._replicated = NamedSharding(self.mesh, P())
         if config.optimization.compile:
             log.info("optimization.compile has no effect on the JAX backend: XLA always compiles the step")
-
-        # ---- data
-        self.datamodule = datamodule if datamodule is not None else self.task.build_datamodule(
-            config, rank=self.rank, world_size=self.world_size)
-        if self.is_main:
-            self.datamodule.prepare_data()
-        self._barrier("prepare_data")
-        if not self.is_main:
-            self.datamodule.prepare_data()
-        self.datamodule.setup()
-        self.task.validate(config, self.datamodule)
-        self.baselines = self.task.baselines(self.datamodule)
-        self.total_steps = t.total_steps(self.datamodule.steps_per_epoch)
-        self.lr_of = schedule_for(t, self.total_steps)
+        self._setup_data(datamodule)
 
         # ---- model, optimiser, device state
         self._model = self.impl.build_model(config, self.datamodule)
@@ -299,13 +260,7 @@ class TrainingEngine:
         rest_leaves, rest_def = jax.tree.flatten(rest)
         key_slots = tuple(i for i, x in enumerate(rest_leaves) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
         self._layout = _Layout(graphdef, jax.tree.structure(param_state), names, rest_def, key_slots)
-        no_decay = self.impl.no_decay_names(config, self._model)
-        unknown = no_decay - set(names)
-        if unknown:
-            raise TaskError(f"task {self.task.name!r}: no-decay names that are not parameters of the "
-                            f"model: {sorted(unknown)[:5]}")
-        self.decay_names = [n for n in names if n not in no_decay]
-        self.no_decay_names = [n for n in names if n in no_decay]
+        self._setup_weight_decay(names, self.impl.no_decay_names(config, self._model))
         self._cfg = _StepConfig(
             accum=t.grad_accum_steps, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
             weight_decay=t.weight_decay, decay=frozenset(self.decay_names),
@@ -319,33 +274,9 @@ class TrainingEngine:
         shapes = jax.eval_shape(self._cfg.optimizer(names).init, self.params)
         self.opt_state = self._replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
         self._carry = self._replicate(self._fresh_carry())
-
-        # ---- counters (restored by resume)
-        self.step = 0  # optimiser steps done
-        self.tokens_seen = 0
-        self.best_val_loss: float | None = None
-        self.last_val: dict[str, float] = {}
-        self.last_checkpoint: Path | None = None
-        self._stop: tuple[str, str] | None = None
-        self._interrupted = False
-        self._paused = 0.0  # seconds in eval/checkpoints since the last measurement (not training time)
-        self._paused_total = 0.0
         self.compile_seconds: float | None = None  # the first step of fit(), XLA compilation included
 
-        # ---- run directory and resume (process 0 decides, everyone follows)
-        self.run = RunDir.from_config(config, run_dir) if self.is_main else None
-        root = self._broadcast(str(self.run.root) if self.run else None)
-        ckpt_dir = self._broadcast(str(self.run.checkpoints) if self.run else None)
-        if self.run is None:
-            self.run = RunDir(Path(root), Path(ckpt_dir))
-        self.artifacts = self.task.artifacts(self.datamodule)
-        if self.is_main:
-            self.run.create(config, resume=bool(resume))
-            self.run.write_artifacts(self.artifacts)
-        resume_from = self._find_resume(resume) if self.is_main else None
-        resume_from = self._broadcast(None if resume_from is None else str(resume_from))
-        if resume_from is not None:
-            self._load(Path(resume_from))
+        self._open_run(run_dir, resume)
 
     # ------------------------------------------------------------------ devices and processes
     @staticmethod
@@ -386,7 +317,6 @@ class TrainingEngine:
             multihost_utils.sync_global_devices(name)
 
     def _broadcast(self, text: str | None) -> str | None:
-        """Process 0's ``text`` on every process."""
         if self.world_size == 1:
             return text
         from jax.experimental import multihost_utils
@@ -408,7 +338,13 @@ class TrainingEngine:
 
         return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
-    # ------------------------------------------------------------------ the model
+    def _placement(self) -> str:
+        where = f"{self.devices[0].platform} x {len(self.devices)} device{'s' if len(self.devices) > 1 else ''}"
+        if self.world_size > 1:
+            where += f" in {self.world_size} processes"
+        return f"{where} (jax {jax.__version__})"
+
+    # ------------------------------------------------------------------ the model and its state
     @property
     def model(self) -> nnx.Module:
         """The flax module holding the current parameters (synced on every access; the training
@@ -417,6 +353,12 @@ class TrainingEngine:
                                    [_local(self.params[n]) for n in self._layout.names])
         nnx.update(self._model, state)
         return self._model
+
+    def _param_names(self) -> list[str]:
+        return list(self._layout.names)
+
+    def _num_parameters(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self.params.values())
 
     def moments(self) -> dict[str, np.ndarray]:
         """The AdamW moments in canonical names and layout (``llm.run.moment_name``), float32."""
@@ -429,48 +371,11 @@ class TrainingEngine:
                     np.swapaxes(value, -1, -2) if is_linear_weight(name) else value)
         return out
 
-    # ------------------------------------------------------------------ resume
-    def _find_resume(self, resume: bool | str | os.PathLike) -> Path | None:
-        if resume is False or resume is None:
-            return None
-        if resume is True or resume == "auto":
-            path = self.run.find_resume()
-            if path is None:
-                log.warning("--resume: no valid checkpoint under %s; starting from scratch",
-                            self.run.checkpoints)
-            return path
-        return Path(resume)
-
-    def _load(self, path: Path) -> None:
-        """Restore params, AdamW moments, data cursor, counters, loss scale and callback state from
-        ``path`` (a checkpoint of either backend)."""
-        if not self.task.canonical:
-            raise CheckpointError(f"task {self.task.name!r} has no canonical parameters; it cannot resume")
-        ckpt = load_checkpoint(path)
-        if ckpt.spec != self.config.model:
-            diff = [k for k, v in ckpt.spec.to_dict().items() if self.config.model.to_dict()[k] != v]
-            raise CheckpointError(f"{path} was trained with a different model spec (model.{', model.'.join(diff)}); "
-                                  "resume with the checkpoint's config")
-        meta = ckpt.state_meta
-        if meta.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path}: no training state ({STATE_FORMAT} state.json); it holds weights "
-                                  "only and cannot be resumed")
+    def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]],
+                 step: int, grad_scaler: dict[str, Any] | None) -> None:
         model = self._model
-        self.impl.load_canonical(model, ckpt.params)
+        self.impl.load_canonical(model, params)
         param_state = nnx.state(model, nnx.Param)
-        self.datamodule.load_state_dict(meta["data"])
-        step = int(meta["step"])
-        moments: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in ckpt.state_tensors.items():
-            moment, name = split_moment_name(key)
-            moments.setdefault(name, {})[moment] = value
-        names = self._layout.names
-        missing = sorted(set(names) - set(moments)) if step > 0 else []
-        if missing:
-            raise CheckpointError(f"{path}: state.safetensors has no AdamW moments for {missing[:5]}")
-        unknown = sorted(set(moments) - set(names))
-        if unknown:
-            raise CheckpointError(f"{path}: state.safetensors has moments of unknown parameters {unknown[:5]}")
         adam_at, adam = _adam(_host(self.opt_state))
         new = {m: dict(getattr(adam, m)) for m in MOMENTS}
         for name in moments:
@@ -485,256 +390,55 @@ class TrainingEngine:
         opt_state[adam_at] = AdamWState(count=np.asarray(step, np.int32), exp_avg=new["exp_avg"],
                                         exp_avg_sq=new["exp_avg_sq"])
         self.opt_state = self._replicate(tuple(opt_state))
-        self.params = self._replicate(dict(zip(names, jax.tree.leaves(param_state), strict=True)))
-        scaler = meta.get("grad_scaler") if self._cfg.loss_scaling else None
+        self.params = self._replicate(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
+        scaler = grad_scaler if self._cfg.loss_scaling else None
         self._carry = self._replicate(self._fresh_carry(**({} if not scaler else
                                                            {"scale": float(scaler["scale"]),
                                                             "growth_tracker": int(scaler["growth_tracker"])})))
-        self.step = step
-        self.tokens_seen = int(meta.get("tokens_seen", 0))
-        self.best_val_loss = meta.get("best_val_loss")
-        self.last_checkpoint = path
-        self.callbacks.load_state_dict(meta.get("callbacks", {}))
-        log.info("resumed from %s (step %d of %d, written by the %s backend)", path, step,
-                 self.total_steps, meta.get("backend", "?"))
 
-    # ------------------------------------------------------------------ the trainer API for callbacks
-    def request_stop(self, reason: str = "requested", message: str = "") -> None:
-        """Stop after the current step (a checkpoint is still written)."""
-        if self._stop is None:
-            self._stop = (reason, message)
-            if message:
-                log.info(message)
-
-    def evaluate(self, num_batches: int | None = None) -> dict[str, float]:
-        """Mean val loss over ``training.eval_batches`` global batches, its perplexity; fires
-        ``on_eval_end``."""
-        started = time.perf_counter()
-        n = num_batches or self.config.training.eval_batches
-        losses = [_eval_loss(self.impl, self._layout, self.params, self.rest, self._shard(x, 0), self._shard(y, 0))
-                  for x, y in self.datamodule.val_dataloader(n)]
-        values = [float(v) for v in _host(losses)]
-        val = float(np.sum(np.asarray(values, np.float64)) / max(1, len(values)))
-        metrics = {"step": self.step, "val_loss": val, "val_ppl": math.exp(val) if val < 700 else math.inf}
-        if math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
-            self.best_val_loss = val
-        self.last_val = metrics
-        self._paused += time.perf_counter() - started
-        self.callbacks.call("on_eval_end", self, dict(metrics))
-        return {"val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"]}
-
-    def save_checkpoint(self, reason: str = "periodic") -> Path | None:
-        """Write ``checkpoints/step_<N>`` (process 0) with the canonical training state; never a
-        non-finite state (raises ``NonFiniteLossError`` instead). Returns the path."""
-        self._check_finite("before saving a checkpoint")
-        if not self.task.canonical:
+    def _grad_scaler_state(self) -> dict[str, Any] | None:
+        if not self._cfg.loss_scaling:
             return None
-        started = time.perf_counter()
-        path = self.run.checkpoint_path(self.step)
-        if self.is_main:
-            params = self.impl.to_canonical(self.model)
-            save_checkpoint(path, params, self.config.to_dict(), state_tensors=self.moments(),
-                            state_meta=self.state_meta(reason), extra_files=self.artifacts, overwrite=True)
-            log.info("saved checkpoint %s (%s)", path, reason)
-        self._barrier(f"checkpoint-{self.step}")
-        self.last_checkpoint = path
-        self._paused += time.perf_counter() - started
-        self.callbacks.call("on_checkpoint", self, path)
-        return path
+        ls = _host(self._carry["loss_scale"])
+        return {"scale": float(ls.scale), "growth_tracker": int(ls.growth_tracker)}
 
-    def state_meta(self, reason: str) -> dict[str, Any]:
-        """The checkpoint's ``state.json`` (keys: ``llm.run.STATE_KEYS``), as the torch engine writes it."""
-        t = self.config.training
-        scaler = None
-        if self._cfg.loss_scaling:
-            ls = _host(self._carry["loss_scale"])
-            scaler = {"scale": float(ls.scale), "growth_tracker": int(ls.growth_tracker)}
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "backend": BACKEND,
-            "step": self.step,
-            "micro_step": self.datamodule.step,
-            "epoch": self.datamodule.epoch,
-            "data": self.datamodule.state_dict(),
-            "rng": {"seed": t.seed, "scheme": RNG_SCHEME},
-            "schedule": {"name": t.lr_schedule.value, "lr": t.lr, "warmup_steps": t.warmup_steps,
-                         "total_steps": self.total_steps, "final_lr": t.final_lr,
-                         "next_lr": self.lr_of(self.step)},
-            "optimizer": {"name": "adamw", "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
-                          "weight_decay": t.weight_decay, "step": self.step},
-            "grad_scaler": scaler,
-            "tokens_seen": self.tokens_seen,
-            "best_val_loss": self.best_val_loss,
-            "callbacks": self.callbacks.state_dict(),
-            "world_size": self.world_size,
-            "reason": reason,
-        }
-
-    # ------------------------------------------------------------------ the loop
-    def _check_finite(self, when: str, loss: float | None = None) -> None:
-        """Raise NonFiniteLossError if a nan/inf loss was seen (a host sync; the flag is global)."""
-        flag = bool(_host(self._carry["nonfinite"]))
-        if not flag and (loss is None or math.isfinite(loss)):
-            return
-        t, o = self.config.training, self.config.optimization
-        if loss is not None and not math.isfinite(loss):
-            what = f"the loss is {loss} at step {self.step}"
-        else:
-            what = f"a nan/inf loss was seen by step {self.step} ({when})"
-        last = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                else "no checkpoint was written")
-        hints = [f"a lower training.lr (now {t.lr:g})"]
-        if t.grad_clip == 0:
-            hints.append("training.grad_clip=1.0")
-        if o.dtype is not DType.FLOAT32:
-            hints.append("optimization.dtype=float32")
-        raise NonFiniteLossError(f"{what}; stopped without saving this state -- {last}. "
-                                 f"Try {' or '.join(hints)}")
-
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            self._interrupted = True
-            signal.signal(signum, old[signum])  # a second signal acts at once
-            log.warning("%s received: finishing step %d, saving a checkpoint and stopping "
-                        "(press Ctrl-C again to abort without saving)", signal.Signals(signum).name,
-                        self.step + 1)
-
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in old:
-            signal.signal(s, handler)
-        return old
-
-    def fit(self) -> TrainResult:
-        """Train to ``total_steps`` (or an early stop / interrupt); return the result."""
-        t = self.config.training
-        accum = t.grad_accum_steps
-        old_signals = self._install_signals()
-        metrics: dict[str, Any] = {}
-        started = time.perf_counter()
-        try:
-            self.callbacks.call("on_train_start", self)
+    # ------------------------------------------------------------------ the step
+    def _optimizer_step(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, micro_step: int
+                        ) -> dict[str, Any]:
+        """Returns the loss parts summed over the micro-batches and the grad norm (``_train_step``'s
+        ``out``). The first step of a ``fit()`` is waited for: it includes XLA's compilation."""
+        inputs = self._shard(np.stack([b[0] for b in batches]), 1)  # (accum, B, ...)
+        targets = self._shard(np.stack([b[1] for b in batches]), 1)
+        first = time.perf_counter() if not self._run_steps else None
+        self.params, self.opt_state, self._carry, out = _train_step(
+            self.impl, self._layout, self._cfg, self.params, self.opt_state, self._carry, self.rest,
+            inputs, targets, np.float32(lr), np.int32(micro_step))
+        if first is not None:  # XLA compiles on the first call: left out of the run's tokens/s
+            jax.block_until_ready(self.params)
+            self.compile_seconds = time.perf_counter() - first
+            self._paused_total += self.compile_seconds
+            self._run_tokens = 0  # the run's tokens are counted from the second step on
             if self.is_main:
-                self._log_start()
-            data = self.datamodule.train_dataloader()
-            win_start, win_tokens, self._paused = time.perf_counter(), 0, 0.0
-            self._run_tokens = 0  # this process's run, without the resumed-from part and the first (compiling) step
-            self._run_steps = 0
-            while self.step < self.total_steps and self._stop is None:
-                lr = self.lr_of(self.step)
-                micro_step = self.datamodule.step
-                batches = [next(data) for _ in range(accum)]
-                items = sum(self.task.items_per_batch(b) for b in batches) * self.world_size
-                win_tokens += items
-                self.tokens_seen += items
-                self._run_tokens += items
-                inputs = self._shard(np.stack([b[0] for b in batches]), 1)  # (accum, B, ...)
-                targets = self._shard(np.stack([b[1] for b in batches]), 1)
-                first = time.perf_counter() if not self._run_steps else None
-                self.params, self.opt_state, self._carry, out = _train_step(
-                    self.impl, self._layout, self._cfg, self.params, self.opt_state, self._carry, self.rest,
-                    inputs, targets, np.float32(lr), np.int32(micro_step))
-                self.step += 1
-                self._run_steps += 1
-                if first is not None:  # XLA compiles on the first call: left out of the run's tokens/s
-                    jax.block_until_ready(self.params)
-                    self.compile_seconds = time.perf_counter() - first
-                    self._paused_total += self.compile_seconds
-                    self._run_tokens -= items
-                    if self.is_main:
-                        log.info("first step (XLA compilation included) took %.1fs; the run's tokens/s "
-                                 "leaves it out", self.compile_seconds)
+                log.info("first step (XLA compilation included) took %.1fs; the run's tokens/s "
+                         "leaves it out", self.compile_seconds)
+        return out
 
-                metrics = {"step": self.step, "epoch": round(self.datamodule.step / self.datamodule.steps_per_epoch, 4),
-                           "lr": lr}
-                if self.world_size == 1 and self._interrupted:
-                    self.request_stop("interrupted")
-                if self.callbacks.needs_metrics(self.step) or self.step == self.total_steps or self._stop:
-                    measured = self._measure(out, accum)
-                    now = time.perf_counter()
-                    measured["tokens_per_s"] = win_tokens / max(1e-9, now - win_start - self._paused)
-                    self._paused_total += self._paused
-                    win_start, win_tokens, self._paused = now, 0, 0.0
-                    metrics.update(measured)
-                metrics["tokens"] = self.tokens_seen
-                metrics["elapsed_s"] = round(time.perf_counter() - started, 3)
-                self.callbacks.call("on_step_end", self, metrics)
-
-            reason = self._stop[0] if self._stop else "completed"
-            end = {"step": self.step, "total_steps": self.total_steps, "stop_reason": reason}
-            end.update({k: metrics[k] for k in ("loss", "val_loss", "val_ppl") if k in metrics})
-            self.callbacks.call("on_train_end", self, end)
-        except BaseException as exc:
-            for cb in self.callbacks:
-                try:
-                    cb.on_exception(self, exc)
-                except Exception as e:  # never mask the original failure
-                    log.debug("callback %s failed in on_exception: %s", type(cb).__name__, e)
-            raise
-        finally:
-            for s, h in old_signals.items():
-                signal.signal(s, h)
-
-        elapsed = time.perf_counter() - started
-        train_seconds = max(1e-9, elapsed - self._paused_total - self._paused)
-        result = TrainResult(
-            run_dir=self.run.root if self.run else None, step=self.step, total_steps=self.total_steps,
-            stop_reason=reason, train_loss=metrics.get("loss"),
-            val_loss=end.get("val_loss", self.last_val.get("val_loss")), best_val_loss=self.best_val_loss,
-            tokens_per_s=self._run_tokens / train_seconds if self._run_tokens else None,
-            train_seconds=elapsed, tokens_seen=self.tokens_seen,
-            baselines=dict(self.baselines), last_checkpoint=self.last_checkpoint)
-        if self.is_main:
-            write_json_atomic(self.run.summary_path, result.to_dict())
-        return result
-
-    def _measure(self, out: dict[str, Any], accum: int) -> dict[str, float]:
-        """The host sync: the step's mean loss parts, the grad norm, and (several processes) whether
-        any was interrupted. Raises NonFiniteLossError on a nan/inf loss."""
+    def _read_step(self, out: dict[str, Any]) -> StepReadout:
         values, nonfinite = _host((out, self._carry["nonfinite"]))
-        result = {k: float(v) / accum for k, v in sorted(values["parts"].items())}  # mean over micro-batches
-        if "grad_norm" in values:
-            result["grad_norm"] = float(values["grad_norm"])
-        if self.world_size > 1 and self._any_process(self._interrupted):
-            self.request_stop("interrupted")
-        if bool(nonfinite) or not all(math.isfinite(result[k]) for k in values["parts"]):
-            self._check_finite("in the logged loss", result.get("loss", math.nan))
-        return result
+        accum = self.config.training.grad_accum_steps
+        parts = {k: float(v) / accum for k, v in sorted(values["parts"].items())}  # mean over micro-batches
+        grad_norm = float(values["grad_norm"]) if "grad_norm" in values else None
+        return StepReadout(parts, grad_norm, bool(nonfinite), self._any_process(self._interrupted))
 
-    def _log_start(self) -> None:
-        c, dm = self.config, self.datamodule
-        n = sum(int(np.prod(p.shape)) for p in self.params.values())
-        where = f"{self.devices[0].platform} x {len(self.devices)} device{'s' if len(self.devices) > 1 else ''}"
-        if self.world_size > 1:
-            where += f" in {self.world_size} processes"
-        log.info("task %s on %s (jax %s): %s parameters, %d steps (%d micro-batches/epoch, global batch %d x "
-                 "accum %d), run dir %s", self.task.name, where, jax.__version__, f"{n:,}", self.total_steps,
-                 dm.steps_per_epoch, c.training.batch_size, c.training.grad_accum_steps, self.run.root)
-        meta = getattr(dm, "meta", None) or {}
-        if "tokens" in meta:
-            log.info("data: %s -> %s tokens (%d files, %.1f MB, %s tokenizer, vocab %d)", meta.get("source"),
-                     f"{meta['tokens']:,}", meta.get("files", 0), meta.get("bytes", 0) / 1e6,
-                     meta.get("tokenizer"), meta.get("vocab_size", 0))
-        if "unigram_entropy" in self.baselines:
-            log.info("unigram baseline: entropy of the training tokens = %.4f nats/token",
-                     self.baselines["unigram_entropy"])
+    def _nonfinite_seen(self) -> bool:
+        """The device-side flag (global: the step's loss is the global batch's)."""
+        return bool(_host(self._carry["nonfinite"]))
 
-    # ------------------------------------------------------------------ after training
-    def sample(self, **kwargs: Any) -> str | None:
-        """A text sample from the model (LM tasks), e.g. ``sample(prompt="def ", temperature=0.8)``."""
-        return self.impl.sample(self.model, self.datamodule, **kwargs)
-
-    def close(self) -> None:
-        """Nothing to tear down (the distributed client lives as long as the process)."""
-
-    def __enter__(self) -> TrainingEngine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def _val_loss(self, num_batches: int) -> float:
+        losses = [_eval_loss(self.impl, self._layout, self.params, self.rest, self._shard(x, 0), self._shard(y, 0))
+                  for x, y in self.datamodule.val_dataloader(num_batches)]
+        values = [float(v) for v in _host(losses)]
+        return float(np.sum(np.asarray(values, np.float64)) / max(1, len(values)))
 
 
 def train(config: Config, **kwargs: Any) -> TrainResult:

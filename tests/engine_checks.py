@@ -1,0 +1,206 @@
+"""What every training engine must do, as checks that take the engine class.
+
+``tests/test_engine.py`` (torch) and ``tests/test_flax_engine.py`` (JAX) call these and then add
+their backend's own assertions. Importing this module loads neither torch nor jax, so the JAX tests
+stay torch-free. The ``corpus`` fixture they take lives in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from llm.callbacks import Callback
+from llm.checkpoint import Checkpoint, latest_valid_checkpoint, load_checkpoint
+from llm.config import Config, load_config
+from llm.run import STATE_KEYS, NonFiniteLossError, TrainResult
+from llm.schedule import lr_at
+from llm.train import main
+
+TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "model.num_layers=1",
+        "model.num_heads=4", "model.num_kv_heads=2", "model.norm_type=rmsnorm", "model.use_glu=true",
+        "model.activation=silu", "data.seq_len=16", "data.max_bytes=null", "training.batch_size=8",
+        "training.max_steps=6", "training.warmup_steps=2", "training.lr=1e-2", "training.eval_every=0",
+        "training.log_every=1", "logging.every_steps=1", "logging.progress=false",
+        "checkpoint.every_steps=0", "checkpoint.keep_last=null"]
+
+
+def tiny(tmp_path: Path, *overrides: str, source: str | Path = "synthetic") -> Config:
+    return load_config(None, [*TINY, f"data.source={source}", f"data.cache_dir={tmp_path / 'cache'}",
+                              *overrides], env={})
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows(run_dir) if "loss" in r}
+
+
+def fit(engine_cls: type, config: Config, run_dir: Path, **kwargs: Any) -> tuple[Any, TrainResult]:
+    with engine_cls(config, run_dir=run_dir, **kwargs) as engine:
+        return engine, engine.fit()
+
+
+class StopAt(Callback):
+    """Requests a stop after step ``at`` (what an interrupted run looks like, deterministically)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] == self.at:
+            trainer.request_stop()
+
+
+class PoisonAt(Callback):
+    """Calls ``poison(trainer)`` after step ``at`` (the backend's way to put a NaN in the weights)."""
+
+    def __init__(self, at: int, poison: Callable[[Any], None]):
+        self.at, self.poison = at, poison
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] == self.at:
+            self.poison(trainer)
+
+
+# ---------------------------------------------------------------------- learning
+def learns_below_the_unigram_baseline(engine_cls: type, tmp_path: Path, corpus: Path) -> tuple[Any, TrainResult]:
+    config = tiny(tmp_path, "training.max_steps=40", "training.eval_every=20", source=corpus)
+    engine, result = fit(engine_cls, config, tmp_path / "run")
+    steps = losses(tmp_path / "run")
+    assert len(steps) == 40 and result.stop_reason == "completed"
+    assert np.mean([steps[s] for s in range(36, 41)]) < 0.5 * np.mean([steps[s] for s in range(1, 6)])
+    unigram = result.baselines["unigram_entropy"]
+    assert 1.0 < unigram < math.log(64)
+    assert result.val_loss < 0.6 * unigram  # context helps: well below the unigram entropy
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(result.val_loss) and summary["tokens_per_s"] > 0
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    assert all(r["grad_norm"] > 0 for r in rows(tmp_path / "run") if "loss" in r)
+    assert engine.sample(max_new_tokens=20, temperature=0).startswith("def ")
+    return engine, result
+
+
+def follows_the_schedule(engine_cls: type, tmp_path: Path) -> Any:
+    config = tiny(tmp_path, "training.max_steps=5", "training.warmup_steps=2", "training.lr=0.01",
+                  "training.min_lr_ratio=0.1")
+    engine, _ = fit(engine_cls, config, tmp_path / "run")
+    logged = [r["lr"] for r in rows(tmp_path / "run")]
+    assert logged == [lr_at(s, lr=0.01, warmup_steps=2, total_steps=5, final_lr=0.001) for s in range(5)]
+    assert logged[1] == 0.01 and logged[-1] == pytest.approx(0.001)
+    assert set(engine.no_decay_names) == config.model.no_decay_names()
+    assert {"embed.weight", "final_norm.weight", "layers.0.attn_norm.weight"} <= set(engine.no_decay_names)
+    assert set(engine.decay_names) == {p.name for p in config.model.param_table() if p.weight_decay}
+    return engine
+
+
+def accumulation_equals_the_big_batch(engine_cls: type, tmp_path: Path, corpus: Path) -> tuple[Any, Any]:
+    """Returns the (big-batch, accumulating) engines, whose parameters the caller compares."""
+    big = tiny(tmp_path, "training.max_steps=3", "training.batch_size=8", source=corpus)
+    small = tiny(tmp_path, "training.max_steps=3", "training.batch_size=4", "training.grad_accum_steps=2",
+                 source=corpus)
+    e_big, _ = fit(engine_cls, big, tmp_path / "big")
+    e_small, _ = fit(engine_cls, small, tmp_path / "small")
+    a, b = losses(tmp_path / "big"), losses(tmp_path / "small")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6)
+    assert e_small.datamodule.step == 6 and e_big.datamodule.step == 3
+    return e_big, e_small
+
+
+# ---------------------------------------------------------------------- checkpoints and resume
+def checkpoint_holds_the_training_state(engine_cls: type, backend: str, tmp_path: Path, corpus: Path
+                                        ) -> tuple[Any, Checkpoint]:
+    config = tiny(tmp_path, "training.max_steps=2", source=corpus)
+    engine, result = fit(engine_cls, config, tmp_path / "run")
+    assert result.last_checkpoint == tmp_path / "run" / "checkpoints" / "step_2"
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert set(ckpt.state_meta) == set(STATE_KEYS)
+    meta = ckpt.state_meta
+    assert (meta["step"], meta["micro_step"], meta["backend"], meta["reason"]) == (2, 2, backend, "final")
+    assert meta["data"] == engine.datamodule.state_dict() and meta["grad_scaler"] is None
+    assert meta["optimizer"]["step"] == 2 and meta["schedule"]["total_steps"] == 2
+    assert meta["schedule"]["next_lr"] == pytest.approx(lr_at(2, lr=0.01, warmup_steps=2, total_steps=2,
+                                                               final_lr=0.001))
+    names = [p.name for p in config.model.param_table()]
+    assert set(ckpt.state_tensors) == {f"{m}.{n}" for m in ("exp_avg", "exp_avg_sq") for n in names}
+    assert ckpt.config == config.to_dict()
+    assert (result.last_checkpoint / "tokenizer.json").read_bytes() == (tmp_path / "run" / "tokenizer.json").read_bytes()
+    return engine, ckpt
+
+
+def resume_is_exact(engine_cls: type, tmp_path: Path, corpus: Path, cli: tuple[str, ...] = ()) -> None:
+    """Stopped at step 3 and resumed by ``python -m llm.train [cli] --resume``, the run logs the
+    uninterrupted run's losses and writes its final state bit for bit (fp32 on CPU)."""
+    # dropout and accumulation on purpose: the RNG and the data cursor must both resume exactly
+    over = ("training.max_steps=8", "training.grad_accum_steps=2", "training.batch_size=4",
+            "model.dropout=0.1", "training.eval_every=4", "training.early_stopping_patience=5")
+    fit(engine_cls, tiny(tmp_path, *over, source=corpus), tmp_path / "full")
+    _, first = fit(engine_cls, tiny(tmp_path, *over, source=corpus), tmp_path / "cut", callbacks=[StopAt(3)])
+    assert first.stop_reason == "requested" and first.last_checkpoint.name == "step_3"
+    assert main([*cli, "--run-dir", str(tmp_path / "cut"), "--resume", "--sample-tokens", "0"]) == 0
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 9))
+    assert [cut[s] for s in range(4, 9)] == [full[s] for s in range(4, 9)]
+    val_full = {r["step"]: r["val_loss"] for r in rows(tmp_path / "full") if "val_loss" in r}
+    val_cut = {r["step"]: r["val_loss"] for r in rows(tmp_path / "cut") if "val_loss" in r and r["step"] > 3}
+    assert val_cut == val_full == {4: val_full[4], 8: val_full[8]}
+    a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step_8")
+    b = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_8")
+    assert a.state_meta["callbacks"] == b.state_meta["callbacks"]
+    for key in b.state_tensors:
+        np.testing.assert_array_equal(a.state_tensors[key], b.state_tensors[key], err_msg=key)
+
+
+def nan_stops_at_the_last_good_checkpoint(engine_cls: type, tmp_path: Path, log_every: int,
+                                          poison: Callable[[Any], None]) -> None:
+    """``poison`` makes the weights NaN after step 3: the run raises, and step 2 stays the newest
+    checkpoint. With log_every=4 the NaN at step 4 is not read as a metric before the step-4
+    checkpoint; the device-side flag must still stop the save."""
+    config = tiny(tmp_path, "training.max_steps=10", "checkpoint.every_steps=2",
+                  f"logging.every_steps={log_every}", f"training.log_every={log_every}")
+    with pytest.raises(NonFiniteLossError, match=r"nan.*last good checkpoint is .*step_2"):
+        fit(engine_cls, config, tmp_path / "run", callbacks=[PoisonAt(3, poison)])
+    path, skipped = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")
+    assert path.name == "step_2" and not skipped
+    assert all(np.isfinite(a).all() for a in load_checkpoint(path).params.values())
+
+
+# ---------------------------------------------------------------------- precision and tasks
+def bf16_stays_close_to_fp32(engine_cls: type, tmp_path: Path) -> Any:
+    """Returns the bfloat16 engine, whose dtypes the caller checks."""
+    fit(engine_cls, tiny(tmp_path, "training.max_steps=3"), tmp_path / "fp32")
+    engine, _ = fit(engine_cls, tiny(tmp_path, "training.max_steps=3", "optimization.dtype=bfloat16"),
+                    tmp_path / "bf16")
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert all(abs(a[s] - b[s]) < 0.05 for s in a) and a != b  # bf16 differs, but only a little
+    return engine
+
+
+def fp16_scaler_is_checkpointed(engine_cls: type, tmp_path: Path) -> dict[str, Any]:
+    """Returns the checkpoint's ``grad_scaler`` entry."""
+    _, result = fit(engine_cls, tiny(tmp_path, "training.max_steps=2", "optimization.dtype=float16"),
+                    tmp_path / "run")
+    scaler = load_checkpoint(result.last_checkpoint).state_meta["grad_scaler"]
+    assert scaler["scale"] > 0 and isinstance(scaler["growth_tracker"], int)
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    return scaler
+
+
+def regression_task_trains(engine_cls: type, tmp_path: Path) -> None:
+    config = tiny(tmp_path, "task=regression", "training.max_steps=60", "training.lr=1e-2",
+                  "training.batch_size=32", "training.eval_every=60", "data.synthetic_size=2048")
+    _, result = fit(engine_cls, config, tmp_path / "run")
+    first = losses(tmp_path / "run")[1]
+    assert first > 0.5 and result.val_loss < first / 20
+    assert result.last_checkpoint is None and not (tmp_path / "run" / "checkpoints").exists()
