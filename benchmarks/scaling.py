@@ -38,7 +38,7 @@ from llm.spec import init_params  # noqa: E402
 TARGET_RATIO = 1.85
 MODE_BACKEND = {"torch-eager": "torch", "torch-compile": "torch", "jax-jit": "jax"}
 # Options that only change the multi-GPU run; the variants that differ only in these share one 1-GPU run.
-DATA_PARALLEL_OPTIONS = {"bucket_mb", "ddp_split", "static_graph", "comm_hook"}
+DATA_PARALLEL_OPTIONS = {"bucket_mb", "ddp_split", "static_graph", "comm_hook", "nccl_channels"}
 # NVLink multicast stays off on shared hosts (a program using it can take the GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             write_weights(init_params(config.model, args.seed), wdir)
             singles: dict[str, dict] = {}  # one-GPU job key -> its result, shared by the variants
 
-            def run(mode: str, opts: dict, gpus: int, label: str) -> dict:
+            def run(mode: str, opts: dict, gpus: int, label: str, *, preset=preset, config=config, B=B, T=T,
+                    wdir=wdir) -> dict:
                 remaining = deadline - time.time()
                 if remaining < 30:
                     return {"status": "skipped", "error": "time budget spent"}

@@ -80,6 +80,8 @@ XLA_FLAG_SETS = {
     "lhs_combine": "--xla_gpu_enable_latency_hiding_scheduler=true "
                    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    # cuBLASLt matmuls, whose epilogues can take the bias add (and GELU) in the same kernel.
+    "cublaslt": "--xla_gpu_enable_cublaslt=true",
 }
 
 

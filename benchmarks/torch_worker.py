@@ -15,11 +15,13 @@ Options (``job["options"]``, each an ablation of one speed change):
 sort-based dispatch of ``llm.moe_dispatch``: only the selected experts).
 
 Data parallel options (under ``torchrun`` only): ``bucket_mb``: DDP's gradient bucket size in MB
-(default 25, DDP's own); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
+(default ``auto``: the engine's rule,
+``DistributedConfig.bucket_cap_mb``, about 20 buckets and at least DDP's own 25); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
 graph at bucket boundaries so each bucket's all-reduce overlaps the rest of the backward) | ``off``
 (one graph: every all-reduce waits for the whole backward); ``static_graph``: ``0`` (default) |
 ``1``; ``comm_hook``: ``none`` (default: float32 all-reduce) | ``bf16`` (gradients cast to bf16 for
-the all-reduce, half the bytes, and back).
+the all-reduce, half the bytes, and back); ``nccl_channels``: NCCL_MAX_NCHANNELS (unset: NCCL's
+choice), fewer channels take fewer SMs from the overlapped backward.
 
 Run: ``python -m benchmarks.torch_worker --job job.json --out result.json``.
 """
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from backends.torch.model import DecoderModel
 from benchmarks.job import load_weights, make_batches, preset_config, run_worker
 from benchmarks.measure import step_stats, summarise_kernels, time_steps
+from llm.config import DistributedConfig
 
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
          "math": "MATH"}
@@ -81,13 +84,14 @@ def _run(job: dict) -> dict:
     device = torch.device(f"cuda:{local_rank}" if on_cuda else "cpu")
     if on_cuda:
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if on_cuda else "gloo")
     opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach", "moe": "dense",
             "sdpa": "cudnn" if on_cuda else "any", **job.get("options", {})}
     if world > 1:
-        opts = {"bucket_mb": "25", "ddp_split": "on", "static_graph": "0", "comm_hook": "none", **opts}
+        opts = {"bucket_mb": "auto", "ddp_split": "on", "static_graph": "0", "comm_hook": "none", **opts}
         torch._dynamo.config.optimize_ddp = opts["ddp_split"] == "on"
+        if "nccl_channels" in opts:  # read by NCCL when the communicator is created
+            os.environ["NCCL_MAX_NCHANNELS"] = opts["nccl_channels"]
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     compiled = job["mode"] == "torch-compile"
     config = preset_config(job)
     spec, t = config.model, config.training
@@ -115,8 +119,12 @@ def _run(job: dict) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        grad_bytes = sum(p.numel() * p.element_size() for p in params)
+        bucket_mb = (DistributedConfig().bucket_cap_mb(grad_bytes) if opts["bucket_mb"] == "auto"
+                     else float(opts["bucket_mb"]))
+        opts["bucket_mb_used"] = f"{bucket_mb:.1f}"
         fwd = DistributedDataParallel(fwd, device_ids=[local_rank] if on_cuda else None,
-                                      gradient_as_bucket_view=True, bucket_cap_mb=float(opts["bucket_mb"]),
+                                      gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb,
                                       static_graph=opts["static_graph"] == "1")
         if opts["comm_hook"] == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -37,7 +37,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -492,12 +492,29 @@ class LoggingConfig(_Section):
 
 @dataclass(frozen=True)
 class DistributedConfig(_Section):
-    """Process-group backend for torch DDP (``torchrun`` sets rank and world size). The JAX backend
-    shards over a device mesh and ignores this section."""
+    """Process-group backend and gradient bucket size for torch DDP (``torchrun`` sets rank and
+    world size). The JAX backend shards over a device mesh and ignores this section.
+
+    ``bucket_mb`` (null = auto) is DDP's ``bucket_cap_mb``. With ``torch.compile`` each bucket is
+    also a graph split (dynamo's DDPOptimizer), so DDP's own 25 MB cuts a 1B model's backward
+    into ~180 graphs; auto aims at about 20 buckets and never goes under 25 MB
+    (benchmarks/NOTES.md has the measurements).
+    """
 
     SECTION = "distributed"
+    AUTO_BUCKETS: ClassVar[int] = 20
 
     backend: DistBackend = DistBackend.AUTO
+    bucket_mb: float | None = None
+
+    def _validate(self) -> None:
+        self._need(self.bucket_mb is None or self.bucket_mb > 0, "bucket_mb", "must be > 0 or null (auto)")
+
+    def bucket_cap_mb(self, grad_bytes: int) -> float:
+        """DDP's bucket size in MB for gradients totalling ``grad_bytes``."""
+        if self.bucket_mb is not None:
+            return float(self.bucket_mb)
+        return max(25.0, grad_bytes / self.AUTO_BUCKETS / 2**20)
 
     def resolve_backend(self, cuda_available: bool) -> str:
         """The concrete backend name for ``torch.distributed.init_process_group``."""

@@ -143,7 +143,7 @@ def test_scaling_harness_on_cpu(tmp_path):
         assert r["ratio"] == pytest.approx(r["gpus_2"]["tokens_per_s"] / r["gpus_1"]["tokens_per_s"])
     assert runs[0]["gpus_1"] == runs[1]["gpus_1"]  # the same 1-process run, not a second one
     assert runs[1]["gpus_2"]["options"]["bucket_mb"] == "1" and runs[1]["gpus_2"]["options"]["static_graph"] == "1"
-    assert runs[0]["gpus_2"]["options"]["bucket_mb"] == "25"
+    assert runs[0]["gpus_2"]["options"]["bucket_mb"] == "auto" and runs[0]["gpus_2"]["options"]["bucket_mb_used"] == "25.0"
     assert runs[2]["gpus_2"]["options"]["xla"] == "lhs"
     for r in runs[:2]:
         assert "profile" in r["gpus_2"], r  # rank 0 reports it; the other rank ran the same steps

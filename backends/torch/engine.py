@@ -106,7 +106,10 @@ class TrainingEngine(BaseTrainingEngine):
             self.train_model = torch.compile(self.model, mode=config.optimization.compile_mode.value)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+            grad_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=ids, gradient_as_bucket_view=True,
+                bucket_cap_mb=config.distributed.bucket_cap_mb(grad_bytes))
 
     # ------------------------------------------------------------------ devices and processes
     def _init_process_group(self) -> None:
