@@ -16,7 +16,7 @@ sort-based dispatch of ``llm.moe_dispatch``: only the selected experts).
 
 Data parallel options (under ``torchrun`` only): ``bucket_mb``: DDP's gradient bucket size in MB
 (default ``auto``: the engine's rule,
-``DistributedConfig.bucket_cap_mb``, about 20 buckets and at least DDP's own 25); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
+``DistributedConfig.bucket_cap_mb``, about 10 buckets and at least DDP's own 25); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
 graph at bucket boundaries so each bucket's all-reduce overlaps the rest of the backward) | ``off``
 (one graph: every all-reduce waits for the whole backward); ``static_graph``: ``0`` (default) |
 ``1``; ``comm_hook``: ``none`` (default: float32 all-reduce) | ``bf16`` (gradients cast to bf16 for

@@ -497,12 +497,12 @@ class DistributedConfig(_Section):
 
     ``bucket_mb`` (null = auto) is DDP's ``bucket_cap_mb``. With ``torch.compile`` each bucket is
     also a graph split (dynamo's DDPOptimizer), so DDP's own 25 MB cuts a 1B model's backward
-    into ~180 graphs; auto aims at about 20 buckets and never goes under 25 MB
+    into ~180 graphs; auto aims at about 10 buckets and never goes under 25 MB
     (benchmarks/NOTES.md has the measurements).
     """
 
     SECTION = "distributed"
-    AUTO_BUCKETS: ClassVar[int] = 20
+    AUTO_BUCKETS: ClassVar[int] = 10
 
     backend: DistBackend = DistBackend.AUTO
     bucket_mb: float | None = None
