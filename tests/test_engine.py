@@ -220,3 +220,19 @@ def test_vocab_that_does_not_fit_is_a_clear_error(tmp_path, corpus):
 
     with pytest.raises(TokenizerError, match=r"model.vocab_size=8"):
         TrainingEngine(tiny(tmp_path, "model.vocab_size=8", source=corpus), run_dir=tmp_path / "run")
+
+
+def test_cuda_step_puts_cudnn_attention_first_and_restores_the_order():
+    """The CUDA step context ranks cuDNN's fused attention first; a CPU step leaves SDPA alone."""
+    from torch.nn.attention import SDPBackend
+
+    before = torch._C._get_sdp_priority_order()
+    engine = TrainingEngine.__new__(TrainingEngine)  # only the two attributes the context reads
+    engine.amp_dtype = None
+    engine.device = torch.device("cuda")
+    with engine._autocast():
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert torch._C._get_sdp_priority_order() == before
+    engine.device = torch.device("cpu")
+    with engine._autocast():
+        assert torch._C._get_sdp_priority_order() == before
