@@ -236,3 +236,34 @@ def test_cuda_step_puts_cudnn_attention_first_and_restores_the_order():
     engine.device = torch.device("cpu")
     with engine._autocast():
         assert torch._C._get_sdp_priority_order() == before
+
+
+def test_tensorboard_callback_writes_train_and_val_scalars(tmp_path, monkeypatch):
+    """logging.tensorboard=true: one writer under <run_dir>/tensorboard, train/* every logged step,
+    val/* at evals, closed at the end (a recording writer stands in for tensorboard's)."""
+    from llm.callbacks import TensorBoard
+
+    writers = []
+
+    class Recorder:
+        def __init__(self, log_dir):
+            self.log_dir, self.scalars, self.closed = log_dir, [], False
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, float(value), step))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(TensorBoard, "writer_class", staticmethod(lambda: Recorder))
+    config = tiny(tmp_path, "logging.tensorboard=true", "training.eval_every=3", "training.eval_batches=1")
+    _, result = fit(TrainingEngine, config, tmp_path / "run")
+    (writer,) = writers
+    assert writer.log_dir == str(tmp_path / "run" / "tensorboard") and writer.closed
+    train = {step: value for tag, value, step in writer.scalars if tag == "train/loss"}
+    assert train == pytest.approx(losses(tmp_path / "run"))
+    assert sorted(train) == list(range(1, 7))
+    val = [step for tag, _, step in writer.scalars if tag == "val/loss"]
+    assert val == [3, 6]
+    assert {tag for tag, _, _ in writer.scalars} >= {"train/loss", "train/lr", "val/loss"}
