@@ -60,6 +60,7 @@ __all__ = [
     "TrainingConfig",
     "dump_yaml",
     "load_config",
+    "nearest",
     "parse_override",
 ]
 
@@ -74,6 +75,10 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------- choices
 class Task(str, enum.Enum):
+    """The built-in task names. ``Config.task`` is a plain string: any task registered with
+    ``llm.tasks.register_task`` can be chosen, and ``"package.module:name"`` imports the module that
+    registers ``name`` first (``llm.tasks.get_task`` resolves both)."""
+
     LM = "lm"  # next-token prediction on data.source
     REGRESSION = "regression"  # y = x @ w + noise (llm.data.synthetic); a smoke test of the engines
 
@@ -240,7 +245,8 @@ _ALIASES = {
 }
 
 
-def _nearest(word: str, choices: Iterable[str]) -> str | None:
+def nearest(word: str, choices: Iterable[str]) -> str | None:
+    """The valid name closest to ``word`` (known aliases first, then spelling), for "did you mean"."""
     choices = list(choices)
     section, _, leaf = word.rpartition(".")
     alias = _ALIASES.get(leaf)
@@ -389,12 +395,15 @@ class TrainingConfig(_Section):
 class DataConfig(_Section):
     """Where tokens come from.
 
-    ``source``: ``"stdlib"`` (every ``*.py`` of the running Python's standard library, tests and
-    site-packages excluded, sorted; the default corpus, no download), ``"synthetic"`` (seeded random
+    ``source``: ``"stdlib"`` (every ``*.py`` of the running Python's standard library, tests,
+    site-packages and the generated ``encodings/`` and ``pydoc_data/`` excluded, sorted; the default
+    corpus, no download), ``"synthetic"`` (seeded random
     tokens; the regression task always uses synthetic data), or a file, a directory (recursive, text
     files only) or a glob. ``max_bytes`` caps the bytes read from a text source (files in sorted order,
     the last one cut; null = no cap). ``vocab_size`` is the BPE target size (ignored for ``char``).
-    ``val_fraction`` is the tail of the token stream held out (0 = no validation split).
+    ``val_fraction`` is the share of tokens held out for validation, as whole files picked by a
+    hash of their relative path (a one-file source: its tail; see ``llm/data/text.py``; 0 = no
+    validation split).
     ``cache_dir`` holds tokenized corpora (null = ``$XDG_CACHE_HOME/llm`` or ``~/.cache/llm``).
     ``synthetic_size`` is the number of sequences (or regression rows) of the synthetic source.
     """
@@ -477,7 +486,7 @@ class CheckpointConfig(_Section):
 class LoggingConfig(_Section):
     """``every_steps``: cadence of metrics.jsonl rows; ``tensorboard``: also write event files;
     ``progress``: a progress bar on rank 0; ``run_dir``: where metrics, events and (by default)
-    checkpoints go (null = chosen by the entry point, e.g. ``runs/<task>-<timestamp>``)."""
+    checkpoints go (null = chosen by the entry point, ``runs/<timestamp>``)."""
 
     SECTION = "logging"
 
@@ -532,7 +541,32 @@ _SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "distributed": DistributedConfig,
 }
-_TOP_LEVEL_SCALARS = {"task": Task}
+_TOP_LEVEL_SCALARS: dict[str, Any] = {"task": str}
+_MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _task_name(value: Any) -> str:
+    """``Config.task`` as text: a built-in name (matched as the ``Task`` enum matches, by value or
+    member name in any case), another registered name, or ``"package.module:name"``.
+
+    Only the form is checked here. Whether the name is registered is checked where the task is
+    resolved (``llm.tasks.get_task``, called by ``python -m llm.train`` and the engines): a custom
+    task's module may import a framework, and a saved config must load without it.
+    """
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if not isinstance(value, str):
+        raise ConfigError(f"task: expected a task name, got {value!r}", "task")
+    name = value.strip()
+    for member in Task:
+        if name.lower() in (member.value, member.name.lower()):
+            return member.value
+    module, colon, attr = name.partition(":")
+    if not name or any(c.isspace() for c in name) or (
+            colon and not (_MODULE_PATH.fullmatch(module) and attr and ":" not in attr)):
+        raise ConfigError(f"task={value!r} must be a registered task name (built-in: "
+                          f"{', '.join(repr(t.value) for t in Task)}) or 'package.module:name'", "task")
+    return name
 
 
 def _fields_of(section: str) -> list[str]:
@@ -545,7 +579,7 @@ def _check_section(section: str, origin: str = "") -> None:
         return
     where = f" ({origin})" if origin else ""
     valid = sorted(_SECTIONS) + sorted(_TOP_LEVEL_SCALARS)
-    near = _nearest(section, valid)
+    near = nearest(section, valid)
     hint = f"; did you mean {near!r}?" if near else f"; valid: {', '.join(valid)}"
     raise ConfigError(f"unknown config section {section!r}{where}{hint}", section)
 
@@ -562,7 +596,7 @@ def _check_key(section: str, key: str, origin: str = "") -> None:
     if elsewhere:
         near = f"{elsewhere[0]}.{key}"
     else:
-        close = _nearest(key, names)
+        close = nearest(key, names)
         near = f"{section}.{close}" if close else None
     hint = f"; did you mean {near!r}?" if near else f"; valid keys of {section}: {', '.join(names)}"
     raise ConfigError(f"unknown config key {dotted!r}{where}{hint}", dotted)
@@ -596,6 +630,10 @@ class Config:
     Cross-section rules checked here: for the LM task ``data.seq_len <= model.max_seq_len``; for BPE
     ``data.vocab_size <= model.vocab_size``; evaluation (``training.eval_every > 0``) needs
     ``data.val_fraction > 0``.
+
+    ``task`` is the name of a registered task (``llm.tasks``): ``"lm"``, ``"regression"``, a custom
+    one, or ``"package.module:name"`` to import the module that registers it. Its form is checked here,
+    its registration where the task is resolved (``llm.tasks.get_task``).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -605,18 +643,18 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    task: Task = Task.LM
+    task: str = Task.LM.value
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "task", _coerce(self.task, Task, "task"))
+        object.__setattr__(self, "task", _task_name(self.task))
         for name, cls in _SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"{name}: expected a {cls.__name__}, got {getattr(self, name)!r}", name)
         m, d, t = self.model, self.data, self.training
-        if self.task is Task.LM and d.seq_len > m.max_seq_len:
+        if self.task == Task.LM.value and d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}",
                               "data.seq_len")
-        if self.task is Task.LM and d.tokenizer is TokenizerKind.BPE and d.vocab_size > m.vocab_size:
+        if self.task == Task.LM.value and d.tokenizer is TokenizerKind.BPE and d.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={d.vocab_size} must be <= model.vocab_size={m.vocab_size} "
                               "(the BPE ids index the embedding table)", "data.vocab_size")
         if t.eval_every > 0 and d.val_fraction == 0:
@@ -642,7 +680,7 @@ class Config:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"task": self.task.value}
+        out: dict[str, Any] = {"task": self.task}
         for name in _SECTIONS:
             out[name] = _plain(getattr(self, name).to_dict())
         return out
@@ -721,7 +759,7 @@ def parse_override(text: str) -> tuple[str | None, str, str]:
     if dotted in _TOP_LEVEL_SCALARS:
         return None, dotted, raw
     if dotted.count(".") != 1:
-        near = _nearest(dotted, [f"{s}.{f}" for s in _SECTIONS for f in _fields_of(s)])
+        near = nearest(dotted, [f"{s}.{f}" for s in _SECTIONS for f in _fields_of(s)])
         hint = f"; did you mean {near!r}?" if near else ""
         raise ConfigError(f"override {text!r}: expected 'section.field=value'{hint}", dotted)
     section, key = dotted.split(".")

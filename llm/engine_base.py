@@ -91,8 +91,13 @@ class BaseTrainingEngine:
     def __init__(self, config: Config, *, rank: int, world_size: int, task: str | TrainingTask | None,
                  callbacks: list[Callback] | None,
                  callback_names: tuple[str, ...] | list[str] = DEFAULT_CALLBACKS):
-        self.config = config
         self.task = get_task(task if task is not None else config.task)
+        named = config.task.rpartition(":")[2]
+        if task is not None and self.task.name and self.task.name != named:
+            # The run's config.json (and every checkpoint's) must name the task that really ran, so
+            # that a resume from it trains the same one.
+            config = config.replace(task=self.task.name)
+        self.config = config
         self.impl = self.task.backend(self.backend)
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0

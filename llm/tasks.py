@@ -31,6 +31,12 @@ SyntheticDataModule's regression set). A new task is a few lines::
 
     TrainingEngine(config, task="mae_regression").fit()
 
+A task is chosen by name like any config value (``task: mae_regression`` in YAML, ``--set task=...``,
+``--task``); ``get_task("package.module:name")`` imports the module that registers ``name`` first, which
+is how ``python -m llm.train --task mypkg.tasks:mae_regression`` reaches a task defined outside this
+package. Keeping such a module framework-free (backend halves as ``"module:Class"`` strings) keeps
+config resolution free of torch and jax too.
+
 This module must not import torch or jax.
 """
 
@@ -42,6 +48,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from llm.config import ConfigError, nearest
 from llm.data import BaseDataModule, build_datamodule
 
 __all__ = ["LMTask", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
@@ -105,7 +112,7 @@ def register_task(name: str, *, replace: bool = False):
         if not (isinstance(cls, type) and issubclass(cls, TrainingTask)):
             raise TaskError(f"register_task({name!r}) decorates TrainingTask subclasses, got {cls!r}")
         old = _TASKS.get(name)
-        if old is not None and not replace and old.__qualname__ != cls.__qualname__:
+        if old is not None and not replace and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise TaskError(f"task {name!r} is already registered ({old.__module__}.{old.__qualname__}); "
                             "pass replace=True to override it")
         cls.name = name
@@ -116,12 +123,31 @@ def register_task(name: str, *, replace: bool = False):
 
 
 def get_task(task: str | TrainingTask | Any) -> TrainingTask:
-    """A task instance from a registered name (or a ``llm.config.Task``); instances pass through."""
+    """A task instance from a registered name (or a ``llm.config.Task``); instances pass through.
+
+    ``"package.module:name"`` imports ``package.module`` first (whose import registers ``name``), so
+    a config or a command line can name a task defined outside this package. Errors are one-line
+    ``TaskError``s that name the value, the registered tasks and the nearest one.
+    """
     if isinstance(task, TrainingTask):
         return task
-    name = str(getattr(task, "value", task))
+    value = str(getattr(task, "value", task))
+    name = value
+    if ":" in value:
+        module, _, name = value.partition(":")
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (module == e.name or module.startswith(e.name + ".")):
+                raise TaskError(f"task {value!r}: no module named {e.name!r} (is it on PYTHONPATH?)") from None
+            raise  # the module exists but an import inside it failed: its traceback is the message
     if name not in _TASKS:
-        raise TaskError(f"unknown task {name!r}; registered: {', '.join(available_tasks())}")
+        near = nearest(name, _TASKS)
+        known = (f"; did you mean {near!r}? registered: " if near else "; registered: ") + ", ".join(available_tasks())
+        if name == value:
+            raise TaskError(f"task: unknown task {name!r}{known} (or give 'package.module:name' to import "
+                            "the module that registers it)")
+        raise TaskError(f"task {value!r}: importing {module} registered no task {name!r}{known}")
     return _TASKS[name]()
 
 
@@ -159,6 +185,10 @@ class LMTask(TrainingTask):
         return build_datamodule(config, rank=rank, world_size=world_size)
 
     def validate(self, config: Any, datamodule: BaseDataModule) -> None:
+        m, d = config.model, config.data
+        if d.seq_len > m.max_seq_len:  # Config checks this for task "lm"; here for tasks built on LMTask
+            raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}",
+                              "data.seq_len")
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             from llm.tokenization import check_vocab

@@ -5,10 +5,13 @@
     python -m llm.train --run-dir runs/exp1 --resume      continue from the newest valid checkpoint
     python -m llm.train --init-from ckpts/llama --set data.source=my.txt   fine-tune a checkpoint's weights
     python -m llm.train --print-config                    print the resolved YAML and exit
+    python -m llm.train --task mypkg.tasks:my_task        import mypkg.tasks, train the task it registers
     torchrun --nproc_per_node=2 -m llm.train ...          data-parallel (torch backend)
 
 Config precedence: defaults < ``--config`` YAML (default: configs/default.yaml; with ``--resume`` and
 no ``--config``: the run's own config.json) < env ``LLM_<SECTION>__<FIELD>`` < ``--set`` < named flags.
+The task (``task``, ``--task``) is a registered name or ``package.module:name``; resolving the config
+imports that module, whose ``register_task`` runs before the name is checked (``llm.tasks.get_task``).
 The backend module (``backends.<name>.engine``) is imported only after the config resolved, so config
 errors are fast. Errors the user can fix print one line (``llm-train: error: ...``) and exit 2
 (config) or 1 (run); an interrupted run (Ctrl-C) saves a checkpoint and exits 130.
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model:) and tokenizer.json (e.g. one made by python -m llm.hf import)")
     p.add_argument("--max-steps", type=int, help="= --set training.max_steps=N")
     p.add_argument("--seed", type=int, help="= --set training.seed=N")
-    p.add_argument("--task", help="= --set task=NAME (lm, regression)")
+    p.add_argument("--task", help="= --set task=NAME: a registered task (lm, regression) or "
+                                  "'package.module:name' (imports package.module, which registers name)")
     p.add_argument("--epochs", type=int, help="= --set training.epochs=N training.max_steps=null "
                                                "(unless --max-steps is given too)")
     p.add_argument("--batch-size", type=int, help="= --set training.batch_size=N (global)")
@@ -106,8 +110,14 @@ def resolve_config(args: argparse.Namespace):
     if args.epochs is not None and args.max_steps is None:
         overrides.append("training.max_steps=null")  # --epochs means: run that many epochs
     from llm.init_from import apply_init_from
+    from llm.tasks import TaskError, get_task
 
-    return apply_init_from(load_config(_config_path(args), overrides))  # model: from training.init_from
+    config = apply_init_from(load_config(_config_path(args), overrides))  # model: from training.init_from
+    try:
+        get_task(config.task)  # imports a 'package.module:name' task's module; the name must be registered
+    except TaskError as e:
+        raise ConfigError(str(e), "task") from None
+    return config
 
 
 def _cpu_threads_yield() -> None:
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from llm.tasks import TaskError
     from llm.tokenization import TokenizerError
 
+    _cpu_threads_yield()  # before a task module (resolve_config imports it) or the backend loads torch
     try:
         config = resolve_config(args)
         from llm.callbacks import get_callback
@@ -151,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(dump_yaml(config))
             return 0
         _setup_logging()
-        _cpu_threads_yield()
         try:
             engine_module = importlib.import_module(BACKENDS[args.backend])
         except ModuleNotFoundError as e:

@@ -39,7 +39,7 @@ def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
 def test_defaults_are_valid_and_typed():
     c = load_config(env={})
     assert c == Config()
-    assert c.task is Task.LM and c.task == "lm"
+    assert c.task == Task.LM == "lm" and type(c.task) is str
     assert isinstance(c.model, ModelSpec)
     assert c.optimization.dtype is DType.FLOAT32 and c.optimization.compile is False
     assert c.data.source == "stdlib" and c.data.tokenizer is TokenizerKind.CHAR
@@ -111,7 +111,7 @@ def test_env_values_parse_as_yaml_scalars():
     assert c.training.lr == 3e-4 and isinstance(c.training.lr, float)  # YAML 1.1 reads 3e-4 as text
     assert c.model.hidden_size == 64 and c.model.norm_eps == 1e-6
     assert c.logging.tensorboard is True
-    assert c.task is Task.REGRESSION
+    assert c.task == "regression"
     assert c.data.cache_dir == "/tmp/x: y"  # a str field takes the raw text
 
 
@@ -179,7 +179,7 @@ def test_from_dict_rejects_unknown_keys():
     ("logging.progress=maybe", "logging.progress: expected bool, got 'maybe'"),
     ("optimization.dtype=fp8", "optimization.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'fp8'"),
     ("model.hidden_size=big", "model.hidden_size: expected int, got 'big'"),
-    ("task=classify", "task: expected one of 'lm', 'regression', got 'classify'"),
+    ("task=null", "task: expected a task name, got None"),
 ])
 def test_wrong_types_name_key_type_and_value(override, message):
     with pytest.raises(ConfigError) as info:
@@ -232,6 +232,29 @@ def test_cross_section_rules():
         load_config(overrides=["data.val_fraction=0"], env={})
     # the regression task has no sequences, so seq_len is not tied to the model
     assert load_config(overrides=["task=regression", "data.seq_len=4096"], env={}).data.seq_len == 4096
+
+
+# ---------------------------------------------------------------------- task
+def test_task_is_any_name_and_checked_for_form_only(tmp_path):
+    # built-ins as the enum takes them (value or member name, any case), stored as plain text
+    assert load_config(overrides=["task=REGRESSION"], env={}).task == "regression"
+    assert Config(task=Task.REGRESSION) == Config(task="regression")
+    assert Config.from_dict({"task": "lm"}).to_dict()["task"] == "lm"  # a saved config.json
+    # any other name loads without its module: the registry is checked where the task is resolved
+    for name in ("my_task", "mypkg.tasks:my_task"):
+        c = load_config(overrides=[f"task={name}", "data.seq_len=4096"], env={})  # LM-only rules skipped
+        d = json.loads(json.dumps(c.to_dict()))
+        assert c.task == d["task"] == name and Config.from_dict(d) == c
+        assert load_config(write(tmp_path, dump_yaml(c)), env={}) == c
+    assert load_config(env={"LLM_TASK": "mypkg.tasks:my_task"}).task == "mypkg.tasks:my_task"
+
+
+@pytest.mark.parametrize("value", ["", "two words", "1pkg:name", "pkg.:name", "pkg:", "pkg:a:b"])
+def test_malformed_task_names_are_errors(value):
+    with pytest.raises(ConfigError, match=r"task=.* must be a registered task name \(built-in: 'lm', "
+                                          r"'regression'\) or 'package.module:name'") as info:
+        Config(task=value)
+    assert info.value.key == "task"
 
 
 def test_rule_violation_from_env_names_the_variable():

@@ -1,9 +1,13 @@
-"""Data modules: sources, cache reuse, determinism, resumable cursor, rank sharding, errors."""
+"""Data modules: sources, per-document split, cache reuse, determinism, resumable cursor, rank
+sharding, errors."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -18,7 +22,8 @@ from llm.data import (
     TextDataModule,
     build_datamodule,
 )
-from llm.data.text import read_corpus, stdlib_files
+from llm.data import text as text_module_impl
+from llm.data.text import SPLIT_RULE, read_corpus, split_rank, stdlib_files, val_document_count
 from llm.tokenization import BPETokenizer, SimpleCharacterTokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "return", "def", "class", "self", "café", "λ", "(", ")", ":"]
@@ -67,6 +72,7 @@ def test_directory_source_is_recursive_sorted_and_text_only(corpus_dir, tmp_path
     corpus = read_corpus(str(corpus_dir))
     assert [p.relative_to(corpus_dir).as_posix() for p in corpus.files] == [
         "a.txt", "sub/b.md", "sub/deeper/c.py"]
+    assert corpus.names == ["a.txt", "sub/b.md", "sub/deeper/c.py"]
     assert [p.name for p in corpus.skipped] == ["image.bin"]
     assert corpus.docs[0] == (corpus_dir / "a.txt").read_text(encoding="utf-8")
     assert not corpus.truncated
@@ -75,8 +81,10 @@ def test_directory_source_is_recursive_sorted_and_text_only(corpus_dir, tmp_path
 def test_glob_and_single_file_sources(corpus_dir):
     via_glob = read_corpus(str(corpus_dir / "**" / "*.py"))
     assert [p.name for p in via_glob.files] == ["c.py"]
+    assert via_glob.names == ["sub/deeper/c.py"]  # relative to the glob's leading directories
     single = read_corpus(str(corpus_dir / "sub" / "b.md"))
     assert single.docs == [(corpus_dir / "sub" / "b.md").read_text(encoding="utf-8")]
+    assert single.names == ["b.md"]
 
 
 def test_max_bytes_cuts_at_a_character_boundary(corpus_dir):
@@ -95,6 +103,8 @@ def test_stdlib_source_with_a_small_cap(tmp_path):
     assert all(r.endswith(".py") for r in rel)
     parts = {part for r in rel for part in r.split("/")[:-1]}
     assert not parts & {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    assert not {r.split("/")[0] for r in rel} & {"encodings", "pydoc_data"}  # generated data
+    assert (root / "encodings" / "cp1252.py").is_file()  # ... which this Python does have
     dm = text_module("stdlib", tmp_path, max_bytes=60_000, seq_len=32)
     assert dm.meta["truncated"] and dm.meta["bytes"] <= 60_000
     assert abs(dm.num_tokens - 60_000) < 2_000  # char tokens ~ bytes (+ one <EOS> per file)
@@ -102,21 +112,142 @@ def test_stdlib_source_with_a_small_cap(tmp_path):
     assert "<UNK>" not in dm.tokenizer.decode(x.reshape(-1))
 
 
+# ---------------------------------------------------------------------- split
+def make_docs(root: Path, count: int, *, first: int = 0) -> dict[str, str]:
+    """``count`` files under ``root`` (two folders deep for some), each text marked with its number."""
+    texts = {}
+    for i in range(first, first + count):
+        name = f"pkg{i % 3}/mod_{i:02d}.py" if i % 2 else f"top_{i:02d}.txt"
+        text = f"<<doc {i:02d}>>\n" + make_text(100 + i, 120 + 40 * (i % 5))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+        texts[name] = text
+    return texts
+
+
+def split_texts(dm: TextDataModule) -> tuple[str, str]:
+    return dm.tokenizer.decode(dm.train_tokens), dm.tokenizer.decode(dm.val_tokens)
+
+
+def test_split_rank_is_sha256_of_the_name():
+    # pinned: the rank must not depend on the machine, the process (hash() is salted) or file order
+    names = ["a.txt", "b.txt", "c.txt", "sub/x.py", "λ.md"]
+    expected = ["a.txt", "c.txt", "sub/x.py", "λ.md", "b.txt"]
+    assert [names[i] for i in split_rank(names)] == expected
+    shuffled = ["λ.md", "sub/x.py", "b.txt", "c.txt", "a.txt"]
+    assert [shuffled[i] for i in split_rank(shuffled)] == expected
+
+
+def test_val_document_count_takes_the_prefix_closest_to_the_fraction():
+    ends = np.array([10, 30, 60, 100])  # ranked documents of 10, 20, 30 and 40 tokens
+    assert val_document_count(ends, 0.25) == 2  # 30 tokens is closest to 25
+    assert val_document_count(ends, 0.5) == 3  # 60 is 10 from 50, 30 is 20 from it
+    assert val_document_count(ends, 0.2) == 1  # 10 and 30 both 10 from 20: the fewer documents
+    assert val_document_count(ends, 0.001) == 1  # at least one document is val
+    assert val_document_count(ends, 0.99) == 3  # at least one document is train
+    assert val_document_count(ends, 0.0) == 0
+    assert val_document_count(np.array([50]), 0.5) == 0  # one document: no document split
+
+
+def test_split_is_per_document(tmp_path):
+    root = tmp_path / "corpus"
+    texts = make_docs(root, 24)
+    dm = text_module(root, tmp_path / "cache", val_fraction=0.2, seq_len=16, batch_size=4)
+    assert dm.split == "documents" and dm.meta["documents"] == 24
+    assert sorted(dm.train_documents + dm.val_documents) == sorted(texts)
+    assert not set(dm.train_documents) & set(dm.val_documents) and dm.val_documents
+    train, val = split_texts(dm)
+    # each split is the whole documents of its side, joined with <EOS>, in rank order
+    assert val == "".join(texts[n] + "<EOS>" for n in dm.val_documents)
+    assert train == "".join(texts[n] + "<EOS>" for n in dm.train_documents)
+    for name, text in texts.items():
+        marker = text.split("\n", 1)[0]
+        assert (marker in train) != (marker in val), name  # no document in both splits
+    assert dm.val_documents + dm.train_documents == [sorted(texts)[i] for i in split_rank(sorted(texts))]
+    assert dm.num_tokens == len(dm.train_tokens) + len(dm.val_tokens)
+    vx, _ = next(dm.val_dataloader())
+    assert all(dm.tokenizer.decode(row) in val for row in vx)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_val_fraction_is_roughly_respected(tmp_path, fraction):
+    root = tmp_path / "corpus"
+    texts = make_docs(root, 40)
+    dm = text_module(root, tmp_path / "cache", val_fraction=fraction, seq_len=8, batch_size=2)
+    longest = max(len(t) + 1 for t in texts.values())  # char tokens + <EOS>
+    assert abs(len(dm.val_tokens) - fraction * dm.num_tokens) <= longest / 2
+    assert abs(len(dm.val_documents) - fraction * 40) <= 6
+
+
+def test_split_is_deterministic_across_runs_places_and_additions(tmp_path):
+    here, there = tmp_path / "here" / "corpus", tmp_path / "elsewhere" / "copy"
+    make_docs(here, 20)
+    shutil.copytree(here, there)
+    a = text_module(here, tmp_path / "cache_a", val_fraction=0.2, seq_len=8, batch_size=2)
+    again = text_module(here, tmp_path / "cache_b", val_fraction=0.2, seq_len=8, batch_size=2)
+    moved = text_module(there, tmp_path / "cache_a", val_fraction=0.2, seq_len=8, batch_size=2)
+    assert again.from_cache is False and moved.from_cache is True  # same names and contents
+    for other in (again, moved):
+        assert other.val_documents == a.val_documents and other.train_documents == a.train_documents
+        np.testing.assert_array_equal(other.val_tokens, a.val_tokens)
+    via_glob = text_module(str(here / "**" / "*"), tmp_path / "cache_a", val_fraction=0.2, seq_len=8,
+                           batch_size=2)
+    assert via_glob.val_documents == a.val_documents
+
+    added = make_docs(here, 1, first=20)
+    (new_name,) = added
+    grown = text_module(here, tmp_path / "cache_a", val_fraction=0.2, seq_len=8, batch_size=2)
+    old_order = a.val_documents + a.train_documents
+    assert [n for n in grown.val_documents + grown.train_documents if n != new_name] == old_order
+    moved_sides = set(a.val_documents) ^ (set(grown.val_documents) - {new_name})
+    assert len(moved_sides) <= 2  # only documents at the cut change side
+
+
+def test_one_document_falls_back_to_the_tail(tmp_path, caplog):
+    single = tmp_path / "only.txt"
+    text = make_text(5, 3000)
+    single.write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="llm.data.text"):
+        dm = text_module(single, tmp_path / "cache", val_fraction=0.1)
+    assert dm.split == "tail" and dm.val_documents == []
+    n = dm.num_tokens
+    assert len(dm.val_tokens) == int(0.1 * n) and len(dm.train_tokens) == n - int(0.1 * n)
+    train, val = split_texts(dm)
+    assert train + val == text + "<EOS>" and val.endswith("<EOS>")
+    assert any("one document" in r.getMessage() and "contiguous tail" in r.getMessage()
+               for r in caplog.records)
+    # a byte cap that reaches only the first file of a directory is one document too
+    root = tmp_path / "corpus"
+    texts = make_docs(root, 4)
+    first = min(texts)
+    capped = text_module(root, tmp_path / "cache", max_bytes=len(texts[first].encode()) - 10, batch_size=2)
+    assert capped.meta["documents"] == 1 and capped.split == "tail"
+
+
+def test_split_error_names_the_documents(tmp_path):
+    root = tmp_path / "corpus"
+    make_docs(root, 6)
+    with pytest.raises(DataError, match=r"data.val_fraction=0.1 leaves \d+ val tokens \(1 whole document\(s\)\) = "
+                                        r"\d+ windows of data.seq_len=128, fewer than training.batch_size=8"):
+        text_module(root, tmp_path / "cache", seq_len=128, batch_size=8)
+
+
 # ---------------------------------------------------------------------- batches
 def test_windows_are_shifted_corpus_slices(corpus_dir, tmp_path):
     dm = text_module(corpus_dir, tmp_path / "cache")
     assert isinstance(dm.tokenizer, SimpleCharacterTokenizer)
     assert dm.vocab_size == dm.tokenizer.vocab_size
-    whole = "<EOS>".join(read_corpus(str(corpus_dir)).docs) + "<EOS>"
+    train = dm.tokenizer.decode(dm.train_tokens)
+    val = dm.tokenizer.decode(dm.val_tokens)
     x, y = dm.batch_at(3)
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == np.int64
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
     for row_x, row_y in zip(x, y, strict=True):
         window = dm.tokenizer.decode(np.concatenate([row_x, row_y[-1:]]))
-        assert window in whole
+        assert window in train
     vx, vy = next(dm.val_dataloader())
     assert vx.shape == (8, 16)
-    assert dm.tokenizer.decode(np.concatenate([vx[-1], vy[-1, -1:]])) in whole
+    assert dm.tokenizer.decode(np.concatenate([vx[-1], vy[-1, -1:]])) in val
 
 
 def test_epoch_visits_every_train_window_once(corpus_dir, tmp_path):
@@ -167,6 +298,10 @@ def test_resume_rejects_other_data(corpus_dir, tmp_path):
         text_module(corpus_dir, cache, seed=1, seq_len=8).load_state_dict(state)
     with pytest.raises(DataError, match="missing"):
         text_module(corpus_dir, cache, seed=1).load_state_dict({"step": 3})
+    assert state["fingerprint"].endswith(f":split={SPLIT_RULE}")
+    before_split_rule = dict(state, fingerprint=state["fingerprint"].rsplit(":split=", 1)[0])
+    with pytest.raises(DataError, match="fingerprint"):  # a run saved under another split rule
+        text_module(corpus_dir, cache, seed=1).load_state_dict(before_split_rule)
 
 
 def test_rank_shards_are_disjoint_and_make_the_global_batch(corpus_dir, tmp_path):
@@ -222,6 +357,29 @@ def test_second_setup_reads_the_cache(corpus_dir, tmp_path):
     (corpus_dir / "a.txt").write_text(make_text(9, 3000), encoding="utf-8")
     changed = text_module(corpus_dir, cache)
     assert changed.from_cache is False and changed.cache_path != first.cache_path
+
+
+def test_a_cache_of_another_format_is_rebuilt_not_read(corpus_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(text_module_impl, "_CACHE_FORMAT", "llm-text-cache-v1")
+    old = text_module(corpus_dir, cache)
+    monkeypatch.undo()
+    new = text_module(corpus_dir, cache)
+    assert new.from_cache is False and new.cache_path != old.cache_path
+    assert new.meta["format"] == text_module_impl._CACHE_FORMAT != old.meta["format"]
+    assert new.fingerprint != old.fingerprint
+
+    # a cache at the current key without documents.json (the v1 layout) or with another format in
+    # meta.json is reported, never split by guesswork
+    (new.cache_path / "documents.json").unlink()
+    with pytest.raises(DataError, match=r"corrupt token cache .*documents.json.*delete it to rebuild"):
+        text_module(corpus_dir, cache)
+    shutil.rmtree(new.cache_path)
+    rebuilt = text_module(corpus_dir, cache)
+    meta = json.loads((rebuilt.cache_path / "meta.json").read_text())
+    (rebuilt.cache_path / "meta.json").write_text(json.dumps(dict(meta, format="llm-text-cache-v1")))
+    with pytest.raises(DataError, match=r"corrupt token cache .*do not match.*delete it to rebuild"):
+        text_module(corpus_dir, cache)
 
 
 def test_prepare_then_setup_tokenizes_once(corpus_dir, tmp_path):
@@ -339,3 +497,20 @@ def test_build_datamodule_from_config(corpus_dir, tmp_path):
     reg = build_datamodule(load_config(env={}, overrides=["task=regression", "training.batch_size=4"]))
     reg.setup()
     assert reg.task == "regression" and reg.batch_at(0)[0].dtype == np.float32
+
+
+def test_partial_eval_spreads_its_batches_over_the_val_split():
+    dm = SyntheticDataModule(batch_size=4, seq_len=8, vocab_size=50, num_samples=500, seed=1)  # 50 val rows
+    dm.setup()
+    full = list(dm.val_dataloader())
+    assert len(full) == dm.num_val_batches == 12
+    picked = list(dm.val_dataloader(num_batches=3))
+    assert_batches_equal(picked, [full[0], full[4], full[8]])  # k * 12 // 3
+    assert_batches_equal(list(dm.val_dataloader(num_batches=3)), picked)  # the same on every call
+    shards = [SyntheticDataModule(batch_size=4, seq_len=8, vocab_size=50, num_samples=500, seed=1, rank=r,
+                                  world_size=2) for r in range(2)]
+    for s in shards:
+        s.setup()
+    halves = [list(s.val_dataloader(num_batches=3)) for s in shards]
+    for k in range(3):
+        np.testing.assert_array_equal(np.concatenate([halves[0][k][0], halves[1][k][0]]), picked[k][0])

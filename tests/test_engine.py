@@ -3,6 +3,8 @@ resume exactness, corrupt checkpoints, NaN handling, callbacks, tasks. Tiny spec
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -201,6 +203,9 @@ def test_custom_task_and_callback(tmp_path):
     assert isinstance(engine.model, torch.nn.Linear)
     assert [s for s, _ in history.losses] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert history.losses[-1][1] < 0.3 * history.losses[0][1] and result.stop_reason == "completed"
+    # The run records the task that ran (config.task was "lm"), so a resume from it trains the same one.
+    assert engine.config.task == "mae_regression"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "mae_regression"
 
 
 def test_progress_bar_writes_loss_and_throughput(tmp_path):

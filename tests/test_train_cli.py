@@ -105,7 +105,7 @@ def test_named_flags_override_set_which_overrides_env(tmp_path, monkeypatch, cap
     (["--batch-size", "abc"], "--batch-size: invalid int value: 'abc'"),
     (["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
     (["--callback", "nope"], "unknown callback 'nope'"),
-    (["--task", "translate"], "task: expected one of"),
+    (["--task", "translate"], "task: unknown task 'translate'; registered: lm, regression"),
 ])
 def test_bad_flags_and_keys_are_one_line_errors(args, needle):
     out = cli(*args, "--print-config", timeout=60)

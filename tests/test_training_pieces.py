@@ -88,6 +88,11 @@ def test_task_registry():
         @register_task("lm")
         class Other(TrainingTask):
             pass
+    # Same class name from another module is another task, not a re-import of this one.
+    twin = type("Demo", (TrainingTask,), {"__module__": "elsewhere", "backends": {}})
+    with pytest.raises(TaskError, match="already registered"):
+        register_task("pieces_demo")(twin)
+    assert type(get_task("pieces_demo")) is Demo
 
 
 # ---------------------------------------------------------------------- callbacks

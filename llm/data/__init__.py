@@ -25,7 +25,7 @@ def build_datamodule(config: Any, *, rank: int = 0, world_size: int = 1) -> Base
     """The data module of a ``llm.config.Config`` (not yet set up).
 
     ``task=regression`` and ``data.source=synthetic`` give a SyntheticDataModule, anything else a
-    TextDataModule.
+    TextDataModule (another task's default data is the LM data of ``data.source``).
     """
     task = str(getattr(config.task, "value", config.task))
     if task == "regression" or config.data.source == "synthetic":

@@ -14,7 +14,8 @@ windows, synthetic sequences, regression rows), and serves numpy batches:
   resume on a different number of ranks and still see the same global batches.
 * the cursor counts micro-batches handed out by ``train_dataloader()``; ``state_dict()`` saves it
   (JSON-safe) and ``load_state_dict()`` restores it after checking the data is the same.
-* val: the val split in its natural order, the same batches on every call.
+* val: the val split in its natural order, the same batches on every call; asked for ``n`` of its
+  ``N`` batches, batch ``k`` is the split's batch ``k * N // n`` (spread over the whole split).
 """
 
 from __future__ import annotations
@@ -137,15 +138,18 @@ class BaseDataModule(abc.ABC):
         return self._num_items("val") // self.batch_size
 
     def val_dataloader(self, num_batches: int | None = None) -> Iterator[Batch]:
-        """The val split in order, at most ``num_batches`` batches; identical on every call."""
+        """The val split in order, at most ``num_batches`` batches spread over it; identical on every call."""
         self._require_setup()
         if self._num_items("val") == 0:
             raise DataError(f"{type(self).__name__}: there is no validation split "
                             "(data.val_fraction=0)")
-        count = self.num_val_batches if num_batches is None else min(num_batches, self.num_val_batches)
+        total = self.num_val_batches
+        count = total if num_batches is None else min(num_batches, total)
         lo = self.rank * self.local_batch_size
         for k in range(count):
-            start = k * self.batch_size + lo
+            # Fewer batches than the split holds are spread evenly over it, so a partial eval
+            # samples the whole val set rather than its first documents.
+            start = (k * total // count) * self.batch_size + lo
             yield self._gather("val", np.arange(start, start + self.local_batch_size), 0)
 
     # ------------------------------------------------------------------ cursor

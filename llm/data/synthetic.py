@@ -56,7 +56,9 @@ class SyntheticDataModule(BaseDataModule):
     @classmethod
     def from_config(cls, config: Any, *, rank: int = 0, world_size: int = 1) -> SyntheticDataModule:
         d, t = config.data, config.training
-        return cls(batch_size=t.batch_size, task=config.task, seq_len=d.seq_len,
+        # the regression set for the regression task; token windows for "lm" and any other task
+        kind = "regression" if config.task == "regression" else "lm"
+        return cls(batch_size=t.batch_size, task=kind, seq_len=d.seq_len,
                    vocab_size=config.model.vocab_size, num_samples=d.synthetic_size,
                    val_fraction=d.val_fraction, seed=t.seed, rank=rank, world_size=world_size)
 

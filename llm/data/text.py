@@ -4,25 +4,46 @@ Sources (``data.source``):
 
 * ``"stdlib"`` -- every ``*.py`` under the running Python's standard library
   (``sysconfig.get_paths()["stdlib"]``), without ``site-packages``/``dist-packages``, test
-  directories (``test``, ``tests``, ``idle_test``) and hidden or ``__pycache__`` directories; sorted by
-  relative path. Always present, no download.
+  directories (``test``, ``tests``, ``idle_test``), hidden or ``__pycache__`` directories, and the
+  generated data modules ``encodings/`` (codec tables) and ``pydoc_data/`` (one 750 kB string of
+  documentation prose); sorted by relative path. Always present, no download.
 * a file (must be UTF-8 text), a directory (recursive; hidden entries skipped; files that are not
   UTF-8 text -- a NUL byte or a decode error -- skipped), or a glob (``**`` recursive; non-text
   matches skipped).
 
 Files are read in sorted order until ``max_bytes`` (the last file cut at a character boundary).
-Each file is one document; the token stream is ``doc_0 <EOS> doc_1 <EOS> ...``. The tokenizer
-(``char`` by default, or ``bpe``, or a tokenizer object passed in) is built from the whole corpus.
+Each file is one document, named by its path relative to the source's root (the stdlib directory,
+the given directory, the glob's leading directories without wildcards; a file's own name), with
+``/`` separators, so names do not depend on where the corpus lives. The tokenizer (``char`` by
+default, or ``bpe``, or a tokenizer object passed in) is built from the whole corpus.
 
-Cache: ``<cache_dir>/text-<key>/`` holds ``tokens.npy`` (uint16, or uint32 above 65536 ids),
-``tokenizer.json`` and ``meta.json``; ``key`` = sha256 of the file contents in order (length-prefixed)
-and the tokenizer identity. The directory is built under a temporary name and renamed into place,
-so concurrent ranks never see a partial cache and a second ``setup()`` reads instead of tokenizing.
+Split (per document; val_fraction ``f`` > 0, ``D`` documents, ``N`` tokens). Each document's
+tokens are followed by ``<EOS>`` (when the tokenizer has one). Documents are ranked by the sha256
+hex digest of their UTF-8 name (ties, which need a sha256 collision, broken by the name). Val is the
+first ``k`` documents of that ranking, ``k`` in ``[1, D - 1]`` chosen so that their token count is
+closest to ``f * N`` (ties toward the smaller ``k``); train is the other ``D - k``. So every
+document is wholly train or wholly val; the rule reads nothing but names and token counts, so it
+is the same on every machine and run; and a document's rank depends on its own name only, so
+adding or removing a file moves no other document except at the cut. With few documents the val
+share can be far from ``f`` (whole documents only); ``setup()`` logs the counts. A corpus of one
+document (a one-file source, or a ``max_bytes`` that reaches only the first file) falls back to
+the contiguous tail: the last ``int(f * N)`` tokens are val, the rest train (logged). ``f = 0``: no
+val split, every document is train.
 
-Split: the last ``val_fraction`` of the token stream is val, the rest train (contiguous). Train
-item ``i`` of epoch ``e`` is the window ``tokens[o + i*T : o + i*T + T + 1]`` with ``T = seq_len``
-and a per-epoch offset ``o`` drawn from the slack left after the last whole window; val windows
-start at 0. ``inputs = window[:-1]``, ``targets = window[1:]``, both int64 ``(B, T)``.
+Cache: ``<cache_dir>/text-<key>/`` holds ``tokens.npy`` (uint16, or uint32 above 65536 ids): the
+documents in ranked order, ``doc_0 <EOS> doc_1 <EOS> ...``, so both splits are contiguous slices
+of one memmap (val ``tokens[:n_val]``, train ``tokens[n_val:]``; the single-document tail split
+is the other way round); ``documents.json`` (the names in that order and the token offset where
+each ends); ``tokenizer.json`` and ``meta.json``. ``key`` = sha256 of the cache format, the
+tokenizer identity and the names and contents of the files in order (length-prefixed); a cache of
+an older format has another key and is rebuilt, never read. The directory is built under a
+temporary name and renamed into place, so concurrent ranks never see a partial cache and a second
+``setup()`` reads instead of tokenizing.
+
+Items: train item ``i`` of epoch ``e`` is the window ``train[o + i*T : o + i*T + T + 1]`` with
+``T = seq_len`` and a per-epoch offset ``o`` drawn from the slack left after the last whole window;
+val windows start at 0. Windows may cross ``<EOS>`` into the next document of the same split.
+``inputs = window[:-1]``, ``targets = window[1:]``, both int64 ``(B, T)``.
 """
 
 from __future__ import annotations
@@ -45,21 +66,29 @@ import numpy as np
 from llm.data.base import BaseDataModule, Batch, DataError
 from llm.tokenization import build_tokenizer, load_tokenizer
 
-__all__ = ["TextDataModule", "Corpus", "read_corpus", "resolve_source", "stdlib_files"]
+__all__ = ["TextDataModule", "Corpus", "document_name", "read_corpus", "resolve_source", "split_rank",
+           "stdlib_files", "val_document_count"]
 
 log = logging.getLogger(__name__)
 
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                               "__pycache__"})
-_CACHE_FORMAT = "llm-text-cache-v1"
+STDLIB_GENERATED_DIRS = frozenset({"encodings", "pydoc_data"})  # top level: data, not code
+_CACHE_FORMAT = "llm-text-cache-v2"  # names the layout: tokens.npy in split-rank order + documents.json
+SPLIT_RULE = "documents-by-sha256-of-name"  # part of the fingerprint: a resume needs the same split
 _SNIFF_BYTES = 8192
 
 
 # ---------------------------------------------------------------------- finding and reading files
 def stdlib_files() -> list[Path]:
     """The ``*.py`` files of the standard library, sorted by relative path (see module docstring)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in _walk(root, STDLIB_SKIP_DIRS) if p.suffix == ".py"]
+    root = _stdlib_root()
+    return [p for p in _walk(root, STDLIB_SKIP_DIRS) if p.suffix == ".py"
+            and p.relative_to(root).parts[0] not in STDLIB_GENERATED_DIRS]
+
+
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def _walk(root: Path, skip_dirs: frozenset[str] = frozenset({"__pycache__"})) -> list[Path]:
@@ -70,24 +99,34 @@ def _walk(root: Path, skip_dirs: frozenset[str] = frozenset({"__pycache__"})) ->
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
-def resolve_source(source: str) -> tuple[list[Path], bool]:
-    """(files in read order, whether non-text files are skipped rather than errors)."""
+def _has_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def resolve_source(source: str) -> tuple[list[Path], Path, bool]:
+    """(files in read order, the root their document names are relative to, whether non-text files
+    are skipped rather than errors)."""
     if source == "stdlib":
-        return stdlib_files(), True
+        return stdlib_files(), _stdlib_root(), True
     path = Path(source).expanduser()
     if path.is_file():
-        return [path], False
+        return [path], path.parent, False
     if path.is_dir():
         files = _walk(path)
         if not files:
             raise DataError(f"data.source={source!r}: the directory has no files")
-        return files, True
-    if any(c in source for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)
-                       if os.path.isfile(p))
+        return files, path, True
+    if _has_magic(source):
+        pattern = os.path.expanduser(source)
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not files:
             raise DataError(f"data.source={source!r}: the glob matched no files")
-        return files, True
+        fixed = []  # the leading directories without wildcards
+        for part in Path(pattern).parts[:-1]:
+            if _has_magic(part):
+                break
+            fixed.append(part)
+        return files, Path(*fixed) if fixed else Path("."), True
     raise DataError(f"data.source={source!r}: no such file or directory ({path.resolve()}); "
                     "expected 'stdlib', 'synthetic', a file, a directory or a glob")
 
@@ -101,13 +140,34 @@ def _as_text(raw: bytes) -> str | None:
         return None
 
 
+def document_name(path: Path, root: Path) -> str:
+    """The name a document is split by: ``path`` relative to ``root``, ``/``-separated."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def split_rank(names: list[str]) -> list[int]:
+    """Document indices in split-rank order: by sha256 of the UTF-8 name (see module docstring)."""
+    keys = [hashlib.sha256(n.encode("utf-8")).hexdigest() for n in names]
+    return sorted(range(len(names)), key=lambda i: (keys[i], names[i]))
+
+
+def val_document_count(ends: np.ndarray, val_fraction: float) -> int:
+    """``k``: how many leading ranked documents are val, given their cumulative token ``ends``."""
+    if val_fraction == 0 or len(ends) < 2:
+        return 0
+    target = val_fraction * float(ends[-1])
+    gaps = np.abs(np.asarray(ends[:-1], np.float64) - target)  # k = 1 .. D-1
+    return int(np.argmin(gaps)) + 1  # the first minimum: ties toward fewer documents
+
+
 @dataclass
 class Corpus:
-    """The documents of a source after the byte cap, and the sha256 of their bytes."""
+    """The documents of a source after the byte cap, and the sha256 of their names and bytes."""
 
     source: str
     docs: list[str]
     files: list[Path]  # the file each doc came from
+    names: list[str]  # each doc's path relative to the source root (what the split hashes)
     num_bytes: int
     truncated: bool
     skipped: list[Path]  # non-text files left out
@@ -116,7 +176,7 @@ class Corpus:
 
 def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
     """Read ``source`` in sorted order up to ``max_bytes``; empty results are DataErrors."""
-    files, lenient = resolve_source(source)
+    files, root, lenient = resolve_source(source)
     docs, used, skipped = [], [], []
     digest = hashlib.sha256()
     total, truncated = 0, False
@@ -139,8 +199,10 @@ def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
             raw = text.encode("utf-8")
             truncated = True
         if raw:
-            digest.update(len(raw).to_bytes(8, "little"))
-            digest.update(raw)
+            name = document_name(path, root).encode("utf-8")
+            for part in (name, raw):
+                digest.update(len(part).to_bytes(8, "little"))
+                digest.update(part)
             docs.append(text)
             used.append(path)
             total += len(raw)
@@ -152,7 +214,8 @@ def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
     if total == 0:
         what = f"{len(files)} file(s), {len(skipped)} skipped as non-text"
         raise DataError(f"data.source={source!r}: the corpus is empty ({what})")
-    return Corpus(source, docs, used, total, truncated, skipped, digest.hexdigest())
+    names = [document_name(p, root) for p in used]
+    return Corpus(source, docs, used, names, total, truncated, skipped, digest.hexdigest())
 
 
 # ---------------------------------------------------------------------- the data module
@@ -161,8 +224,11 @@ class TextDataModule(BaseDataModule):
 
     ``tokenizer`` is ``"char"``, ``"bpe"`` (trained to ``vocab_size``) or a tokenizer object
     (e.g. loaded from a checkpoint), which is then used as is. After ``setup()``: ``tokenizer``,
-    ``vocab_size``, ``num_tokens``, ``cache_path`` and ``from_cache`` (whether the tokens came from
-    the cache rather than being tokenized by this call).
+    ``vocab_size``, ``num_tokens``, ``cache_path``, ``from_cache`` (whether the tokens came from
+    the cache rather than being tokenized by this call), ``split`` (``"documents"``, or ``"tail"``
+    for a one-document corpus), ``train_tokens``/``val_tokens`` (the two token streams) and
+    ``train_documents``/``val_documents`` (the names of the documents wholly in each split, in
+    stream order).
     """
 
     def __init__(self, source: str = "stdlib", *, seq_len: int, batch_size: int,
@@ -194,6 +260,9 @@ class TextDataModule(BaseDataModule):
         self.from_cache: bool | None = None
         self.tokenizer = None
         self.meta: dict[str, Any] = {}
+        self.split: str | None = None
+        self.train_documents: list[str] = []
+        self.val_documents: list[str] = []
         self._key: str | None = None
 
     @classmethod
@@ -237,24 +306,30 @@ class TextDataModule(BaseDataModule):
             tok = build_tokenizer(self._tokenizer_kind, corpus.docs, vocab_size=self.vocab_size_target)
         eos = tok.eos_id
         parts = tok.encode_arrays(corpus.docs)
+        order = split_rank(corpus.names)
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
         total = sum(len(p) for p in parts) + (len(parts) if eos is not None else 0)
         tokens = np.empty(total, dtype)
+        ends = []
         pos = 0
-        for part in parts:
-            tokens[pos:pos + len(part)] = part
-            pos += len(part)
+        for i in order:
+            tokens[pos:pos + len(parts[i])] = parts[i]
+            pos += len(parts[i])
             if eos is not None:
                 tokens[pos] = eos
                 pos += 1
+            ends.append(pos)
+        documents = {"names": [corpus.names[i] for i in order], "ends": ends}
         meta = {"format": _CACHE_FORMAT, "key": key, "source": corpus.source,
                 "files": len(corpus.files), "skipped_files": len(corpus.skipped),
                 "bytes": corpus.num_bytes, "truncated": corpus.truncated, "tokens": int(total),
+                "documents": len(order), "order": "sha256 of the document name",
                 "dtype": np.dtype(dtype).name, "tokenizer": tok.type, "vocab_size": tok.vocab_size}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".tmp-{key[:12]}-"))
         try:
             np.save(tmp / "tokens.npy", tokens)
+            (tmp / "documents.json").write_text(json.dumps(documents))
             tok.save(tmp / "tokenizer.json")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
@@ -276,17 +351,19 @@ class TextDataModule(BaseDataModule):
         try:
             tokens = np.load(self.cache_path / "tokens.npy", mmap_mode="r")
             meta = json.loads((self.cache_path / "meta.json").read_text())
-        except (OSError, ValueError) as e:
+            documents = json.loads((self.cache_path / "documents.json").read_text())
+            names, ends = list(documents["names"]), np.asarray(documents["ends"], np.int64)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"corrupt token cache {self.cache_path} ({e}); delete it to rebuild") from None
-        if meta.get("key") != self._key or len(tokens) != meta.get("tokens"):
-            raise DataError(f"corrupt token cache {self.cache_path} (meta.json does not match); "
-                            "delete it to rebuild")
+        if (meta.get("format") != _CACHE_FORMAT or meta.get("key") != self._key
+                or len(tokens) != meta.get("tokens") or not len(names) == len(ends) == meta.get("documents")
+                or len(ends) == 0 or ends[-1] != len(tokens) or np.any(np.diff(ends, prepend=0) < 0)):
+            raise DataError(f"corrupt token cache {self.cache_path} (meta.json/documents.json do not "
+                            "match tokens.npy); delete it to rebuild")
         self.tokenizer = self._given_tokenizer or load_tokenizer(self.cache_path / "tokenizer.json")
         self.meta = meta
         self._tokens = tokens
-        n = len(tokens)
-        n_val = int(n * self.val_fraction)
-        self._train, self._val = tokens[:n - n_val], tokens[n - n_val:]
+        self._split(tokens, names, ends)
         T, B = self.seq_len, self.batch_size
         if len(self._train) < T + 1:
             raise DataError(f"data.seq_len={T} is too large for data.source={self.source!r}: the train "
@@ -297,17 +374,43 @@ class TextDataModule(BaseDataModule):
             raise DataError(f"training.batch_size={B} is larger than the {self._n_train_windows} train "
                             f"windows of data.seq_len={T} tokens in data.source={self.source!r}; lower "
                             "the batch size or seq_len, or use more data")
-        if n_val and self._n_val_windows < B:
-            raise DataError(f"data.val_fraction={self.val_fraction} leaves {len(self._val)} val tokens = "
-                            f"{self._n_val_windows} windows of data.seq_len={T}, fewer than "
+        if len(self._val) and self._n_val_windows < B:
+            docs = (f"{len(self.val_documents)} whole document(s)" if self.split == "documents"
+                    else "the tail of the only document")
+            raise DataError(f"data.val_fraction={self.val_fraction} leaves {len(self._val)} val tokens "
+                            f"({docs}) = {self._n_val_windows} windows of data.seq_len={T}, fewer than "
                             f"training.batch_size={B}; raise val_fraction or lower the batch size")
         self._offsets: dict[int, int] = {}
         self._is_setup = True
 
+    def _split(self, tokens: np.ndarray, names: list[str], ends: np.ndarray) -> None:
+        """Set the train and val streams (memmap slices) by the rule of the module docstring."""
+        n = len(tokens)
+        if len(names) == 1:
+            self.split = "tail"
+            n_val = int(n * self.val_fraction)
+            self._train, self._val = tokens[:n - n_val], tokens[n - n_val:]
+            self.train_documents, self.val_documents = [], []
+            if n_val and self.rank == 0:
+                log.info("data.source=%r is one document (%s): val is its last %d tokens "
+                         "(data.val_fraction=%s), a contiguous tail split instead of whole documents",
+                         self.source, names[0], n_val, self.val_fraction)
+            return
+        self.split = "documents"
+        k = val_document_count(ends, self.val_fraction)
+        n_val = int(ends[k - 1]) if k else 0
+        self._val, self._train = tokens[:n_val], tokens[n_val:]
+        self.val_documents, self.train_documents = names[:k], names[k:]
+        if self.rank == 0:
+            log.info("split %s by document: %d train documents (%d tokens), %d val documents "
+                     "(%d tokens, %.1f%% for data.val_fraction=%s)", self.source, len(names) - k,
+                     n - n_val, k, n_val, 100 * n_val / n, self.val_fraction)
+
     # ------------------------------------------------------------------ items
     @property
     def fingerprint(self) -> str:
-        return f"text:{self._key}:seq_len={self.seq_len}:val_fraction={self.val_fraction}"
+        return (f"text:{self._key}:seq_len={self.seq_len}:val_fraction={self.val_fraction}"
+                f":split={SPLIT_RULE}")
 
     @property
     def vocab_size(self) -> int:
@@ -318,6 +421,18 @@ class TextDataModule(BaseDataModule):
     def num_tokens(self) -> int:
         self._require_setup()
         return len(self._tokens)
+
+    @property
+    def train_tokens(self) -> np.ndarray:
+        """The train split as one token stream (a read-only memmap slice)."""
+        self._require_setup()
+        return self._train
+
+    @property
+    def val_tokens(self) -> np.ndarray:
+        """The val split as one token stream (empty when ``val_fraction`` is 0)."""
+        self._require_setup()
+        return self._val
 
     def _num_items(self, split: str) -> int:
         return self._n_train_windows if split == "train" else self._n_val_windows
