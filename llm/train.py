@@ -114,9 +114,13 @@ def resolve_config(args: argparse.Namespace):
 
     config = apply_init_from(load_config(_config_path(args), overrides))  # model: from training.init_from
     try:
-        get_task(config.task)  # imports a 'package.module:name' task's module; the name must be registered
+        task = get_task(config.task)  # imports a 'package.module:name' task's module; the name must be registered
     except TaskError as e:
         raise ConfigError(str(e), "task") from None
+    if not args.print_config and args.backend not in task.backends:
+        have = ", ".join(sorted(task.backends)) or "none"
+        raise ConfigError(f"task {task.name!r} has no {args.backend!r} implementation (it has: {have}); "
+                          f"choose --backend {sorted(task.backends)[0] if task.backends else '...'}", "task")
     return config
 
 

@@ -46,6 +46,12 @@ MODULES = {
                 return {"task.txt": self.name.encode()}
 
 
+        @register_task("torch_only")
+        class TorchOnly(TrainingTask):
+            backends = {"torch": "mytasks_torch:MAETorch"}
+            canonical = False
+
+
         @register_task("twin_lm")
         class TwinLM(LMTask):
             """The LM task under another name: canonical, so it checkpoints and resumes."""
@@ -139,7 +145,7 @@ def test_unknown_names_say_what_is_registered_and_the_nearest(user_tasks):
         get_task("mytasks:mae_regresion")
     assert str(info.value) == ("task 'mytasks:mae_regresion': importing mytasks registered no task "
                                "'mae_regresion'; did you mean 'mae_regression'? registered: lm, mae_regression, "
-                               "regression, twin_lm")
+                               "regression, torch_only, twin_lm")
     with pytest.raises(TaskError, match=r"^task 'nowhere\.tasks:x': no module named 'nowhere' \(is it on PYTHONPATH\?\)$"):
         get_task("nowhere.tasks:x")
     (user_tasks / "broken_tasks.py").write_text("import not_installed_dependency\n")
@@ -160,6 +166,14 @@ def test_bad_task_names_are_one_line_config_errors(user_tasks, capsys, args, mes
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()
     assert out.out == "" and len(lines) == 1 and lines[0].startswith(f"llm-train: error: {message}"), lines
+
+
+def test_a_task_without_the_chosen_backend_is_a_config_error(user_tasks, capsys):
+    config = tiny_yaml(user_tasks / "run.yaml", "mytasks:torch_only")
+    assert main(["--backend", "jax", "--config", str(config), "--run-dir", str(user_tasks / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "llm-train: error: task 'torch_only' has no 'jax' implementation (it has: torch); choose --backend torch")
+    assert not (user_tasks / "run").exists()  # refused before any run directory or engine
 
 
 def test_lm_rules_hold_for_a_task_built_on_the_lm_task(user_tasks, capsys):
