@@ -20,20 +20,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llm.tokenization.char import (
-    SPECIAL_TOKENS,
-    TokenizerError,
-    TokenizerFile,
-    check_ids,
-)
+from llm.tokenization.char import SPECIAL_TOKENS, TokenizerError
+from llm.tokenization.library import LibraryTokenizer
 
 __all__ = ["BPETokenizer"]
 
 
-class BPETokenizer(TokenizerFile):
+class BPETokenizer(LibraryTokenizer):
     """Byte-level BPE; build with ``BPETokenizer.train(...)`` or ``BPETokenizer.load(path)``."""
 
     type = "bpe"
@@ -41,8 +36,7 @@ class BPETokenizer(TokenizerFile):
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self._tok.encode_special_tokens = True  # not serialised by the library: set on every build
-        self._specials = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values()
-                               if t.special)
+        self._roles = {"pad": "<PAD>", "unk": "<UNK>", "bos": "<BOS>", "eos": "<EOS>"}
 
     @classmethod
     def train(cls, texts_or_files: Iterable[str | os.PathLike], vocab_size: int,
@@ -77,57 +71,6 @@ class BPETokenizer(TokenizerFile):
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
         return cls(tok)
 
-    # ------------------------------------------------------------------ ids
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def special_tokens(self) -> tuple[str, ...]:
-        return self._specials
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> str:
-        check_ids([idx], self.vocab_size)
-        return self._tok.id_to_token(idx)
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._tok.token_to_id("<PAD>")
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._tok.token_to_id("<UNK>")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._tok.token_to_id("<BOS>")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._tok.token_to_id("<EOS>")
-
-    # ------------------------------------------------------------------ encode / decode
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
-
-    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Encode many texts in parallel (the library's thread pool), one int64 array each."""
-        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
-
-    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
-        ids = np.asarray(ids).reshape(-1).tolist()
-        check_ids(ids, self.vocab_size)  # the library silently drops unknown ids
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
     # ------------------------------------------------------------------ files
     def to_json_dict(self) -> dict[str, Any]:
         return {"type": self.type, "tokenizer": json.loads(self._tok.to_str())}
@@ -142,11 +85,3 @@ class BPETokenizer(TokenizerFile):
         except Exception as e:  # the library raises a bare Exception on malformed JSON models
             raise TokenizerError(f"{where}: corrupt bpe tokenizer ({e})") from None
         return cls(tok)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BPETokenizer) and self.identity == other.identity
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size})"

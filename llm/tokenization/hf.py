@@ -21,20 +21,19 @@ File format (JSON, never pickle)::
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
-from llm.tokenization.char import TokenizerError, TokenizerFile, check_ids
+from llm.tokenization.char import TokenizerError
+from llm.tokenization.library import LibraryTokenizer
 
 __all__ = ["HFTokenizer", "SPECIAL_ROLES"]
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 
 
-class HFTokenizer(TokenizerFile):
+class HFTokenizer(LibraryTokenizer):
     """A ``tokenizers``-library tokenizer plus the names of its special tokens."""
 
     type = "hf"
@@ -63,69 +62,10 @@ class HFTokenizer(TokenizerFile):
             raise TokenizerError(f"{where}: not a tokenizers-library tokenizer.json ({e})") from None
         return cls(tok, special_tokens, add_special_tokens=add_special_tokens)
 
-    # ------------------------------------------------------------------ ids
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def special_tokens(self) -> tuple[str, ...]:
-        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
-
     @property
     def special_token_names(self) -> dict[str, str | None]:
         """Role -> token text (``{"bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>"}``)."""
         return dict(self._roles)
-
-    @property
-    def backend_tokenizer(self) -> Tokenizer:
-        """The wrapped ``tokenizers.Tokenizer``."""
-        return self._tok
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> str:
-        check_ids([idx], self.vocab_size)
-        return self._tok.id_to_token(idx)
-
-    def _role_id(self, role: str) -> int | None:
-        token = self._roles[role]
-        return None if token is None else self._tok.token_to_id(token)
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._role_id("pad")
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._role_id("unk")
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._role_id("bos")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._role_id("eos")
-
-    # ------------------------------------------------------------------ encode / decode
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)]
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
-
-    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
-
-    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
-        ids = np.asarray(ids).reshape(-1).tolist()
-        check_ids(ids, self.vocab_size)  # the library silently drops unknown ids
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ files
     def to_json_dict(self) -> dict[str, Any]:
@@ -145,11 +85,3 @@ class HFTokenizer(TokenizerFile):
             return cls.from_str(json.dumps(inner), roles, add_special_tokens=add, where=where)
         except TokenizerError as e:
             raise TokenizerError(f"corrupt hf tokenizer: {e}") from None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, HFTokenizer) and self.identity == other.identity
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer(vocab_size={self.vocab_size})"
