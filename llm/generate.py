@@ -13,6 +13,7 @@ both, written once:
   ``max_new_tokens`` longer than ``spec.max_seq_len`` is a ``ValueError`` (positions past
   ``max_seq_len`` have no RoPE row / position embedding the model was trained with).
 * ``check_seed`` / ``check_eos`` -- the seed is an int in ``[0, 2**32)``; ``eos_id`` a valid id.
+* ``sample_text`` -- prompt text in, prompt + continuation out, with a backend's ``generate``.
 
 EOS: with ``eos_id`` set, a row that emits it is finished, every later position of that row holds
 ``eos_id``, and decoding stops early once every row is finished. The output is always
@@ -137,6 +138,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def sample_text(generate: Any, model: Any, tokenizer: Any, prompt: str = "def ", max_new_tokens: int = 200,
+                temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
+    """Prompt + a sampled continuation (temperature 0 = greedy), decoded, cut at the first EOS and
+    at ``model.spec.max_seq_len``; ``generate`` is a backend's ``generate`` function."""
+    ids = tokenizer.encode(prompt) or [tokenizer.bos_id or 0]
+    new = max(0, min(max_new_tokens, model.spec.max_seq_len - len(ids)))
+    out = generate(model, np.array([ids]), new, temperature=temperature, top_k=top_k, seed=seed,
+                   eos_id=tokenizer.eos_id)[0, len(ids):].tolist()
+    if tokenizer.eos_id in out:
+        out = out[:out.index(tokenizer.eos_id)]
+    return prompt + tokenizer.decode(out, skip_special_tokens=True)
 
 
 def _parse_ids(text: str) -> list[int]:

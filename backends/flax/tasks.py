@@ -109,19 +109,12 @@ class FlaxLMTask(FlaxTask):
         return sample_text(model, tokenizer, **kwargs)
 
 
-def sample_text(model: DecoderModel, tokenizer: Any, prompt: str = "def ", max_new_tokens: int = 200,
-                temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
-    """Prompt + a sampled continuation (temperature 0 = greedy), decoded, cut at the first EOS and
-    at ``model.spec.max_seq_len`` (``backends.flax.generate``, KV-cached)."""
+def sample_text(model: DecoderModel, tokenizer: Any, **kwargs: Any) -> str:
+    """``llm.generate.sample_text`` with ``backends.flax.generate`` (KV-cached)."""
     from backends.flax.generate import generate
+    from llm.generate import sample_text as sample
 
-    ids = tokenizer.encode(prompt) or [tokenizer.bos_id or 0]
-    new = max(0, min(max_new_tokens, model.spec.max_seq_len - len(ids)))
-    out = generate(model, np.array([ids]), new, temperature=temperature, top_k=top_k, seed=seed,
-                   eos_id=tokenizer.eos_id)[0, len(ids):].tolist()
-    if tokenizer.eos_id in out:
-        out = out[:out.index(tokenizer.eos_id)]
-    return prompt + tokenizer.decode(out, skip_special_tokens=True)
+    return sample(generate, model, tokenizer, **kwargs)
 
 
 class RegressionMLP(nnx.Module):
