@@ -9,7 +9,8 @@ replicated: XLA inserts the gradient all-reduce (data parallel in one process).
 
 Options (``job["options"]``, each an ablation of one speed change): ``attention``: ``auto``
 (default: cuDNN where it applies) | ``xla`` (the einsum path) | ``cudnn``; ``loss``: ``lean``
-(default: ``return_logits=False``, no float32 logits) | ``full`` (float32 logits, autodiff CE);
+(default: ``return_logits=False``, no float32 logits) | ``full`` (float32 logits, autodiff CE) |
+``pallas`` (``lean`` with the one-pass log-sum-exp kernel, ``backends/flax/pallas_lse.py``);
 ``donate``: ``1`` (default) | ``0``; ``moe``: ``dense`` (default, the reference) | ``blocked``
 (``llm.moe_dispatch``).
 
@@ -90,7 +91,10 @@ def run(job: dict) -> dict:
     with jax.default_device(devices[0]):
         model = DecoderModel(spec, rngs=nnx.Rngs(job["seed"]), dtype=dtype)
         load_canonical(model, load_weights(job["weights_dir"]))
-    model.set_attributes(attention_impl=opts["attention"], moe_impl=opts["moe"], raise_if_not_found=False)
+    if opts["loss"] not in ("lean", "full", "pallas"):
+        raise ValueError(f"loss={opts['loss']!r} is not one of: lean, full, pallas")
+    model.set_attributes(attention_impl=opts["attention"], moe_impl=opts["moe"],
+                         loss_impl="pallas" if opts["loss"] == "pallas" else "xla", raise_if_not_found=False)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, replicated)
     rest = jax.device_put(rest, replicated)

@@ -1,6 +1,7 @@
 """The fast paths the benchmark uses compute what the reference paths compute.
 
 * torch ``forward(..., return_logits=False)``: same loss and gradients, no logits returned.
+* flax ``loss_impl="pallas"``: the one-pass log-sum-exp kernel gives XLA's loss and gradients.
 * flax ``attention_impl``: ``auto`` falls back to the einsum path off the GPU (bit-identical here),
   ``xla`` forces it, ``cudnn`` refuses loudly where cuDNN cannot apply, anything else is an error.
 """
@@ -117,6 +118,48 @@ def test_flax_loss_only_path_matches(dtype):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * 1e-2)
     with pytest.raises(ValueError, match="needs targets"):
         model(ids, return_logits=False)
+
+
+def test_pallas_online_logsumexp_matches_xla():
+    """The one-pass kernel (Pallas' interpreter off the GPU) == jax.nn.logsumexp, chunk edges included."""
+    from backends.flax.pallas_lse import logsumexp_rows
+
+    rng = np.random.default_rng(4)
+    for vocab, block in [(11, 4), (64, 16), (300, 128), (5, 4096)]:  # tail chunks, exact fit, one chunk
+        x = jnp.asarray(rng.normal(size=(6, vocab)) * 4, jnp.float32)
+        x = x.at[0, -1].set(60.0).at[1, 0].set(-60.0)  # the max in the last (masked) chunk; a far outlier
+        want = jax.nn.logsumexp(x, axis=-1)
+        np.testing.assert_allclose(np.asarray(logsumexp_rows(x, block=block)), np.asarray(want), rtol=1e-6)
+        xb = x.astype(jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(logsumexp_rows(xb, block=block)),
+                                   np.asarray(jax.nn.logsumexp(xb.astype(jnp.float32), axis=-1)), rtol=1e-6)
+    with pytest.raises(ValueError, match="rows, vocab"):
+        logsumexp_rows(jnp.zeros((2, 3, 4)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flax_pallas_loss_impl_matches_xla(dtype):
+    from flax import nnx
+
+    ids, tgt = (jnp.asarray(a) for a in _batch())
+    model = FlaxModel.from_spec(SPEC, seed=1, dtype=dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    results = {}
+    for impl in ("xla", "pallas"):
+        model.set_attributes(loss_impl=impl, raise_if_not_found=False)
+        graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, graphdef=graphdef):
+            return nnx.merge(graphdef, params, rest)(ids, tgt, return_logits=False).loss
+
+        results[impl] = jax.jit(jax.value_and_grad(loss))(params)
+    (ref, g_ref), (got, g_got) = results["xla"], results["pallas"]
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    model.set_attributes(loss_impl="fused", raise_if_not_found=False)
+    with pytest.raises(ValueError, match="loss_impl='fused' is not one of: xla, pallas"):
+        model(ids, tgt, return_logits=False)
 
 
 MOE_SPECS = {

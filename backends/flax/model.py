@@ -28,6 +28,7 @@ This module must never import torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -621,20 +622,28 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
-@jax.custom_vjp
-def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return _token_nll_fwd(logits, targets)[0]
+LOSS_IMPLS = ("xla", "pallas")
 
 
-def _token_nll_fwd(logits, targets):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_nll(logits: jax.Array, targets: jax.Array, impl: str) -> jax.Array:
+    return _token_nll_fwd(logits, targets, impl)[0]
+
+
+def _token_nll_fwd(logits, targets, impl):
     valid = targets != IGNORE_INDEX
     safe = jnp.where(valid, targets, 0)
-    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # the upcast fuses into the reduction
+    if impl == "pallas":  # one read of the logits (backends/flax/pallas_lse.py)
+        from backends.flax.pallas_lse import logsumexp_rows
+
+        lse = logsumexp_rows(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
+    else:
+        lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # the upcast fuses into the reduction
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0].astype(jnp.float32)
     return jnp.where(valid, lse - picked, 0.0), (logits, lse, safe, valid)
 
 
-def _token_nll_bwd(res, g):
+def _token_nll_bwd(impl, res, g):
     logits, lse, safe, valid = res
     g = jnp.where(valid, g, 0.0)[..., None]  # (..., 1)
     probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])  # float32, one fused pass
@@ -645,15 +654,19 @@ def _token_nll_bwd(res, g):
 _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
-def lean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def lean_cross_entropy(logits: jax.Array, targets: jax.Array, *, impl: str = "xla") -> jax.Array:
     """``cross_entropy`` on logits in the compute dtype, without a float32 copy of them.
 
     The same float32 math (the upcast happens inside the fused reductions), but the saved residual
     is the bf16 logits and the hand-written VJP writes the gradient ``softmax - onehot`` straight in
     the logits' dtype: one read of the logits forward, one read and one write backward.
+    ``impl="pallas"`` computes the log-sum-exp with the one-pass kernel of
+    ``backends/flax/pallas_lse.py`` instead of XLA's two reductions.
     """
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl={impl!r} is not one of: {', '.join(LOSS_IMPLS)}")
     valid = targets != IGNORE_INDEX
-    nll = _token_nll(logits, targets)
+    nll = _token_nll(logits, targets, impl)
     return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
@@ -675,6 +688,7 @@ class DecoderModel(_SpecModule):
         # Tied: the output projection is embed.weight, so there is no lm_head module (and no name).
         self.lm_head = None if spec.tie_embeddings else Linear(
             spec.hidden_size, spec.vocab_size, std=spec.init_std, dtype=dtype, rngs=rngs)
+        self.loss_impl = "xla"  # or "pallas": the loss-only path's log-sum-exp (lean_cross_entropy)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, seed: int = 0, *, dtype: Any = jnp.float32) -> DecoderModel:
@@ -725,7 +739,8 @@ class DecoderModel(_SpecModule):
         aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances)) if spec.use_moe else zero
         z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs)) if spec.use_moe else zero
         if not return_logits:
-            return ModelOutput(logits=None, loss=lean_cross_entropy(logits, targets), aux_loss=aux_loss,
+            return ModelOutput(logits=None, loss=lean_cross_entropy(logits, targets, impl=self.loss_impl),
+                               aux_loss=aux_loss,
                                z_loss=z_loss, hidden_states=tuple(hidden) if return_hidden else None)
         logits = logits.astype(jnp.float32)
         loss = None if targets is None else cross_entropy(logits, targets)
