@@ -110,73 +110,78 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"{stem}.md").write_text(render(record))
 
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
-        work = Path(tmp)
         for preset in args.presets:
-            config = load_config(ROOT / "configs" / f"{preset}.yaml")
-            B, T = args.batch_size or config.training.batch_size, config.data.seq_len
-            wdir = work / f"weights_{preset}"
-            write_weights(init_params(config.model, args.seed), wdir)
-            singles: dict[str, dict] = {}  # one-GPU job key -> its result, shared by the variants
-
-            def run(mode: str, opts: dict, gpus: int, label: str, *, preset=preset, config=config, B=B, T=T,
-                    wdir=wdir) -> dict:
-                remaining = deadline - time.time()
-                if remaining < 30:
-                    return {"status": "skipped", "error": "time budget spent"}
-                backend = MODE_BACKEND[mode]
-                job = {"config_path": str(ROOT / "configs" / f"{preset}.yaml"), "mode": mode, "options": opts,
-                       "device": args.device, "batch_size": B, "seq_len": T,
-                       "dtype": config.optimization.dtype.value, "warmup": args.warmup, "steps": args.steps,
-                       "repeats": args.repeats, "seed": args.seed, "num_batches": 4,
-                       "weights_dir": str(wdir), "profile_steps": args.profile_steps,
-                       "devices": gpus}
-                launcher = None
-                extra_env = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{_slug(label)}_{gpus}"), **mode_env(opts)}
-                if gpus == 1 and args.device == "cuda":
-                    extra_env["CUDA_VISIBLE_DEVICES"] = "0"
-                if args.device == "cpu" and backend == "jax":
-                    extra_env["XLA_FLAGS"] = " ".join(filter(None, [extra_env.get("XLA_FLAGS", ""),
-                                                                    f"--xla_force_host_platform_device_count={gpus}"]))
-                elif backend == "torch":
-                    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={gpus}"]
-                name = f"scaling_{preset}_{_slug(label)}_{gpus}gpu"
-                print(f"[{preset}] {label} on {gpus} GPU(s): running", flush=True)
-                res = run_worker(WORKERS[mode], job, work, name, min(args.mode_timeout_s, remaining), args.device,
-                                 launcher=launcher, log_dir=log_dir, extra_env=extra_env)
-                msg = (f"{res['tokens_per_s']:,.0f} tok/s (global batch {res['global_batch']}, "
-                       f"step {res['step_time']['median_s'] * 1e3:.1f} ms)"
-                       if res.get("status") == "ok" else f"{res.get('status')}: {res.get('error')}")
-                print(f"[{preset}] {label} on {gpus} GPU(s): {msg}", flush=True)
-                return _summary(res)
-
-            for text in args.modes:
-                mode, opts = parse_mode(text)
-                backend = MODE_BACKEND[mode]
-                entry = {"preset": preset, "backend": backend, "mode": text, "batch_per_gpu": B, "seq_len": T,
-                         "workload": workload(config, B, T)}
-                single_opts = {k: v for k, v in opts.items() if k not in DATA_PARALLEL_OPTIONS}
-                key = json.dumps([mode, single_opts], sort_keys=True)
-                if key not in singles:
-                    single_text = mode + ("[" + ",".join(f"{k}={v}" for k, v in single_opts.items()) + "]"
-                                          if single_opts else "")
-                    singles[key] = run(mode, single_opts, 1, single_text)
-                    singles[key]["mode"] = single_text
-                entry["gpus_1"] = singles[key]
-                entry[f"gpus_{n}"] = run(mode, opts, n, text)
-                one, many = entry["gpus_1"], entry[f"gpus_{n}"]
-                if one.get("status") == "ok" and many.get("status") == "ok":
-                    entry["ratio"] = many["tokens_per_s"] / one["tokens_per_s"]
-                    entry["efficiency"] = entry["ratio"] / n
-                    entry["met"] = entry["ratio"] >= TARGET_RATIO
-                else:
-                    entry["ratio"], entry["met"] = None, False
-                record["runs"].append(entry)
-                write()
-            shutil.rmtree(wdir, ignore_errors=True)
+            _scale_preset(preset, args, Path(tmp), log_dir, deadline, record, write)
     write()
     print(render(record))
     return 0
+
+
+def _scale_preset(preset: str, args: argparse.Namespace, work: Path, log_dir: Path | None, deadline: float,
+                  record: dict, write) -> None:
+    """Every mode of ``args.modes`` on one GPU and on ``args.gpus``, appended to ``record`` as it goes."""
+    n = args.gpus
+    config = load_config(ROOT / "configs" / f"{preset}.yaml")
+    B, T = args.batch_size or config.training.batch_size, config.data.seq_len
+    wdir = work / f"weights_{preset}"
+    write_weights(init_params(config.model, args.seed), wdir)
+    singles: dict[str, dict] = {}  # one-GPU job key -> its result, shared by the variants
+
+    def run(mode: str, opts: dict, gpus: int, label: str) -> dict:
+        remaining = deadline - time.time()
+        if remaining < 30:
+            return {"status": "skipped", "error": "time budget spent"}
+        backend = MODE_BACKEND[mode]
+        job = {"config_path": str(ROOT / "configs" / f"{preset}.yaml"), "mode": mode, "options": opts,
+               "device": args.device, "batch_size": B, "seq_len": T,
+               "dtype": config.optimization.dtype.value, "warmup": args.warmup, "steps": args.steps,
+               "repeats": args.repeats, "seed": args.seed, "num_batches": 4,
+               "weights_dir": str(wdir), "profile_steps": args.profile_steps,
+               "devices": gpus}
+        launcher = None
+        extra_env = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{_slug(label)}_{gpus}"), **mode_env(opts)}
+        if gpus == 1 and args.device == "cuda":
+            extra_env["CUDA_VISIBLE_DEVICES"] = "0"
+        if args.device == "cpu" and backend == "jax":
+            extra_env["XLA_FLAGS"] = " ".join(filter(None, [extra_env.get("XLA_FLAGS", ""),
+                                                            f"--xla_force_host_platform_device_count={gpus}"]))
+        elif backend == "torch":
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={gpus}"]
+        name = f"scaling_{preset}_{_slug(label)}_{gpus}gpu"
+        print(f"[{preset}] {label} on {gpus} GPU(s): running", flush=True)
+        res = run_worker(WORKERS[mode], job, work, name, min(args.mode_timeout_s, remaining), args.device,
+                         launcher=launcher, log_dir=log_dir, extra_env=extra_env)
+        msg = (f"{res['tokens_per_s']:,.0f} tok/s (global batch {res['global_batch']}, "
+               f"step {res['step_time']['median_s'] * 1e3:.1f} ms)"
+               if res.get("status") == "ok" else f"{res.get('status')}: {res.get('error')}")
+        print(f"[{preset}] {label} on {gpus} GPU(s): {msg}", flush=True)
+        return _summary(res)
+
+    for text in args.modes:
+        mode, opts = parse_mode(text)
+        backend = MODE_BACKEND[mode]
+        entry = {"preset": preset, "backend": backend, "mode": text, "batch_per_gpu": B, "seq_len": T,
+                 "workload": workload(config, B, T)}
+        single_opts = {k: v for k, v in opts.items() if k not in DATA_PARALLEL_OPTIONS}
+        key = json.dumps([mode, single_opts], sort_keys=True)
+        if key not in singles:
+            single_text = mode + ("[" + ",".join(f"{k}={v}" for k, v in single_opts.items()) + "]"
+                                  if single_opts else "")
+            singles[key] = run(mode, single_opts, 1, single_text)
+            singles[key]["mode"] = single_text
+        entry["gpus_1"] = singles[key]
+        entry[f"gpus_{n}"] = run(mode, opts, n, text)
+        one, many = entry["gpus_1"], entry[f"gpus_{n}"]
+        if one.get("status") == "ok" and many.get("status") == "ok":
+            entry["ratio"] = many["tokens_per_s"] / one["tokens_per_s"]
+            entry["efficiency"] = entry["ratio"] / n
+            entry["met"] = entry["ratio"] >= TARGET_RATIO
+        else:
+            entry["ratio"], entry["met"] = None, False
+        record["runs"].append(entry)
+        write()
+    shutil.rmtree(wdir, ignore_errors=True)
 
 
 def render(record: dict) -> str:

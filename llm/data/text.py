@@ -177,7 +177,7 @@ class Corpus:
 def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
     """Read ``source`` in sorted order up to ``max_bytes``; empty results are DataErrors."""
     files, root, lenient = resolve_source(source)
-    docs, used, skipped = [], [], []
+    docs, used, names, skipped = [], [], [], []
     digest = hashlib.sha256()
     total, truncated = 0, False
     for path in files:
@@ -199,12 +199,13 @@ def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
             raw = text.encode("utf-8")
             truncated = True
         if raw:
-            name = document_name(path, root).encode("utf-8")
-            for part in (name, raw):
+            name = document_name(path, root)
+            for part in (name.encode("utf-8"), raw):
                 digest.update(len(part).to_bytes(8, "little"))
                 digest.update(part)
             docs.append(text)
             used.append(path)
+            names.append(name)
             total += len(raw)
         if truncated:
             break
@@ -214,7 +215,6 @@ def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
     if total == 0:
         what = f"{len(files)} file(s), {len(skipped)} skipped as non-text"
         raise DataError(f"data.source={source!r}: the corpus is empty ({what})")
-    names = [document_name(p, root) for p in used]
     return Corpus(source, docs, used, names, total, truncated, skipped, digest.hexdigest())
 
 
