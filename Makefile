@@ -28,7 +28,7 @@ parity-thorough:
 	$(MAKE) parity PARITY_PROFILE=thorough
 
 lint: init
-	$(BIN)/python -m ruff check llm backends tests parity_tests benchmarks
+	$(BIN)/python -m ruff check llm backends tests parity_tests benchmarks conftest.py
 
 train: init
 	$(BIN)/python -m llm.train $(ARGS)

@@ -40,12 +40,7 @@ TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "
         "checkpoint.every_steps=0", "checkpoint.keep_last=null"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class StopAt(Callback):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import llm
 from llm.checkpoint import save_checkpoint
@@ -38,15 +37,12 @@ SPECS = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _numerics():
     configure_numerics()
-    # With XLA's thread pool in the same process, torch's intra-op threads contend for the CPU
-    # cores and decoding slows a hundredfold; one torch thread avoids that.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _margins(model, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,14 +45,7 @@ MOE = ModelSpec(vocab_size=40, max_seq_len=16, hidden_size=16, num_layers=2, num
                 init_std=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # XLA's thread pool and torch's intra-op threads fight over the CPU cores (tiny models gain
-    # nothing from either pool).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check(report: dict, context: str) -> None:

@@ -20,14 +20,7 @@ from llm.checkpoint import latest_valid_checkpoint, load_checkpoint  # noqa: E40
 from llm.data import SyntheticDataModule  # noqa: E402
 from llm.tasks import TrainingTask, register_task  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a thread pool, and on a shared CPU a spinning pool is far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- learning and the optimiser

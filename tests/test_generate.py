@@ -17,7 +17,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 import backends.flax.generate as flax_gen
 import backends.torch.generate as torch_gen
@@ -42,12 +41,7 @@ B, T0, NEW = 2, 6, 16  # the prompt (6) is longer than the sliding window (3)
 BACKENDS = {"torch": (torch_gen, torch_from_canonical), "jax": (flax_gen, flax_from_canonical)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

@@ -26,17 +26,6 @@ TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "
         "checkpoint.keep_last=null"]
 
 
-@pytest.fixture
-def one_thread():
-    """For in-process training: tiny models gain nothing from a thread pool (see test_engine.py)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_yaml(tmp_path: Path, *overrides: str) -> Path:
     path = tmp_path / "tiny.yaml"
     dump_yaml(load_config(None, [*TINY, *overrides], env={}), path)
@@ -115,7 +104,7 @@ def test_bad_flags_and_keys_are_one_line_errors(args, needle):
     assert out.stdout == ""
 
 
-def test_runtime_errors_are_one_line_too(tmp_path, capsys, one_thread):
+def test_runtime_errors_are_one_line_too(tmp_path, capsys, one_torch_thread):
     (tmp_path / "corpus.txt").write_text("abcdefghij" * 500)
     rc = main(["--config", str(tiny_yaml(tmp_path)), "--set", f"data.source={tmp_path / 'corpus.txt'}",
                "--set", "model.vocab_size=8", "--set", f"data.cache_dir={tmp_path / 'cache'}",
@@ -133,7 +122,7 @@ def test_missing_backend_engine_is_a_one_line_error(tmp_path, capsys, monkeypatc
     assert "--backend jax: no training engine yet (backends.nowhere.engine is missing)" in capsys.readouterr().err
 
 
-def test_nan_loss_exits_1_with_a_clear_message(tmp_path, capsys, one_thread):
+def test_nan_loss_exits_1_with_a_clear_message(tmp_path, capsys, one_torch_thread):
     # an absurd lr without clipping overflows the weights within a few steps
     rc = main(["--config", str(tiny_yaml(tmp_path)), "--lr", "1e30", "--set", "training.grad_clip=0",
                "--set", "checkpoint.every_steps=1", "--max-steps", "20", "--run-dir", str(tmp_path / "run")])
@@ -172,7 +161,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert path.name == f"step_{last_logged}"
 
 
-def test_ddp_two_processes_match_one_process(tmp_path, capsys, one_thread):
+def test_ddp_two_processes_match_one_process(tmp_path, capsys, one_torch_thread):
     config = tiny_yaml(tmp_path, "training.grad_accum_steps=2", "training.eval_every=2",
                        "training.eval_batches=2", "checkpoint.every_steps=2")
     assert main(["--config", str(config), "--run-dir", str(tmp_path / "single")]) == 0
