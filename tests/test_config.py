@@ -319,3 +319,13 @@ def test_other_frameworks_names_suggest_our_key(tmp_path):
         load_config(overrides=["training.max_iters=10"], env={})
     with pytest.raises(ConfigError, match=r"did you mean 'training.grad_accum_steps'"):
         load_config(write(tmp_path, "training:\n  gradient_accumulation_steps: 2\n"), env={})
+
+
+def test_ddp_bucket_size_rule():
+    auto = load_config(None, [], env={}).distributed
+    assert auto.bucket_mb is None
+    assert auto.bucket_cap_mb(4_416_000_000) == pytest.approx(4_416_000_000 / 10 / 2**20)  # ~10 buckets
+    assert auto.bucket_cap_mb(100 * 2**20) == 25.0  # never under DDP's own 25 MB
+    assert load_config(None, ["distributed.bucket_mb=400"], env={}).distributed.bucket_cap_mb(1) == 400.0
+    with pytest.raises(ConfigError, match=r"distributed.bucket_mb=0.0 must be > 0 or null \(auto\)"):
+        load_config(None, ["distributed.bucket_mb=0"], env={})
