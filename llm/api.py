@@ -18,42 +18,27 @@ checkpoints (a run's ``checkpoints/``) loads the newest one that verifies. A ``t
 saved beside the weights becomes ``LoadedModel.tokenizer`` (else None).
 
 Generation rules (greedy tie-breaking, top-k/top-p, the no-crop length rule, EOS) are in
-``llm.generate``; ``LoadedModel.generate`` is ``backends.<name>.generate.generate``.
+``llm.sampling``; ``LoadedModel.generate`` is ``backends.<name>.generate``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llm.checkpoint import (
-    MANIFEST_FILE,
-    CheckpointError,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-)
+from llm.backend import backend as get_backend
+from llm.backend import canonical_name
+from llm.checkpoint import load_checkpoint, resolve_checkpoint
 from llm.spec import ModelSpec
 from llm.tokenization import Tokenizer, check_vocab, load_tokenizer
 
-__all__ = ["BACKENDS", "DTYPES", "TOKENIZER_FILE", "LoadedModel", "load", "from_params", "resolve_checkpoint"]
+__all__ = ["DTYPES", "TOKENIZER_FILE", "LoadedModel", "load", "from_params", "resolve_checkpoint"]
 
-# accepted name -> canonical backend name; the canonical name picks ``backends/<package>``
-BACKENDS = {"torch": "torch", "jax": "jax", "flax": "jax"}
-_PACKAGES = {"torch": "backends.torch", "jax": "backends.flax"}
 DTYPES = ("float32", "bfloat16")
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def _backend_name(backend: Any) -> str:
-    name = BACKENDS.get(str(backend).lower()) if isinstance(backend, str) else None
-    if name is None:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: torch, jax (alias flax)")
-    return name
 
 
 def _check_dtype(dtype: Any) -> str:
@@ -61,51 +46,6 @@ def _check_dtype(dtype: Any) -> str:
         raise ValueError(f"dtype={dtype!r} is not one of: {', '.join(DTYPES)} (parameters are loaded "
                          "from float32 checkpoints and cast)")
     return dtype
-
-
-# ---------------------------------------------------------------------- backend builders
-def _build_torch(spec: ModelSpec, params: dict[str, np.ndarray], device: Any, dtype: str):
-    import torch
-
-    from backends.torch.convert import from_canonical
-
-    model = from_canonical(spec, params)
-    try:
-        model.to(device=torch.device("cpu" if device is None else device), dtype=getattr(torch, dtype))
-    except (RuntimeError, TypeError) as e:  # an unknown or unavailable device
-        raise ValueError(f"torch device {device!r}: {e}") from None
-    return model.eval()
-
-
-def _jax_device(device: Any):
-    import jax
-
-    if device is None or isinstance(device, jax.Device):
-        return device
-    platform, _, index = str(device).partition(":")
-    try:
-        devices = jax.devices(platform)
-        return devices[int(index or 0)]
-    except (RuntimeError, ValueError, IndexError) as e:
-        raise ValueError(f"jax device {device!r} is not available ({e}); "
-                         f"have {[str(d) for d in jax.devices()]}") from None
-
-
-def _build_jax(spec: ModelSpec, params: dict[str, np.ndarray], device: Any, dtype: str):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from backends.flax.convert import from_canonical
-
-    target = _jax_device(device)
-    model = from_canonical(spec, params, dtype=getattr(jnp, dtype))  # params stay float32
-    if target is not None:
-        nnx.update(model, jax.device_put(nnx.state(model), target))
-    return model
-
-
-_BUILDERS = {"torch": _build_torch, "jax": _build_jax}
 
 
 # ---------------------------------------------------------------------- the loaded model
@@ -124,7 +64,7 @@ class LoadedModel:
         self.backend = backend
         self.tokenizer = tokenizer
         self.path = path
-        self._ops = importlib.import_module(f"{_PACKAGES[backend]}.generate")
+        self._ops = get_backend(backend)
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
@@ -160,7 +100,7 @@ class LoadedModel:
                  top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> np.ndarray:
         """Prompt plus ``max_new_tokens`` new ids, int64 ``(B, T0 + max_new_tokens)`` (always 2-D).
 
-        ``temperature=0`` is greedy; see ``llm.generate`` for top-k / top-p / EOS behaviour.
+        ``temperature=0`` is greedy; see ``llm.sampling`` for top-k / top-p / EOS behaviour.
         """
         return self._ops.generate(self.model, self._batch(token_ids), max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
@@ -210,25 +150,13 @@ def from_params(spec: ModelSpec, params: dict[str, np.ndarray], backend: str = "
                 tokenizer: Tokenizer | None = None, *, device: Any = None, dtype: str = "float32",
                 path: Path | None = None) -> LoadedModel:
     """A ``LoadedModel`` from canonical in-memory weights (strict: names and shapes must match)."""
-    name, dtype = _backend_name(backend), _check_dtype(dtype)
+    name, dtype = canonical_name(backend), _check_dtype(dtype)
     if not isinstance(spec, ModelSpec):
         raise ValueError(f"spec must be a ModelSpec, got {type(spec).__name__}")
     if tokenizer is not None:
         check_vocab(tokenizer, spec)
-    model = _BUILDERS[name](spec, params, device, dtype)
+    model = get_backend(name).load_model(spec, params, device=device, dtype=dtype)
     return LoadedModel(spec, model, name, tokenizer, path)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself, or for a directory of ``step_<N>`` checkpoints the newest valid one."""
-    path = Path(path)
-    if (path / MANIFEST_FILE).exists() or not list_checkpoints(path):
-        return path
-    found, skipped = latest_valid_checkpoint(path)
-    if found is None:
-        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
-        raise CheckpointError(f"{path}: no valid step_<N> checkpoint ({reasons})")
-    return found
 
 
 def load(checkpoint_dir: str | os.PathLike, backend: str = "torch", *, device: Any = None,
@@ -240,7 +168,7 @@ def load(checkpoint_dir: str | os.PathLike, backend: str = "torch", *, device: A
     ``"bfloat16"`` (torch casts the parameters; flax keeps float32 parameters and computes in it).
     Logits come back float32 either way.
     """
-    _backend_name(backend)
+    canonical_name(backend)
     _check_dtype(dtype)
     path = resolve_checkpoint(checkpoint_dir)
     ckpt = load_checkpoint(path, load_state=False)

@@ -47,6 +47,7 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "latest_valid_checkpoint",
+    "resolve_checkpoint",
 ]
 
 
@@ -246,3 +247,15 @@ def latest_valid_checkpoint(
             continue
         return path, skipped
     return None, skipped
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a directory of ``step_<N>`` checkpoints the newest valid one."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).exists() or not list_checkpoints(path):
+        return path
+    found, skipped = latest_valid_checkpoint(path)
+    if found is None:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise CheckpointError(f"{path}: no valid step_<N> checkpoint ({reasons})")
+    return found

@@ -76,8 +76,8 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------- choices
 class Task(str, enum.Enum):
     """The built-in task names. ``Config.task`` is a plain string: any task registered with
-    ``llm.tasks.register_task`` can be chosen, and ``"package.module:name"`` imports the module that
-    registers ``name`` first (``llm.tasks.get_task`` resolves both)."""
+    ``llm.loop.tasks.register_task`` can be chosen, and ``"package.module:name"`` imports the module that
+    registers ``name`` first (``llm.loop.tasks.get_task`` resolves both)."""
 
     LM = "lm"  # next-token prediction on data.source
     REGRESSION = "regression"  # y = x @ w + noise (llm.data.synthetic); a smoke test of the engines
@@ -550,7 +550,7 @@ def _task_name(value: Any) -> str:
     member name in any case), another registered name, or ``"package.module:name"``.
 
     Only the form is checked here. Whether the name is registered is checked where the task is
-    resolved (``llm.tasks.get_task``, called by ``python -m llm.train`` and the engines): a custom
+    resolved (``llm.loop.tasks.get_task``, called by ``python -m llm.train`` and the engines): a custom
     task's module may import a framework, and a saved config must load without it.
     """
     if isinstance(value, enum.Enum):
@@ -631,9 +631,9 @@ class Config:
     ``data.vocab_size <= model.vocab_size``; evaluation (``training.eval_every > 0``) needs
     ``data.val_fraction > 0``.
 
-    ``task`` is the name of a registered task (``llm.tasks``): ``"lm"``, ``"regression"``, a custom
+    ``task`` is the name of a registered task (``llm.loop.tasks``): ``"lm"``, ``"regression"``, a custom
     one, or ``"package.module:name"`` to import the module that registers it. Its form is checked here,
-    its registration where the task is resolved (``llm.tasks.get_task``).
+    its registration where the task is resolved (``llm.loop.tasks.get_task``).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)

@@ -342,7 +342,7 @@ def _training_settings(spec: ModelSpec, family: Family) -> dict[str, Any]:
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, family: str | None = None,
               drop_training_settings: bool = False, overwrite: bool = False) -> ExportResult:
     """Write the canonical checkpoint ``ckpt_dir`` as a transformers model directory at ``out_dir``."""
-    from llm.api import resolve_checkpoint
+    from llm.checkpoint import resolve_checkpoint
     from llm.tokenization import load_tokenizer
 
     out = Path(out_dir)

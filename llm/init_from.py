@@ -10,7 +10,7 @@ made from a Hugging Face model. Three things come from it, each in the one place
   model it builds (``backends/torch/tasks.py``: ``TorchLMTask.build_model``); None without
   ``init_from``. Resuming (``--resume``) still wins: the engine loads the resumed checkpoint after;
 * the tokenizer -- ``init_from_tokenizer(config)``: the checkpoint's ``tokenizer.json``, used instead
-  of building ``data.tokenizer`` from the corpus (``llm.tasks.LMTask.build_datamodule``), so token
+  of building ``data.tokenizer`` from the corpus (``llm.loop.tasks.LMTask.build_datamodule``), so token
   ids mean what the embedding rows were trained on.
 
 Only the weights are taken: optimizer moments, the step counter and the data cursor start fresh
@@ -40,7 +40,7 @@ def init_from_path(config: Any) -> Path | None:
     source = config.training.init_from
     if source is None:
         return None
-    from llm.api import resolve_checkpoint
+    from llm.checkpoint import resolve_checkpoint
 
     path = Path(source).expanduser()
     if not path.is_dir():

@@ -11,7 +11,7 @@
 Config precedence: defaults < ``--config`` YAML (default: configs/default.yaml; with ``--resume`` and
 no ``--config``: the run's own config.json) < env ``LLM_<SECTION>__<FIELD>`` < ``--set`` < named flags.
 The task (``task``, ``--task``) is a registered name or ``package.module:name``; resolving the config
-imports that module, whose ``register_task`` runs before the name is checked (``llm.tasks.get_task``).
+imports that module, whose ``register_task`` runs before the name is checked (``llm.loop.tasks.get_task``).
 The backend module (``backends.<name>.engine``) is imported only after the config resolved, so config
 errors are fast. Errors the user can fix print one line (``llm-train: error: ...``) and exit 2
 (config) or 1 (run); an interrupted run (Ctrl-C) saves a checkpoint and exits 130.
@@ -20,17 +20,17 @@ errors are fast. Errors the user can fix print one line (``llm-train: error: ...
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+from llm.backend import ALIASES, BackendError
+from llm.backend import backend as get_backend
 from llm.config import ConfigError, dump_yaml, load_config
 
 PROG = "llm-train"
-BACKENDS = {"torch": "backends.torch.engine", "jax": "backends.flax.engine"}
 # What configs/default.yaml holds, for installs without the configs/ folder (a test keeps them equal).
 EMBEDDED_DEFAULT = """\
 model: {vocab_size: 256, max_seq_len: 256, hidden_size: 192, num_layers: 4, num_heads: 6, num_kv_heads: 2,
@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Train a model from a run config (see docs/training.md).")
-    p.add_argument("--backend", default="torch", choices=sorted(BACKENDS), help="training engine")
+    p.add_argument("--backend", default="torch", choices=sorted(ALIASES), help="training engine")
     p.add_argument("--config", help="YAML run config (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set training.lr=1e-3 (repeatable)")
@@ -110,7 +110,7 @@ def resolve_config(args: argparse.Namespace):
     if args.epochs is not None and args.max_steps is None:
         overrides.append("training.max_steps=null")  # --epochs means: run that many epochs
     from llm.init_from import apply_init_from
-    from llm.tasks import TaskError, get_task
+    from llm.loop.tasks import TaskError, get_task
 
     config = apply_init_from(load_config(_config_path(args), overrides))  # model: from training.init_from
     try:
@@ -150,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     from llm.data import DataError
     from llm.run import NonFiniteLossError
     from llm.spec import SpecError
-    from llm.tasks import TaskError
+    from llm.loop.tasks import TaskError
     from llm.tokenization import TokenizerError
 
     _cpu_threads_yield()  # before a task module (resolve_config imports it) or the backend loads torch
     try:
         config = resolve_config(args)
-        from llm.callbacks import get_callback
+        from llm.loop.callbacks import get_callback
 
         try:
             extra = [get_callback(name).from_config(config) for name in args.callbacks]
@@ -167,13 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _setup_logging()
         try:
-            engine_module = importlib.import_module(BACKENDS[args.backend])
-        except ModuleNotFoundError as e:
-            if e.name and BACKENDS[args.backend].startswith(e.name):
-                raise ConfigError(f"--backend {args.backend}: no training engine yet "
-                                  f"({BACKENDS[args.backend]} is missing)") from None
-            raise
-        with engine_module.TrainingEngine(config, resume=args.resume, callbacks=[c for c in extra if c]
+            engine_cls = get_backend(args.backend).TrainingEngine
+        except BackendError as e:
+            raise ConfigError(f"--backend {args.backend}: {e}") from None
+        with engine_cls(config, resume=args.resume, callbacks=[c for c in extra if c]
                                           ) as engine:
             result = engine.fit()
         # after the process group is gone: only rank 0 samples, the others may already have exited

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.callbacks import Callback
+from llm.loop.callbacks import Callback
 from llm.checkpoint import load_checkpoint
 from llm.config import load_config
 

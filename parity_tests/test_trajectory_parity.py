@@ -2,12 +2,12 @@
 
 Same spec, seed and batches, float32 on CPU (``llm.parity.configure_numerics``), warmup + cosine,
 weight decay, gradient clipping and gradient accumulation 2, through the real ``TrainingEngine``s
-(``llm.parity_train.trajectory_parity``). Asserted: the logged loss of every step within 1e-4
+(``llm.parity.trajectory.trajectory_parity``). Asserted: the logged loss of every step within 1e-4
 relative (``Tolerances.trajectory_rel``) and, after the last step, every parameter within 1e-4
 relative (``||jax - torch|| / ||torch||`` per tensor) -- scaled by ``GRAD_FLOOR * top / peak`` for a
 tensor whose gradient stayed below 1e-2 of the model's largest (its gradient is only accurate to
 ~1e-6 of the largest in absolute terms), and by 100 for the key bias (its slow-RoPE elements cancel
-under the softmax's shift invariance); ``llm/parity_train.py`` explains both. A draw in which some
+under the softmax's shift invariance); ``llm/parity/trajectory.py`` explains both. A draw in which some
 token came within 1e-5 of an MoE routing tie is rejected (``assume``): top-k is discontinuous there.
 Measured on CPU over ~150 drawn specs: per-step loss errors <= ~1e-6 (typically a few float32 ulps,
 ~3e-7), final parameters <= ~1.4e-5 for the tensors held to 1e-4 itself.
@@ -27,7 +27,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from llm.parity import Tolerances
-from llm.parity_train import trajectory_parity
+from llm.parity.trajectory import trajectory_parity
 from llm.spec import ModelSpec
 from parity_tests.recording import count, record
 from parity_tests.strategies import specs

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llm.callbacks import Callback
+from llm.loop.callbacks import Callback
 from llm.checkpoint import Checkpoint, latest_valid_checkpoint, load_checkpoint
 from llm.config import Config, load_config
 from llm.run import STATE_KEYS, NonFiniteLossError, TrainResult

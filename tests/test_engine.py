@@ -15,10 +15,10 @@ from engine_checks import StopAt, fit, losses, tiny  # noqa: E402
 
 from backends.torch.engine import TrainingEngine  # noqa: E402
 from backends.torch.tasks import TorchTask  # noqa: E402
-from llm.callbacks import Callback, register_callback  # noqa: E402
+from llm.loop.callbacks import Callback, register_callback  # noqa: E402
 from llm.checkpoint import latest_valid_checkpoint, load_checkpoint  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
-from llm.tasks import TrainingTask, register_task  # noqa: E402
+from llm.loop.tasks import TrainingTask, register_task  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -204,7 +204,7 @@ def test_custom_task_and_callback(tmp_path):
 def test_progress_bar_writes_loss_and_throughput(tmp_path):
     import io
 
-    from llm.callbacks import ProgressBar
+    from llm.loop.callbacks import ProgressBar
 
     out = io.StringIO()
     fit(TrainingEngine, tiny(tmp_path, "training.max_steps=4"), tmp_path / "run",
@@ -239,7 +239,7 @@ def test_cuda_step_puts_cudnn_attention_first_and_restores_the_order():
 def test_tensorboard_callback_writes_train_and_val_scalars(tmp_path, monkeypatch):
     """logging.tensorboard=true: one writer under <run_dir>/tensorboard, train/* every logged step,
     val/* at evals, closed at the end (a recording writer stands in for tensorboard's)."""
-    from llm.callbacks import TensorBoard
+    from llm.loop.callbacks import TensorBoard
 
     writers = []
 

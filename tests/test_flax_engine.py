@@ -33,9 +33,9 @@ from backends.flax.optim import (  # noqa: E402
     update_loss_scale,
 )
 from backends.flax.tasks import FlaxTask  # noqa: E402
-from llm.callbacks import Callback  # noqa: E402
+from llm.loop.callbacks import Callback  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
-from llm.tasks import TrainingTask, register_task  # noqa: E402
+from llm.loop.tasks import TrainingTask, register_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,7 +233,7 @@ TWO_DEVICES = textwrap.dedent("""
     import json, sys
     import jax
     from backends.flax.engine import TrainingEngine
-    from llm.callbacks import Callback
+    from llm.loop.callbacks import Callback
     from llm.config import ConfigError, load_config
 
     class Record(Callback):

@@ -18,6 +18,7 @@ from flax import nnx
 
 from backends.flax.convert import (
     from_canonical,
+    from_spec,
     grads_to_canonical,
     is_linear_weight,
     load_canonical,
@@ -53,7 +54,7 @@ SPECS = {
 @functools.cache
 def _model(name: str) -> DecoderModel:
     """Shared read-only models (from_spec, seed 0); tests that load weights build their own."""
-    return DecoderModel.from_spec(SPECS[name])
+    return from_spec(SPECS[name])
 
 
 def _ids(batch: int, length: int, seed: int = 0, vocab: int = 32) -> jax.Array:
@@ -447,7 +448,7 @@ def test_jit_forward_and_jit_decode_step_match_eager():
 
 def test_dropout_only_when_not_deterministic():
     spec = SPECS["rope_layernorm"].replace(dropout=0.5)
-    model = DecoderModel.from_spec(spec, seed=0)
+    model = from_spec(spec, seed=0)
     ids = _ids(B, T, seed=8)
     a, b = np.asarray(model(ids).logits), np.asarray(model(ids, deterministic=True).logits)
     np.testing.assert_array_equal(a, b)
@@ -459,7 +460,7 @@ def test_dropout_only_when_not_deterministic():
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     spec = SPECS["moe_glu_rms_bias"]
-    model = DecoderModel.from_spec(spec, dtype=jnp.bfloat16)
+    model = from_spec(spec, dtype=jnp.bfloat16)
     assert {v[...].dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
     ids = _ids(B, T, seed=9)
     out, ref = model(ids, ids), _model("moe_glu_rms_bias")(ids, ids)

@@ -18,8 +18,8 @@ import textwrap
 import numpy as np
 import pytest
 
-import backends.flax.generate as flax_gen
-import backends.torch.generate as torch_gen
+import backends.flax.inference as flax_gen
+import backends.torch.inference as torch_gen
 import llm
 from backends.flax.convert import from_canonical as flax_from_canonical
 from backends.torch.convert import from_canonical as torch_from_canonical

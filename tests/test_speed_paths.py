@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.flax.model import DecoderModel as FlaxModel
-from backends.torch.model import DecoderModel as TorchModel
+from backends.flax import from_spec as flax_from_spec
+from backends.torch import from_spec as torch_from_spec
 from llm.spec import ModelSpec
 
 SPEC = ModelSpec(vocab_size=97, max_seq_len=16, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -36,7 +36,7 @@ def test_torch_loss_only_path_matches(autocast):
     grads = []
     losses = []
     for return_logits in (True, False):
-        model = TorchModel.from_spec(SPEC, seed=1)
+        model = torch_from_spec(SPEC, seed=1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = model(ids, tgt, return_logits=return_logits)
         assert (out.logits is None) == (not return_logits)
@@ -51,7 +51,7 @@ def test_torch_loss_only_path_matches(autocast):
 
 
 def test_torch_loss_only_needs_targets():
-    model = TorchModel.from_spec(SPEC)
+    model = torch_from_spec(SPEC)
     with pytest.raises(ValueError, match="needs targets"):
         model(torch.zeros((1, 4), dtype=torch.long), return_logits=False)
 
@@ -60,7 +60,7 @@ def test_torch_loss_only_needs_targets():
 def test_flax_attention_impl_switch_off_gpu(dtype):
     assert jax.default_backend() == "cpu"
     ids, tgt = (jnp.asarray(a) for a in _batch())
-    model = FlaxModel.from_spec(SPEC, seed=1, dtype=dtype)
+    model = flax_from_spec(SPEC, seed=1, dtype=dtype)
     auto = model(ids, tgt)
     model.set_attributes(attention_impl="xla")
     forced = model(ids, tgt)
@@ -102,7 +102,7 @@ def test_flax_loss_only_path_matches(dtype):
     from flax import nnx
 
     ids, tgt = (jnp.asarray(a) for a in _batch())
-    model = FlaxModel.from_spec(SPEC, seed=1, dtype=dtype)
+    model = flax_from_spec(SPEC, seed=1, dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, return_logits):
@@ -142,7 +142,7 @@ def test_flax_pallas_loss_impl_matches_xla(dtype):
     from flax import nnx
 
     ids, tgt = (jnp.asarray(a) for a in _batch())
-    model = FlaxModel.from_spec(SPEC, seed=1, dtype=dtype)
+    model = flax_from_spec(SPEC, seed=1, dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     results = {}
     for impl in ("xla", "pallas"):
@@ -187,7 +187,7 @@ def test_torch_blocked_moe_matches_dense(name):
     ids, tgt = (torch.as_tensor(a) for a in _batch(seed=7))
     outs = {}
     for impl in ("dense", "blocked"):
-        model = TorchModel.from_spec(spec, seed=2).double()
+        model = torch_from_spec(spec, seed=2).double()
         for m in model.modules():
             if hasattr(m, "moe_impl"):
                 m.moe_impl = impl
@@ -210,7 +210,7 @@ def test_flax_blocked_moe_matches_dense(name):
 
     spec = MOE_SPECS[name]
     ids, tgt = (jnp.asarray(a) for a in _batch(seed=7))
-    model = FlaxModel.from_spec(spec, seed=2)
+    model = flax_from_spec(spec, seed=2)
     res = {}
     for impl in ("dense", "blocked"):
         model.set_attributes(moe_impl=impl)
@@ -233,8 +233,8 @@ def test_blocked_moe_agrees_across_backends_in_bf16():
     """Same weights, bf16 compute: the two blocked paths agree as closely as the dense ones do."""
     spec = MOE_SPECS["glu_top2"]
     ids, tgt = _batch(seed=11)
-    tmodel = TorchModel.from_spec(spec, seed=3)
-    fmodel = FlaxModel.from_spec(spec, seed=3, dtype=jnp.bfloat16)
+    tmodel = torch_from_spec(spec, seed=3)
+    fmodel = flax_from_spec(spec, seed=3, dtype=jnp.bfloat16)
     losses = {}
     for impl in ("dense", "blocked"):
         for m in tmodel.modules():

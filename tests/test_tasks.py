@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import llm.tasks
+import llm.loop.tasks
 from llm.config import Config, load_config
-from llm.tasks import TaskError, get_task
+from llm.loop.tasks import TaskError, get_task
 from llm.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ RUN = ["--max-steps", "2", "--sample-tokens", "0", "--set", "logging.progress=fa
 MODULES = {
     "mytasks": '''
         from llm.data import SyntheticDataModule
-        from llm.tasks import LMTask, TrainingTask, register_task
+        from llm.loop.tasks import LMTask, TrainingTask, register_task
 
 
         @register_task("mae_regression")
@@ -104,7 +104,7 @@ def user_tasks(tmp_path, monkeypatch) -> Path:
 
 def forget_user_tasks(monkeypatch) -> None:
     """As in a fresh process: the user's modules not imported, only the built-ins registered."""
-    monkeypatch.setattr(llm.tasks, "_TASKS", {k: llm.tasks._TASKS[k] for k in ("lm", "regression")})
+    monkeypatch.setattr(llm.loop.tasks, "_TASKS", {k: llm.loop.tasks._TASKS[k] for k in ("lm", "regression")})
     for name in MODULES:
         sys.modules.pop(name, None)
 
@@ -130,7 +130,7 @@ def env() -> dict[str, str]:
 
 # ---------------------------------------------------------------------- resolving names
 def test_module_colon_name_imports_the_module_that_registers_it(user_tasks):
-    assert "mae_regression" not in llm.tasks.available_tasks()
+    assert "mae_regression" not in llm.loop.tasks.available_tasks()
     task = get_task("mytasks:mae_regression")
     assert task.name == "mae_regression" and task.canonical is False and "mytasks" in sys.modules
     assert get_task("twin_lm").name == "twin_lm" and get_task("lm").name == "lm"  # registered by the import

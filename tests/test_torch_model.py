@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.torch import DecoderModel, from_canonical, load_canonical, to_canonical
+from backends.torch import DecoderModel, from_canonical, from_spec, load_canonical, to_canonical
 from backends.torch.model import (
     MLP,
     LayerNorm,
@@ -69,19 +69,19 @@ def test_round_trip_is_bitwise(name):
     for k in params:
         assert back[k].dtype == np.float32
         np.testing.assert_array_equal(back[k], params[k], err_msg=k)
-    for k, v in to_canonical(DecoderModel.from_spec(spec, seed=3)).items():
+    for k, v in to_canonical(from_spec(spec, seed=3)).items():
         np.testing.assert_array_equal(v, params[k], err_msg=k)
 
 
 def test_to_canonical_returns_copies():
-    model = DecoderModel.from_spec(SPECS["default"])
+    model = from_spec(SPECS["default"])
     to_canonical(model)["final_norm.weight"][:] = 7.0
     assert torch.all(model.final_norm.weight == 1.0)
 
 
 def test_strict_loading_names_every_bad_key_and_writes_nothing():
     spec = SPECS["default"]
-    model = DecoderModel.from_spec(spec, seed=0)
+    model = from_spec(spec, seed=0)
     params = init_params(spec, seed=1)
     del params["final_norm.bias"]
     params["layers.0.attn.extra.weight"] = np.zeros(3, np.float32)
@@ -217,7 +217,7 @@ def test_sliding_window_hides_tokens_outside_the_window():
 
 
 def test_causal_future_tokens_do_not_change_earlier_logits():
-    model = DecoderModel.from_spec(tiny(num_kv_heads=2), seed=0).eval()
+    model = from_spec(tiny(num_kv_heads=2), seed=0).eval()
     ids = torch.randint(0, 32, (2, 10))
     ids2 = ids.clone()
     ids2[:, 6] = (ids[:, 6] + 1) % 32
@@ -320,14 +320,14 @@ def test_moe_capacity_ranks_assignments_token_major():
 
 def test_model_aux_and_z_loss_are_scaled_layer_means():
     spec = tiny(**MOE, router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
-    model = DecoderModel.from_spec(spec, seed=0)
+    model = from_spec(spec, seed=0)
     seen = []
     for layer in model.layers:
         layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(out[1:]))
     out = model(torch.randint(0, 32, (2, 6)))
     torch.testing.assert_close(out.aux_loss, 0.1 * (seen[0][0] + seen[1][0]) / 2)
     torch.testing.assert_close(out.z_loss, 0.01 * (seen[0][1] + seen[1][1]) / 2)
-    dense = DecoderModel.from_spec(tiny(), seed=0)(torch.randint(0, 32, (1, 4)))
+    dense = from_spec(tiny(), seed=0)(torch.randint(0, 32, (1, 4)))
     assert dense.aux_loss.item() == 0.0 and dense.z_loss.item() == 0.0
 
 
@@ -338,7 +338,7 @@ def test_model_aux_and_z_loss_are_scaled_layer_means():
     tiny(**MOE, position="sinusoidal", num_kv_heads=1),
 ], ids=["rope_gqa_window", "learned", "moe_sinusoidal_mqa"])
 def test_kv_cache_decoding_matches_full_forward(spec):
-    model = DecoderModel.from_spec(spec, seed=1).eval()
+    model = from_spec(spec, seed=1).eval()
     ids = torch.randint(0, 32, (2, 12))
     full = model(ids).logits
     cache = model.new_cache(2)
@@ -348,7 +348,7 @@ def test_kv_cache_decoding_matches_full_forward(spec):
 
 
 def test_positions_past_max_seq_len_are_errors():
-    model = DecoderModel.from_spec(tiny(), seed=0)
+    model = from_spec(tiny(), seed=0)
     with pytest.raises(ValueError, match="max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_len=16"):
@@ -360,7 +360,7 @@ def test_positions_past_max_seq_len_are_errors():
 
 # ---------------------------------------------------------------------- loss, dropout, precision
 def test_loss_ignores_minus_100():
-    model = DecoderModel.from_spec(tiny(), seed=0)
+    model = from_spec(tiny(), seed=0)
     ids = torch.randint(0, 32, (2, 6))
     targets = torch.randint(0, 32, (2, 6))
     targets[0, :3] = -100
@@ -376,7 +376,7 @@ def test_loss_ignores_minus_100():
 
 
 def test_dropout_only_in_training():
-    model = DecoderModel.from_spec(tiny(dropout=0.5), seed=0)
+    model = from_spec(tiny(dropout=0.5), seed=0)
     ids = torch.randint(0, 32, (1, 8))
     model.eval()
     torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
@@ -386,7 +386,7 @@ def test_dropout_only_in_training():
 
 def test_bf16_autocast_stays_close_to_fp32():
     spec = SPECS["moe_glu_bias"]
-    model = DecoderModel.from_spec(spec, seed=0)
+    model = from_spec(spec, seed=0)
     ids = torch.randint(0, 32, (2, 8))
     ref = model(ids, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -415,7 +415,7 @@ def test_compile_fullgraph_moe_matches_eager():
     """The one compile test (keep it that way: ~15 s cold on CPU): MoE with capacity, no graph breaks."""
     spec = tiny(**MOE, num_layers=1, num_heads=2, num_kv_heads=1, capacity_factor=1.0, use_glu=True,
                 activation="silu", norm_type="rmsnorm")
-    model = DecoderModel.from_spec(spec, seed=0).eval()
+    model = from_spec(spec, seed=0).eval()
     ids = torch.randint(0, 32, (2, 8))
     with torch.no_grad():
         eager = model(ids, ids)

@@ -115,11 +115,11 @@ def test_runtime_errors_are_one_line_too(tmp_path, capsys, one_torch_thread):
 
 
 def test_missing_backend_engine_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    import llm.train
+    import llm.backend
 
-    monkeypatch.setitem(llm.train.BACKENDS, "jax", "backends.nowhere.engine")  # a backend without an engine
+    monkeypatch.setitem(llm.backend.PACKAGES, "jax", "backends.nowhere")  # a backend that is not there
     assert main(["--backend", "jax", "--config", str(tiny_yaml(tmp_path)), "--run-dir", str(tmp_path)]) == 2
-    assert "--backend jax: no training engine yet (backends.nowhere.engine is missing)" in capsys.readouterr().err
+    assert "--backend jax: backend 'jax': its package backends.nowhere is missing" in capsys.readouterr().err
 
 
 def test_nan_loss_exits_1_with_a_clear_message(tmp_path, capsys, one_torch_thread):

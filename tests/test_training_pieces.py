@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from llm.callbacks import (
+from llm.loop.callbacks import (
     Callback,
     CallbackList,
     EarlyStopping,
@@ -27,10 +27,10 @@ from llm.checkpoint import CheckpointError
 from llm.config import ConfigError, load_config
 from llm.run import RunDir, moment_name, split_moment_name
 from llm.schedule import lr_at, schedule_for
-from llm.tasks import TaskError, TrainingTask, get_task, register_task, unigram_entropy
+from llm.loop.tasks import TaskError, TrainingTask, get_task, register_task, unigram_entropy
 
 
-@pytest.mark.parametrize("module", ["llm.train", "llm.callbacks", "llm.tasks", "llm.run", "llm.schedule"])
+@pytest.mark.parametrize("module", ["llm.train", "llm.loop.callbacks", "llm.loop.tasks", "llm.run", "llm.schedule"])
 def test_training_modules_import_no_framework(module):
     code = f"import sys, {module}; print(sorted({{'torch', 'jax', 'flax'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -102,7 +102,7 @@ def test_callback_registry_and_defaults():
     names = [cb.name for cb in build_callbacks(config)]
     assert names == ["eval", "checkpoint", "early_stopping", "console", "metrics", "loss_plot"]
     assert "checkpoint" not in [cb.name for cb in build_callbacks(config, checkpoints=False)]
-    assert get_callback("llm.callbacks:LossPlot") is LossPlot
+    assert get_callback("llm.loop.callbacks:LossPlot") is LossPlot
     with pytest.raises(ValueError, match="unknown callback 'nope'"):
         get_callback("nope")
 

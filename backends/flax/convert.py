@@ -30,10 +30,10 @@ import numpy as np
 from flax import nnx
 
 from backends.flax.model import DecoderModel, ExpertLinear, Linear
-from llm.spec import ModelSpec, SpecError, check_names, check_params
+from llm.spec import ModelSpec, SpecError, check_names, check_params, init_params
 
-__all__ = ["LINEAR_SUFFIXES", "is_linear_weight", "to_canonical", "load_canonical", "from_canonical",
-           "grads_to_canonical"]
+__all__ = ["LINEAR_SUFFIXES", "from_canonical", "from_spec", "grads_to_canonical", "is_linear_weight",
+           "load_canonical", "moments_from_canonical", "moments_to_canonical", "to_canonical"]
 
 LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
 
@@ -78,6 +78,11 @@ def _to_numpy(value: Any, linear: bool) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(value, -1, -2) if linear else value)
 
 
+def _canonical_shape(param: nnx.Param, linear: bool) -> tuple[int, ...]:
+    shape = tuple(param[...].shape)
+    return (*shape[:-2], shape[-1], shape[-2]) if linear else shape
+
+
 def to_canonical(module: nnx.Module) -> dict[str, np.ndarray]:
     """Every ``nnx.Param`` of ``module`` as canonical float32 numpy, linears ``(out, in)``."""
     return {name: _to_numpy(param[...], linear) for name, (param, linear) in _params(module).items()}
@@ -104,11 +109,7 @@ def load_canonical(module: nnx.Module, params: Mapping[str, Any]) -> None:
     expected = _params(module)
     arrays = {k: np.asarray(v) for k, v in params.items()}
 
-    def canonical_shape(param: nnx.Param, linear: bool) -> tuple[int, ...]:
-        shape = tuple(param[...].shape)
-        return (*shape[:-2], shape[-1], shape[-2]) if linear else shape
-
-    check_names({k: canonical_shape(*v) for k, v in expected.items()}, arrays,
+    check_names({k: _canonical_shape(*v) for k, v in expected.items()}, arrays,
                 where=f"parameters for {type(module).__name__}")
     for name, (param, linear) in expected.items():
         value = arrays[name]
@@ -124,3 +125,30 @@ def from_canonical(spec: ModelSpec, params: Mapping[str, Any], *, dtype: Any = j
     model = DecoderModel(spec, rngs=nnx.Rngs(seed), dtype=dtype)
     load_canonical(model, params)
     return model
+
+
+def from_spec(spec: ModelSpec, seed: int = 0, *, dtype: Any = jnp.float32) -> DecoderModel:
+    """A ``DecoderModel`` holding ``init_params(spec, seed)`` (dropout streams seeded by ``seed`` too)."""
+    return from_canonical(spec, init_params(spec, seed), dtype=dtype, seed=seed)
+
+
+def moments_to_canonical(module: nnx.Module, moments: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """One AdamW moment (canonical name -> array in the flax layout) as canonical float32 numpy,
+    linear weights transposed back to ``(out, in)``."""
+    params = _params(module)
+    unknown = sorted(set(moments) - set(params))
+    if unknown:
+        raise SpecError(f"optimizer moments of unknown parameters {unknown[:5]} for {type(module).__name__}")
+    return {name: _to_numpy(value, params[name][1]) for name, value in moments.items()}
+
+
+def moments_from_canonical(module: nnx.Module, moments: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Canonical moments (name -> ``(out, in)`` arrays) in the flax layout, float32 numpy, checked
+    against the module's parameter names and (canonical) shapes."""
+    params = _params(module)
+
+    arrays = {k: np.asarray(v, np.float32) for k, v in moments.items()}
+    check_names({k: _canonical_shape(*v) for k, v in params.items()}, arrays,
+                where=f"optimizer moments for {type(module).__name__}")
+    return {name: np.ascontiguousarray(np.swapaxes(value, -1, -2) if params[name][1] else value)
+            for name, value in arrays.items()}

@@ -3,7 +3,7 @@
 ``TrainingEngine(config).fit()`` trains ``config.task`` and returns a ``llm.run.TrainResult``, like
 ``backends.torch.engine.TrainingEngine`` and with the same surface (``fit``, ``evaluate``,
 ``save_checkpoint``, ``sample``, ``request_stop``, the trainer attributes callbacks read): both
-subclass ``llm.engine_base.BaseTrainingEngine``, which holds the loop, evaluation, checkpoints,
+subclass ``llm.loop.engine.BaseTrainingEngine``, which holds the loop, evaluation, checkpoints,
 resume and signal handling. Both engines drive the same backend-agnostic pieces -- task, DataModule,
 callbacks, ``llm.schedule``, ``llm.run`` (run directory, canonical training state) and
 ``llm.checkpoint`` -- and write the same checkpoint, so a run started on one backend resumes on the
@@ -71,12 +71,12 @@ from jax.sharding import PartitionSpec as P
 
 from backends.flax.convert import is_linear_weight
 from backends.flax.optim import AdamWState, LossScale, build_optimizer, global_norm_torch, update_loss_scale
-from llm.callbacks import DEFAULT_CALLBACKS, Callback
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.checkpoint import CheckpointError
 from llm.config import Config, ConfigError, DType
-from llm.engine_base import BaseTrainingEngine, StepReadout
+from llm.loop.engine import BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name
-from llm.tasks import TrainingTask
+from llm.loop.tasks import TrainingTask
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
 
@@ -227,7 +227,7 @@ class TrainingEngine(BaseTrainingEngine):
 
     Args:
         devices: the devices of the data mesh (default: ``jax.devices()``, all of them).
-        The others: see ``llm.engine_base.BaseTrainingEngine``.
+        The others: see ``llm.loop.engine.BaseTrainingEngine``.
     """
 
     backend = "jax"

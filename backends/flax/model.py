@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
-from llm.spec import Activation, ModelSpec, NormType, Position, init_params, rope_cos_sin, sinusoidal_table
+from llm.spec import Activation, ModelSpec, NormType, Position, rope_cos_sin, sinusoidal_table
 
 __all__ = [
     "IGNORE_INDEX",
@@ -674,7 +674,7 @@ class DecoderModel(_SpecModule):
     """The decoder-only language model: embed -> blocks -> final_norm -> lm_head.
 
     The constructor draws its own random weights from ``rngs`` (right shapes, spec stds);
-    ``DecoderModel.from_spec(spec, seed)`` loads ``llm.spec.init_params``, the starting weights
+    ``backends.flax.from_spec(spec, seed)`` loads ``llm.spec.init_params``, the starting weights
     both backends share. ``dtype`` is the compute dtype; parameters stay float32.
     """
 
@@ -689,15 +689,6 @@ class DecoderModel(_SpecModule):
         self.lm_head = None if spec.tie_embeddings else Linear(
             spec.hidden_size, spec.vocab_size, std=spec.init_std, dtype=dtype, rngs=rngs)
         self.loss_impl = "xla"  # or "pallas": the loss-only path's log-sum-exp (lean_cross_entropy)
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, seed: int = 0, *, dtype: Any = jnp.float32) -> DecoderModel:
-        """A model holding ``init_params(spec, seed)`` (dropout streams seeded by ``seed`` too)."""
-        from backends.flax.convert import load_canonical  # convert imports this module
-
-        model = cls(spec, rngs=nnx.Rngs(seed), dtype=dtype)
-        load_canonical(model, init_params(spec, seed))
-        return model
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype defaults to the compute dtype)."""

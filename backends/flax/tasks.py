@@ -1,4 +1,4 @@
-"""The JAX/Flax halves of the training tasks (``llm.tasks`` holds the backend-agnostic halves).
+"""The JAX/Flax halves of the training tasks (``llm.loop.tasks`` holds the backend-agnostic halves).
 
 Mirrors ``backends/torch/tasks.py``: a flax task half builds the model and computes the loss; the
 engine does everything else (the mesh, mixed precision, the optimiser, jit). Differences forced by
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from backends.flax.convert import load_canonical, to_canonical
+from backends.flax.convert import from_spec, load_canonical, to_canonical
 from backends.flax.model import DecoderModel
 from llm.init_from import init_from_params
 
@@ -79,11 +79,11 @@ class FlaxTask:
 
 
 class FlaxLMTask(FlaxTask):
-    """Causal LM: ``DecoderModel.from_spec(config.model, seed)`` in the compute dtype (or the
+    """Causal LM: ``from_spec(config.model, seed)`` in the compute dtype (or the
     ``training.init_from`` checkpoint's weights); objective ``loss + aux + z``."""
 
     def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
-        model = DecoderModel.from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))
+        model = from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))
         params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
         if params is not None:
             load_canonical(model, params)
@@ -110,9 +110,9 @@ class FlaxLMTask(FlaxTask):
 
 
 def sample_text(model: DecoderModel, tokenizer: Any, **kwargs: Any) -> str:
-    """``llm.generate.sample_text`` with ``backends.flax.generate`` (KV-cached)."""
-    from backends.flax.generate import generate
-    from llm.generate import sample_text as sample
+    """``llm.sampling.sample_text`` with ``backends.flax.inference`` (KV-cached)."""
+    from backends.flax.inference import generate
+    from llm.sampling import sample_text as sample
 
     return sample(generate, model, tokenizer, **kwargs)
 

@@ -8,14 +8,17 @@ to the module given, so a component (a norm, one ``TransformerBlock``) converts 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from backends.torch.model import DecoderModel
-from llm.spec import ModelSpec, check_names
+from llm.spec import ModelSpec, check_names, init_params
 
-__all__ = ["to_canonical", "load_canonical", "from_canonical"]
+__all__ = ["from_canonical", "from_spec", "grads_to_canonical", "load_canonical", "moments_from_canonical",
+           "moments_to_canonical", "to_canonical"]
 
 
 def to_canonical(module: nn.Module) -> dict[str, np.ndarray]:
@@ -37,8 +40,48 @@ def load_canonical(module: nn.Module, params: dict[str, np.ndarray]) -> None:
             target.copy_(torch.as_tensor(np.asarray(params[name])))
 
 
-def from_canonical(spec: ModelSpec, params: dict[str, np.ndarray]) -> DecoderModel:
-    """A ``DecoderModel`` for ``spec`` holding ``params``."""
+def from_canonical(spec: ModelSpec, params: Mapping[str, np.ndarray], *, seed: int = 0) -> DecoderModel:
+    """A ``DecoderModel`` for ``spec`` holding ``params`` (``seed`` is unused: torch draws dropout
+    masks from its global generator)."""
     model = DecoderModel(spec)
-    load_canonical(model, params)
+    load_canonical(model, dict(params))
     return model
+
+
+def from_spec(spec: ModelSpec, seed: int = 0) -> DecoderModel:
+    """A ``DecoderModel`` holding ``init_params(spec, seed)``, the weights both backends start from."""
+    return from_canonical(spec, init_params(spec, seed), seed=seed)
+
+
+def grads_to_canonical(module: nn.Module, grads: Mapping[str, torch.Tensor | None] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """Gradients by canonical name as float32 numpy: ``grads`` (name -> tensor), by default each
+    parameter's ``.grad``; a parameter without one gets zeros of its shape."""
+    if grads is None:
+        grads = {name: p.grad for name, p in module.named_parameters()}
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    check_names(shapes, {k: (np.zeros(shapes[k], np.float32) if g is None else g) for k, g in grads.items()},
+                where=f"gradients for {type(module).__name__}")
+    return {name: (np.zeros(shapes[name], np.float32) if g is None
+                   else g.detach().to("cpu", torch.float32).numpy().copy())
+            for name, g in grads.items()}
+
+
+def moments_to_canonical(module: nn.Module, moments: Mapping[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
+    """One AdamW moment (canonical name -> tensor, None before the first step) as canonical float32
+    numpy (zeros where None). The torch layout is the canonical layout: a copy and a name check."""
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    out = {name: (np.zeros(shapes[name], np.float32) if m is None
+                  else m.detach().to("cpu", torch.float32).numpy().copy()) for name, m in moments.items()}
+    check_names(shapes, out, where=f"optimizer moments for {type(module).__name__}")
+    return out
+
+
+def moments_from_canonical(module: nn.Module, moments: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Canonical moments (name -> array) as tensors on each parameter's device and dtype, checked
+    against the parameters' names and shapes."""
+    params = dict(module.named_parameters())
+    check_names({name: tuple(p.shape) for name, p in params.items()}, dict(moments),
+                where=f"optimizer moments for {type(module).__name__}")
+    return {name: torch.from_numpy(np.array(m, np.float32)).to(params[name].device, params[name].dtype)
+            for name, m in moments.items()}

@@ -2,8 +2,8 @@
 
 ``TrainingEngine(config).fit()`` trains ``config.task`` and returns a ``llm.run.TrainResult``. The
 backend-agnostic pieces it drives are shared with the JAX engine: the loop, evaluation, checkpoints,
-resume and signal handling (``llm.engine_base``), the task (``llm.tasks``), the callbacks
-(``llm.callbacks``), the schedule (``llm.schedule``), the run directory and the canonical training
+resume and signal handling (``llm.loop.engine``), the task (``llm.loop.tasks``), the callbacks
+(``llm.loop.callbacks``), the schedule (``llm.schedule``), the run directory and the canonical training
 state (``llm.run``), the checkpoint format (``llm.checkpoint``). This module holds what is torch's:
 devices and DDP, the model and AdamW, AMP, ``torch.compile`` and the step below.
 
@@ -40,11 +40,11 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-from llm.callbacks import DEFAULT_CALLBACKS, Callback
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.config import Config, DType
-from llm.engine_base import BaseTrainingEngine, StepReadout
+from llm.loop.engine import BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name
-from llm.tasks import TrainingTask
+from llm.loop.tasks import TrainingTask
 
 __all__ = ["TrainingEngine", "train"]
 
@@ -65,12 +65,21 @@ def _micro_seed(seed: int, micro_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, 0xD409, micro_step, rank]).generate_state(1)[0])
 
 
+def _torch_summary_writer() -> Any:
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+    return SummaryWriter
+
+
+TensorBoard.backend_writers.append(_torch_summary_writer)
+
+
 class TrainingEngine(BaseTrainingEngine):
     """Trains ``config.task`` (or ``task``) with PyTorch. See the module docstring for one step.
 
     Args:
         device: a torch device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
-        The others: see ``llm.engine_base.BaseTrainingEngine``.
+        The others: see ``llm.loop.engine.BaseTrainingEngine``.
     """
 
     backend = "torch"

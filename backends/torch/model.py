@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
-from llm.spec import Activation, ModelSpec, NormType, Position, init_params, rope_cos_sin, sinusoidal_table
+from llm.spec import Activation, ModelSpec, NormType, Position, rope_cos_sin, sinusoidal_table
 
 __all__ = [
     "RMSNorm",
@@ -467,13 +467,6 @@ class DecoderModel(nn.Module):
         # Tied: the output projection is embed.weight, so there is no lm_head module (and no key).
         self.lm_head = (None if spec.tie_embeddings
                         else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, seed: int = 0) -> DecoderModel:
-        """A model holding ``init_params(spec, seed)``."""
-        model = cls(spec)
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in init_params(spec, seed).items()})
-        return model
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

@@ -1,4 +1,4 @@
-"""The torch halves of the training tasks (``llm.tasks`` holds the backend-agnostic halves).
+"""The torch halves of the training tasks (``llm.loop.tasks`` holds the backend-agnostic halves).
 
 A torch task half builds the model and computes the loss; the engine does everything else (devices,
 AMP, DDP, the optimiser). ``loss(model, batch)`` returns ``(objective, parts)``: the objective is
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends.torch.convert import load_canonical, to_canonical
+from backends.torch.convert import from_spec, load_canonical, to_canonical
 from backends.torch.model import DecoderModel
 from llm.init_from import init_from_params
 
@@ -49,11 +49,11 @@ class TorchTask:
 
 
 class TorchLMTask(TorchTask):
-    """Causal LM: ``DecoderModel.from_spec(config.model, seed)`` (or the ``training.init_from``
+    """Causal LM: ``from_spec(config.model, seed)`` (or the ``training.init_from``
     checkpoint's weights); objective ``loss + aux + z``."""
 
     def build_model(self, config: Any, datamodule: Any) -> nn.Module:
-        model = DecoderModel.from_spec(config.model, seed=config.training.seed)
+        model = from_spec(config.model, seed=config.training.seed)
         params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
         if params is not None:
             load_canonical(model, params)
@@ -85,9 +85,9 @@ def _spec_of(model: nn.Module):
 
 
 def sample_text(model: DecoderModel, tokenizer: Any, **kwargs: Any) -> str:
-    """``llm.generate.sample_text`` with ``backends.torch.generate`` (KV-cached)."""
-    from backends.torch.generate import generate
-    from llm.generate import sample_text as sample
+    """``llm.sampling.sample_text`` with ``backends.torch.inference`` (KV-cached)."""
+    from backends.torch.inference import generate
+    from llm.sampling import sample_text as sample
 
     return sample(generate, model, tokenizer, **kwargs)
 

@@ -8,15 +8,7 @@ both for N AdamW steps on identical batches and compares the loss trajectories.
 
 This is the one module under ``llm`` that imports both frameworks, and only when called.
 
-Errors: relative error is ``||a - b|| / ||b||`` with the PyTorch side as ``b``. A gradient that is
-exactly zero in theory (an expert no token reached, an unused position row) is float noise in both
-backends (e.g. q/k gradients when every value vector is equal), so gradient denominators are
-floored at ``GRAD_FLOOR`` (1e-2) times the largest parameter gradient norm of the model. Such a
-tensor is then held to an absolute bound instead: its error must stay under 1e-6 of the largest
-gradient norm (``grad_rel * GRAD_FLOOR``). Measured noise on exactly-zero gradients (q/k under a
-one-token sliding window) is ~1e-7 of it -- float32 epsilon at the scale of the terms that
-cancel -- so this leaves 10x headroom while a real mismatch (a wrong transpose, sign or mask)
-gives errors of order one.
+Error measures and tolerances: ``llm.parity.metrics``.
 """
 
 from __future__ import annotations
@@ -31,69 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from llm.backend import backend
+from llm.parity.metrics import GRAD_FLOOR, Tolerances, configure_numerics, max_abs_err, mean_kl, rel_err
+from llm.parity.trajectory import trajectory_parity
 from llm.spec import ModelSpec
-
-GRAD_FLOOR = 1e-2
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """Float32 parity targets (DESIGN.md). Both backends do the same float32 operations in
-    possibly different orders; after a few layers reassociation error is ~1e-7 relative per op,
-    so 1e-5 on logits leaves two orders of headroom for depth while still catching any real
-    mismatch (a wrong mask, scale or transpose shows up at 1e-2 or above). Gradients pass through
-    twice as many ops and a softmax Jacobian, hence 1e-4."""
-
-    logits_rel: float = 1e-5
-    loss_abs: float = 1e-5
-    aux_abs: float = 1e-6
-    grad_rel: float = 1e-4
-    kl: float = 1e-8
-    hidden_rel: float = 1e-5
-    trajectory_rel: float = 1e-4
-
-
-def configure_numerics() -> None:
-    """float32 everywhere, no TF32 on either side."""
-    import jax
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-
-# ---------------------------------------------------------------------- error measures
-def rel_err(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> float:
-    """``||a - b|| / max(||b||, floor)`` in float64; 0 when both are exactly equal."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = float(np.linalg.norm((a64 - b64).ravel()))
-    if diff == 0.0:
-        return 0.0
-    denom = max(float(np.linalg.norm(b64.ravel())), floor)
-    return diff / denom if denom > 0 else math.inf
-
-
-def max_abs_err(a: np.ndarray, b: np.ndarray) -> float:
-    if np.size(a) == 0:
-        return 0.0
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
-def mean_kl(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
-    """Mean over positions of KL(softmax(p) || softmax(q)), in float64."""
-    p = np.asarray(logits_p, np.float64).reshape(-1, logits_p.shape[-1])
-    q = np.asarray(logits_q, np.float64).reshape(-1, logits_q.shape[-1])
-    logp = p - _logsumexp(p)
-    logq = q - _logsumexp(q)
-    kl = np.sum(np.exp(logp) * (logp - logq), axis=-1)
-    return float(max(kl.mean(), 0.0))
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 # ---------------------------------------------------------------------- one backend's pass
@@ -115,9 +48,8 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
     """Forward + backward of ``loss + aux_loss + z_loss`` in PyTorch, eval mode (no dropout)."""
     import torch
 
-    from backends.torch.convert import from_canonical
-
-    model = from_canonical(spec, params).eval()
+    torch_backend = backend("torch")
+    model = torch_backend.from_canonical(spec, params).eval()
     router_logits: list[np.ndarray] = []
     hooks = []
     if spec.use_moe:
@@ -131,8 +63,7 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
     for h in hooks:
         h.remove()
     (out.loss + out.aux_loss + out.z_loss).backward()
-    grads = {name: (p.grad.numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
-             for name, p in model.named_parameters()}
+    grads = torch_backend.grads_to_canonical(model)
     return BackendResult(
         logits=out.logits.detach().numpy(),
         loss=out.loss.item(), aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item(),
@@ -149,9 +80,8 @@ def flax_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
     import jax.numpy as jnp
     from flax import nnx
 
-    from backends.flax.convert import from_canonical, grads_to_canonical
-
-    model = from_canonical(spec, params)
+    flax_backend = backend("jax")
+    model = flax_backend.from_canonical(spec, params)
     graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
@@ -168,7 +98,7 @@ def flax_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
         logits=np.asarray(out.logits),
         loss=float(out.loss), aux_loss=float(out.aux_loss), z_loss=float(out.z_loss),
         hidden=[np.asarray(h) for h in out.hidden_states],
-        grads=grads_to_canonical(model, grads),
+        grads=flax_backend.grads_to_canonical(model, grads),
     )
 
 
@@ -290,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         spec = _load_spec(args.config)
         report = run_parity(spec, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len)
         if args.steps:
-            from llm.parity_train import trajectory_parity
-
             report["trajectory"] = trajectory_parity(spec, steps=args.steps, seed=args.seed,
                                                      batch_size=args.batch_size, seq_len=report["seq_len"])
             report["ok"] = report["ok"] and report["trajectory"]["ok"]

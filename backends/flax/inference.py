@@ -1,4 +1,4 @@
-"""Autoregressive decoding for the Flax NNX ``DecoderModel`` (mirrors ``backends/torch/generate.py``).
+"""Autoregressive decoding for the Flax NNX ``DecoderModel`` (mirrors ``backends/torch/inference.py``).
 
 ``generate`` prefills the whole prompt in one forward that fills a KV cache sized to
 ``T0 + max_new_tokens``, then feeds one token per step. Both are ``jax.jit``-compiled module-level
@@ -9,7 +9,7 @@ length, sampling mode: greedy / plain / filtered), not once per token, and is re
 recompile. The cache
 state is donated to each step, so it is updated in place where the platform allows.
 
-The argument rules and the sampling recipe are ``llm.generate``'s (``Sampling``,
+The argument rules and the sampling recipe are ``llm.sampling``'s (``Sampling``,
 ``check_prompt``): greedy is ``argmax`` (first maximum = lowest id on ties, like torch); sampling
 is float32 temperature -> top-k -> top-p over ``lax.top_k`` (descending, equal logits in id order),
 drawn with ``jax.random.categorical`` under ``fold_in(key(seed), p)`` for the token after position
@@ -33,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from backends.flax.convert import from_canonical
 from backends.flax.model import DecoderModel
-from llm.generate import Sampling, check_eos, check_prompt, check_seed
+from llm.spec import ModelSpec
+from llm.sampling import Sampling, check_eos, check_prompt, check_seed
 
-__all__ = ["generate", "generate_no_cache", "logits", "next_token", "TRACES"]
+__all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token", "TRACES"]
 
 # How many times each jitted function below was traced (compiled); tests read it.
 TRACES: collections.Counter[str] = collections.Counter()
@@ -189,3 +191,24 @@ def logits(model: DecoderModel, token_ids) -> np.ndarray:
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(np.asarray(token_ids), jnp.int32)
     return np.asarray(_forward(graphdef, state, ids), dtype=np.float32)
+
+
+def _jax_device(device):
+    if device is None or isinstance(device, jax.Device):
+        return device
+    platform, _, index = str(device).partition(":")
+    try:
+        return jax.devices(platform)[int(index or 0)]
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"jax device {device!r} is not available ({e}); "
+                         f"have {[str(d) for d in jax.devices()]}") from None
+
+
+def load_model(spec: ModelSpec, params: dict[str, np.ndarray], *, device=None, dtype: str = "float32") -> DecoderModel:
+    """A ``DecoderModel`` holding canonical ``params`` (kept float32) that computes in ``dtype``
+    (``"float32"`` or ``"bfloat16"``), on ``device`` (a platform[:index]; default jax's own)."""
+    target = _jax_device(device)
+    model = from_canonical(spec, params, dtype=getattr(jnp, dtype))
+    if target is not None:
+        nnx.update(model, jax.device_put(nnx.state(model), target))
+    return model

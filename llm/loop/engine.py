@@ -36,7 +36,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
-from llm.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
 from llm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from llm.config import Config, DType
 from llm.run import (
@@ -48,7 +48,7 @@ from llm.run import (
     write_json_atomic,
 )
 from llm.schedule import schedule_for
-from llm.tasks import TaskError, TrainingTask, get_task
+from llm.loop.tasks import TaskError, TrainingTask, get_task
 
 __all__ = ["STATE_VERSION", "BaseTrainingEngine", "StepReadout"]
 

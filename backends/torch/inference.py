@@ -1,8 +1,8 @@
-"""Autoregressive decoding for the PyTorch ``DecoderModel`` (mirrors ``backends/flax/generate.py``).
+"""Autoregressive decoding for the PyTorch ``DecoderModel`` (mirrors ``backends/flax/inference.py``).
 
 ``generate`` prefills the whole prompt in one forward that fills a KV cache sized to
 ``T0 + max_new_tokens``, then feeds one token per step at ``start_pos = T0 + i``. The argument
-rules and the sampling recipe are ``llm.generate``'s (``Sampling``, ``check_prompt``): greedy is
+rules and the sampling recipe are ``llm.sampling``'s (``Sampling``, ``check_prompt``): greedy is
 ``argmax`` (first maximum = lowest id on ties); sampling is float32 temperature -> top-k -> top-p
 over a stable descending sort (equal logits keep id order), drawn with a ``torch.Generator``
 seeded by ``seed``, so a seed reproduces its tokens on the same device.
@@ -25,10 +25,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from backends.torch.convert import from_canonical
 from backends.torch.model import DecoderModel
-from llm.generate import Sampling, check_eos, check_prompt, check_seed
+from llm.spec import ModelSpec
+from llm.sampling import Sampling, check_eos, check_prompt, check_seed
 
-__all__ = ["generate", "generate_no_cache", "logits", "next_token"]
+__all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token"]
 
 
 @contextlib.contextmanager
@@ -135,3 +137,14 @@ def logits(model: DecoderModel, token_ids) -> np.ndarray:
     with _eval_mode(model):
         out = model(torch.as_tensor(ids, dtype=torch.long, device=_device(model))).logits
         return out.float().cpu().numpy()
+
+
+def load_model(spec: ModelSpec, params: dict[str, np.ndarray], *, device=None, dtype: str = "float32") -> DecoderModel:
+    """An eval-mode ``DecoderModel`` holding canonical ``params``, its parameters cast to ``dtype``
+    (``"float32"`` or ``"bfloat16"``) on ``device`` (default CPU)."""
+    model = from_canonical(spec, params)
+    try:
+        model.to(device=torch.device("cpu" if device is None else device), dtype=getattr(torch, dtype))
+    except (RuntimeError, TypeError) as e:  # an unknown or unavailable device
+        raise ValueError(f"torch device {device!r}: {e}") from None
+    return model.eval()

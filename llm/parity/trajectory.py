@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from llm.backend import backend
+from llm.parity.metrics import GRAD_FLOOR, Tolerances, configure_numerics, rel_err
 from llm.spec import ModelSpec
 
 __all__ = ["KEY_BIAS_FACTOR", "trajectory_parity", "trajectory_config"]
@@ -100,7 +102,7 @@ def _run(engine_cls: Any, config: Any, run_dir: Path, grad_peaks: dict[str, floa
     with ``grad_peaks`` a hook keeps each parameter's largest micro-batch gradient norm; with
     ``router`` a hook keeps ``router["min_gap"]``, the smallest margin between the k-th and the
     (k+1)-th router probability of any token in any step."""
-    from llm.callbacks import Callback
+    from llm.loop.callbacks import Callback
 
     class Record(Callback):
         def __init__(self):
@@ -164,9 +166,8 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
     tolerance, gradient peak relative to the largest), ``worst_tol_ratio`` (max rel err / tolerance),
     ``router_min_gap`` (inf without MoE), ``tolerances`` and ``ok``.
     """
-    from backends.flax.engine import TrainingEngine as JaxEngine
-    from backends.torch.engine import TrainingEngine as TorchEngine
-    from llm.parity import GRAD_FLOOR, Tolerances, configure_numerics, rel_err
+    JaxEngine = backend("jax").TrainingEngine
+    TorchEngine = backend("torch").TrainingEngine
 
     configure_numerics()
     loss_rel = Tolerances().trajectory_rel if loss_rel is None else loss_rel

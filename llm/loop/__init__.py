@@ -1,0 +1,18 @@
+"""The training loop layer: the engine base both backends subclass, tasks and callbacks.
+
+Sits above the core (``llm.spec``, ``llm.config``, ``llm.data``, ``llm.checkpoint``, ...) and below
+the backends and the apps; never imports torch or jax (``docs/architecture.md``, "Layers").
+
+* ``engine``    -- ``BaseTrainingEngine``: setup, ``fit()`` (step, evaluation, checkpoint, early
+  stop), resume, signals; a backend supplies the framework steps
+* ``tasks``     -- ``TrainingTask`` (the backend-free half of a task) and its registry
+* ``callbacks`` -- ``Callback`` (observers of the loop's events), the built-ins and their registry
+"""
+
+from llm.loop.callbacks import Callback, available_callbacks, get_callback, register_callback
+from llm.loop.engine import BaseTrainingEngine, StepReadout
+from llm.loop.tasks import LMTask, RegressionTask, TaskError, TrainingTask, available_tasks, get_task, register_task
+
+__all__ = ["BaseTrainingEngine", "Callback", "LMTask", "RegressionTask", "StepReadout", "TaskError",
+           "TrainingTask", "available_callbacks", "available_tasks", "get_callback", "get_task",
+           "register_callback", "register_task"]

@@ -1,0 +1,601 @@
+"""Training callbacks: the hooks both engines call, the built-ins, and a registry.
+
+Both engines (``llm.loop.engine.BaseTrainingEngine``, for torch and for JAX) call, on every rank::
+
+    on_train_start(trainer)                 after setup and resume; trainer.step = first step - 1
+    on_step_end(trainer, metrics)           after every optimiser step
+    on_eval_end(trainer, metrics)           after trainer.evaluate()
+    on_checkpoint(trainer, path)            after a checkpoint is written (rank 0 has the path)
+    on_train_end(trainer, metrics)          once, when the loop stops for any reason but an exception
+    on_exception(trainer, exc)              when the loop dies (NaN loss, an error, a 2nd Ctrl-C)
+
+``metrics`` is a plain dict of Python numbers. ``on_step_end`` always has ``step`` (optimiser steps
+done), ``epoch``, ``lr`` (of that step) and ``tokens`` (seen so far, all ranks); ``loss``,
+``grad_norm``, ``tokens_per_s`` (and ``aux_loss``/``z_loss`` for MoE) only on steps where some
+callback's ``needs_metrics(step)`` is true -- reading the loss is a host sync, so engines do it only
+then. Callbacks may add keys (the eval callback adds ``val_loss``/``val_ppl``) for those that run
+after them (lower ``order`` runs first). ``on_train_end`` gets ``step``, ``total_steps``,
+``stop_reason`` ("completed", "early_stop", "interrupted", "requested") and the last measured losses.
+
+The trainer a hook receives offers (both engines): ``config``, ``run`` (a ``llm.run.RunDir``),
+``step``, ``total_steps``, ``tokens_seen``, ``rank``, ``world_size``, ``is_main``, ``baselines`` (dict),
+``best_val_loss``, ``evaluate() -> dict``, ``save_checkpoint(reason) -> Path | None`` and
+``request_stop(reason, message="")``.
+
+Callbacks with ``main_process_only = True`` (the writers) are called on rank 0 only (every rank
+holds them, so that ``needs_metrics`` -- which triggers a collective -- agrees across ranks). A callback with state
+that must survive a resume returns it from ``state_dict()`` (JSON-safe); it is saved in the
+checkpoint's ``state.json`` under ``callbacks.<name>``.
+
+A new callback is a few lines::
+
+    from llm.loop.callbacks import Callback, register_callback
+
+    @register_callback("print_loss")
+    class PrintLoss(Callback):
+        def needs_metrics(self, step):
+            return step % 100 == 0
+        def on_step_end(self, trainer, metrics):
+            if "loss" in metrics:
+                print(metrics["step"], metrics["loss"])
+
+    TrainingEngine(config, callbacks=[PrintLoss()]).fit()   # or: python -m llm.train --callback print_loss
+
+This module must not import torch or jax (TensorBoard's writer is imported lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import sys
+from typing import Any, ClassVar
+
+__all__ = [
+    "DEFAULT_CALLBACKS",
+    "Callback",
+    "CallbackList",
+    "Checkpointer",
+    "ConsoleLogger",
+    "EarlyStopping",
+    "Evaluator",
+    "LossPlot",
+    "MetricsLogger",
+    "ProgressBar",
+    "TensorBoard",
+    "available_callbacks",
+    "build_callbacks",
+    "get_callback",
+    "register_callback",
+]
+
+log = logging.getLogger("llm.train")
+
+
+class Callback:
+    """Base class: every hook is a no-op. See the module docstring for when each is called."""
+
+    name: ClassVar[str] = ""  # set by register_callback; the key of its state in checkpoints
+    order: ClassVar[int] = 0  # lower runs first
+    main_process_only: ClassVar[bool] = False  # writers: only rank 0 gets one
+
+    @classmethod
+    def from_config(cls, config: Any) -> Callback | None:
+        """The instance a run config asks for, or None when the config disables it."""
+        return cls()
+
+    def needs_metrics(self, step: int) -> bool:
+        """Whether ``on_step_end`` of ``step`` needs the measured ``loss`` (a host sync)."""
+        return False
+
+    def on_train_start(self, trainer: Any) -> None: ...
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None: ...
+    def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None: ...
+    def on_checkpoint(self, trainer: Any, path: Any) -> None: ...
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None: ...
+    def on_exception(self, trainer: Any, exc: BaseException) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class CallbackList:
+    """Callbacks sorted by ``order``; ``call(hook, ...)`` calls the hook on each active one in turn.
+
+    Every rank holds the same list so that ``needs_metrics`` (which decides the collective metric
+    sync) agrees across ranks; writers (``main_process_only``) are active on rank 0 only.
+    """
+
+    def __init__(self, callbacks: list[Callback], *, is_main: bool = True):
+        ordered = sorted(callbacks, key=lambda cb: cb.order)  # stable: ties keep list order
+        self.all = ordered
+        self.callbacks = [cb for cb in ordered if is_main or not cb.main_process_only]
+
+    def __iter__(self):
+        return iter(self.callbacks)
+
+    def needs_metrics(self, step: int) -> bool:
+        return any(cb.needs_metrics(step) for cb in self.all)
+
+    def call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {cb.name: state for cb in self.callbacks if cb.name and (state := cb.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            if cb.name in state:
+                cb.load_state_dict(state[cb.name])
+
+
+# ---------------------------------------------------------------------- registry
+_CALLBACKS: dict[str, type[Callback]] = {}
+
+
+def register_callback(name: str, *, replace: bool = False):
+    """Class decorator: register a ``Callback`` subclass under ``name`` (sets ``cls.name``)."""
+
+    def decorate(cls: type[Callback]) -> type[Callback]:
+        if not (isinstance(cls, type) and issubclass(cls, Callback)):
+            raise ValueError(f"register_callback({name!r}) decorates Callback subclasses, got {cls!r}")
+        old = _CALLBACKS.get(name)
+        if old is not None and not replace and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"callback {name!r} is already registered ({old.__module__}."
+                             f"{old.__qualname__}); pass replace=True to override it")
+        cls.name = name
+        _CALLBACKS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_callback(name: str) -> type[Callback]:
+    """A registered callback class, or ``"package.module:Class"`` imported on demand."""
+    if name in _CALLBACKS:
+        return _CALLBACKS[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"callback {name!r}: cannot import it ({e})") from None
+        if isinstance(cls, type) and issubclass(cls, Callback):
+            return cls
+        raise ValueError(f"callback {name!r} is not a Callback subclass")
+    raise ValueError(f"unknown callback {name!r}; registered: {', '.join(available_callbacks())} "
+                     "(or give 'package.module:Class')")
+
+
+def available_callbacks() -> list[str]:
+    return sorted(_CALLBACKS)
+
+
+# ---------------------------------------------------------------------- evaluation and checkpoints
+@register_callback("eval")
+class Evaluator(Callback):
+    """Val loss and perplexity every ``every`` steps and at the end (not after an interrupt)."""
+
+    order = -100  # first, so the step's writers see val_loss
+
+    def __init__(self, every: int):
+        self.every = every
+        self._last = -1
+
+    @classmethod
+    def from_config(cls, config: Any) -> Evaluator | None:
+        return cls(config.training.eval_every) if config.training.eval_every > 0 else None
+
+    def needs_metrics(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        step = metrics["step"]
+        if step % self.every == 0 or step == trainer.total_steps:
+            metrics.update(trainer.evaluate())
+            self._last = step
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if metrics["stop_reason"] != "interrupted" and self._last != metrics["step"]:
+            metrics.update(trainer.evaluate())
+            metrics["evaluated_at_end"] = True
+            self._last = metrics["step"]
+
+
+@register_callback("checkpoint")
+class Checkpointer(Callback):
+    """A canonical checkpoint every ``every`` steps (0: only at the end) and when the run stops
+    (completed, early stop, Ctrl-C; never after a NaN); the newest ``keep_last`` are kept."""
+
+    order = -90
+
+    def __init__(self, every: int, keep_last: int | None):
+        self.every = every
+        self.keep_last = keep_last
+        self._last = -1
+
+    @classmethod
+    def from_config(cls, config: Any) -> Checkpointer:
+        return cls(config.checkpoint.every_steps, config.checkpoint.keep_last)
+
+    def _save(self, trainer: Any, reason: str) -> None:
+        trainer.save_checkpoint(reason)
+        self._last = trainer.step
+        if trainer.is_main and trainer.run is not None:
+            for path in trainer.run.prune(self.keep_last):
+                log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", path, self.keep_last)
+
+    def on_train_start(self, trainer: Any) -> None:
+        self._last = trainer.step  # a resumed run starts from a saved step
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if self.every and metrics["step"] % self.every == 0:
+            self._save(trainer, "periodic")
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if self._last != trainer.step:
+            reason = {"completed": "final", "interrupted": "interrupt"}.get(metrics["stop_reason"],
+                                                                             metrics["stop_reason"])
+            self._save(trainer, reason)
+
+
+@register_callback("early_stopping")
+class EarlyStopping(Callback):
+    """Stop when ``val_loss`` has not improved by more than ``min_delta`` for ``patience`` evals."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        if patience < 1:
+            raise ValueError(f"early stopping patience={patience} must be >= 1")
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.bad_evals = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> EarlyStopping | None:
+        t = config.training
+        patience = getattr(t, "early_stopping_patience", 0)
+        return cls(patience, getattr(t, "early_stopping_min_delta", 0.0)) if patience else None
+
+    def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        loss = metrics["val_loss"]
+        if loss < self.best - self.min_delta:
+            self.best, self.bad_evals = loss, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            trainer.request_stop("early_stop", f"early stopping: val loss has not improved on "
+                                 f"{self.best:.4f} for {self.bad_evals} evaluations")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": None if math.isinf(self.best) else self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = math.inf if state.get("best") is None else float(state["best"])
+        self.bad_evals = int(state.get("bad_evals", 0))
+
+
+# ---------------------------------------------------------------------- writers (rank 0)
+def _fmt_step(metrics: dict[str, Any], total: int, tokens_per_s: float | None) -> str:
+    parts = [f"step {metrics['step']}/{total}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    parts.append(f"lr {metrics['lr']:.2e}")
+    if "grad_norm" in metrics:
+        parts.append(f"gnorm {metrics['grad_norm']:.2f}")
+    if tokens_per_s is not None:
+        parts.append(f"{tokens_per_s:,.0f} tok/s")
+    return " | ".join(parts)
+
+
+class _Rate:
+    """Tokens/s since the previous call, from the cumulative ``tokens`` and ``elapsed_s`` metrics
+    (the per-row ``tokens_per_s`` covers only the last measured window, often one step)."""
+
+    def __init__(self):
+        self.last: tuple[float, float] | None = None
+
+    def __call__(self, metrics: dict[str, Any]) -> float | None:
+        now = (float(metrics["tokens"]), float(metrics["elapsed_s"]))
+        rate = None
+        if self.last is not None and now[1] > self.last[1]:
+            rate = (now[0] - self.last[0]) / (now[1] - self.last[1])
+        self.last = now
+        return rate
+
+    def start(self, trainer: Any) -> None:
+        self.last = (float(getattr(trainer, "tokens_seen", 0)), 0.0)
+
+
+def _log_eval(metrics: dict[str, Any]) -> None:
+    ppl = metrics.get("val_ppl")
+    log.info("step %d: val loss %.4f%s", metrics["step"], metrics["val_loss"],
+             f" (perplexity {ppl:.2f})" if ppl is not None and math.isfinite(ppl) else "")
+
+
+@register_callback("progress")
+class ProgressBar(Callback):
+    """A tqdm bar on stderr with the loss and tokens/s (when stderr is a terminal)."""
+
+    main_process_only = True
+
+    def __init__(self, every: int = 10, file: Any = None):
+        self.every = every
+        self.file = file
+        self._bar = None
+        self._redirect = None
+        self._rate = _Rate()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProgressBar | None:
+        on = config.logging.progress and sys.stderr.isatty()
+        return cls(config.training.log_every) if on else None
+
+    def needs_metrics(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._rate.start(trainer)
+        self._bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step",
+                         file=self.file or sys.stderr, dynamic_ncols=True)
+        self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("llm")])
+        self._redirect.__enter__()
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        self._bar.update(1)
+        if "loss" in metrics and metrics["step"] % self.every == 0:
+            post = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.1e}"}
+            rate = self._rate(metrics)
+            if rate is not None:
+                post["tok/s"] = f"{rate:,.0f}"
+            self._bar.set_postfix(post, refresh=False)
+
+    def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        _log_eval(metrics)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        self._close()
+
+
+@register_callback("console")
+class ConsoleLogger(Callback):
+    """One log line every ``every`` steps (used instead of the bar when stderr is not a terminal)."""
+
+    main_process_only = True
+
+    def __init__(self, every: int = 10):
+        self.every = every
+        self._rate = _Rate()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ConsoleLogger | None:
+        bar = config.logging.progress and sys.stderr.isatty()
+        return None if bar else cls(config.training.log_every)
+
+    def needs_metrics(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        self._rate.start(trainer)
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if metrics["step"] % self.every == 0 and "loss" in metrics:
+            log.info(_fmt_step(metrics, trainer.total_steps, self._rate(metrics)))
+
+    def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        _log_eval(metrics)
+
+
+@register_callback("metrics")
+class MetricsLogger(Callback):
+    """``metrics.jsonl``: one JSON object per logged step (every ``every`` steps, eval steps, the last).
+
+    A resumed run first drops the rows after its starting step, so the file reads like one
+    uninterrupted run.
+    """
+
+    main_process_only = True
+
+    def __init__(self, every: int = 1):
+        self.every = every
+        self._file = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> MetricsLogger:
+        return cls(config.logging.every_steps)
+
+    def needs_metrics(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        path = trainer.run.metrics_path
+        kept: list[str] = []
+        if trainer.step > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= trainer.step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed run
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in on_train_end
+
+    def _write(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if "loss" in metrics and (metrics["step"] % self.every == 0 or "val_loss" in metrics):
+            self._write(metrics)
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if "val_loss" in metrics and metrics.get("evaluated_at_end"):
+            self._write({"step": metrics["step"], "val_loss": metrics["val_loss"],
+                         "val_ppl": metrics.get("val_ppl")})
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        self._close()
+
+
+@register_callback("tensorboard")
+class TensorBoard(Callback):
+    """TensorBoard event files under ``<run_dir>/tensorboard`` (needs ``tensorboard`` or ``tensorboardX``)."""
+
+    main_process_only = True
+
+    def __init__(self, every: int = 1):
+        self.every = every
+        self._writer = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> TensorBoard | None:
+        if not config.logging.tensorboard:
+            return None
+        try:
+            cls.writer_class()  # fail before training, not at the first write
+        except ImportError as e:
+            from llm.config import ConfigError
+
+            raise ConfigError(str(e), "logging.tensorboard") from None
+        return cls(config.logging.every_steps)
+
+    # Loaders of a SummaryWriter class that a backend offers (the torch backend adds
+    # torch.utils.tensorboard's when it is imported); tried after tensorboardX, in order.
+    backend_writers: ClassVar[list[Any]] = []
+
+    @staticmethod
+    def writer_class():
+        """The SummaryWriter class, or an ImportError saying what to install."""
+        try:
+            from tensorboardX import SummaryWriter
+            return SummaryWriter
+        except ImportError:
+            pass
+        for load in TensorBoard.backend_writers:
+            try:
+                return load()
+            except ImportError:
+                pass
+        raise ImportError("logging.tensorboard=true needs the 'tensorboard' package (pip install "
+                          "tensorboard) or 'tensorboardX'; or set logging.tensorboard=false")
+
+    def needs_metrics(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        self._writer = self.writer_class()(log_dir=str(trainer.run.root / "tensorboard"))
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if "loss" not in metrics:
+            return
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
+                                        value, metrics["step"])
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        self.on_exception(trainer, None)
+
+    def on_exception(self, trainer: Any, exc: BaseException | None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+@register_callback("loss_plot")
+class LossPlot(Callback):
+    """``loss.png`` from metrics.jsonl at the end (also after a failure): train and val loss per
+    step, with the unigram baseline as a dashed line when the task logged one."""
+
+    main_process_only = True
+    order = 100  # after MetricsLogger has written its last row
+
+    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines)
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        try:
+            self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines)
+        except Exception as e:  # never mask the real failure
+            log.debug("loss plot failed: %s", e)
+
+    @staticmethod
+    def draw(metrics_path: Any, out_path: Any, baselines: dict[str, float] | None = None) -> bool:
+        """Draw ``out_path`` from ``metrics_path``; False when there is nothing to draw."""
+        rows = []
+        if metrics_path.exists():
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        if not train and not val:
+            return False
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4.2), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        if train:
+            ax.plot(*zip(*train, strict=True), lw=1.2, label="train loss")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", ms=3.5, lw=1.2, label="val loss")
+        if baselines and "unigram_entropy" in baselines:
+            ax.axhline(baselines["unigram_entropy"], ls="--", c="gray", lw=1,
+                       label=f"unigram entropy {baselines['unigram_entropy']:.3f}")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_path)
+        return True
+
+
+DEFAULT_CALLBACKS = ("eval", "checkpoint", "early_stopping", "progress", "console", "metrics",
+                     "tensorboard", "loss_plot")
+
+
+def build_callbacks(config: Any, names: tuple[str, ...] | list[str] = DEFAULT_CALLBACKS, *,
+                    checkpoints: bool = True) -> list[Callback]:
+    """Instances of the registered callbacks ``names`` that ``config`` enables; the checkpointer only
+    when ``checkpoints`` (the task has canonical parameters)."""
+    out = []
+    for name in names:
+        cls = get_callback(name)
+        if issubclass(cls, Checkpointer) and not checkpoints:
+            continue
+        cb = cls.from_config(config)
+        if cb is not None:
+            out.append(cb)
+    return out

@@ -1,0 +1,236 @@
+"""Training tasks: what is trained on what data, split into a backend-agnostic half and a backend half.
+
+A ``TrainingTask`` (this module, no torch or jax) owns the data side: which DataModule, checks of the
+config against the data (the tokenizer fits ``model.vocab_size``), baselines worth logging (the
+unigram entropy of the training tokens), how many "tokens" a batch counts for throughput, and files
+every checkpoint carries (``tokenizer.json``). The model and the loss are framework code, so they live
+in a backend half that the task names per backend in ``backends``: a class, a ``"module:Class"``
+string imported only when that backend asks (``task.backend("torch")``), or the name of one of the
+backend surface's halves (``"LMTaskHalf"``, looked up through ``llm.backend``).
+
+Built-ins: ``lm`` (causal LM on ``data.source``; the default) and ``regression`` (an MLP on
+SyntheticDataModule's regression set). A new task is a few lines::
+
+    from llm.loop.tasks import TrainingTask, register_task
+    from backends.torch.tasks import TorchTask
+
+    class MAETorch(TorchTask):                       # the torch half: model + loss
+        def build_model(self, config, datamodule):
+            return torch.nn.Linear(datamodule.in_features, datamodule.out_features)
+        def loss(self, model, batch):
+            x, y = batch
+            mae = (model(x) - y).abs().mean()
+            return mae, {"loss": mae}
+
+    @register_task("mae_regression")
+    class MAERegression(TrainingTask):
+        backends = {"torch": MAETorch}
+        canonical = False                            # not a ModelSpec decoder: no canonical checkpoints
+        def build_datamodule(self, config, *, rank=0, world_size=1):
+            return SyntheticDataModule(task="regression", batch_size=config.training.batch_size,
+                                       rank=rank, world_size=world_size)
+
+    TrainingEngine(config, task="mae_regression").fit()
+
+A task is chosen by name like any config value (``task: mae_regression`` in YAML, ``--set task=...``,
+``--task``); ``get_task("package.module:name")`` imports the module that registers ``name`` first, which
+is how ``python -m llm.train --task mypkg.tasks:mae_regression`` reaches a task defined outside this
+package. Keeping such a module framework-free (backend halves as ``"module:Class"`` strings) keeps
+config resolution free of torch and jax too.
+
+This module must not import torch or jax.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from llm.backend import backend as get_backend
+from llm.config import ConfigError, nearest
+from llm.data import BaseDataModule, build_datamodule
+
+__all__ = ["LMTask", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
+           "register_task", "unigram_entropy"]
+
+
+class TaskError(ValueError):
+    """An unknown task, or a task without an implementation for the backend asked for."""
+
+
+class TrainingTask:
+    """The backend-agnostic half of a task (see the module docstring).
+
+    Subclasses set ``name`` (``register_task`` does) and ``backends``; everything else has defaults.
+    ``canonical=True`` says the model's parameters are ``config.model``'s canonical table, which is
+    what makes canonical checkpoints (and resuming) possible.
+    """
+
+    name: ClassVar[str] = ""
+    backends: ClassVar[dict[str, Any]] = {}
+    canonical: ClassVar[bool] = True
+
+    def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
+        """The (not yet set-up) DataModule; ``config.training.batch_size`` is the global batch."""
+        return build_datamodule(config, rank=rank, world_size=world_size)
+
+    def validate(self, config: Any, datamodule: BaseDataModule) -> None:
+        """Check the config against the set-up data; raise with a message naming the key at fault."""
+
+    def baselines(self, datamodule: BaseDataModule) -> dict[str, float]:
+        """Reference numbers to log with the run (e.g. ``unigram_entropy``)."""
+        return {}
+
+    def items_per_batch(self, batch: tuple[np.ndarray, np.ndarray]) -> int:
+        """How many units a (local) batch counts for throughput: tokens for an LM, rows otherwise."""
+        return int(batch[0].shape[0])
+
+    def artifacts(self, datamodule: BaseDataModule) -> dict[str, bytes]:
+        """Files (name -> bytes) written to the run directory and into every checkpoint."""
+        return {}
+
+    def backend(self, name: str) -> Any:
+        """A fresh instance of this task's half for backend ``name`` ("torch", "jax")."""
+        impl = self.backends.get(name)
+        if impl is None:
+            have = ", ".join(sorted(self.backends)) or "none"
+            raise TaskError(f"task {self.name!r} has no {name!r} implementation (it has: {have})")
+        if isinstance(impl, str) and ":" in impl:
+            module, _, attr = impl.partition(":")
+            impl = getattr(importlib.import_module(module), attr)
+        elif isinstance(impl, str):  # a name of the backend's surface, e.g. "LMTaskHalf"
+            impl = getattr(get_backend(name), impl)
+        return impl()
+
+
+_TASKS: dict[str, type[TrainingTask]] = {}
+
+
+def register_task(name: str, *, replace: bool = False):
+    """Class decorator: register a ``TrainingTask`` subclass under ``name`` (sets ``cls.name``)."""
+
+    def decorate(cls: type[TrainingTask]) -> type[TrainingTask]:
+        if not (isinstance(cls, type) and issubclass(cls, TrainingTask)):
+            raise TaskError(f"register_task({name!r}) decorates TrainingTask subclasses, got {cls!r}")
+        old = _TASKS.get(name)
+        if old is not None and not replace and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TaskError(f"task {name!r} is already registered ({old.__module__}.{old.__qualname__}); "
+                            "pass replace=True to override it")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_task(task: str | TrainingTask | Any) -> TrainingTask:
+    """A task instance from a registered name (or a ``llm.config.Task``); instances pass through.
+
+    ``"package.module:name"`` imports ``package.module`` first (whose import registers ``name``), so
+    a config or a command line can name a task defined outside this package. Errors are one-line
+    ``TaskError``s that name the value, the registered tasks and the nearest one.
+    """
+    if isinstance(task, TrainingTask):
+        return task
+    value = str(getattr(task, "value", task))
+    name = value
+    if ":" in value:
+        module, _, name = value.partition(":")
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (module == e.name or module.startswith(e.name + ".")):
+                raise TaskError(f"task {value!r}: no module named {e.name!r} (is it on PYTHONPATH?)") from None
+            raise  # the module exists but an import inside it failed: its traceback is the message
+    if name not in _TASKS:
+        near = nearest(name, _TASKS)
+        known = (f"; did you mean {near!r}? registered: " if near else "; registered: ") + ", ".join(available_tasks())
+        if name == value:
+            raise TaskError(f"task: unknown task {name!r}{known} (or give 'package.module:name' to import "
+                            "the module that registers it)")
+        raise TaskError(f"task {value!r}: importing {module} registered no task {name!r}{known}")
+    return _TASKS[name]()
+
+
+def available_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int | None = None) -> float:
+    """Entropy in nats/token of the empirical unigram distribution of ``tokens``.
+
+    The loss of the best model that ignores context: an LM that has learnt anything beats it.
+    """
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size or 0).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@register_task("lm")
+class LMTask(TrainingTask):
+    """Causal language modelling on ``data.source`` (text or synthetic tokens)."""
+
+    backends = {"torch": "LMTaskHalf", "jax": "LMTaskHalf"}
+
+    def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
+        """As the base class, but a text source uses the ``training.init_from`` checkpoint's tokenizer
+        when it has one (``llm.init_from``); the backend halves load its weights in ``build_model``."""
+        if not config.data.is_synthetic:
+            from llm.init_from import init_from_tokenizer
+
+            tokenizer = init_from_tokenizer(config)
+            if tokenizer is not None:
+                from llm.data import TextDataModule
+
+                return TextDataModule.from_config(config, rank=rank, world_size=world_size, tokenizer=tokenizer)
+        return build_datamodule(config, rank=rank, world_size=world_size)
+
+    def validate(self, config: Any, datamodule: BaseDataModule) -> None:
+        m, d = config.model, config.data
+        if d.seq_len > m.max_seq_len:  # Config checks this for task "lm"; here for tasks built on LMTask
+            raise ConfigError(f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}",
+                              "data.seq_len")
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            from llm.tokenization import check_vocab
+
+            check_vocab(tokenizer, config.model)
+
+    def baselines(self, datamodule: BaseDataModule) -> dict[str, float]:
+        tokens = getattr(datamodule, "train_tokens", None)
+        if tokens is None:
+            tokens = getattr(datamodule, "_train", None)  # TextDataModule's train split (a memmap)
+        if tokens is not None:
+            return {"unigram_entropy": unigram_entropy(tokens)}
+        vocab = getattr(datamodule, "vocab_size", None)
+        if isinstance(vocab, int):  # uniform synthetic tokens
+            return {"unigram_entropy": math.log(vocab)}
+        return {}
+
+    def items_per_batch(self, batch: tuple[np.ndarray, np.ndarray]) -> int:
+        return int(batch[0].size)  # B * T tokens
+
+    def artifacts(self, datamodule: BaseDataModule) -> dict[str, bytes]:
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            return {}
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:  # tokenizer.save() owns the file format
+            tokenizer.save(Path(tmp) / "tokenizer.json")
+            return {"tokenizer.json": (Path(tmp) / "tokenizer.json").read_bytes()}
+
+
+@register_task("regression")
+class RegressionTask(TrainingTask):
+    """An MLP fit to SyntheticDataModule's linear regression set (MSE); a smoke test of the engines.
+
+    The model is not a ModelSpec decoder, so there are no canonical checkpoints for this task.
+    """
+
+    backends = {"torch": "RegressionTaskHalf", "jax": "RegressionTaskHalf"}
+    canonical = False

@@ -1,0 +1,5 @@
+import sys
+
+from llm.parity.report import main
+
+sys.exit(main())
