@@ -97,13 +97,22 @@ class LoadedModel:
         return self._ops.logits(self.model, ids)
 
     def generate(self, token_ids: Any, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> np.ndarray:
+                 top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+                 vocab_limit: int | None = None) -> np.ndarray:
         """Prompt plus ``max_new_tokens`` new ids, int64 ``(B, T0 + max_new_tokens)`` (always 2-D).
 
-        ``temperature=0`` is greedy; see ``llm.sampling`` for top-k / top-p / EOS behaviour.
+        ``temperature=0`` is greedy; see ``llm.sampling`` for top-k / top-p / EOS behaviour;
+        ``vocab_limit=N`` picks only ids ``< N`` (``text_vocab_limit`` is the tokenizer's).
         """
         return self._ops.generate(self.model, self._batch(token_ids), max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
+                                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, vocab_limit=vocab_limit)
+
+    @property
+    def text_vocab_limit(self) -> int | None:
+        """The ids that have text: the tokenizer's size when the model's table is padded past it."""
+        if self.tokenizer is None or self.tokenizer.vocab_size >= self.spec.vocab_size:
+            return None
+        return self.tokenizer.vocab_size
 
     def generate_texts(self, prompt: str, max_new_tokens: int = 64, *, num_samples: int = 1,
                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -111,8 +120,8 @@ class LoadedModel:
         """``num_samples`` continuations of ``prompt`` (drawn as one batch from one seed).
 
         Each is the decoded new tokens only (not the prompt), cut before the first EOS when
-        ``stop_at_eos``, with special tokens left out of the text, as are ids of embedding rows
-        past the tokenizer's vocabulary (a model table padded beyond it).
+        ``stop_at_eos``, with special tokens left out of the text. Only ids the tokenizer knows are
+        sampled (``text_vocab_limit``), however far the model's embedding table is padded.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (no tokenizer.json in the checkpoint); "
@@ -124,16 +133,16 @@ class LoadedModel:
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("empty prompt: it encodes to no tokens; give at least one character")
+        limit = self.text_vocab_limit
         eos = self.tokenizer.eos_id if stop_at_eos else None
-        eos = eos if eos is not None and eos < self.spec.vocab_size else None
+        eos = eos if eos is not None and eos < (limit or self.spec.vocab_size) else None
         batch = np.tile(np.asarray(ids, np.int64), (num_samples, 1))
         out = self.generate(batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, eos_id=eos)
+                            seed=seed, eos_id=eos, vocab_limit=limit)
         texts = []
         for row in out[:, len(ids):]:
             if eos is not None and (row == eos).any():
                 row = row[:int(np.argmax(row == eos))]
-            row = row[row < self.tokenizer.vocab_size]  # padded embedding rows have no text
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
 

@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> None:
     kwargs = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if prompt_ids is not None:
         batch = np.tile(np.asarray(prompt_ids, np.int64), (args.num_samples, 1))
-        out = model.generate(batch, args.max_new_tokens, **kwargs)
+        out = model.generate(batch, args.max_new_tokens, vocab_limit=model.text_vocab_limit, **kwargs)
         for row in out:
             print(",".join(str(int(t)) for t in row))
         return

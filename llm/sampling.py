@@ -13,6 +13,10 @@ both:
   ``max_new_tokens`` longer than ``spec.max_seq_len`` is a ``ValueError`` (positions past
   ``max_seq_len`` have no RoPE row / position embedding the model was trained with).
 * ``check_seed`` / ``check_eos`` -- the seed is an int in ``[0, 2**32)``; ``eos_id`` a valid id.
+* ``check_vocab_limit`` -- ``vocab_limit=N`` restricts every pick (greedy too) to ids ``< N``: the
+  logits of ids ``>= N`` become ``-inf`` before temperature, top-k and top-p. A model's embedding table
+  may be padded past its tokenizer's vocabulary (``model.vocab_size`` > the tokenizer's size); those
+  rows have no text, so decoding for text passes the tokenizer's size and never proposes them.
 * ``sample_text`` -- prompt text in, prompt + continuation out, with a backend's ``generate``.
 
 EOS: with ``eos_id`` set, a row that emits it is finished, every later position of that row holds
@@ -32,7 +36,7 @@ import numpy as np
 
 from llm.spec import ModelSpec
 
-__all__ = ["Sampling", "check_prompt", "check_seed", "check_eos", "sample_text"]
+__all__ = ["Sampling", "check_eos", "check_prompt", "check_seed", "check_vocab_limit", "sample_text"]
 
 
 def _is_int(value: Any) -> bool:
@@ -107,6 +111,15 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def check_vocab_limit(vocab_limit: Any, spec: ModelSpec) -> int | None:
+    """``vocab_limit`` as an int in ``[1, spec.vocab_size]``, None when it restricts nothing."""
+    if vocab_limit is None:
+        return None
+    if not _is_int(vocab_limit) or not 1 <= vocab_limit <= spec.vocab_size:
+        raise ValueError(f"vocab_limit={vocab_limit!r} must be an integer in [1, {spec.vocab_size}] or None")
+    return None if vocab_limit == spec.vocab_size else int(vocab_limit)
+
+
 def check_eos(eos_id: Any, spec: ModelSpec) -> int | None:
     if eos_id is None:
         return None
@@ -118,11 +131,14 @@ def check_eos(eos_id: Any, spec: ModelSpec) -> int | None:
 def sample_text(generate: Any, model: Any, tokenizer: Any, prompt: str = "def ", max_new_tokens: int = 200,
                 temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
     """Prompt + a sampled continuation (temperature 0 = greedy), decoded, cut at the first EOS and
-    at ``model.spec.max_seq_len``; ``generate`` is a backend's ``generate`` function."""
+    at ``model.spec.max_seq_len``; ``generate`` is a backend's ``generate`` function. Only ids the
+    tokenizer knows are sampled (``vocab_limit``), however far the model's table is padded."""
     ids = tokenizer.encode(prompt) or [tokenizer.bos_id or 0]
     new = max(0, min(max_new_tokens, model.spec.max_seq_len - len(ids)))
+    limit = min(tokenizer.vocab_size, model.spec.vocab_size)
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < limit else None
     out = generate(model, np.array([ids]), new, temperature=temperature, top_k=top_k, seed=seed,
-                   eos_id=tokenizer.eos_id)[0, len(ids):].tolist()
-    if tokenizer.eos_id in out:
-        out = out[:out.index(tokenizer.eos_id)]
+                   eos_id=eos, vocab_limit=limit)[0, len(ids):].tolist()
+    if eos in out:
+        out = out[:out.index(eos)]
     return prompt + tokenizer.decode(out, skip_special_tokens=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from llm.backend import ALIASES, BackendError
 from llm.backend import backend as get_backend
 from llm.config import ConfigError, dump_yaml, load_config
+from llm.run import write_json_atomic
 
 PROG = "llm-train"
 # What configs/default.yaml holds, for installs without the configs/ folder (a test keeps them equal).
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         # after the process group is gone: only rank 0 samples, the others may already have exited
         if engine.is_main and args.sample_tokens > 0 and result.stop_reason != "interrupted":
             result.sample = engine.sample(max_new_tokens=args.sample_tokens)
+            write_json_atomic(engine.run.summary_path, result.to_dict())  # the summary keeps its sample
         if engine.is_main:
             print("\n".join(result.summary_lines()))
             if result.sample is not None:

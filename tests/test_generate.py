@@ -320,3 +320,33 @@ def test_cli_prints_text_and_one_line_errors(checkpoint, tmp_path):
     rows = [[int(t) for t in line.split(",")] for line in done.stdout.split()]
     expected = llm.load(checkpoint / "no_tok").generate([1, 2, 3], 4)[0].tolist()
     assert rows == [expected, expected]
+
+
+# ---------------------------------------------------------------------- vocab_limit (a padded table)
+def _boosted(backend: str, limit: int):
+    """A model whose logits favour the ids ``>= limit`` (embedding rows past a tokenizer's size)."""
+    spec = SPECS["learned_tied"]
+    params = init_params(spec, 1)
+    params["embed.weight"][limit:] *= 20.0  # tied head: these rows dominate every logit vector
+    return BACKENDS[backend][1](spec, params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_limit_keeps_every_pick_below_it(backend):
+    gen, limit = _gen(backend), 10
+    model = _boosted(backend, limit)
+    free = gen.generate(model, _prompt(), NEW)[:, T0:]
+    assert (free >= limit).any()  # without the limit the padded rows win
+    for kwargs in (dict(), dict(temperature=3.0, seed=1), dict(temperature=1.0, top_k=5, seed=2),
+                   dict(temperature=1.0, top_p=0.9, seed=3)):
+        out = gen.generate(model, _prompt(), NEW, vocab_limit=limit, **kwargs)[:, T0:]
+        assert out.max() < limit, kwargs
+    assert (gen.generate_no_cache(model, _prompt(), NEW, vocab_limit=limit)[:, T0:] < limit).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_limit_out_of_range_is_a_value_error(backend):
+    model = _model(backend, "rope_gqa")
+    for bad in (0, 49, 2.5, True):
+        with pytest.raises(ValueError, match=r"vocab_limit=.* must be an integer in \[1, 48\]"):
+            _gen(backend).generate(model, _prompt(), 2, vocab_limit=bad)

@@ -187,3 +187,17 @@ def test_ddp_two_processes_match_one_process(tmp_path, capsys, one_torch_thread)
     assert sorted(p.name for p in tmp_path.rglob("metrics.jsonl")) == ["metrics.jsonl"] * 2  # one per run
     meta = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_4").state_meta
     assert meta["world_size"] == 2 and meta["micro_step"] == 8
+
+
+def test_a_table_padded_past_the_tokenizer_samples_only_known_ids(tmp_path, one_torch_thread):
+    """model.vocab_size (64) > the char tokenizer's size: the end-of-run sample never proposes an id
+    without text, the run exits 0 and summary.json keeps the sample."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("abc def ghi\n" * 200, encoding="utf-8")
+    run = tmp_path / "run"
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--set", f"data.source={corpus}",
+               "--set", f"data.cache_dir={tmp_path / 'cache'}", "--max-steps", "2", "--sample-tokens", "24",
+               "--run-dir", str(run)])
+    assert rc == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["sample"], str) and len(summary["sample"]) > len("def ")

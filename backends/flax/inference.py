@@ -36,7 +36,7 @@ from flax import nnx
 from backends.flax.convert import from_canonical
 from backends.flax.model import DecoderModel
 from llm.spec import ModelSpec
-from llm.sampling import Sampling, check_eos, check_prompt, check_seed
+from llm.sampling import Sampling, check_eos, check_prompt, check_seed, check_vocab_limit
 
 __all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token", "TRACES"]
 
@@ -51,18 +51,19 @@ def _mode(sampling: Sampling) -> str:
     return "plain" if sampling.top_k is None and sampling.top_p is None else "filtered"
 
 
-def _knobs(sampling: Sampling) -> tuple[np.float32, np.int32, np.float32]:
+def _knobs(sampling: Sampling, vocab_limit: int | None = None) -> tuple[np.float32, np.int32, np.float32, np.int32]:
     """The values passed traced, so new ones reuse the compiled step: temperature, top_k (0 = off),
-    top_p (2 = off: the mass before any rank is at most 1)."""
+    top_p (2 = off: the mass before any rank is at most 1), vocab_limit (int32 max = off)."""
     return (np.float32(sampling.temperature or 1.0), np.int32(sampling.top_k or 0),
-            np.float32(2.0 if sampling.top_p is None else sampling.top_p))
+            np.float32(2.0 if sampling.top_p is None else sampling.top_p),
+            np.int32(np.iinfo(np.int32).max if vocab_limit is None else vocab_limit))
 
 
 def _pick(logits: jax.Array, mode: str, knobs, key: jax.Array) -> jax.Array:
-    logits = logits.astype(jnp.float32)
+    temperature, top_k, top_p, vocab_limit = knobs
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), -jnp.inf)
     if mode == "greedy":
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    temperature, top_k, top_p = knobs
     scaled = logits / temperature  # (B, V) float32
     if mode == "plain":
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
@@ -78,9 +79,9 @@ def _pick(logits: jax.Array, mode: str, knobs, key: jax.Array) -> jax.Array:
     return jnp.take_along_axis(sorted_idx, rank[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def next_token(logits: jax.Array, sampling: Sampling, key: jax.Array) -> jax.Array:
-    """Pick one token per row from ``logits`` (B, V) -> (B,) int32."""
-    return _pick(logits, _mode(sampling), _knobs(sampling), key)
+def next_token(logits: jax.Array, sampling: Sampling, key: jax.Array, vocab_limit: int | None = None) -> jax.Array:
+    """Pick one token per row from ``logits`` (B, V) -> (B,) int32, among ids ``< vocab_limit``."""
+    return _pick(logits, _mode(sampling), _knobs(sampling, vocab_limit), key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -124,11 +125,13 @@ def _full_step(graphdef, state, buffer, pos, key, knobs, *, mode):
 
 
 def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int, eos_id: int | None, use_cache: bool) -> np.ndarray:
+            top_p: float | None, seed: int, eos_id: int | None, vocab_limit: int | None,
+            use_cache: bool) -> np.ndarray:
     spec = model.spec
     sampling = Sampling.create(temperature, top_k, top_p, vocab_size=spec.vocab_size)
     ids = check_prompt(token_ids, spec, max_new_tokens)
     seed, eos_id = check_seed(seed), check_eos(eos_id, spec)
+    vocab_limit = check_vocab_limit(vocab_limit, spec)
     B, T0 = ids.shape
     total = T0 + max_new_tokens
     out = np.full((B, total), 0 if eos_id is None else eos_id, np.int64)
@@ -137,7 +140,7 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
         return out
 
     key = jax.random.key(seed)
-    mode, knobs = _mode(sampling), _knobs(sampling)
+    mode, knobs = _mode(sampling), _knobs(sampling, vocab_limit)
     graphdef, state = nnx.split(model)
     prompt = jnp.asarray(ids, jnp.int32)
     if use_cache:
@@ -168,22 +171,22 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
 
 def generate(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = None) -> np.ndarray:
+             eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
     """Continue each row of ``token_ids`` (B, T0) by ``max_new_tokens``; returns int64 (B, T0 + new).
 
     KV-cached: one jitted prefill over the prompt, then one jitted single-token step per new token
     (compiled once, traced position).
     """
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, use_cache=True)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=True)
 
 
 def generate_no_cache(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                      eos_id: int | None = None) -> np.ndarray:
+                      eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
     """``generate`` by full recomputation of the prefix at every step (the reference for tests)."""
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, use_cache=False)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=False)
 
 
 def logits(model: DecoderModel, token_ids) -> np.ndarray:

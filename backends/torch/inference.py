@@ -28,7 +28,7 @@ import torch
 from backends.torch.convert import from_canonical
 from backends.torch.model import DecoderModel
 from llm.spec import ModelSpec
-from llm.sampling import Sampling, check_eos, check_prompt, check_seed
+from llm.sampling import Sampling, check_eos, check_prompt, check_seed, check_vocab_limit
 
 __all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token"]
 
@@ -48,9 +48,13 @@ def _device(model: DecoderModel) -> torch.device:
     return model.embed.weight.device
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from ``logits`` (B, V) -> (B,) int64."""
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+               vocab_limit: int | None = None) -> torch.Tensor:
+    """Pick one token per row from ``logits`` (B, V) -> (B,) int64, among ids ``< vocab_limit``."""
     logits = logits.float()
+    if vocab_limit is not None:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_limit,
+                                    float("-inf"))
     if sampling.greedy:
         return logits.argmax(dim=-1)
     scaled = logits / sampling.temperature  # (B, V) float32
@@ -73,11 +77,13 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int, eos_id: int | None, use_cache: bool) -> np.ndarray:
+            top_p: float | None, seed: int, eos_id: int | None, vocab_limit: int | None,
+            use_cache: bool) -> np.ndarray:
     spec = model.spec
     sampling = Sampling.create(temperature, top_k, top_p, vocab_size=spec.vocab_size)
     ids = check_prompt(token_ids, spec, max_new_tokens)
     seed, eos_id = check_seed(seed), check_eos(eos_id, spec)
+    vocab_limit = check_vocab_limit(vocab_limit, spec)
     B, T0 = ids.shape
     total = T0 + max_new_tokens
     device = _device(model)
@@ -102,7 +108,7 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
 
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for p in range(T0 - 1, total - 1):
-            token = next_token(step(p), sampling, generator)  # (B,)
+            token = next_token(step(p), sampling, generator, vocab_limit)  # (B,)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id
@@ -114,21 +120,21 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
 
 def generate(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = None) -> np.ndarray:
+             eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
     """Continue each row of ``token_ids`` (B, T0) by ``max_new_tokens``; returns int64 (B, T0 + new).
 
     KV-cached: one prefill forward over the prompt, then one single-token forward per new token.
     """
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, use_cache=True)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=True)
 
 
 def generate_no_cache(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                      eos_id: int | None = None) -> np.ndarray:
+                      eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
     """``generate`` by full recomputation of the prefix at every step (the reference for tests)."""
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, use_cache=False)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=False)
 
 
 def logits(model: DecoderModel, token_ids) -> np.ndarray:
