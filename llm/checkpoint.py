@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from llm.spec import ModelSpec, SpecError, check_params
@@ -47,6 +48,7 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "latest_valid_checkpoint",
+    "recover_interrupted_writes",
     "resolve_checkpoint",
 ]
 
@@ -178,7 +180,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("files"), dict):
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME
+            or not isinstance(manifest.get("files"), dict)
+            or not all(isinstance(d, str) for d in manifest["files"].values())):
         raise CheckpointError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_path}: format version {manifest.get('version')!r}, "
@@ -203,18 +207,27 @@ def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Chec
     manifest = verify_checkpoint(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"{CONFIG_FILE} holds a {type(config).__name__}, not an object")
         spec = ModelSpec.from_dict(config.get("model", {}))
         params = load_file(str(path / MODEL_FILE))
         check_params(spec, params, where=f"{path / MODEL_FILE}")
-    except (SpecError, json.JSONDecodeError, OSError, ValueError) as e:
+    except (SpecError, json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     state_tensors: dict[str, np.ndarray] = {}
     state_meta: dict[str, Any] = {}
     if load_state:
-        if STATE_FILE in manifest["files"]:
-            state_tensors = load_file(str(path / STATE_FILE))
-        if STATE_META_FILE in manifest["files"]:
-            state_meta = json.loads((path / STATE_META_FILE).read_text(encoding="utf-8"))
+        # a valid manifest only says the files are the ones written: a writer's bug or an edit
+        # before hashing can still leave them unreadable, which is a corrupt checkpoint too
+        try:
+            if STATE_FILE in manifest["files"]:
+                state_tensors = load_file(str(path / STATE_FILE))
+            if STATE_META_FILE in manifest["files"]:
+                state_meta = json.loads((path / STATE_META_FILE).read_text(encoding="utf-8"))
+                if not isinstance(state_meta, dict):
+                    raise ValueError(f"{STATE_META_FILE} holds a {type(state_meta).__name__}, not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError, SafetensorError) as e:
+            raise CheckpointError(f"{path}: unreadable training state: {' '.join(str(e).split())}") from None
     return Checkpoint(path, config, spec, params, state_tensors, state_meta)
 
 
@@ -232,6 +245,40 @@ def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path
         if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return sorted(found, reverse=True)
+
+
+_INTERRUPTED = re.compile(r"^\.(step_\d+)\.(tmp|old)-")
+
+
+def recover_interrupted_writes(checkpoints_dir: str | os.PathLike) -> list[str]:
+    """Clean what an interrupted ``save_checkpoint`` left in ``checkpoints_dir``; one message per entry.
+
+    ``.step_N.tmp-*`` is a write that never reached its rename: never a valid checkpoint, removed.
+    ``.step_N.old-*`` is the previous ``step_N`` moved aside while an overwrite swapped the new one in:
+    removed when ``step_N`` is in place, renamed back to ``step_N`` when the swap was cut between
+    its two renames and it verifies (it is then the only copy of that step).
+    """
+    root = Path(checkpoints_dir)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for child in sorted(root.iterdir()):
+        m = _INTERRUPTED.match(child.name)
+        if not m or not child.is_dir():
+            continue
+        target = root / m.group(1)
+        if m.group(2) == "old" and not target.exists():
+            try:
+                verify_checkpoint(child)
+            except CheckpointError:
+                pass
+            else:
+                os.rename(child, target)
+                done.append(f"restored {target} from the interrupted overwrite {child.name}")
+                continue
+        shutil.rmtree(child, ignore_errors=True)
+        done.append(f"removed {child} (left by an interrupted checkpoint write)")
+    return done
 
 
 def latest_valid_checkpoint(

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints
+from llm.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, recover_interrupted_writes
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -140,11 +140,23 @@ class RunDir:
         return self.checkpoints / f"step_{step}"
 
     # ------------------------------------------------------------------ writing
-    def create(self, config: Any, *, resume: bool) -> None:
-        """Make the directory and write config.json; refuse to start afresh over old checkpoints."""
-        if not resume and list_checkpoints(self.checkpoints):
-            raise CheckpointError(f"{self.checkpoints} already holds checkpoints; pass --resume to continue "
+    def refuse_fresh_start(self) -> None:
+        """A new run (no ``--resume``) never writes over an earlier run's files: checkpoints (valid,
+        corrupt or set aside) or its record (config.json, metrics.jsonl, summary.json)."""
+        held = [p.name for p in sorted(self.checkpoints.iterdir())] if self.checkpoints.is_dir() else []
+        held = [n for n in held if n.startswith("step_")]
+        record = [p.name for p in (self.config_path, self.metrics_path, self.summary_path) if p.exists()]
+        if held or record:
+            what = (f"checkpoints ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})" if held
+                    else f"an earlier run ({', '.join(record)})")
+            raise CheckpointError(f"{self.root} already holds {what}; pass --resume to continue "
                                   "that run or choose another --run-dir")
+
+    def create(self, config: Any, *, resume: bool) -> None:
+        """Make the directory and write config.json (after a resume has been accepted); refuse to
+        start afresh over an earlier run."""
+        if not resume:
+            self.refuse_fresh_start()
         self.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.config_path, config.to_dict())
 
@@ -162,12 +174,27 @@ class RunDir:
         return old
 
     # ------------------------------------------------------------------ resuming
-    def find_resume(self) -> Path | None:
-        """The newest checkpoint that verifies. Each newer corrupt one is logged and renamed to
-        ``step_<N>.corrupt`` so it is never picked (nor overwritten) again; None when there is none."""
+    def find_resume(self) -> tuple[Path, list[tuple[Path, str]]]:
+        """The newest checkpoint that verifies and the newer corrupt ones skipped (logged); a
+        ``CheckpointError`` naming what was tried when none verifies. Nothing on disk changes."""
+        for message in recover_interrupted_writes(self.checkpoints):
+            log.warning("%s", message)
         path, skipped = latest_valid_checkpoint(self.checkpoints)
         for bad, reason in skipped:
             log.warning("skipping corrupt checkpoint %s: %s", bad, reason)
+        if path is None:
+            if not self.root.is_dir():
+                raise CheckpointError(f"--resume: the run directory {self.root} does not exist")
+            tried = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "there are none"
+            raise CheckpointError(f"--resume: no valid checkpoint under {self.checkpoints} ({tried}); "
+                                  "nothing was changed")
+        return path, skipped
+
+    @staticmethod
+    def set_aside(skipped: list[tuple[Path, str]]) -> None:
+        """Rename each skipped corrupt checkpoint ``step_<N>.corrupt`` so it is never picked (nor
+        overwritten) again; called once the resume is accepted."""
+        for bad, _ in skipped:
             target = bad.with_name(bad.name + ".corrupt")
             n = 1
             while target.exists():
@@ -176,7 +203,6 @@ class RunDir:
                 os.rename(bad, target)
             except OSError as e:  # read-only checkpoints: leave it, it will be skipped again
                 log.warning("could not move %s aside (%s)", bad, e)
-        return path
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -92,3 +92,40 @@ def test_extra_files_are_hashed(tmp_path):
         verify_checkpoint(path)
     with pytest.raises(CheckpointError, match="plain file name"):
         _save(tmp_path / "ck2", extra_files={"../x": b""})
+
+
+# ---------------------------------------------------------------------- corrupt files behind or in the manifest
+def _tiny_checkpoint(tmp_path):
+    from llm.spec import ModelSpec, init_params
+
+    spec = ModelSpec(vocab_size=16, max_seq_len=8, hidden_size=8, num_layers=1, num_heads=2)
+    return save_checkpoint(tmp_path / "ck", init_params(spec, 0), {"model": spec.to_dict()},
+                           state_tensors={}, state_meta={"format": "x", "step": 1, "data": {}})
+
+
+@pytest.mark.parametrize("manifest", ["[]", "3", '{"format": "llm-dual-checkpoint", "files": [1]}'])
+def test_a_manifest_of_the_wrong_shape_is_corrupt(tmp_path, manifest):
+    path = _tiny_checkpoint(tmp_path)
+    (path / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_checkpoint(path)
+
+
+def _rehash(path):
+    import hashlib
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name,data", [("state.json", b"{not json"), ("state.json", b"[1, 2]"),
+                                       ("state.safetensors", b"\xff" * 64),
+                                       ("state.safetensors", (2**40).to_bytes(8, "little") + b"{}")])
+def test_unreadable_training_state_behind_a_valid_manifest_is_a_checkpoint_error(tmp_path, name, data):
+    path = _tiny_checkpoint(tmp_path)
+    (path / name).write_bytes(data)
+    _rehash(path)
+    load_checkpoint(path, load_state=False)  # the weights alone still load
+    with pytest.raises(CheckpointError, match="unreadable training state"):
+        load_checkpoint(path)

@@ -4,6 +4,7 @@ resume exactness, corrupt checkpoints, NaN handling, callbacks, tasks. Tiny spec
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from engine_checks import StopAt, fit, losses, tiny  # noqa: E402
 from backends.torch.engine import TrainingEngine  # noqa: E402
 from backends.torch.tasks import TorchTask  # noqa: E402
 from llm.loop.callbacks import Callback, register_callback  # noqa: E402
-from llm.checkpoint import latest_valid_checkpoint, load_checkpoint  # noqa: E402
+from llm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
 from llm.loop.tasks import TrainingTask, register_task  # noqa: E402
 
@@ -265,3 +266,75 @@ def test_tensorboard_callback_writes_train_and_val_scalars(tmp_path, monkeypatch
     val = [step for tag, _, step in writer.scalars if tag == "val/loss"]
     assert val == [3, 6]
     assert {tag for tag, _, _ in writer.scalars} >= {"train/loss", "train/lr", "val/loss"}
+
+
+# ---------------------------------------------------------------------- a refused resume changes nothing
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_every_checkpoint_corrupt_is_an_error_and_changes_nothing(tmp_path):
+    fit(TrainingEngine, tiny(tmp_path, "training.max_steps=2", "checkpoint.every_steps=1"), tmp_path / "run")
+    for step in (1, 2):
+        (tmp_path / "run" / "checkpoints" / f"step_{step}" / "manifest.json").write_text("[]")
+    before = _snapshot(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"--resume: no valid checkpoint under .*step_2: .*step_1: "):
+        TrainingEngine(tiny(tmp_path, "training.max_steps=4"), run_dir=tmp_path / "run", resume=True)
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_resume_of_a_run_dir_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(CheckpointError, match="the run directory .*nowhere does not exist"):
+        TrainingEngine(tiny(tmp_path), run_dir=tmp_path / "nowhere", resume=True)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_rejected_resume_leaves_the_run_config_as_it_was(tmp_path):
+    fit(TrainingEngine, tiny(tmp_path, "training.max_steps=2", "checkpoint.every_steps=1"), tmp_path / "run")
+    before = _snapshot(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="different model spec"):
+        TrainingEngine(tiny(tmp_path, "training.max_steps=4", "model.hidden_size=64"), run_dir=tmp_path / "run",
+                       resume=True)
+    assert _snapshot(tmp_path / "run") == before
+    _, result = fit(TrainingEngine, tiny(tmp_path, "training.max_steps=3"), tmp_path / "run", resume=True)
+    assert result.step == 3  # the plain resume still works
+
+
+def test_a_fresh_run_refuses_a_run_dir_of_corrupt_or_deleted_checkpoints(tmp_path):
+    fit(TrainingEngine, tiny(tmp_path, "training.max_steps=1"), tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step_1").rename(ckpts / "step_1.corrupt")
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*step_1.corrupt.*--resume"):
+        TrainingEngine(tiny(tmp_path, "training.max_steps=1"), run_dir=tmp_path / "run")
+    shutil.rmtree(ckpts)
+    with pytest.raises(CheckpointError, match="already holds an earlier run .*config.json.*--resume"):
+        TrainingEngine(tiny(tmp_path, "training.max_steps=1"), run_dir=tmp_path / "run")
+
+
+def test_interrupted_checkpoint_writes_are_cleaned_at_resume(tmp_path):
+    fit(TrainingEngine, tiny(tmp_path, "training.max_steps=2", "checkpoint.every_steps=1"), tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / ".step_3.tmp-abc").mkdir()
+    (ckpts / ".step_3.tmp-abc" / "model.safetensors").write_bytes(b"partial")
+    shutil.copytree(ckpts / "step_1", ckpts / ".step_1.old-99")  # step_1 is in place: a stale copy
+    (ckpts / "step_2").rename(ckpts / ".step_2.old-7")  # cut between the two renames of an overwrite
+    _, result = fit(TrainingEngine, tiny(tmp_path, "training.max_steps=3"), tmp_path / "run", resume=True)
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["step_1", "step_2", "step_3"] and result.step == 3
+
+
+@pytest.mark.parametrize("key,value", [("step", "abc"), ("tokens_seen", -3), ("data", []),
+                                       ("best_val_loss", "low")])
+def test_a_corrupt_state_json_behind_a_valid_manifest_is_a_one_line_error(tmp_path, key, value):
+    import hashlib
+
+    fit(TrainingEngine, tiny(tmp_path, "training.max_steps=1"), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
+    meta = json.loads((ckpt / "state.json").read_text())
+    meta[key] = value
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["state.json"] = hashlib.sha256((ckpt / "state.json").read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"state.json {key}=.* must be .*corrupt"):
+        TrainingEngine(tiny(tmp_path, "training.max_steps=2"), run_dir=tmp_path / "run", resume=ckpt)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import numpy as np
 
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
-from llm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from llm.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from llm.config import Config, DType
 from llm.run import (
     STATE_FORMAT,
@@ -59,6 +59,31 @@ STATE_VERSION = 1
 _Engine = TypeVar("_Engine", bound="BaseTrainingEngine")
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# state.json keys a resume reads, and what each must hold
+_STATE_RULES: dict[str, tuple[str, Any]] = {
+    "step": ("an integer >= 0", _is_count),
+    "tokens_seen": ("an integer >= 0", _is_count),
+    "data": ("an object (the data cursor)", lambda v: isinstance(v, dict)),
+    "callbacks": ("an object", lambda v: isinstance(v, dict)),
+    "best_val_loss": ("a number or null", lambda v: v is None or (isinstance(v, (int, float))
+                                                                  and not isinstance(v, bool))),
+}
+
+
+def _check_state_meta(path: Path, meta: dict[str, Any]) -> None:
+    """A corrupt ``state.json`` behind a valid manifest is a ``CheckpointError`` naming the key."""
+    for key, (rule, ok) in _STATE_RULES.items():
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: state.json {key}={meta[key]!r} must be {rule}; the training "
+                                  "state is corrupt")
+    if "step" not in meta or "data" not in meta:
+        raise CheckpointError(f"{path}: state.json lacks 'step' or 'data'; the training state is corrupt")
+
+
 class StepReadout(NamedTuple):
     """One logged optimiser step, read to the host and reduced over processes."""
 
@@ -75,8 +100,10 @@ class BaseTrainingEngine:
         config: the resolved run config (``llm.config.Config``).
         run_dir: where files go (default: ``config.logging.run_dir`` or ``runs/<timestamp>``).
         resume: False; True = continue from the newest valid checkpoint of the run dir (corrupt
-            newer ones are reported and skipped; none at all = start fresh with a warning); or the
-            path of one checkpoint directory -- written by either backend.
+            newer ones are reported, skipped and renamed ``step_<N>.corrupt``; none valid, or no
+            run dir, is a ``CheckpointError`` and nothing is changed); ``"auto"`` = the same, but a
+            run without any checkpoint starts afresh; or the path of one checkpoint directory --
+            written by either backend.
         task: a registered task name or a ``TrainingTask`` (default ``config.task``).
         callbacks: extra ``Callback`` instances, added to the built-ins.
         callback_names: registered callbacks built from the config (default: all built-ins that the
@@ -146,32 +173,37 @@ class BaseTrainingEngine:
         self.no_decay_names = [n for n in names if n in no_decay and n not in frozen]
 
     def _open_run(self, run_dir: str | os.PathLike | None, resume: bool | str | os.PathLike) -> None:
-        """The run directory and resume: process 0 decides, every process follows."""
+        """The run directory and resume: process 0 decides, every process follows. A resume is
+        loaded (and so checked against this config) before anything in the run dir is written, so
+        a refused resume leaves the run as it was."""
         self.run = RunDir.from_config(self.config, run_dir) if self.is_main else None
         root = self._broadcast(str(self.run.root) if self.run else None)
         ckpt_dir = self._broadcast(str(self.run.checkpoints) if self.run else None)
         if self.run is None:
             self.run = RunDir(Path(root), Path(ckpt_dir))
         self.artifacts = self.task.artifacts(self.datamodule)
-        if self.is_main:
-            self.run.create(self.config, resume=bool(resume))
-            self.run.write_artifacts(self.artifacts)
-        resume_from = self._find_resume(resume) if self.is_main else None
+        resume_from, skipped = (self._find_resume(resume) if self.is_main else (None, []))
         resume_from = self._broadcast(None if resume_from is None else str(resume_from))
         if resume_from is not None:
             self._load(Path(resume_from))
+        if self.is_main:
+            self.run.create(self.config, resume=bool(resume))
+            self.run.write_artifacts(self.artifacts)
+            self.run.set_aside(skipped)
 
     # ------------------------------------------------------------------ resume
-    def _find_resume(self, resume: bool | str | os.PathLike) -> Path | None:
+    def _find_resume(self, resume: bool | str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The checkpoint to resume from and the corrupt ones skipped on the way. ``True``: the
+        newest valid one of the run dir, an error when there is none; ``"auto"``: the same, but a
+        run dir without any checkpoint starts afresh; a path: that checkpoint."""
         if resume is False or resume is None:
-            return None
+            return None, []
+        if resume == "auto" and not list_checkpoints(self.run.checkpoints):
+            log.info("resume=auto: no checkpoint under %s; starting a new run", self.run.checkpoints)
+            return None, []
         if resume is True or resume == "auto":
-            path = self.run.find_resume()
-            if path is None:
-                log.warning("--resume: no valid checkpoint under %s; starting from scratch",
-                            self.run.checkpoints)
-            return path
-        return Path(resume)
+            return self.run.find_resume()
+        return Path(resume), []
 
     def _load(self, path: Path) -> None:
         """Restore params, AdamW moments, data cursor, counters, loss scale and callback state from
@@ -213,6 +245,7 @@ class BaseTrainingEngine:
         if ckpt.state_meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path}: no training state ({STATE_FORMAT} state.json); it holds weights "
                                   "only and cannot be resumed")
+        _check_state_meta(path, ckpt.state_meta)
         return ckpt
 
     # ------------------------------------------------------------------ the trainer API for callbacks
