@@ -369,13 +369,11 @@ def test_a_cache_of_another_format_is_rebuilt_not_read(corpus_dir, tmp_path, mon
     assert new.meta["format"] == text_module_impl._CACHE_FORMAT != old.meta["format"]
     assert new.fingerprint != old.fingerprint
 
-    # a cache at the current key without documents.json (the v1 layout) or with another format in
-    # meta.json is reported, never split by guesswork
+    # a cache at the current key without documents.json (the v1 layout) is rebuilt, never split by
+    # guesswork; another format in meta.json (which holds the checksums) is reported
     (new.cache_path / "documents.json").unlink()
-    with pytest.raises(DataError, match=r"corrupt token cache .*documents.json.*delete it to rebuild"):
-        text_module(corpus_dir, cache)
-    shutil.rmtree(new.cache_path)
     rebuilt = text_module(corpus_dir, cache)
+    assert rebuilt.from_cache is False and (rebuilt.cache_path / "documents.json").is_file()
     meta = json.loads((rebuilt.cache_path / "meta.json").read_text())
     (rebuilt.cache_path / "meta.json").write_text(json.dumps(dict(meta, format="llm-text-cache-v1")))
     with pytest.raises(DataError, match=r"corrupt token cache .*do not match.*delete it to rebuild"):
@@ -514,3 +512,22 @@ def test_partial_eval_spreads_its_batches_over_the_val_split():
     halves = [list(s.val_dataloader(num_batches=3)) for s in shards]
     for k in range(3):
         np.testing.assert_array_equal(np.concatenate([halves[0][k][0], halves[1][k][0]]), picked[k][0])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_cache_that_fails_its_checksum_is_rebuilt_with_a_message(corpus_dir, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    good = text_module(corpus_dir, cache)
+    expected = np.asarray(good.train_tokens).copy()
+    tokens = good.cache_path / "tokens.npy"
+    blob = bytearray(tokens.read_bytes())
+    if damage == "flip":
+        blob[-5] ^= 0xFF  # a token id far out of the vocabulary
+    else:
+        blob = blob[: len(blob) - 64]
+    tokens.write_bytes(bytes(blob))
+    with caplog.at_level("WARNING"):
+        again = text_module(corpus_dir, cache)
+    assert any("does not match its checksum" in r.getMessage() and "rebuilding" in r.getMessage()
+               for r in caplog.records)
+    assert again.from_cache is False and np.array_equal(np.asarray(again.train_tokens), expected)

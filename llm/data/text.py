@@ -36,7 +36,9 @@ of one memmap (val ``tokens[:n_val]``, train ``tokens[n_val:]``; the single-docu
 is the other way round); ``documents.json`` (the names in that order and the token offset where
 each ends); ``tokenizer.json`` and ``meta.json``. ``key`` = sha256 of the cache format, the
 tokenizer identity and the names and contents of the files in order (length-prefixed); a cache of
-an older format has another key and is rebuilt, never read. The directory is built under a
+an older format has another key and is rebuilt, never read. ``meta.json`` also holds the sha256 of
+the three other files; a cache whose files do not match it (flipped bytes, a truncated copy, an
+edit) is rebuilt with a warning, never read. The directory is built under a
 temporary name and renamed into place, so concurrent ranks never see a partial cache and a second
 ``setup()`` reads instead of tokenizing.
 
@@ -74,7 +76,9 @@ log = logging.getLogger(__name__)
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                               "__pycache__"})
 STDLIB_GENERATED_DIRS = frozenset({"encodings", "pydoc_data"})  # top level: data, not code
-_CACHE_FORMAT = "llm-text-cache-v2"  # names the layout: tokens.npy in split-rank order + documents.json
+_CACHE_FORMAT = "llm-text-cache-v3"  # names the layout: tokens.npy in split-rank order + documents.json,
+# meta.json with the sha256 of each of the other files
+_CACHE_FILES = ("tokens.npy", "documents.json", "tokenizer.json")
 SPLIT_RULE = "documents-by-sha256-of-name"  # part of the fingerprint: a resume needs the same split
 _SNIFF_BYTES = 8192
 
@@ -294,10 +298,31 @@ class TextDataModule(BaseDataModule):
         self._key = key
         self.cache_path = self.cache_dir / f"text-{key[:24]}"
         if (self.cache_path / "meta.json").is_file():
-            self.from_cache = True
-            return
+            problem = self._cache_problem()
+            if problem is None:
+                self.from_cache = True
+                return
+            log.warning("token cache %s %s; rebuilding it", self.cache_path, problem)
+            shutil.rmtree(self.cache_path, ignore_errors=True)
         self.from_cache = False
         self._build_cache(corpus, key)
+
+    def _cache_problem(self) -> str | None:
+        """Why the cache at ``cache_path`` cannot be used (a file changed since it was written:
+        flipped bits, a truncated copy, an edit), or None when every file matches its sha256."""
+        assert self.cache_path is not None
+        try:
+            hashes = json.loads((self.cache_path / "meta.json").read_text()).get("sha256", {})
+        except (OSError, ValueError, AttributeError) as e:
+            return f"has an unreadable meta.json ({e})"
+        for name in _CACHE_FILES:
+            try:
+                actual = hashlib.sha256((self.cache_path / name).read_bytes()).hexdigest()
+            except OSError as e:
+                return f"lacks {name} ({e})"
+            if hashes.get(name) != actual:
+                return f"does not match its checksum ({name}: sha256 {actual[:12]}..., meta.json {str(hashes.get(name))[:12]}...)"
+        return None
 
     def _build_cache(self, corpus: Corpus, key: str) -> None:
         started = time.perf_counter()
@@ -331,6 +356,7 @@ class TextDataModule(BaseDataModule):
             np.save(tmp / "tokens.npy", tokens)
             (tmp / "documents.json").write_text(json.dumps(documents))
             tok.save(tmp / "tokenizer.json")
+            meta["sha256"] = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in _CACHE_FILES}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 os.rename(tmp, self.cache_path)
