@@ -16,7 +16,7 @@ sort-based dispatch of ``llm.moe_dispatch``: only the selected experts).
 
 Data parallel options (under ``torchrun`` only): ``bucket_mb``: DDP's gradient bucket size in MB
 (default ``auto``: the engine's rule,
-``DistributedConfig.bucket_cap_mb``, about 10 buckets and at least DDP's own 25); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
+``backends.torch.ddp.bucket_cap_mb``, about 10 buckets and at least DDP's own 25); ``ddp_split``: ``on`` (default: dynamo's DDPOptimizer splits the compiled
 graph at bucket boundaries so each bucket's all-reduce overlaps the rest of the backward) | ``off``
 (one graph: every all-reduce waits for the whole backward); ``static_graph``: ``0`` (default) |
 ``1``; ``comm_hook``: ``none`` (default: float32 all-reduce) | ``bf16`` (gradients cast to bf16 for
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from backends.torch.ddp import bucket_cap_mb
 from backends.torch.model import DecoderModel
 from benchmarks.job import load_weights, make_batches, preset_config, run_worker
 from benchmarks.measure import step_stats, summarise_kernels, time_steps
-from llm.config import DistributedConfig
 
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
          "math": "MATH"}
@@ -119,9 +119,7 @@ def _run(job: dict) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        grad_bytes = sum(p.numel() * p.element_size() for p in params)
-        bucket_mb = (DistributedConfig().bucket_cap_mb(grad_bytes) if opts["bucket_mb"] == "auto"
-                     else float(opts["bucket_mb"]))
+        bucket_mb = bucket_cap_mb(None if opts["bucket_mb"] == "auto" else float(opts["bucket_mb"]), params)
         opts["bucket_mb_used"] = f"{bucket_mb:.1f}"
         fwd = DistributedDataParallel(fwd, device_ids=[local_rank] if on_cuda else None,
                                       gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb,

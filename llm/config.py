@@ -2,7 +2,7 @@
 
 A config is seven sections plus the task::
 
-    model         llm.spec.ModelSpec (the architecture; its own validation)
+    model         llm.spec.ModelSpec (the architecture)
     training      optimiser, schedule, batch, steps, eval cadence, seed
     data          corpus source, tokenizer, sequence length, split, cache
     optimization  torch.compile, compute dtype
@@ -10,9 +10,11 @@ A config is seven sections plus the task::
     logging       metrics.jsonl cadence, tensorboard, progress bar, run directory
     distributed   process-group backend
 
-Every section is a frozen dataclass that converts and checks its fields at construction: a value of
-the wrong type fails as ``training.batch_size: expected int, got 'abc'`` and a value that breaks a
-rule as ``training.lr=-1.0 must be > 0``. ``Config`` adds the rules that span sections
+Every section, the model's included, is a frozen dataclass that converts and checks its fields at
+construction with the one machinery of ``llm.fields``: a value of the wrong type fails as
+``training.batch_size: expected int, got 'abc'`` and a value that breaks a rule as
+``training.lr=-1.0 must be > 0`` (a ``ModelSpec`` raises ``SpecError``, which the config turns into a
+``ConfigError`` with the same message and key). ``Config`` adds the rules that span sections
 (``data.seq_len <= model.max_seq_len`` ...).
 
 ``load_config(path, overrides, env)`` resolves, lowest to highest precedence::
@@ -27,20 +29,17 @@ key and the nearest valid one. This module must not import torch or jax.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
-import math
 import os
 import re
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
+from llm.fields import FieldError, Section, check_key, coerce, field_types, nearest, plain, takes_text
 from llm.spec import ModelSpec, SpecError
 
 __all__ = [
@@ -65,12 +64,8 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A bad run config. ``key`` is the dotted key at fault (``"training.lr"``) when there is one."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
 
 
 # ---------------------------------------------------------------------- choices
@@ -119,198 +114,11 @@ class DistBackend(str, enum.Enum):
     NCCL = "nccl"
 
 
-# ---------------------------------------------------------------------- type conversion
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        names = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names) + (" or null" if type(None) in args else "")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(repr(e.value) for e in tp)
-    origin = typing.get_origin(tp)
-    if origin is dict or tp is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _str_typed(tp: Any) -> bool:
-    """Whether a field takes text (str, str|None or a str enum): env/CLI give it the raw text."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return all(_str_typed(a) for a in typing.get_args(tp) if a is not type(None))
-    return tp is str or (isinstance(tp, type) and issubclass(tp, str))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` to the field type ``tp`` or raise a ConfigError naming ``key``.
-
-    Accepted conversions are the ones text sources need: numeric strings (YAML 1.1 reads ``3e-4`` as
-    a string), integral floats to int, the usual boolean words, enum values by name or value.
-    """
-
-    def fail() -> ConfigError:
-        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise fail()
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, str):
-            for member in tp:
-                if value.lower() in (member.value.lower(), member.name.lower()):
-                    return member
-        raise fail()
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if word in ("true", "yes", "on", "1"):
-                return True
-            if word in ("false", "no", "off", "0"):
-                return False
-        raise fail()
-    if tp is int:
-        if isinstance(value, bool):
-            raise fail()
-        if isinstance(value, int):
-            return value
-        number = value
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    raise fail() from None
-        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
-            return int(number)
-        raise fail()
-    if tp is float:
-        if isinstance(value, bool):
-            raise fail()
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value.strip().replace("_", ""))
-            except ValueError:
-                raise fail() from None
-        if isinstance(number, (int, float)):
-            if not math.isfinite(number):
-                raise ConfigError(f"{key}: expected a finite float, got {value!r}", key)
-            return float(number)
-        raise fail()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise fail()
-    if origin is dict or tp is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise fail()
-    raise TypeError(f"{key}: unsupported config field type {tp!r}")  # a bug in this module
-
-
-# Names other frameworks use for our keys: spelling distance alone would suggest the wrong field
-# (``learning_rate`` is closer to ``early_stopping_patience`` than to ``lr``).
-_ALIASES = {
-    "learning_rate": "lr", "max_iters": "max_steps", "num_steps": "max_steps", "steps": "max_steps",
-    "lr_warmup_steps": "warmup_steps", "warmup_iters": "warmup_steps", "gradient_accumulation_steps":
-    "grad_accum_steps", "max_grad_norm": "grad_clip", "clip_grad": "grad_clip", "block_size": "seq_len",
-    "micro_batch_size": "batch_size", "eval_interval": "eval_every", "log_interval": "log_every",
-}
-
-
-def nearest(word: str, choices: Iterable[str]) -> str | None:
-    """The valid name closest to ``word`` (known aliases first, then spelling), for "did you mean"."""
-    choices = list(choices)
-    section, _, leaf = word.rpartition(".")
-    alias = _ALIASES.get(leaf)
-    if alias is not None:
-        target = f"{section}.{alias}" if section else alias
-        if target in choices:
-            return target
-        same_leaf = [c for c in choices if c.rpartition(".")[2] == alias]
-        if same_leaf:
-            return same_leaf[0]
-    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return found[0] if found else None
-
-
 # ---------------------------------------------------------------------- sections
-class _Section:
-    """Shared machinery: per-field conversion, ``from_dict`` with unknown-key hints, ``to_dict``."""
+class _Section(Section):
+    """A run-config section: ``llm.fields.Section`` raising ``ConfigError``."""
 
-    SECTION = ""
-
-    def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _coerce(getattr(self, f.name), hints[f.name], f"{self.SECTION}.{f.name}")
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    def _validate(self) -> None:
-        pass
-
-    def _need(self, ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            key = f"{self.SECTION}.{name}"
-            raise ConfigError(f"{key}={getattr(self, name)!r} {rule}", key)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None):
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{cls.SECTION}: expected a mapping of fields, got {data!r}", cls.SECTION)
-        for key in data:
-            _check_key(cls.SECTION, str(key))
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    ERROR = ConfigError
 
 
 @dataclass(frozen=True)
@@ -504,26 +312,17 @@ class DistributedConfig(_Section):
     """Process-group backend and gradient bucket size for torch DDP (``torchrun`` sets rank and
     world size). The JAX backend shards over a device mesh and ignores this section.
 
-    ``bucket_mb`` (null = auto) is DDP's ``bucket_cap_mb``. With ``torch.compile`` each bucket is
-    also a graph split (dynamo's DDPOptimizer), so DDP's own 25 MB cuts a 1B model's backward
-    into ~180 graphs; auto aims at about 10 buckets and never goes under 25 MB
-    (benchmarks/NOTES.md has the measurements).
+    ``bucket_mb`` is DDP's ``bucket_cap_mb``; null = auto, a size the torch backend derives from the
+    model (``backends/torch/ddp.py``).
     """
 
     SECTION = "distributed"
-    AUTO_BUCKETS: ClassVar[int] = 10
 
     backend: DistBackend = DistBackend.AUTO
     bucket_mb: float | None = None
 
     def _validate(self) -> None:
         self._need(self.bucket_mb is None or self.bucket_mb > 0, "bucket_mb", "must be > 0 or null (auto)")
-
-    def bucket_cap_mb(self, grad_bytes: int) -> float:
-        """DDP's bucket size in MB for gradients totalling ``grad_bytes``."""
-        if self.bucket_mb is not None:
-            return float(self.bucket_mb)
-        return max(25.0, grad_bytes / self.AUTO_BUCKETS / 2**20)
 
     def resolve_backend(self, cuda_available: bool) -> str:
         """The concrete backend name for ``torch.distributed.init_process_group``."""
@@ -585,41 +384,12 @@ def _check_section(section: str, origin: str = "") -> None:
 
 
 def _check_key(section: str, key: str, origin: str = "") -> None:
-    """Raise a ConfigError with the nearest valid key unless ``section.key`` exists."""
+    """Raise a ConfigError with the nearest valid key unless ``section.key`` exists; a key that
+    belongs to another section points there."""
     _check_section(section, origin)
-    where = f" ({origin})" if origin else ""
-    names = _fields_of(section)
-    if key in names:
-        return
-    dotted = f"{section}.{key}"
-    elsewhere = [s for s in _SECTIONS if key in _fields_of(s)]
-    if elsewhere:
-        near = f"{elsewhere[0]}.{key}"
-    else:
-        close = nearest(key, names)
-        near = f"{section}.{close}" if close else None
-    hint = f"; did you mean {near!r}?" if near else f"; valid keys of {section}: {', '.join(names)}"
-    raise ConfigError(f"unknown config key {dotted!r}{where}{hint}", dotted)
-
-
-def _model_from_dict(data: Mapping[str, Any] | None) -> ModelSpec:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"model: expected a mapping of fields, got {data!r}", "model")
-    hints = _type_hints(ModelSpec)
-    converted = {}
-    for key, value in data.items():
-        _check_key("model", str(key))
-        converted[key] = _coerce(value, hints[key], f"model.{key}")
-    try:
-        return ModelSpec(**converted)
-    except SpecError as e:
-        # SpecError messages lead with the field ("hidden_size=7 is not ..."): make it a dotted key.
-        first = re.match(r"\w+", str(e))
-        if first and first.group(0) in hints:
-            raise ConfigError(f"model.{e}", f"model.{first.group(0)}") from e
-        raise ConfigError(f"model: {e}", "model") from e
+    elsewhere = [f"{s}.{key}" for s in _SECTIONS if key in _fields_of(s)]
+    check_key(section, key, _fields_of(section), ConfigError, origin=origin,
+              elsewhere=elsewhere[0] if elsewhere else None)
 
 
 # ---------------------------------------------------------------------- the whole config
@@ -673,16 +443,18 @@ class Config:
                 kwargs[name] = value
                 continue
             _check_section(name)
-            if name == "model":
-                kwargs[name] = _model_from_dict(value)
-            else:
+            for key in value if isinstance(value, Mapping) else ():
+                _check_key(name, str(key))
+            try:
                 kwargs[name] = _SECTIONS[name].from_dict(value)
+            except SpecError as e:  # the model section is a ModelSpec: the same error, as a config's
+                raise ConfigError(str(e), e.key) from None
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": self.task}
         for name in _SECTIONS:
-            out[name] = _plain(getattr(self, name).to_dict())
+            out[name] = plain(getattr(self, name).to_dict())
         return out
 
     def replace(self, **changes: Any) -> Config:
@@ -734,7 +506,7 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def _field_type(section: str | None, key: str) -> Any:
     if section is None:
         return _TOP_LEVEL_SCALARS[key]
-    return _type_hints(_SECTIONS[section])[key]
+    return field_types(_SECTIONS[section])[key]
 
 
 def _parse_value(raw: str, tp: Any) -> Any:
@@ -742,7 +514,7 @@ def _parse_value(raw: str, tp: Any) -> Any:
     stripped = raw.strip()
     if stripped.lower() in ("null", "~", "none"):
         return None
-    if _str_typed(tp):
+    if takes_text(tp):
         return raw
     try:
         return yaml.safe_load(stripped)
@@ -808,7 +580,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         _check_key(section, key, origin)
         tp = _field_type(section, key)
         try:
-            value = _coerce(_parse_value(raw, tp), tp, f"{section}.{key}")
+            value = coerce(_parse_value(raw, tp), tp, f"{section}.{key}", ConfigError)
         except ConfigError as e:
             raise ConfigError(f"{e} ({origin})", e.key) from None
         merged.setdefault(section, {})

@@ -60,9 +60,8 @@ def apply_init_from(config: Any) -> Any:
         return config
     spec = load_checkpoint(path, load_state=False).spec
     if spec != config.model:
-        changed = [k for k, v in spec.to_dict().items() if config.model.to_dict()[k] != v]
         log.info("init_from %s: model spec taken from the checkpoint (differs from the config in %s)",
-                 path, ", ".join(changed))
+                 path, ", ".join(spec.diff(config.model)))
     # record the resolved absolute directory, so the run's config.json says exactly what it started from
     return config.replace(model=spec, training=config.training.replace(init_from=str(path.resolve())))
 
@@ -78,7 +77,7 @@ def init_from_params(config: Any) -> dict[str, np.ndarray] | None:
         return None
     ckpt = load_checkpoint(path, load_state=False)
     if ckpt.spec != config.model:
-        diff = [k for k, v in ckpt.spec.to_dict().items() if config.model.to_dict()[k] != v]
+        diff = ckpt.spec.diff(config.model)
         raise CheckpointError(f"training.init_from={str(path)!r} holds a different model spec "
                               f"(model.{', model.'.join(diff)}); take the spec from the checkpoint "
                               "(llm.init_from.apply_init_from, done by python -m llm.train)")

@@ -2,7 +2,8 @@
 
 Everything both backends must agree on lives here, so it is written once:
 
-* ``ModelSpec`` -- the ``model:`` section of every config; validated at construction.
+* ``ModelSpec`` -- the ``model:`` section of every config; validated at construction by the same
+  typed-section machinery as the other sections (``llm.fields``).
 * ``ModelSpec.param_table()`` -- every canonical parameter name with its shape and init.
 * ``init_params(spec, seed)`` -- the one source of starting weights (numpy, float32).
 * ``rope_inv_freq`` / ``sinusoidal_table`` -- position tables, computed in float64 numpy and
@@ -19,14 +20,14 @@ This module must not import torch or jax.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from llm.fields import FieldError, Section
 
 __all__ = [
     "Activation",
@@ -44,8 +45,9 @@ __all__ = [
 ]
 
 
-class SpecError(ValueError):
-    """An invalid model spec or parameter dict; the message names the field(s) and the rule."""
+class SpecError(FieldError):
+    """An invalid model spec or parameter dict; the message names the field(s) and the rule, and
+    ``key`` the spec field at fault (``"model.num_heads"``) when there is one."""
 
 
 class Activation(str, enum.Enum):
@@ -86,14 +88,20 @@ _ROPE_SCALING_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_facto
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Section):
     """A decoder-only transformer, independent of any framework.
 
-    Field names are the keys of the ``model:`` section in YAML configs. ``None`` means "derive":
+    Field names are the keys of the ``model:`` section in YAML configs; the section machinery of
+    ``llm.fields`` (shared with every config section) converts and checks them at construction and
+    gives ``from_dict``, ``to_dict``, ``replace`` and ``diff``; a bad value is a ``SpecError`` that
+    names ``model.<field>``, the value and the rule. ``None`` means "derive":
     ``num_kv_heads`` = ``num_heads``; ``head_dim`` = ``hidden_size // num_heads``;
     ``intermediate_size`` = ``4 * hidden`` (plain MLP) or ``8/3 * hidden`` rounded up to a multiple
     of 8 (GLU, the same parameter count as the plain MLP); ``capacity_factor`` = dropless.
     """
+
+    SECTION = "model"
+    ERROR = SpecError
 
     vocab_size: int = 256
     max_seq_len: int = 256
@@ -129,132 +137,54 @@ class ModelSpec:
     # scale the std of residual-output projections (o_proj, down_proj) by 1/sqrt(2*num_layers)
     scale_residual_init: bool = True
 
-    # ------------------------------------------------------------------ construction
-    def __post_init__(self) -> None:
-        for name, enum_type in (("activation", Activation), ("norm_type", NormType),
-                                ("position", Position)):
-            value = getattr(self, name)
-            if not isinstance(value, enum_type):
-                try:
-                    object.__setattr__(self, name, enum_type(value))
-                except ValueError:
-                    choices = ", ".join(e.value for e in enum_type)
-                    raise SpecError(f"{name}={value!r} is not one of: {choices}") from None
-        if self.rope_scaling is not None:
-            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
-        self._validate()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        """Build from a mapping (a YAML ``model:`` section); unknown keys are errors."""
-        if not isinstance(data, dict):
-            raise SpecError(f"model: expected a mapping of spec fields, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            hints = []
-            for key in unknown:
-                near = difflib.get_close_matches(str(key), names, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-            raise SpecError(f"model: unknown field(s) {', '.join(hints)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-safe dict; ``ModelSpec.from_dict(spec.to_dict()) == spec``."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else value
-        return out
-
-    def replace(self, **changes: Any) -> ModelSpec:
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise SpecError(msg)
-
-        def check_int(name: str, minimum: int, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            need(isinstance(value, int) and not isinstance(value, bool),
-                 f"{name}={value!r} must be an integer")
-            need(value >= minimum, f"{name}={value} must be >= {minimum}")
-
-        def check_float(name: str, lo: float, hi: float | None = None, lo_open: bool = False,
-                        allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            need(isinstance(value, (int, float)) and not isinstance(value, bool),
-                 f"{name}={value!r} must be a number")
-            need(math.isfinite(value), f"{name}={value} must be finite")
-            if lo_open:
-                need(value > lo, f"{name}={value} must be > {lo}")
-            else:
-                need(value >= lo, f"{name}={value} must be >= {lo}")
-            if hi is not None:
-                need(value <= hi, f"{name}={value} must be <= {hi}")
-
+        # Fields already hold their annotated types (llm.fields.Section coerces them); these are the rules.
+        need = self._need
         for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads"):
-            check_int(name, 1)
-        check_int("num_kv_heads", 1, allow_none=True)
-        check_int("head_dim", 1, allow_none=True)
-        check_int("intermediate_size", 1, allow_none=True)
-        check_int("sliding_window", 1, allow_none=True)
-        for name in ("use_glu", "tie_embeddings", "attention_bias", "mlp_bias", "use_moe",
-                     "norm_topk_prob", "scale_residual_init"):
-            need(isinstance(getattr(self, name), bool),
-                 f"{name}={getattr(self, name)!r} must be true or false")
-        need(self.attention_out_bias is None or isinstance(self.attention_out_bias, bool),
-             f"attention_out_bias={self.attention_out_bias!r} must be true, false or null")
-        check_float("norm_eps", 0.0, lo_open=True)
-        check_float("rope_theta", 0.0, lo_open=True)
-        check_float("dropout", 0.0, 1.0)
-        need(self.dropout < 1.0, f"dropout={self.dropout} must be < 1")
-        check_float("init_std", 0.0, lo_open=True)
-        check_float("router_aux_loss_coef", 0.0)
-        check_float("router_z_loss_coef", 0.0)
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("num_kv_heads", "head_dim", "intermediate_size", "sliding_window"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 or null")
+        need(self.norm_eps > 0, "norm_eps", "must be > 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.dropout >= 0, "dropout", "must be >= 0")
+        need(self.dropout < 1, "dropout", "must be < 1")
+        need(self.init_std > 0, "init_std", "must be > 0")
+        need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
+        need(self.router_z_loss_coef >= 0, "router_z_loss_coef", "must be >= 0")
 
         kv = self.kv_heads
-        need(self.num_heads % kv == 0,
-             f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv}")
+        need(self.num_heads % kv == 0, "num_heads", f"is not divisible by num_kv_heads={kv}")
         if self.head_dim is None:
-            need(self.hidden_size % self.num_heads == 0,
-                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads} "
+            need(self.hidden_size % self.num_heads == 0, "hidden_size",
+                 f"is not divisible by num_heads={self.num_heads} "
                  "(set head_dim explicitly to use a head size that does not divide hidden_size)")
         if self.position is Position.ROPE:
-            need(self.dim_head % 2 == 0,
-                 f"head_dim={self.dim_head} must be even for position=rope (rotate-half pairs)")
+            need(self.dim_head % 2 == 0, "head_dim", "must be even for position=rope (rotate-half pairs)",
+                 value=self.dim_head)
         if self.position is Position.SINUSOIDAL:
-            need(self.hidden_size % 2 == 0,
-                 f"hidden_size={self.hidden_size} must be even for position=sinusoidal")
-        if self.rope_scaling is not None:
-            need(self.position is Position.ROPE,
-                 f"rope_scaling is set but position={self.position.value}; it applies to rope only")
-            unknown = set(self.rope_scaling) - _ROPE_SCALING_KEYS
-            need(not unknown, f"rope_scaling has unknown key(s) {sorted(unknown)}; "
-                              f"expected {sorted(_ROPE_SCALING_KEYS)}")
-            need(self.rope_scaling.get("rope_type") == "llama3",
-                 f"rope_scaling.rope_type={self.rope_scaling.get('rope_type')!r}: only 'llama3' "
-                 "is supported")
-            for key in ("factor", "low_freq_factor", "high_freq_factor",
-                        "original_max_position_embeddings"):
-                value = self.rope_scaling.get(key)
+            need(self.hidden_size % 2 == 0, "hidden_size", "must be even for position=sinusoidal")
+        sc = self.rope_scaling
+        if sc is not None:
+            need(self.position is Position.ROPE, "rope_scaling",
+                 f"applies to position=rope only, not position={self.position.value}")
+            unknown = set(sc) - _ROPE_SCALING_KEYS
+            need(not unknown, "rope_scaling",
+                 f"has unknown key(s) {sorted(unknown)}; expected {sorted(_ROPE_SCALING_KEYS)}")
+            need(sc.get("rope_type") == "llama3", "rope_scaling.rope_type", "is not supported (only 'llama3' is)")
+            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                value = sc.get(key)
                 need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                     f"rope_scaling.{key}={value!r} must be a positive number")
-            need(self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
-                 "rope_scaling.high_freq_factor must be > rope_scaling.low_freq_factor")
+                     f"rope_scaling.{key}", "must be a positive number")
+            need(sc["high_freq_factor"] > sc["low_freq_factor"], "rope_scaling.high_freq_factor",
+                 f"must be > rope_scaling.low_freq_factor={sc['low_freq_factor']!r}")
         if self.use_moe:
-            check_int("num_experts", 1)
-            check_int("num_experts_per_token", 1)
-            need(self.num_experts_per_token <= self.num_experts,
-                 f"num_experts_per_token={self.num_experts_per_token} exceeds "
-                 f"num_experts={self.num_experts}")
-            check_float("capacity_factor", 0.0, lo_open=True, allow_none=True)
+            need(self.num_experts >= 1, "num_experts", "must be >= 1")
+            need(self.num_experts_per_token >= 1, "num_experts_per_token", "must be >= 1")
+            need(self.num_experts_per_token <= self.num_experts, "num_experts_per_token",
+                 f"exceeds num_experts={self.num_experts}")
+            need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+                 "must be > 0 or null (dropless)")
 
     # ------------------------------------------------------------------ derived values
     @property

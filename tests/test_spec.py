@@ -23,19 +23,19 @@ from llm.spec import (
         (dict(hidden_size=100, num_heads=3), "hidden_size=100 is not divisible by num_heads=3"),
         (dict(head_dim=7), "head_dim=7 must be even for position=rope"),
         (dict(position="sinusoidal", hidden_size=63, num_heads=3, head_dim=22), "hidden_size=63 must be even"),
-        (dict(activation="swish"), "activation='swish' is not one of"),
-        (dict(norm_type="batchnorm"), "norm_type='batchnorm'"),
-        (dict(position="alibi"), "position='alibi'"),
+        (dict(activation="swish"), "model.activation: expected one of 'gelu', 'gelu_tanh', 'silu', 'relu', got 'swish'"),
+        (dict(norm_type="batchnorm"), "model.norm_type: expected one of 'layernorm', 'rmsnorm', got 'batchnorm'"),
+        (dict(position="alibi"), "model.position: expected one of 'rope', 'learned', 'sinusoidal', got 'alibi'"),
         (dict(use_moe=True, num_experts=2, num_experts_per_token=3), "num_experts_per_token=3 exceeds num_experts=2"),
         (dict(use_moe=True, capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
         (dict(dropout=1.0), "dropout=1.0 must be < 1"),
         (dict(dropout=-0.1), "dropout=-0.1 must be >= 0"),
         (dict(vocab_size=0), "vocab_size=0 must be >= 1"),
-        (dict(num_layers=2.5), "num_layers=2.5 must be an integer"),
-        (dict(use_glu="yes"), "use_glu='yes' must be true or false"),
+        (dict(num_layers=2.5), "model.num_layers: expected int, got 2.5"),
+        (dict(use_glu="yes"), "model.use_glu: expected bool, got 'yes'"),
         (dict(norm_eps=0.0), "norm_eps=0.0 must be > 0"),
-        (dict(init_std=float("nan")), "init_std=nan must be finite"),
-        (dict(position="learned", rope_scaling={"rope_type": "llama3"}), "rope_scaling is set but position=learned"),
+        (dict(init_std=float("nan")), "model.init_std: expected a finite float, got nan"),
+        (dict(position="learned", rope_scaling={"rope_type": "llama3"}), "model.rope_scaling={'rope_type': 'llama3'} applies to position=rope only, not position=learned"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_scaling.rope_type='yarn'"),
         (dict(sliding_window=0), "sliding_window=0 must be >= 1"),
     ],
@@ -46,8 +46,34 @@ def test_invalid_specs_name_field_and_rule(fields, message):
     assert message in str(err.value)
 
 
+def test_spec_errors_carry_the_field_key():
+    with pytest.raises(SpecError) as err:
+        ModelSpec(num_heads=6, num_kv_heads=4, hidden_size=96)
+    assert err.value.key == "model.num_heads"
+    with pytest.raises(SpecError) as err:
+        ModelSpec(rope_scaling={"rope_type": "llama3", "factor": -1.0})
+    assert err.value.key == "model.rope_scaling" and "model.rope_scaling.factor=-1.0 must be a positive" in str(err.value)
+
+
+def test_construction_converts_like_every_config_section():
+    spec = ModelSpec(hidden_size="64", num_layers=3.0, activation="SILU", norm_eps="1e-6", attention_out_bias=None)
+    assert (spec.hidden_size, spec.num_layers, spec.norm_eps) == (64, 3, 1e-6)
+    assert type(spec.num_layers) is int and spec.activation.value == "silu"
+    assert ModelSpec(rope_theta=500000).rope_theta == 500000.0 and type(ModelSpec(rope_theta=5).rope_theta) is float
+
+
+def test_diff_names_the_differing_fields_in_field_order():
+    base = ModelSpec()
+    assert base.diff(ModelSpec()) == []
+    other = ModelSpec(num_layers=3, activation="silu", rope_scaling=None, dropout=0.1)
+    assert base.diff(other) == ["num_layers", "activation", "dropout"]
+    assert other.diff(base) == ["num_layers", "activation", "dropout"]
+    with pytest.raises(TypeError, match="cannot diff a ModelSpec against a dict"):
+        base.diff(base.to_dict())  # type: ignore[arg-type]
+
+
 def test_unknown_field_suggests_nearest():
-    with pytest.raises(SpecError, match=r"'num_kv_head' \(did you mean 'num_kv_heads'\?\)"):
+    with pytest.raises(SpecError, match=r"'model\.num_kv_head'; did you mean 'model\.num_kv_heads'\?"):
         ModelSpec.from_dict({"num_kv_head": 2})
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
+from backends.torch.ddp import bucket_cap_mb
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.config import Config, DType
 from llm.loop.engine import BaseTrainingEngine, StepReadout
@@ -120,10 +121,9 @@ class TrainingEngine(BaseTrainingEngine):
             self.train_model = torch.compile(self.model, mode=config.optimization.compile_mode.value)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            grad_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             self.train_model = DistributedDataParallel(
                 self.train_model, device_ids=ids, gradient_as_bucket_view=True,
-                bucket_cap_mb=config.distributed.bucket_cap_mb(grad_bytes))
+                bucket_cap_mb=bucket_cap_mb(config.distributed.bucket_mb, self.model.parameters()))
 
     # ------------------------------------------------------------------ devices and processes
     def _init_process_group(self) -> None:

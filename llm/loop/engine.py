@@ -239,7 +239,7 @@ class BaseTrainingEngine:
             raise CheckpointError(f"task {self.task.name!r} has no canonical parameters; it cannot resume")
         ckpt = load_checkpoint(path)
         if ckpt.spec != self.config.model:
-            diff = [k for k, v in ckpt.spec.to_dict().items() if self.config.model.to_dict()[k] != v]
+            diff = ckpt.spec.diff(self.config.model)
             raise CheckpointError(f"{path} was trained with a different model spec (model.{', model.'.join(diff)}); "
                                   "resume with the checkpoint's config")
         if ckpt.state_meta.get("format") != STATE_FORMAT:
