@@ -106,6 +106,8 @@ class LRSchedule(str, enum.Enum):
     COSINE = "cosine"  # linear warmup, cosine decay to the floor (training.final_lr)
     LINEAR = "linear"  # linear warmup, linear decay to the floor
     CONSTANT = "constant"  # linear warmup, then flat
+    STEP = "step"  # linear warmup, then times lr_gamma every lr_step_size steps
+    PLATEAU = "plateau"  # linear warmup, then times lr_factor after lr_patience evals without improvement
 
 
 class DistBackend(str, enum.Enum):
@@ -129,7 +131,8 @@ class TrainingConfig(_Section):
     gets ``batch_size // world_size``); one optimiser step consumes ``grad_accum_steps`` micro-batches,
     i.e. ``batch_size * grad_accum_steps * data.seq_len`` tokens. ``max_steps`` counts optimiser steps;
     ``None`` derives it from ``epochs`` (see ``total_steps``). The LR floor is ``min_lr`` when set,
-    else ``lr * min_lr_ratio`` (``final_lr``). ``grad_clip=0`` disables clipping; ``eval_every=0``
+    else ``lr * min_lr_ratio`` (``final_lr``); ``step`` and ``plateau`` never go below it either
+    (``llm.schedule`` has every schedule's formula). ``grad_clip=0`` disables clipping; ``eval_every=0``
     disables evaluation. ``log_every`` is the console cadence; ``logging.every_steps`` the
     metrics.jsonl one. ``early_stopping_patience`` stops the run after that many evaluations without
     a val-loss improvement larger than ``early_stopping_min_delta`` (0 = never). ``init_from`` names a
@@ -144,6 +147,10 @@ class TrainingConfig(_Section):
     min_lr: float | None = None
     min_lr_ratio: float = 0.1
     lr_schedule: LRSchedule = LRSchedule.COSINE
+    lr_step_size: int = 1000
+    lr_gamma: float = 0.1
+    lr_patience: int = 3
+    lr_factor: float = 0.5
     max_steps: int | None = None
     epochs: int = 1
     warmup_steps: int = 100
@@ -170,6 +177,12 @@ class TrainingConfig(_Section):
         need(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr",
              f"must be >= 0 and <= training.lr={self.lr!r}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.lr_step_size >= 1, "lr_step_size", "must be >= 1")
+        need(0 < self.lr_gamma <= 1, "lr_gamma", "must be in (0, 1]")
+        need(self.lr_patience >= 1, "lr_patience", "must be >= 1")
+        need(0 < self.lr_factor < 1, "lr_factor", "must be in (0, 1)")
+        need(self.lr_schedule is not LRSchedule.PLATEAU or self.eval_every > 0, "lr_schedule",
+             "=plateau reduces the rate on evaluations: set training.eval_every > 0")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

@@ -338,3 +338,21 @@ def test_a_corrupt_state_json_behind_a_valid_manifest_is_a_one_line_error(tmp_pa
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=f"state.json {key}=.* must be .*corrupt"):
         TrainingEngine(tiny(tmp_path, "training.max_steps=2"), run_dir=tmp_path / "run", resume=ckpt)
+
+
+def test_plateau_schedule_reduces_on_flat_val_losses_and_resumes_its_state(tmp_path, monkeypatch):
+    """lr_schedule=plateau: the loop feeds every evaluation to the schedule (flat val losses here), the
+    rate halves after lr_patience of them, and a resume continues from the saved reductions."""
+    monkeypatch.setattr(TrainingEngine, "_val_loss", lambda self, n: 2.0)
+    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01", "training.min_lr=0.0",
+            "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1", "training.max_steps=4",
+            "checkpoint.every_steps=2")
+    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "run")
+    lrs = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "run") if "lr" in r}
+    # evals after steps 1, 2, 3: the first sets the best, each later flat one halves the rate
+    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
+    assert meta["schedule"]["state"] == {"best": 2.0, "bad_evals": 0, "reductions": 1}
+    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
+    again = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "again") if "lr" in r}
+    assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])

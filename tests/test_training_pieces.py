@@ -55,7 +55,38 @@ def test_linear_and_constant_schedules_and_no_warmup():
     assert lr_at(0, lr=2.0, warmup_steps=0, total_steps=12, final_lr=0.5) == 2.0
     assert lr_at(50, lr=2.0, warmup_steps=3, total_steps=12, final_lr=0.5, schedule="constant") == 2.0
     with pytest.raises(ValueError, match="lr_schedule"):
-        lr_at(5, lr=1.0, warmup_steps=0, total_steps=9, final_lr=0.0, schedule="step")
+        lr_at(5, lr=1.0, warmup_steps=0, total_steps=9, final_lr=0.0, schedule="exponential")
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_size_steps_down_to_the_floor():
+    kw = dict(lr=1.0, warmup_steps=2, total_steps=100, final_lr=0.01, schedule="step", step_size=3, gamma=0.5)
+    assert [lr_at(s, **kw) for s in range(11)] == pytest.approx(
+        [0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25])
+    assert lr_at(99, **kw) == 0.01  # 0.5 ** 32 is below the floor
+
+
+def test_plateau_schedule_reduces_after_patience_evals_without_a_new_best_and_resumes():
+    t = load_config(None, ["training.lr=1.0", "training.warmup_steps=0", "training.min_lr=0.1",
+                           "training.lr_schedule=plateau", "training.lr_patience=2", "training.lr_factor=0.5"],
+                    env={}).training
+    sched = schedule_for(t, total_steps=100)
+    seen = []
+    for val in [3.0, 2.0, 2.5, 2.1, 1.9, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]:
+        sched.observe(val)
+        seen.append(sched(50))
+    assert seen == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.1, 0.1, 0.1])
+    again = schedule_for(t, total_steps=100)
+    again.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    sched.observe(5.0), again.observe(5.0)
+    assert again(50) == sched(50) and again.state_dict() == sched.state_dict()
+    other = schedule_for(t.replace(lr_schedule="cosine"), total_steps=100)
+    other.observe(1.0), other.observe(2.0), other.observe(3.0)
+    assert other.state_dict()["reductions"] == 0  # only plateau listens
+
+
+def test_plateau_needs_evaluation():
+    with pytest.raises(ValueError, match="lr_schedule.*plateau.*eval_every > 0"):
+        load_config(None, ["training.lr_schedule=plateau", "training.eval_every=0"], env={})
 
 
 def test_schedule_for_a_config():

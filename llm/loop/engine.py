@@ -227,6 +227,7 @@ class BaseTrainingEngine:
         self.step = step
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         self.best_val_loss = meta.get("best_val_loss")
+        self.lr_of.load_state_dict(meta.get("schedule", {}).get("state") or {})
         self.last_checkpoint = path
         self.callbacks.load_state_dict(meta.get("callbacks", {}))
         log.info("resumed from %s (step %d of %d, written by the %s backend)", path, step,
@@ -264,6 +265,7 @@ class BaseTrainingEngine:
         metrics = {"step": self.step, "val_loss": val, "val_ppl": math.exp(val) if val < 700 else math.inf}
         if math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
             self.best_val_loss = val
+        self.lr_of.observe(val)  # training.lr_schedule=plateau listens to every evaluation
         self.last_val = metrics
         self._paused += time.perf_counter() - started
         self.callbacks.call("on_eval_end", self, dict(metrics))
@@ -302,7 +304,7 @@ class BaseTrainingEngine:
             "rng": {"seed": t.seed, "scheme": self.rng_scheme},
             "schedule": {"name": t.lr_schedule.value, "lr": t.lr, "warmup_steps": t.warmup_steps,
                          "total_steps": self.total_steps, "final_lr": t.final_lr,
-                         "next_lr": self.lr_of(self.step)},
+                         "next_lr": self.lr_of(self.step), "state": self.lr_of.state_dict()},
             "optimizer": {"name": "adamw", "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
                           "weight_decay": t.weight_decay, "step": self.step},
             "grad_scaler": self._grad_scaler_state(),
