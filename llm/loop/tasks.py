@@ -51,7 +51,7 @@ import numpy as np
 
 from llm.backend import backend as get_backend
 from llm.config import ConfigError, nearest
-from llm.data import BaseDataModule, build_datamodule
+from llm.data import BaseDataModule, SyntheticDataModule, build_datamodule
 
 __all__ = ["LMTask", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
            "register_task", "unigram_entropy"]
@@ -234,3 +234,7 @@ class RegressionTask(TrainingTask):
 
     backends = {"torch": "RegressionTaskHalf", "jax": "RegressionTaskHalf"}
     canonical = False
+
+    def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
+        """SyntheticDataModule's regression set, sized by ``data`` and ``training`` (whatever ``data.source``)."""
+        return SyntheticDataModule.from_config(config, task="regression", rank=rank, world_size=world_size)
