@@ -12,7 +12,7 @@ The backend is chosen here, once, by name (keras-3 style): ``"torch"`` or ``"jax
 ``llm.load(..., backend="torch")``) never imports jax, and ``backend="jax"`` never imports torch.
 Every array in and out is numpy; the backend model is ``LoadedModel.model`` for anything more.
 
-Loading goes through ``llm.checkpoint.load_checkpoint``: a missing, torn or corrupt checkpoint
+Loading goes through ``llm.checkpoint.open_checkpoint``: a missing, torn or corrupt checkpoint
 raises its ``CheckpointError`` and nothing is half-loaded. A directory holding ``step_<N>``
 checkpoints (a run's ``checkpoints/``) loads the newest one that verifies. A ``tokenizer.json``
 saved beside the weights becomes ``LoadedModel.tokenizer`` (else None).
@@ -31,14 +31,15 @@ import numpy as np
 
 from llm.backend import backend as get_backend
 from llm.backend import canonical_name
-from llm.checkpoint import load_checkpoint, resolve_checkpoint
+from llm.checkpoint import open_checkpoint, resolve_checkpoint
+from llm.io import TOKENIZER_FILE
+from llm.sampling import check_prompt
 from llm.spec import ModelSpec
 from llm.tokenization import Tokenizer, check_vocab, load_tokenizer
 
 __all__ = ["DTYPES", "TOKENIZER_FILE", "LoadedModel", "load", "from_params", "resolve_checkpoint"]
 
 DTYPES = ("float32", "bfloat16")
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def _check_dtype(dtype: Any) -> str:
@@ -72,29 +73,17 @@ class LoadedModel:
                 f"hidden={self.spec.hidden_size}, vocab={self.spec.vocab_size}{where})")
 
     def _batch(self, token_ids: Any) -> np.ndarray:
+        """``token_ids`` as a 2-D array (a list or 1-D array is a batch of one); the rest of the checks
+        are ``llm.sampling.check_prompt``'s."""
         try:
             ids = np.asarray(token_ids)
         except ValueError:
             raise ValueError("token_ids rows must all have the same length (no ragged batches)") from None
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2:
-            raise ValueError(f"token_ids must be a list, a 1-D or a 2-D int array, got shape {ids.shape}")
-        if ids.size == 0:
-            raise ValueError(f"empty token_ids (shape {ids.shape}): give at least one token")
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"token_ids must be integers, got dtype {ids.dtype}")
-        bad = (ids < 0) | (ids >= self.spec.vocab_size)
-        if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} is out of range for vocab_size={self.spec.vocab_size}")
-        return ids.astype(np.int64)
+        return ids[None, :] if ids.ndim == 1 else ids
 
     def logits(self, token_ids: Any) -> np.ndarray:
         """Float32 next-token logits ``(B, T, V)`` for every position (eval mode, no dropout)."""
-        ids = self._batch(token_ids)
-        if ids.shape[1] > self.spec.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens exceed max_seq_len={self.spec.max_seq_len}")
-        return self._ops.logits(self.model, ids)
+        return self._ops.logits(self.model, check_prompt(self._batch(token_ids), self.spec, 0))
 
     def generate(self, token_ids: Any, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
@@ -104,6 +93,7 @@ class LoadedModel:
         ``temperature=0`` is greedy; see ``llm.sampling`` for top-k / top-p / EOS behaviour;
         ``vocab_limit=N`` picks only ids ``< N`` (``text_vocab_limit`` is the tokenizer's).
         """
+        # backends.<name>.generate checks the prompt (llm.sampling.check_prompt)
         return self._ops.generate(self.model, self._batch(token_ids), max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, vocab_limit=vocab_limit)
 
@@ -179,9 +169,8 @@ def load(checkpoint_dir: str | os.PathLike, backend: str = "torch", *, device: A
     """
     canonical_name(backend)
     _check_dtype(dtype)
-    path = resolve_checkpoint(checkpoint_dir)
-    ckpt = load_checkpoint(path, load_state=False)
+    ckpt = open_checkpoint(checkpoint_dir, load_state=False)
     tokenizer = None
-    if (path / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(path / TOKENIZER_FILE)
-    return from_params(ckpt.spec, ckpt.params, backend, tokenizer, device=device, dtype=dtype, path=path)
+    if (ckpt.path / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(ckpt.path / TOKENIZER_FILE)
+    return from_params(ckpt.spec, ckpt.params, backend, tokenizer, device=device, dtype=dtype, path=ckpt.path)

@@ -16,11 +16,9 @@ or corrupt directory as a whole (``CheckpointError``); nothing is loaded partial
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +27,21 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from llm.io import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    STATE_META_FILE,
+    atomic_directory,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from llm.spec import ModelSpec, SpecError, check_params
 
 FORMAT_NAME = "llm-canonical-checkpoint"
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-STATE_FILE = "state.safetensors"
-STATE_META_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
 _RESERVED = {MODEL_FILE, CONFIG_FILE, STATE_FILE, STATE_META_FILE, MANIFEST_FILE}
 
 __all__ = [
@@ -45,6 +49,7 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "open_checkpoint",
     "verify_checkpoint",
     "list_checkpoints",
     "latest_valid_checkpoint",
@@ -75,26 +80,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -129,21 +114,19 @@ def save_checkpoint(
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path, replace=True) as tmp:
         _write_tensors(tmp / MODEL_FILE, params)
-        _write_json(tmp / CONFIG_FILE, config)
+        write_json_atomic(tmp / CONFIG_FILE, config, sort_keys=True)
         if state_tensors is not None:
             _write_tensors(tmp / STATE_FILE, {k: np.asarray(v) for k, v in state_tensors.items()})
         if state_meta is not None:
-            _write_json(tmp / STATE_META_FILE, state_meta)
+            write_json_atomic(tmp / STATE_META_FILE, state_meta, sort_keys=True)
         for name, source in (extra_files or {}).items():
             if Path(name).name != name or name in _RESERVED:
                 raise CheckpointError(f"extra file name {name!r} must be a plain file name other than "
                                       f"{sorted(_RESERVED)}")
             if isinstance(source, bytes):
-                (tmp / name).write_bytes(source)
+                write_bytes_atomic(tmp / name, source)
             else:
                 shutil.copyfile(source, tmp / name)
         files = sorted(p.name for p in tmp.iterdir())
@@ -152,19 +135,7 @@ def save_checkpoint(
             "version": FORMAT_VERSION,
             "files": {name: _sha256(tmp / name) for name in files},
         }
-        _write_json(tmp / MANIFEST_FILE, manifest)
-        _fsync_dir(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / MANIFEST_FILE, manifest, sort_keys=True)
     return path
 
 
@@ -176,10 +147,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST_FILE} (torn or not a checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    manifest = read_json(manifest_path, error=CheckpointError)
     if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME
             or not isinstance(manifest.get("files"), dict)
             or not all(isinstance(d, str) for d in manifest["files"].values())):
@@ -203,16 +171,19 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Checkpoint:
     """Verify and load a checkpoint; raise CheckpointError on any problem, before returning data."""
-    path = Path(path)
-    manifest = verify_checkpoint(path)
+    return _read_checkpoint(Path(path), verify_checkpoint(path), load_state)
+
+
+def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool) -> Checkpoint:
+    """The checkpoint of a directory whose ``manifest`` was verified."""
     try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = read_json(path / CONFIG_FILE, error=CheckpointError)
         if not isinstance(config, dict):
             raise ValueError(f"{CONFIG_FILE} holds a {type(config).__name__}, not an object")
         spec = ModelSpec.from_dict(config.get("model", {}))
         params = load_file(str(path / MODEL_FILE))
         check_params(spec, params, where=f"{path / MODEL_FILE}")
-    except (SpecError, json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError, SafetensorError) as e:
+    except (SpecError, OSError, ValueError, AttributeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     state_tensors: dict[str, np.ndarray] = {}
     state_meta: dict[str, Any] = {}
@@ -223,12 +194,21 @@ def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Chec
             if STATE_FILE in manifest["files"]:
                 state_tensors = load_file(str(path / STATE_FILE))
             if STATE_META_FILE in manifest["files"]:
-                state_meta = json.loads((path / STATE_META_FILE).read_text(encoding="utf-8"))
+                state_meta = read_json(path / STATE_META_FILE, error=ValueError)
                 if not isinstance(state_meta, dict):
                     raise ValueError(f"{STATE_META_FILE} holds a {type(state_meta).__name__}, not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError, SafetensorError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{path}: unreadable training state: {' '.join(str(e).split())}") from None
     return Checkpoint(path, config, spec, params, state_tensors, state_meta)
+
+
+def open_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Checkpoint:
+    """``load_checkpoint(resolve_checkpoint(path))`` with every file hashed once: ``path`` itself, or
+    for a directory of ``step_<N>`` checkpoints the newest one that verifies."""
+    found, manifest = _resolve(Path(path))
+    if manifest is None:
+        return load_checkpoint(found, load_state=load_state)
+    return _read_checkpoint(found, manifest, load_state)
 
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -281,28 +261,37 @@ def recover_interrupted_writes(checkpoints_dir: str | os.PathLike) -> list[str]:
     return done
 
 
+def _newest_valid(checkpoints_dir: str | os.PathLike
+                  ) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that verifies, its manifest, ``(path, reason)`` for each newer one skipped)."""
+    skipped: list[tuple[Path, str]] = []
+    for _, path in list_checkpoints(checkpoints_dir):
+        try:
+            return path, verify_checkpoint(path), skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    return None, None, skipped
+
+
 def latest_valid_checkpoint(
     checkpoints_dir: str | os.PathLike,
 ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest checkpoint that verifies, and ``(path, reason)`` for each newer one skipped."""
-    skipped: list[tuple[Path, str]] = []
-    for _, path in list_checkpoints(checkpoints_dir):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            skipped.append((path, str(e)))
-            continue
-        return path, skipped
-    return None, skipped
+    path, _, skipped = _newest_valid(checkpoints_dir)
+    return path, skipped
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` itself, or for a directory of ``step_<N>`` checkpoints the newest valid one."""
-    path = Path(path)
+    return _resolve(Path(path))[0]
+
+
+def _resolve(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """``resolve_checkpoint`` and, when it had to verify the one it picked, that one's manifest."""
     if (path / MANIFEST_FILE).exists() or not list_checkpoints(path):
-        return path
-    found, skipped = latest_valid_checkpoint(path)
+        return path, None
+    found, manifest, skipped = _newest_valid(path)
     if found is None:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
         raise CheckpointError(f"{path}: no valid step_<N> checkpoint ({reasons})")
-    return found
+    return found, manifest

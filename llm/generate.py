@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 
+from llm.io import TOKENIZER_FILE, CliParser
 from llm.sampling import Sampling, check_eos, check_prompt, check_seed, sample_text
 
 __all__ = ["Sampling", "check_prompt", "check_seed", "check_eos", "sample_text", "main"]
@@ -34,13 +35,6 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 # ---------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage dump), exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(p) for p in text.replace(" ", "").split(",") if p != ""]
@@ -52,7 +46,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m llm.generate",
+    p = CliParser(prog="python -m llm.generate",
                 description="Generate text (or token ids) from a canonical checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run's checkpoints dir)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -71,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from llm.api import TOKENIZER_FILE, load, resolve_checkpoint
+    from llm.api import load, resolve_checkpoint
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
@@ -94,7 +88,7 @@ def _run(args: argparse.Namespace) -> None:
             print(",".join(str(int(t)) for t in row))
         return
     if model.tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer.json; pass --prompt-ids 1,2,3 instead of --prompt")
+        raise ValueError(f"{args.checkpoint} has no {TOKENIZER_FILE}; pass --prompt-ids 1,2,3 instead of --prompt")
     texts = model.generate_texts(args.prompt, args.max_new_tokens, num_samples=args.num_samples, **kwargs)
     for i, text in enumerate(texts):
         if args.num_samples > 1:

@@ -9,8 +9,8 @@ python -m llm.hf export CKPT_DIR OUT_DIR [--family gpt2|llama|mistral|qwen2|mixt
 **import** reads a transformers model directory -- ``config.json``, ``model.safetensors`` or a
 sharded ``model.safetensors.index.json``, and the tokenizer when there is one -- and writes a
 canonical checkpoint (``llm.checkpoint``) that ``llm.load`` / ``python -m llm.generate`` /
-``python -m llm.train --init-from`` read with either backend. Weights are read straight from the
-safetensors files with numpy (float32, float16 and bfloat16 are upcast to float32 exactly), so
+``python -m llm.train --init-from`` read with either backend. Weights are read with the
+``safetensors`` library into numpy (float32, float16 and bfloat16 are upcast to float32 exactly), so
 importing needs neither torch nor transformers. The family comes from ``config.json``'s
 ``model_type``; the field and weight mapping is ``llm.hf_families``. Every config field that
 cannot be honoured is listed in one ``HFError``; nothing is dropped silently.
@@ -41,16 +41,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, deserialize, safe_open
+from safetensors.numpy import save_file
 
-from llm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from llm.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
+from llm.io import TOKENIZER_FILE, CliParser, atomic_directory, read_json
 from llm.hf_families import FAMILIES, Family, HFError, family_for_config, get_family, infer_family
 from llm.spec import ModelSpec, Position, SpecError, check_params
 
@@ -58,10 +59,10 @@ __all__ = ["HFError", "ImportResult", "ExportResult", "import_hf", "export_hf", 
            "read_hf_weights", "params_from_hf", "params_to_hf", "read_hf_tokenizer", "main"]
 
 SOURCE_FILE = "hf_source.json"
-TOKENIZER_FILE = "tokenizer.json"
-_SAFETENSORS_FLOATS = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}
-_SAFETENSORS_OTHERS = {"BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "I32": "<i4",
-                       "U32": "<u4", "I64": "<i8", "U64": "<u8"}
+# a transformers model directory (its tokenizer.json is the tokenizers library's, llm.io.TOKENIZER_FILE)
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+_SAFETENSORS_NUMPY = ("F32", "F16", "F64", "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64")
 _TOKENIZER_FILES = ("tokenizer.model", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
 
 
@@ -70,35 +71,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as numpy: floats as float32 (F16/F64 cast, BF16 widened
     exactly), integer and bool tensors (e.g. old GPT-2 mask buffers) in their own dtype.
 
-    Parsed directly (8-byte little-endian header length, JSON header, raw data) so bfloat16 works
-    without torch. Other dtypes (float8, ...) are an HFError.
+    Read with ``safetensors`` (numpy has no bfloat16: BF16 tensors come as their raw bytes from
+    ``safetensors.deserialize`` and are widened here, so no torch is needed). Other dtypes
+    (float8, ...) and files that are not safetensors are an HFError.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HFError(f"{path}: not a safetensors file ({e})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if path.stat().st_size > 8 + n else None
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape = info["dtype"], tuple(info["shape"])
-        start, end = info["data_offsets"]
-        raw = data[start:end] if data is not None else np.zeros(0, np.uint8)
-        if dtype == "BF16":
-            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        elif dtype in _SAFETENSORS_FLOATS:
-            arr = raw.view(_SAFETENSORS_FLOATS[dtype]).astype(np.float32)
-        elif dtype in _SAFETENSORS_OTHERS:
-            arr = np.array(raw.view(_SAFETENSORS_OTHERS[dtype]))
-        else:
-            raise HFError(f"{path}: tensor {name} has dtype {dtype}; only F32, F16, BF16 and F64 weights "
-                          "are supported (quantized checkpoints must be dequantized first)")
-        out[name] = arr.reshape(shape)
-    return out
+    try:
+        with safe_open(path, framework="np") as f:
+            dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+            bad = {name: dt for name, dt in dtypes.items() if dt != "BF16" and dt not in _SAFETENSORS_NUMPY}
+            if bad:
+                name, dtype = next(iter(bad.items()))
+                raise HFError(f"{path}: tensor {name} has dtype {dtype}; only F32, F16, BF16 and F64 weights "
+                              "are supported (quantized checkpoints must be dequantized first)")
+            out = {name: f.get_tensor(name) for name, dt in dtypes.items() if dt != "BF16"}
+        if len(out) < len(dtypes):
+            for name, view in deserialize(path.read_bytes()):
+                if view["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+                    bits = np.frombuffer(view["data"], "<u2").astype(np.uint32) << 16
+                    out[name] = bits.view(np.float32).reshape(view["shape"])
+    except SafetensorError as e:
+        raise HFError(f"{path}: not a safetensors file ({e})") from None
+    return {name: (arr.astype(np.float32) if arr.dtype.kind == "f" else arr) for name, arr in out.items()}
 
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -106,7 +100,7 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = _read_json(index).get("weight_map", {})
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(read_safetensors(hf_dir / shard))
@@ -114,7 +108,7 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         if missing:
             raise HFError(f"{index}: {len(missing)} tensor(s) listed but not in the shards: {missing[:5]}")
         return tensors
-    single = hf_dir / "model.safetensors"
+    single = hf_dir / HF_WEIGHTS_FILE
     if single.is_file():
         return read_safetensors(single)
     pickled = [p.name for p in hf_dir.glob("*.bin")] + [p.name for p in hf_dir.glob("*.pt")]
@@ -170,12 +164,10 @@ def _token_text(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when there is no such file (or it holds no object)."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFError(f"{path}: invalid JSON ({e})") from None
+    data = read_json(path, error=HFError)
     return data if isinstance(data, dict) else {}
 
 
@@ -201,9 +193,9 @@ def read_hf_tokenizer(hf_dir: str | os.PathLike, hf_config: dict[str, Any] | Non
     notes: list[str] = []
     tc = _read_json(hf_dir / "tokenizer_config.json")
     stm = _read_json(hf_dir / "special_tokens_map.json")
-    if (hf_dir / "tokenizer.json").is_file():
+    if (hf_dir / TOKENIZER_FILE).is_file():
         try:
-            tok = Tokenizer.from_str((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+            tok = Tokenizer.from_str((hf_dir / TOKENIZER_FILE).read_text(encoding="utf-8"))
         except Exception as e:  # the library raises a bare Exception on malformed files
             raise HFError(f"{hf_dir / 'tokenizer.json'}: not a tokenizers-library file ({e})") from None
     elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
@@ -256,7 +248,7 @@ def _tokenizer_export_files(tokenizer: Any, model_max_length: int) -> tuple[dict
     for role, text in roles.items():
         if text is not None:
             config[f"{role}_token"] = text
-    return {"tokenizer.json": inner.encode(), "tokenizer_config.json":
+    return {TOKENIZER_FILE: inner.encode(), "tokenizer_config.json":
             (json.dumps(config, indent=2) + "\n").encode()}, "tokenizer: tokenizer.json + tokenizer_config.json"
 
 
@@ -289,7 +281,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seq_
     hf_dir = Path(hf_dir)
     if Path(out_dir).exists() and not overwrite:
         raise HFError(f"{out_dir} already exists (pass --overwrite / overwrite=True to replace it)")
-    cfg = _read_json(hf_dir / "config.json")
+    cfg = _read_json(hf_dir / HF_CONFIG_FILE)
     if not cfg:
         raise HFError(f"{hf_dir}: no config.json (not a transformers model directory)")
     family = family_for_config(cfg)
@@ -315,9 +307,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seq_
             check_vocab(tok, spec)
         except TokenizerError as e:
             raise HFError(f"{hf_dir}: {e} (or pass --no-tokenizer to import the weights alone)") from None
-        with tempfile.TemporaryDirectory() as tmp:
-            tok.save(Path(tmp) / TOKENIZER_FILE)
-            extra[TOKENIZER_FILE] = (Path(tmp) / TOKENIZER_FILE).read_bytes()
+        extra[TOKENIZER_FILE] = tok.to_bytes()
     source = {"family": family.name, "model_type": cfg.get("model_type"), "architectures": cfg.get("architectures"),
               "source_dir": str(hf_dir.resolve()), "source_dtype": cfg.get("dtype", cfg.get("torch_dtype")),
               "transformers_version": cfg.get("transformers_version")}
@@ -342,14 +332,13 @@ def _training_settings(spec: ModelSpec, family: Family) -> dict[str, Any]:
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, family: str | None = None,
               drop_training_settings: bool = False, overwrite: bool = False) -> ExportResult:
     """Write the canonical checkpoint ``ckpt_dir`` as a transformers model directory at ``out_dir``."""
-    from llm.checkpoint import resolve_checkpoint
     from llm.tokenization import load_tokenizer
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise HFError(f"{out} exists and is not empty (pass --overwrite / overwrite=True to replace it)")
-    ckpt_path = resolve_checkpoint(ckpt_dir)
-    ckpt = load_checkpoint(ckpt_path, load_state=False)
+    ckpt = open_checkpoint(ckpt_dir, load_state=False)
+    ckpt_path = ckpt.path
     spec = ckpt.spec
     if family is not None:
         fam = get_family(family)
@@ -384,35 +373,18 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, family
     else:
         notes.append("tokenizer: the checkpoint has none")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        from safetensors.numpy import save_file
-
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_directory(out, replace=True) as tmp:
+        save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for name, data in tok_files.items():
             (tmp / name).write_bytes(data)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out, fam.name, config, notes)
 
 
 # ---------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m llm.hf", description="Import / export Hugging Face transformers checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = CliParser(prog="python -m llm.hf", description="Import / export Hugging Face transformers checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CliParser)
     imp = sub.add_parser("import", help="transformers model dir -> canonical checkpoint")
     imp.add_argument("hf_dir", help="directory with config.json and model.safetensors (or shards)")
     imp.add_argument("out_dir", help="the canonical checkpoint directory to write")

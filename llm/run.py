@@ -16,7 +16,6 @@ run started on one backend resumes on the other. This module must not import tor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from llm.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, recover_interrupted_writes
+from llm.io import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    TOKENIZER_FILE,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -37,6 +45,8 @@ __all__ = [
     "default_run_dir",
     "moment_name",
     "split_moment_name",
+    "write_bytes_atomic",
+    "write_json_atomic",
 ]
 
 log = logging.getLogger("llm.run")
@@ -118,23 +128,23 @@ class RunDir:
     # ------------------------------------------------------------------ paths
     @property
     def config_path(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / "tokenizer.json"
+        return self.root / TOKENIZER_FILE
 
     @property
     def plot_path(self) -> Path:
-        return self.root / "loss.png"
+        return self.root / PLOT_FILE
 
     @property
     def summary_path(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / SUMMARY_FILE
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step_{step}"
@@ -203,16 +213,6 @@ class RunDir:
                 os.rename(bad, target)
             except OSError as e:  # read-only checkpoints: leave it, it will be skipped again
                 log.warning("could not move %s aside (%s)", bad, e)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 from llm.backend import ALIASES, BackendError
 from llm.backend import backend as get_backend
 from llm.config import ConfigError, dump_yaml, load_config
-from llm.run import write_json_atomic
+from llm.io import CONFIG_FILE, CliParser, write_json_atomic
 
 PROG = "llm-train"
 # What configs/default.yaml holds, for installs without the configs/ folder (a test keeps them equal).
@@ -44,13 +44,8 @@ logging: {every_steps: 1}
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Train a model from a run config (see docs/training.md).")
+    p = CliParser(prog=PROG, error_label=PROG, description="Train a model from a run config (see docs/training.md).")
     p.add_argument("--backend", default="torch", choices=sorted(ALIASES), help="training engine")
     p.add_argument("--config", help="YAML run config (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -81,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_path(args: argparse.Namespace) -> str | None:
     if args.config:
         return args.config
-    if isinstance(args.resume, str) and (Path(args.resume) / "config.json").is_file():
-        return str(Path(args.resume) / "config.json")  # JSON is YAML: the checkpoint's resolved config
-    if args.resume is not False and args.run_dir and (Path(args.run_dir) / "config.json").is_file():
-        return str(Path(args.run_dir) / "config.json")  # the run's own resolved config
+    if isinstance(args.resume, str) and (Path(args.resume) / CONFIG_FILE).is_file():
+        return str(Path(args.resume) / CONFIG_FILE)  # JSON is YAML: the checkpoint's resolved config
+    if args.resume is not False and args.run_dir and (Path(args.run_dir) / CONFIG_FILE).is_file():
+        return str(Path(args.run_dir) / CONFIG_FILE)  # the run's own resolved config
     from llm.run import DEFAULT_CONFIG_PATH
 
     if DEFAULT_CONFIG_PATH.is_file():

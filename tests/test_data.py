@@ -492,9 +492,11 @@ def test_build_datamodule_from_config(corpus_dir, tmp_path):
 
     synth = build_datamodule(load_config(env={}, overrides=["data.source=synthetic", "training.batch_size=4"]))
     assert isinstance(synth, SyntheticDataModule) and synth.vocab_size == cfg.model.vocab_size
-    reg = build_datamodule(load_config(env={}, overrides=["task=regression", "training.batch_size=4"]))
-    reg.setup()
-    assert reg.task == "regression" and reg.batch_at(0)[0].dtype == np.float32
+    # the data section alone decides: a task's own data is the task's business (llm.loop.tasks)
+    other = build_datamodule(load_config(env={}, overrides=["task=regression", "data.source=synthetic",
+                                                            "training.batch_size=4"]))
+    other.setup()
+    assert other.task == "lm" and other.batch_at(0)[0].dtype == np.int64
 
 
 def test_partial_eval_spreads_its_batches_over_the_val_split():

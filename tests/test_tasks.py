@@ -13,11 +13,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import llm.loop.tasks
 from llm.config import Config, load_config
+from llm.data import SyntheticDataModule
 from llm.loop.tasks import TaskError, get_task
 from llm.train import main
 
@@ -129,6 +131,17 @@ def env() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- resolving names
+def test_the_regression_task_builds_its_regression_set_whatever_the_data_source():
+    config = load_config(env={}, overrides=["task=regression", "training.batch_size=4", "training.seed=3"])
+    assert config.data.source != "synthetic"
+    dm = get_task(config.task).build_datamodule(config, rank=1, world_size=2)
+    assert isinstance(dm, SyntheticDataModule) and dm.task == "regression"
+    dm.setup()
+    x, y = dm.batch_at(0)
+    assert x.dtype == y.dtype == np.float32 and x.shape == (2, dm.in_features) and y.shape == (2, dm.out_features)
+    assert dm.seed == 3 and dm.rank == 1
+
+
 def test_module_colon_name_imports_the_module_that_registers_it(user_tasks):
     assert "mae_regression" not in llm.loop.tasks.available_tasks()
     task = get_task("mytasks:mae_regression")

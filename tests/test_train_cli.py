@@ -201,3 +201,64 @@ def test_a_table_padded_past_the_tokenizer_samples_only_known_ids(tmp_path, one_
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     assert isinstance(summary["sample"], str) and len(summary["sample"]) > len("def ")
+
+
+# ---------------------------------------------------------------------- --init-from
+def _starting_checkpoint(root: Path, seed: int = 0) -> tuple[Path, object]:
+    """A canonical checkpoint of the TINY spec with a char tokenizer, as a run's ``checkpoints/step_3``."""
+    from llm.checkpoint import save_checkpoint
+    from llm.spec import init_params
+    from llm.tokenization import build_tokenizer
+
+    spec = load_config(None, TINY, env={}).model
+    tokenizer = build_tokenizer("char", ["abcdefghij"])
+    path = save_checkpoint(root / "checkpoints" / "step_3", init_params(spec, seed), {"model": spec.to_dict()},
+                           extra_files={"tokenizer.json": tokenizer.to_bytes()}, overwrite=True)
+    return path, tokenizer
+
+
+def test_init_from_verifies_and_loads_the_checkpoint_once(tmp_path, monkeypatch, one_torch_thread):
+    import llm.checkpoint
+    import llm.tokenization
+
+    ckpt, tokenizer = _starting_checkpoint(tmp_path / "src")
+    (tmp_path / "corpus.txt").write_text("abcdefghij" * 500)
+    calls: dict[str, int] = {"verify": 0, "read": 0, "tokenizer": 0}
+
+    def counting(name, fn, path_of):
+        def wrapper(*args, **kwargs):
+            if Path(path_of(*args)).resolve().is_relative_to(ckpt.resolve()):
+                calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(llm.checkpoint, "verify_checkpoint",
+                        counting("verify", llm.checkpoint.verify_checkpoint, lambda p: p))
+    monkeypatch.setattr(llm.checkpoint, "_read_checkpoint",
+                        counting("read", llm.checkpoint._read_checkpoint, lambda p, *_: p))
+    monkeypatch.setattr(llm.tokenization, "load_tokenizer",
+                        counting("tokenizer", llm.tokenization.load_tokenizer, lambda p: p))
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--init-from", str(ckpt.parent),  # the checkpoints dir
+               "--set", f"data.source={tmp_path / 'corpus.txt'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+               "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--sample-tokens", "0"])
+    assert rc == 0
+    assert calls == {"verify": 1, "read": 1, "tokenizer": 1}
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["training"]["init_from"] == str(ckpt.resolve())
+    assert (run / "tokenizer.json").read_bytes() == tokenizer.to_bytes()  # the checkpoint's, not rebuilt
+
+
+def test_a_starting_point_is_loaded_again_when_its_checkpoint_is_rewritten(tmp_path):
+    import numpy as np
+
+    from llm.init_from import load_starting_point
+
+    ckpt, _ = _starting_checkpoint(tmp_path)
+    first = load_starting_point(ckpt)
+    assert load_starting_point(ckpt.parent) is first and load_starting_point(ckpt) is first
+    assert first.path == ckpt.resolve() and first.tokenizer.vocab_size == 14
+    _starting_checkpoint(tmp_path, seed=1)  # same directory, other weights
+    second = load_starting_point(ckpt)
+    assert second is not first
+    name = "embed.weight"
+    assert not np.array_equal(second.params[name], first.params[name])

@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 
 from backends.flax.convert import from_spec, load_canonical, to_canonical
-from backends.flax.model import DecoderModel
-from llm.init_from import init_from_params
+from backends.flax.inference import generate
+from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["COMPUTE_DTYPES", "FlaxLMTask", "FlaxRegressionTask", "FlaxTask", "RegressionMLP",
-           "compute_dtype", "param_names", "sample_text"]
+           "compute_dtype", "param_names"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -78,16 +78,14 @@ class FlaxTask:
         return hash(type(self))
 
 
-class FlaxLMTask(FlaxTask):
-    """Causal LM: ``from_spec(config.model, seed)`` in the compute dtype (or the
-    ``training.init_from`` checkpoint's weights); objective ``loss + aux + z``."""
+class FlaxLMTask(LMTaskHalfBase, FlaxTask):
+    """Causal LM: ``from_spec(config.model, seed)`` in the compute dtype (or the ``training.init_from``
+    checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``."""
 
-    def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
-        model = from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))
-        params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
-        if params is not None:
-            load_canonical(model, params)
-        return model
+    def new_model(self, config: Any) -> nnx.Module:
+        return from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))
+
+    generate = staticmethod(generate)  # KV-cached decoding, for LMTaskHalfBase.sample
 
     def loss(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array], *, deterministic: bool
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -101,20 +99,6 @@ class FlaxLMTask(FlaxTask):
 
     def no_decay_names(self, config: Any, model: nnx.Module) -> set[str]:
         return config.model.no_decay_names()  # norms, biases, embedding tables (llm.spec)
-
-    def sample(self, model: nnx.Module, datamodule: Any, **kwargs: Any) -> str | None:
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is None:
-            return None
-        return sample_text(model, tokenizer, **kwargs)
-
-
-def sample_text(model: DecoderModel, tokenizer: Any, **kwargs: Any) -> str:
-    """``llm.sampling.sample_text`` with ``backends.flax.inference`` (KV-cached)."""
-    from backends.flax.inference import generate
-    from llm.sampling import sample_text as sample
-
-    return sample(generate, model, tokenizer, **kwargs)
 
 
 class RegressionMLP(nnx.Module):

@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backends.torch.convert import from_spec, load_canonical, to_canonical
-from backends.torch.model import DecoderModel
-from llm.init_from import init_from_params
+from backends.torch.inference import generate
+from llm.loop.tasks import LMTaskHalfBase
 
-__all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask", "sample_text"]
+__all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask"]
 
 
 class TorchTask:
@@ -48,16 +48,14 @@ class TorchTask:
         return None
 
 
-class TorchLMTask(TorchTask):
+class TorchLMTask(LMTaskHalfBase, TorchTask):
     """Causal LM: ``from_spec(config.model, seed)`` (or the ``training.init_from``
-    checkpoint's weights); objective ``loss + aux + z``."""
+    checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``."""
 
-    def build_model(self, config: Any, datamodule: Any) -> nn.Module:
-        model = from_spec(config.model, seed=config.training.seed)
-        params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
-        if params is not None:
-            load_canonical(model, params)
-        return model
+    def new_model(self, config: Any) -> nn.Module:
+        return from_spec(config.model, seed=config.training.seed)
+
+    generate = staticmethod(generate)  # KV-cached decoding, for LMTaskHalfBase.sample
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -71,25 +69,11 @@ class TorchLMTask(TorchTask):
     def no_decay_names(self, config: Any, model: nn.Module) -> set[str]:
         return config.model.no_decay_names()  # norms, biases, embedding tables (llm.spec)
 
-    def sample(self, model: nn.Module, datamodule: Any, **kwargs: Any) -> str | None:
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is None:
-            return None
-        return sample_text(model, tokenizer, **kwargs)
-
 
 def _spec_of(model: nn.Module):
     inner = getattr(model, "module", model)  # DDP
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     return inner.spec
-
-
-def sample_text(model: DecoderModel, tokenizer: Any, **kwargs: Any) -> str:
-    """``llm.sampling.sample_text`` with ``backends.torch.inference`` (KV-cached)."""
-    from backends.torch.inference import generate
-    from llm.sampling import sample_text as sample
-
-    return sample(generate, model, tokenizer, **kwargs)
 
 
 class RegressionMLP(nn.Module):

@@ -3,7 +3,7 @@
 * ``TextDataModule`` -- a text corpus (``stdlib``, a file, a directory, a glob) tokenized once into
   a cached memmap; int64 ``(inputs, targets)`` windows.
 * ``SyntheticDataModule`` -- seeded random tokens (LM) or a regression set.
-* ``build_datamodule(config, rank=, world_size=)`` -- the one a run config asks for.
+* ``build_datamodule(config, rank=, world_size=)`` -- the one a run config's ``data`` asks for.
 
 Every module shares ``BaseDataModule``'s sampler: deterministic for a seed, resumable from
 ``state_dict()``, and sharded so data-parallel ranks get disjoint slices of the global batch.
@@ -22,12 +22,9 @@ __all__ = ["Batch", "BaseDataModule", "DataError", "SyntheticDataModule", "TextD
 
 
 def build_datamodule(config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
-    """The data module of a ``llm.config.Config`` (not yet set up).
-
-    ``task=regression`` and ``data.source=synthetic`` give a SyntheticDataModule, anything else a
-    TextDataModule (another task's default data is the LM data of ``data.source``).
-    """
-    task = str(getattr(config.task, "value", config.task))
-    if task == "regression" or config.data.source == "synthetic":
+    """The data module of a ``llm.config.Config``'s ``data`` section (not yet set up):
+    ``data.source=synthetic`` gives a SyntheticDataModule of token windows, anything else a
+    TextDataModule. A task that wants other data builds its own (``llm.loop.tasks``)."""
+    if config.data.source == "synthetic":
         return SyntheticDataModule.from_config(config, rank=rank, world_size=world_size)
     return TextDataModule.from_config(config, rank=rank, world_size=world_size)

@@ -54,11 +54,12 @@ class SyntheticDataModule(BaseDataModule):
         self.weight: np.ndarray | None = None  # the true regression weight, after setup()
 
     @classmethod
-    def from_config(cls, config: Any, *, rank: int = 0, world_size: int = 1) -> SyntheticDataModule:
+    def from_config(cls, config: Any, *, task: str = "lm", rank: int = 0, world_size: int = 1
+                    ) -> SyntheticDataModule:
+        """The module of a run config's ``data``, ``training`` and ``model.vocab_size``; ``task`` is the
+        kind of data ("lm" token windows or the "regression" set), not the run's task."""
         d, t = config.data, config.training
-        # the regression set for the regression task; token windows for "lm" and any other task
-        kind = "regression" if config.task == "regression" else "lm"
-        return cls(batch_size=t.batch_size, task=kind, seq_len=d.seq_len,
+        return cls(batch_size=t.batch_size, task=task, seq_len=d.seq_len,
                    vocab_size=config.model.vocab_size, num_samples=d.synthetic_size,
                    val_fraction=d.val_fraction, seed=t.seed, rank=rank, world_size=world_size)
 

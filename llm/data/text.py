@@ -55,9 +55,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from llm.data.base import BaseDataModule, Batch, DataError
+from llm.io import TOKENIZER_FILE, atomic_directory
 from llm.tokenization import build_tokenizer, load_tokenizer
 
 __all__ = ["TextDataModule", "Corpus", "document_name", "read_corpus", "resolve_source", "split_rank",
@@ -350,21 +349,17 @@ class TextDataModule(BaseDataModule):
                 "bytes": corpus.num_bytes, "truncated": corpus.truncated, "tokens": int(total),
                 "documents": len(order), "order": "sha256 of the document name",
                 "dtype": np.dtype(dtype).name, "tokenizer": tok.type, "vocab_size": tok.vocab_size}
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".tmp-{key[:12]}-"))
         try:
-            np.save(tmp / "tokens.npy", tokens)
-            (tmp / "documents.json").write_text(json.dumps(documents))
-            tok.save(tmp / "tokenizer.json")
-            meta["sha256"] = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest() for name in _CACHE_FILES}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            try:
-                os.rename(tmp, self.cache_path)
-            except OSError:
-                if not (self.cache_path / "meta.json").is_file():  # not a concurrent rank's win
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_directory(self.cache_path) as tmp:
+                np.save(tmp / "tokens.npy", tokens)
+                (tmp / "documents.json").write_text(json.dumps(documents))
+                tok.save(tmp / TOKENIZER_FILE)
+                meta["sha256"] = {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+                                  for name in _CACHE_FILES}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except OSError:
+            if not (self.cache_path / "meta.json").is_file():  # not a concurrent rank's win
+                raise
         log.info("tokenized %s: %d files, %.2f MB -> %d tokens (%s, vocab %d) in %.1fs; cached at %s",
                  corpus.source, len(corpus.files), corpus.num_bytes / 1e6, total, tok.type,
                  tok.vocab_size, time.perf_counter() - started, self.cache_path)
@@ -386,7 +381,7 @@ class TextDataModule(BaseDataModule):
                 or len(ends) == 0 or ends[-1] != len(tokens) or np.any(np.diff(ends, prepend=0) < 0)):
             raise DataError(f"corrupt token cache {self.cache_path} (meta.json/documents.json do not "
                             "match tokens.npy); delete it to rebuild")
-        self.tokenizer = self._given_tokenizer or load_tokenizer(self.cache_path / "tokenizer.json")
+        self.tokenizer = self._given_tokenizer or load_tokenizer(self.cache_path / TOKENIZER_FILE)
         self.meta = meta
         self._tokens = tokens
         self._split(tokens, names, ends)

@@ -51,9 +51,9 @@ import numpy as np
 
 from llm.backend import backend as get_backend
 from llm.config import ConfigError, nearest
-from llm.data import BaseDataModule, build_datamodule
+from llm.data import BaseDataModule, SyntheticDataModule, build_datamodule
 
-__all__ = ["LMTask", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
+__all__ = ["LMTask", "LMTaskHalfBase", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
            "register_task", "unigram_entropy"]
 
 
@@ -169,6 +169,39 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int | None = None) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+class LMTaskHalfBase:
+    """What the LM task's backend halves share, written once (``backends/*/tasks.py`` mix it in):
+    the model is ``new_model(config)`` with the ``training.init_from`` checkpoint's weights loaded when
+    there is one (``llm.init_from``), and the sample is ``llm.sampling.sample_text`` with the backend's
+    ``generate``. A half supplies ``new_model``, ``generate`` and ``load_canonical``."""
+
+    def new_model(self, config: Any) -> Any:
+        """A freshly initialised ``DecoderModel`` of ``config.model`` (seeded by ``training.seed``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def generate(model: Any, token_ids: np.ndarray, max_new_tokens: int, **kwargs: Any) -> np.ndarray:
+        """The backend's decoding loop (``backends.<name>.inference.generate``)."""
+        raise NotImplementedError
+
+    def build_model(self, config: Any, datamodule: Any) -> Any:
+        model = self.new_model(config)
+        from llm.init_from import init_from_params
+
+        params = init_from_params(config)  # training.init_from: start from that checkpoint's weights
+        if params is not None:
+            self.load_canonical(model, params)
+        return model
+
+    def sample(self, model: Any, datamodule: Any, **kwargs: Any) -> str | None:
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        from llm.sampling import sample_text
+
+        return sample_text(self.generate, model, tokenizer, **kwargs)
+
+
 @register_task("lm")
 class LMTask(TrainingTask):
     """Causal language modelling on ``data.source`` (text or synthetic tokens)."""
@@ -217,12 +250,9 @@ class LMTask(TrainingTask):
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is None:
             return {}
-        import tempfile
-        from pathlib import Path
+        from llm.io import TOKENIZER_FILE
 
-        with tempfile.TemporaryDirectory() as tmp:  # tokenizer.save() owns the file format
-            tokenizer.save(Path(tmp) / "tokenizer.json")
-            return {"tokenizer.json": (Path(tmp) / "tokenizer.json").read_bytes()}
+        return {TOKENIZER_FILE: tokenizer.to_bytes()}
 
 
 @register_task("regression")
@@ -234,3 +264,7 @@ class RegressionTask(TrainingTask):
 
     backends = {"torch": "RegressionTaskHalf", "jax": "RegressionTaskHalf"}
     canonical = False
+
+    def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
+        """SyntheticDataModule's regression set, sized by ``data`` and ``training`` (whatever ``data.source``)."""
+        return SyntheticDataModule.from_config(config, task="regression", rank=rank, world_size=world_size)

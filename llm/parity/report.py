@@ -13,7 +13,6 @@ Error measures and tolerances: ``llm.parity.metrics``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from llm.backend import backend
+from llm.io import CliParser
 from llm.parity.metrics import GRAD_FLOOR, Tolerances, configure_numerics, max_abs_err, mean_kl, rel_err
 from llm.parity.trajectory import trajectory_parity
 from llm.spec import ModelSpec
@@ -209,7 +209,7 @@ def _load_spec(path: str) -> ModelSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm.parity", description=__doc__.split("\n")[0])
+    parser = CliParser(prog="python -m llm.parity", description=__doc__.split("\n")[0], error_label="llm.parity")
     parser.add_argument("--config", required=True, help="a run config YAML (its model: section is used)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2)

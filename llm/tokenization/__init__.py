@@ -3,7 +3,8 @@ one JSON file format, one interface.
 
 Every tokenizer offers ``encode(str) -> list[int]``, ``encode_batch``, ``encode_array(s)`` (int64
 numpy), ``decode(ids, skip_special_tokens=False)``, ``vocab_size``, ``pad_id/unk_id/bos_id/eos_id``
-(``0..3`` for char and bpe), ``identity`` (sha256 of the JSON form), ``save(path)`` and ``load(path)``.
+(``0..3`` for char and bpe), ``identity`` (sha256 of the JSON form), ``save(path)``, ``to_bytes()``
+(what ``save`` writes) and ``load(path)``.
 
 * ``build_tokenizer(kind, texts, vocab_size=...)`` -- train/build one of ``"char"``, ``"bpe"``.
 * ``load_tokenizer(path)`` -- read any tokenizer file, dispatching on its ``type`` field

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llm.io import write_bytes_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -30,6 +31,7 @@ __all__ = [
     "SimpleCharacterTokenizer",
     "TokenizerError",
     "read_tokenizer_json",
+    "tokenizer_json_bytes",
     "write_tokenizer_json",
 ]
 
@@ -43,18 +45,13 @@ class TokenizerError(ValueError):
 
 # ---------------------------------------------------------------------- the shared file envelope
 def write_tokenizer_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (which carries ``type``) as JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``payload`` (which carries ``type``) as JSON, atomically (``llm.io.write_bytes_atomic``)."""
+    write_bytes_atomic(path, tokenizer_json_bytes(payload))
+
+
+def tokenizer_json_bytes(payload: dict[str, Any]) -> bytes:
+    """The bytes of the tokenizer file of ``payload`` (UTF-8 JSON, the envelope added)."""
+    return json.dumps({"format_version": FORMAT_VERSION, **payload}, ensure_ascii=False).encode("utf-8")
 
 
 def read_tokenizer_json(path: str | os.PathLike, expected_type: str | None = None) -> dict[str, Any]:
@@ -108,6 +105,10 @@ class TokenizerFile:
 
     def save(self, path: str | os.PathLike) -> None:
         write_tokenizer_json(path, self.to_json_dict())
+
+    def to_bytes(self) -> bytes:
+        """What ``save`` writes (e.g. to put the tokenizer into a checkpoint without a file)."""
+        return tokenizer_json_bytes(self.to_json_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike):
