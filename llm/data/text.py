@@ -55,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
