@@ -27,9 +27,9 @@ from llm.loop.callbacks import (
 )
 from llm.loop.engine import EarlyStopping
 from llm.loop.registry import Registry
+from llm.loop.tasks import TaskError, TrainingTask, get_task, register_task, unigram_entropy
 from llm.run import RunDir, moment_name, split_moment_name
 from llm.schedule import lr_at, schedule_for
-from llm.loop.tasks import TaskError, TrainingTask, get_task, register_task, unigram_entropy
 
 
 @pytest.mark.parametrize("module", ["llm.train", "llm.loop.callbacks", "llm.loop.engine", "llm.loop.tasks", "llm.run",

@@ -61,6 +61,7 @@ from llm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_ch
 from llm.config import Config, DType
 from llm.loop.cadence import every
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
+from llm.loop.tasks import TaskError, TrainingTask, get_task
 from llm.run import (
     STATE_FORMAT,
     NonFiniteLossError,
@@ -69,7 +70,6 @@ from llm.run import (
     split_moment_name,
     write_json_atomic,
 )
-from llm.loop.tasks import TaskError, TrainingTask, get_task
 from llm.schedule import schedule_for
 
 __all__ = ["STATE_VERSION", "BaseTrainingEngine", "EarlyStopping", "StepReadout"]
