@@ -188,9 +188,10 @@ class BaseTrainingEngine:
             newer ones are reported and skipped; none at all = start fresh with a warning); or the
             path of one checkpoint directory -- written by either backend.
         task: a registered task name or a ``TrainingTask`` (default ``config.task``).
-        callbacks: extra ``Callback`` instances, added to the built-ins.
-        callback_names: registered callbacks built from the config (default: all built-ins that the
-            config enables).
+        callbacks: extra ``Callback`` instances (observers), called after the built-ins.
+        callback_names: registered callbacks built from the config (default: the built-in writers
+            that the config enables). Evaluation, checkpoints and early stopping are the loop's and
+            follow the config whatever the callbacks are.
         datamodule: a DataModule to use instead of the task's (not yet set up).
     """
 
@@ -467,23 +468,23 @@ class BaseTrainingEngine:
                 self._log_start()
             data = self.datamodule.train_dataloader()
             while self.step < self.total_steps and self._stop is None:
-                out, metrics = self._train_step(data, meter)
+                out, metrics = self._train_step(data, meter)  # 1. the train step
                 last = self.step == self.total_steps
                 if last or self._stop or eval_due(self.step) or self.callbacks.needs_metrics(self.step):
                     metrics.update(self._measure(out), tokens_per_s=meter.window_rate())
                 metrics.update(tokens=self.tokens_seen, elapsed_s=round(self.clock() - meter.started, 3))
 
                 evaluated = evaluating and (eval_due(self.step) or last)
-                if evaluated:
+                if evaluated:  # 2. evaluation (counts for early stopping before the checkpoint saves it)
                     metrics.update(self.evaluate())
-                if save_due(self.step):
+                if save_due(self.step):  # 3. a checkpoint
                     self._save("periodic")
                     saved_at = self.step
                 if evaluated and self.early_stopping is not None and self.early_stopping.exhausted:
-                    self.request_stop("early_stop", self.early_stopping.message())
-                self.callbacks.call("on_step_end", self, metrics)
+                    self.request_stop("early_stop", self.early_stopping.message())  # 4. early stopping
+                self.callbacks.call("on_step_end", self, metrics)  # 5. the observers
 
-            tokens_per_s = meter.rate()
+            tokens_per_s = meter.rate()  # the loop's steady state, before the end-of-run work
             reason = self._stop[0] if self._stop else "completed"
             end = {"step": self.step, "total_steps": self.total_steps, "stop_reason": reason}
             end.update({k: metrics[k] for k in ("loss", "val_loss", "val_ppl") if k in metrics})
