@@ -226,7 +226,8 @@ class TrainResult:
     train_loss: float | None = None
     val_loss: float | None = None
     best_val_loss: float | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # steady state: after the first step, without eval/checkpoint time
+    compile_seconds: float | None = None  # the first step (compilation and warm-up), timed on its own
     train_seconds: float = 0.0
     tokens_seen: int = 0
     baselines: dict[str, float] = field(default_factory=dict)
@@ -253,6 +254,8 @@ class TrainResult:
                          "nats/token")
         if self.tokens_per_s is not None:
             lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s")
+        if self.compile_seconds is not None:
+            lines.append(f"first step {self.compile_seconds:.1f}s (compilation and warm-up; not in the throughput)")
         if self.run_dir is not None:
             lines.append(f"run dir {self.run_dir}")
         if self.last_checkpoint is not None:

@@ -95,7 +95,7 @@ def test_a_checkpoint_moves_between_backends_mid_run(tmp_path, first, second):
         assert engine.tokens_seen == meta["tokens_seen"] == 4 * 2 * 4 * 16
         assert engine.best_val_loss == meta["best_val_loss"]
         assert engine.lr_of(engine.step) == meta["schedule"]["next_lr"]
-        early = next(cb for cb in engine.callbacks if cb.name == "early_stopping")
+        early = engine.early_stopping  # the loop's, restored from state.json's callbacks.early_stopping
         assert early.state_dict() == meta["callbacks"]["early_stopping"]
         result = engine.fit()
     assert result.step == 6 and load_checkpoint(result.last_checkpoint).state_meta["backend"] == second

@@ -176,6 +176,29 @@ def nan_stops_at_the_last_good_checkpoint(engine_cls: type, tmp_path: Path, log_
     assert all(np.isfinite(a).all() for a in load_checkpoint(path).params.values())
 
 
+def throughput_leaves_out_the_first_step(engine_cls: type, tmp_path: Path) -> TrainResult:
+    """On a fake clock -- 100 s in the first optimiser step (compilation), 1 s in each later one,
+    nothing elsewhere -- the run reports the first step as ``compile_seconds`` and the steady 128
+    tokens per second (8 x 16 tokens a step) of steps 2-4; a row of step 1 alone gets its own rate."""
+    now = [0.0]
+
+    class SlowFirstStep(engine_cls):
+        clock = staticmethod(lambda: now[0])
+
+        def _optimizer_step(self, batches, lr, micro_step):
+            now[0] += 100.0 if self.step == 0 else 1.0
+            return super()._optimizer_step(batches, lr, micro_step)
+
+    config = tiny(tmp_path, "training.max_steps=4", "training.eval_every=2", "training.eval_batches=1",
+                  "checkpoint.every_steps=2")
+    _, result = fit(SlowFirstStep, config, tmp_path / "run")
+    assert (result.compile_seconds, result.tokens_per_s, result.train_seconds) == (100.0, 128.0, 103.0)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["compile_seconds"], summary["tokens_per_s"]) == (100.0, 128.0)
+    assert [r["tokens_per_s"] for r in rows(tmp_path / "run") if "loss" in r] == [1.28, 128.0, 128.0, 128.0]
+    return result
+
+
 # ---------------------------------------------------------------------- precision and tasks
 def bf16_stays_close_to_fp32(engine_cls: type, tmp_path: Path) -> Any:
     """Returns the bfloat16 engine, whose dtypes the caller checks."""

@@ -122,6 +122,56 @@ def test_early_stopping(tmp_path):
     assert load_checkpoint(result.last_checkpoint).state_meta["reason"] == "early_stop"
 
 
+class EventLog(Callback):
+    """Records the events an observer receives, with what it can see of the step."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_eval_end(self, trainer, metrics):
+        self.events.append(("eval", metrics["step"]))
+
+    def on_checkpoint(self, trainer, path):
+        self.events.append(("checkpoint", path.name))
+
+    def on_step_end(self, trainer, metrics):
+        self.events.append(("step", metrics["step"], "val_loss" in metrics, trainer.last_checkpoint.name
+                            if trainer.last_checkpoint else None))
+
+    def on_train_end(self, trainer, metrics):
+        self.events.append(("end", metrics["stop_reason"], bool(metrics.get("evaluated_at_end"))))
+
+
+def test_the_loop_evaluates_and_checkpoints_before_the_observers_see_the_step(tmp_path):
+    log = EventLog()
+    config = tiny(tmp_path, "training.max_steps=5", "training.eval_every=2", "training.eval_batches=1",
+                  "checkpoint.every_steps=3")
+    fit(TrainingEngine, config, tmp_path / "run", callbacks=[log, StopAt(4)])
+    assert log.events == [
+        ("step", 1, False, None),
+        ("eval", 2), ("step", 2, True, None),
+        ("checkpoint", "step_3"), ("step", 3, False, "step_3"),
+        ("eval", 4), ("step", 4, True, "step_3"),  # StopAt(4) asks for a stop after the step
+        ("checkpoint", "step_4"), ("end", "requested", False),  # evaluated at 4 already: no second eval
+    ]
+
+
+def test_early_stopping_state_resumes_and_counts_on(tmp_path):
+    """Patience 3, no improvement possible after the first eval: stopped after step 2 (1 bad eval),
+    the resumed run stops at step 4 (its 2nd and 3rd bad evals), not at step 6 as a fresh count would."""
+    over = ("training.max_steps=20", "training.eval_every=1", "training.eval_batches=1",
+            "training.early_stopping_patience=3", "training.early_stopping_min_delta=100")
+    _, first = fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "run", callbacks=[StopAt(2)])
+    state = load_checkpoint(first.last_checkpoint).state_meta["callbacks"]["early_stopping"]
+    assert state["bad_evals"] == 1 and state["best"] is not None  # the first eval sets the best
+    _, again = fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "run", resume=True)
+    assert (again.stop_reason, again.step) == ("early_stop", 4)
+
+
+def test_torch_throughput_leaves_out_the_first_step(tmp_path):
+    checks.throughput_leaves_out_the_first_step(TrainingEngine, tmp_path)
+
+
 # ---------------------------------------------------------------------- precision and compile
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     engine = checks.bf16_stays_close_to_fp32(TrainingEngine, tmp_path)

@@ -165,6 +165,10 @@ def test_fp16_loss_scale_is_checkpointed_and_an_overflow_skips_the_step(tmp_path
             np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=k)
 
 
+def test_jax_throughput_leaves_out_the_first_step(tmp_path):
+    checks.throughput_leaves_out_the_first_step(TrainingEngine, tmp_path)
+
+
 def test_compile_flag_is_reported_as_meaningless(tmp_path, caplog):
     with caplog.at_level("INFO", logger="llm"):
         TrainingEngine(tiny(tmp_path, "optimization.compile=true"), run_dir=tmp_path / "run")

@@ -106,7 +106,7 @@ def user_tasks(tmp_path, monkeypatch) -> Path:
 
 def forget_user_tasks(monkeypatch) -> None:
     """As in a fresh process: the user's modules not imported, only the built-ins registered."""
-    monkeypatch.setattr(llm.loop.tasks, "_TASKS", {k: llm.loop.tasks._TASKS[k] for k in ("lm", "regression")})
+    monkeypatch.setattr(llm.loop.tasks.TASKS, "_classes", {k: llm.loop.tasks.TASKS.get(k) for k in ("lm", "regression")})
     for name in MODULES:
         sys.modules.pop(name, None)
 

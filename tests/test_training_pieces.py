@@ -12,10 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from llm.checkpoint import CheckpointError
+from llm.config import ConfigError, load_config
+from llm.loop.cadence import every
 from llm.loop.callbacks import (
     Callback,
     CallbackList,
-    EarlyStopping,
     LossPlot,
     MetricsLogger,
     TensorBoard,
@@ -23,14 +25,15 @@ from llm.loop.callbacks import (
     get_callback,
     register_callback,
 )
-from llm.checkpoint import CheckpointError
-from llm.config import ConfigError, load_config
+from llm.loop.engine import EarlyStopping
+from llm.loop.registry import Registry
+from llm.loop.tasks import TaskError, TrainingTask, get_task, register_task, unigram_entropy
 from llm.run import RunDir, moment_name, split_moment_name
 from llm.schedule import lr_at, schedule_for
-from llm.loop.tasks import TaskError, TrainingTask, get_task, register_task, unigram_entropy
 
 
-@pytest.mark.parametrize("module", ["llm.train", "llm.loop.callbacks", "llm.loop.tasks", "llm.run", "llm.schedule"])
+@pytest.mark.parametrize("module", ["llm.train", "llm.loop.callbacks", "llm.loop.engine", "llm.loop.tasks", "llm.run",
+                                    "llm.schedule"])
 def test_training_modules_import_no_framework(module):
     code = f"import sys, {module}; print(sorted({{'torch', 'jax', 'flax'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -96,6 +99,39 @@ def test_schedule_for_a_config():
     assert lr_of(4) == pytest.approx(0.25) and lr_of(109) == pytest.approx(0.05)
 
 
+# ---------------------------------------------------------------------- cadence and the registry
+def test_every_n_steps_and_zero_is_never():
+    assert [s for s in range(13) if every(4)(s)] == [4, 8, 12]
+    assert [s for s in range(4) if every(1)(s)] == [1, 2, 3]
+    assert not any(every(0)(s) for s in range(10))
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        every(-1)
+
+
+def test_registry_checks_clashes_and_suggests_the_nearest_name():
+    class Base:
+        name = ""
+
+    reg = Registry("widget", Base, decorator="register_widget", error=KeyError)
+
+    @reg.register("gear")
+    class Gear(Base):
+        pass
+
+    assert reg.get("gear") is Gear and Gear.name == "gear" and "gear" in reg and reg.names() == ["gear"]
+    assert reg.register("gear")(Gear) is Gear  # the same class again (a re-import) is no clash
+    with pytest.raises(KeyError, match=r"widget 'gear' is already registered \(.*Gear\); pass replace=True"):
+        reg.register("gear")(type("Other", (Base,), {}))
+    other = reg.register("gear", replace=True)(type("Other", (Base,), {}))
+    assert reg.get("gear") is other
+    with pytest.raises(KeyError, match=r"register_widget\('cog'\) decorates Base subclasses, got 3"):
+        reg.register("cog")(3)
+    with pytest.raises(KeyError) as info:
+        reg.get("gaer", where="w: ", hint=" (or else)")
+    assert info.value.args[0] == "w: unknown widget 'gaer'; did you mean 'gear'? registered: gear (or else)"
+    assert reg.suggestions("zzz") == "; registered: gear"
+
+
 # ---------------------------------------------------------------------- tasks
 def test_unigram_entropy():
     assert unigram_entropy(np.array([3, 3, 3])) == 0.0
@@ -131,19 +167,26 @@ def test_callback_registry_and_defaults():
     config = load_config(None, ["training.eval_every=5", "training.early_stopping_patience=2",
                                 "logging.progress=false"], env={})
     names = [cb.name for cb in build_callbacks(config)]
-    assert names == ["eval", "checkpoint", "early_stopping", "console", "metrics", "loss_plot"]
-    assert "checkpoint" not in [cb.name for cb in build_callbacks(config, checkpoints=False)]
+    assert names == ["console", "metrics", "loss_plot"]  # evaluation, checkpoints, early stopping: the loop's
+    assert [cb.due(10) for cb in build_callbacks(config)[:2]] == [True, True]  # log_every, every_steps: 10
+    assert EarlyStopping.from_config(config).patience == 2
+    assert EarlyStopping.from_config(load_config(None, [], env={})) is None
     assert get_callback("llm.loop.callbacks:LossPlot") is LossPlot
     with pytest.raises(ValueError, match="unknown callback 'nope'"):
         get_callback("nope")
+    with pytest.raises(ValueError, match=r"unknown callback 'metric'; did you mean 'metrics'\? registered: .*"
+                                         r"\(or give 'package.module:Class'\)"):
+        get_callback("metric")
+    with pytest.raises(ValueError, match="unknown callback 'eval'"):  # no longer a callback
+        get_callback("eval")
 
 
-def test_callback_list_orders_and_keeps_writers_on_rank_0():
+def test_callback_list_keeps_list_order_and_writers_on_rank_0():
     calls = []
 
     class Rec(Callback):
-        def __init__(self, tag, order=0, main_only=False):
-            self.tag, self.order, self.main_process_only = tag, order, main_only
+        def __init__(self, tag, main_only=False):
+            self.tag, self.main_process_only = tag, main_only
 
         def needs_metrics(self, step):
             return self.tag == "writer" and step == 3
@@ -151,26 +194,26 @@ def test_callback_list_orders_and_keeps_writers_on_rank_0():
         def on_step_end(self, trainer, metrics):
             calls.append(self.tag)
 
-    cbs = [Rec("writer", 5, main_only=True), Rec("first", -1), Rec("plain")]
+    cbs = [Rec("writer", main_only=True), Rec("first"), Rec("plain")]
     CallbackList(cbs).call("on_step_end", None, {})
-    assert calls == ["first", "plain", "writer"]
+    assert calls == ["writer", "first", "plain"]
     other_rank = CallbackList(cbs, is_main=False)
     assert [cb.tag for cb in other_rank] == ["first", "plain"]
     assert other_rank.needs_metrics(3) and not other_rank.needs_metrics(4)  # same sync steps on every rank
 
 
 def test_early_stopping_counts_and_round_trips():
-    stops = []
-    trainer = SimpleNamespace(request_stop=lambda reason, message: stops.append(reason))
     es = EarlyStopping(patience=2, min_delta=0.01)
     for loss in (1.0, 0.995, 0.98, 0.979):
-        es.on_eval_end(trainer, {"val_loss": loss})
-    assert stops == [] and es.bad_evals == 1 and es.best == 0.98
+        es.update(loss)
+    assert not es.exhausted and es.bad_evals == 1 and es.best == 0.98
     state = json.loads(json.dumps(es.state_dict()))
     again = EarlyStopping(patience=2, min_delta=0.01)
     again.load_state_dict(state)
-    again.on_eval_end(trainer, {"val_loss": 0.975})
-    assert stops == ["early_stop"]
+    again.update(0.975)
+    assert again.exhausted and "not improved on 0.9800 for 2 evaluations" in again.message()
+    with pytest.raises(ValueError, match="patience=0 must be >= 1"):
+        EarlyStopping(patience=0)
 
 
 def test_metrics_logger_drops_rows_after_the_resume_step(tmp_path):

@@ -39,10 +39,11 @@ process reads its rows of the global batch (``rank = jax.process_index()``) and
 Dropout masks are drawn for the global batch from one key, so they do not depend on the number of
 devices either: 1 and N devices see the same losses up to float reassociation.
 
-Host syncs: the loss is read only on steps a callback asks for (``needs_metrics``) and at the last
-step; a device-side non-finite flag is read then and before every checkpoint, so a NaN never
-reaches disk. The first step of ``fit()`` is waited for once: it includes XLA's compilation, which
-is logged and left out of the run's ``tokens_per_s`` (``compile_seconds``). Ctrl-C / SIGTERM
+Host syncs: the loop reads the loss only on steps that need it (evaluation, a callback's
+``needs_metrics``, the last step); a device-side non-finite flag is read then and before every
+checkpoint, so a NaN never reaches disk. The first step of ``fit()`` is waited for once: it
+includes XLA's compilation, which the loop logs and leaves out of the run's ``tokens_per_s``
+(``compile_seconds``). Ctrl-C / SIGTERM
 finishes the step, saves and returns ``stop_reason="interrupted"``.
 
 Verified beyond the test suite: two processes of one CPU device each (``JAX_COORDINATOR_ADDRESS`` on
@@ -56,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -274,7 +274,6 @@ class TrainingEngine(BaseTrainingEngine):
         shapes = jax.eval_shape(self._cfg.optimizer(names).init, self.params)
         self.opt_state = self._replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
         self._carry = self._replicate(self._fresh_carry())
-        self.compile_seconds: float | None = None  # the first step of fit(), XLA compilation included
 
         self._open_run(run_dir, resume)
 
@@ -406,22 +405,17 @@ class TrainingEngine(BaseTrainingEngine):
     def _optimizer_step(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, micro_step: int
                         ) -> dict[str, Any]:
         """Returns the loss parts summed over the micro-batches and the grad norm (``_train_step``'s
-        ``out``). The first step of a ``fit()`` is waited for: it includes XLA's compilation."""
+        ``out``)."""
         inputs = self._shard(np.stack([b[0] for b in batches]), 1)  # (accum, B, ...)
         targets = self._shard(np.stack([b[1] for b in batches]), 1)
-        first = time.perf_counter() if not self._run_steps else None
         self.params, self.opt_state, self._carry, out = _train_step(
             self.impl, self._layout, self._cfg, self.params, self.opt_state, self._carry, self.rest,
             inputs, targets, np.float32(lr), np.int32(micro_step))
-        if first is not None:  # XLA compiles on the first call: left out of the run's tokens/s
-            jax.block_until_ready(self.params)
-            self.compile_seconds = time.perf_counter() - first
-            self._paused_total += self.compile_seconds
-            self._run_tokens = 0  # the run's tokens are counted from the second step on
-            if self.is_main:
-                log.info("first step (XLA compilation included) took %.1fs; the run's tokens/s "
-                         "leaves it out", self.compile_seconds)
         return out
+
+    def _wait_for_step(self, out: dict[str, Any]) -> None:
+        """JAX dispatches asynchronously; the first call also compiles the step with XLA."""
+        jax.block_until_ready((self.params, self.opt_state, out))
 
     def _read_step(self, out: dict[str, Any]) -> StepReadout:
         values, nonfinite = _host((out, self._carry["nonfinite"]))

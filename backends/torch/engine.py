@@ -16,9 +16,11 @@ One optimiser step::
         (scaler.scale(objective / accum)).backward()
     unscale (fp16) -> clip_grad_norm_ -> AdamW step -> scaler.update()
 
-Reading the loss is a host sync, so it happens only on steps a callback asks for (``needs_metrics``)
-and at the last step; a device-side "saw a non-finite loss" flag is checked then and before every
-checkpoint, so a NaN never reaches disk. DDP: launched by ``torchrun`` (``WORLD_SIZE``/``RANK``/
+Reading the loss is a host sync, so the loop does it only on steps that need it (evaluation, a
+callback's ``needs_metrics``, the last step); a device-side "saw a non-finite loss" flag is checked
+then and before every checkpoint, so a NaN never reaches disk. The first step of ``fit()`` (with
+``torch.compile``: the compilation) is waited for and timed on its own (``compile_seconds``), and
+left out of the run's ``tokens_per_s``. DDP: launched by ``torchrun`` (``WORLD_SIZE``/``RANK``/
 ``LOCAL_RANK``), gloo on CPU, NCCL on GPU; each rank reads its slice of the global batch and only
 rank 0 writes files. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and
 returns with ``stop_reason="interrupted"``; a second Ctrl-C aborts at once.
@@ -254,6 +256,11 @@ class TrainingEngine(BaseTrainingEngine):
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite |= ~torch.isfinite(sums["loss"])
         return sums, grad_norm
+
+    def _wait_for_step(self, out: tuple[dict[str, torch.Tensor], torch.Tensor | None]) -> None:
+        """CUDA runs the step asynchronously; on the CPU it is done when ``_optimizer_step`` returns."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _read_step(self, out: tuple[dict[str, torch.Tensor], torch.Tensor | None]) -> StepReadout:
         """One host sync (DDP: one all_reduce) for the mean loss parts, the grad norm and the flags."""

@@ -1,21 +1,26 @@
-"""Training callbacks: the hooks both engines call, the built-ins, and a registry.
+"""Training callbacks: observers of the loop's events, the built-in writers, and their registry.
 
-Both engines (``llm.loop.engine.BaseTrainingEngine``, for torch and for JAX) call, on every rank::
+The loop (``llm.loop.engine.BaseTrainingEngine.fit``) decides what happens when: the optimiser
+step, evaluation, checkpoints and early stopping. Callbacks only observe it; both engines call, on
+every rank and in list order (the built-ins in ``DEFAULT_CALLBACKS`` order, then the extra ones)::
 
     on_train_start(trainer)                 after setup and resume; trainer.step = first step - 1
-    on_step_end(trainer, metrics)           after every optimiser step
+    on_step_end(trainer, metrics)           after every optimiser step and that step's evaluation
+                                            and checkpoint
     on_eval_end(trainer, metrics)           after trainer.evaluate()
     on_checkpoint(trainer, path)            after a checkpoint is written (rank 0 has the path)
     on_train_end(trainer, metrics)          once, when the loop stops for any reason but an exception
+                                            (after the end-of-run evaluation and checkpoint)
     on_exception(trainer, exc)              when the loop dies (NaN loss, an error, a 2nd Ctrl-C)
 
 ``metrics`` is a plain dict of Python numbers. ``on_step_end`` always has ``step`` (optimiser steps
-done), ``epoch``, ``lr`` (of that step) and ``tokens`` (seen so far, all ranks); ``loss``,
-``grad_norm``, ``tokens_per_s`` (and ``aux_loss``/``z_loss`` for MoE) only on steps where some
-callback's ``needs_metrics(step)`` is true -- reading the loss is a host sync, so engines do it only
-then. Callbacks may add keys (the eval callback adds ``val_loss``/``val_ppl``) for those that run
-after them (lower ``order`` runs first). ``on_train_end`` gets ``step``, ``total_steps``,
-``stop_reason`` ("completed", "early_stop", "interrupted", "requested") and the last measured losses.
+done), ``epoch``, ``lr`` (of that step), ``tokens`` (seen so far, all ranks) and ``elapsed_s``;
+``loss``, ``grad_norm``, ``tokens_per_s`` (and ``aux_loss``/``z_loss`` for MoE) only on steps that
+are read from the device -- a host sync, so the loop does it only where something needs it: an
+evaluation step, the last step, a stop, or a callback whose ``needs_metrics(step)`` is true;
+``val_loss``/``val_ppl`` on evaluation steps. ``on_train_end`` gets ``step``, ``total_steps``,
+``stop_reason`` ("completed", "early_stop", "interrupted", "requested"), the last measured losses,
+and ``evaluated_at_end`` when the loop evaluated once more after the last step.
 
 The trainer a hook receives offers (both engines): ``config``, ``run`` (a ``llm.run.RunDir``),
 ``step``, ``total_steps``, ``tokens_seen``, ``rank``, ``world_size``, ``is_main``, ``baselines`` (dict),
@@ -25,18 +30,21 @@ The trainer a hook receives offers (both engines): ``config``, ``run`` (a ``llm.
 Callbacks with ``main_process_only = True`` (the writers) are called on rank 0 only (every rank
 holds them, so that ``needs_metrics`` -- which triggers a collective -- agrees across ranks). A callback with state
 that must survive a resume returns it from ``state_dict()`` (JSON-safe); it is saved in the
-checkpoint's ``state.json`` under ``callbacks.<name>``.
+checkpoint's ``state.json`` under ``callbacks.<name>``. The writers' cadences are
+``llm.loop.cadence.every``, as the loop's are.
 
 A new callback is a few lines::
 
+    from llm.loop.cadence import every
     from llm.loop.callbacks import Callback, register_callback
 
     @register_callback("print_loss")
     class PrintLoss(Callback):
+        due = every(100)
         def needs_metrics(self, step):
-            return step % 100 == 0
+            return self.due(step)
         def on_step_end(self, trainer, metrics):
-            if "loss" in metrics:
+            if self.due(metrics["step"]):
                 print(metrics["step"], metrics["loss"])
 
     TrainingEngine(config, callbacks=[PrintLoss()]).fit()   # or: python -m llm.train --callback print_loss
@@ -53,14 +61,15 @@ import math
 import sys
 from typing import Any, ClassVar
 
+from llm.loop import cadence
+from llm.loop.registry import Registry
+
 __all__ = [
+    "CALLBACKS",
     "DEFAULT_CALLBACKS",
     "Callback",
     "CallbackList",
-    "Checkpointer",
     "ConsoleLogger",
-    "EarlyStopping",
-    "Evaluator",
     "LossPlot",
     "MetricsLogger",
     "ProgressBar",
@@ -78,7 +87,6 @@ class Callback:
     """Base class: every hook is a no-op. See the module docstring for when each is called."""
 
     name: ClassVar[str] = ""  # set by register_callback; the key of its state in checkpoints
-    order: ClassVar[int] = 0  # lower runs first
     main_process_only: ClassVar[bool] = False  # writers: only rank 0 gets one
 
     @classmethod
@@ -105,16 +113,15 @@ class Callback:
 
 
 class CallbackList:
-    """Callbacks sorted by ``order``; ``call(hook, ...)`` calls the hook on each active one in turn.
+    """Callbacks in list order; ``call(hook, ...)`` calls the hook on each active one in turn.
 
     Every rank holds the same list so that ``needs_metrics`` (which decides the collective metric
     sync) agrees across ranks; writers (``main_process_only``) are active on rank 0 only.
     """
 
     def __init__(self, callbacks: list[Callback], *, is_main: bool = True):
-        ordered = sorted(callbacks, key=lambda cb: cb.order)  # stable: ties keep list order
-        self.all = ordered
-        self.callbacks = [cb for cb in ordered if is_main or not cb.main_process_only]
+        self.all = list(callbacks)
+        self.callbacks = [cb for cb in callbacks if is_main or not cb.main_process_only]
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -136,149 +143,30 @@ class CallbackList:
 
 
 # ---------------------------------------------------------------------- registry
-_CALLBACKS: dict[str, type[Callback]] = {}
+CALLBACKS: Registry[type[Callback]] = Registry("callback", Callback, decorator="register_callback")
 
 
 def register_callback(name: str, *, replace: bool = False):
     """Class decorator: register a ``Callback`` subclass under ``name`` (sets ``cls.name``)."""
-
-    def decorate(cls: type[Callback]) -> type[Callback]:
-        if not (isinstance(cls, type) and issubclass(cls, Callback)):
-            raise ValueError(f"register_callback({name!r}) decorates Callback subclasses, got {cls!r}")
-        old = _CALLBACKS.get(name)
-        if old is not None and not replace and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"callback {name!r} is already registered ({old.__module__}."
-                             f"{old.__qualname__}); pass replace=True to override it")
-        cls.name = name
-        _CALLBACKS[name] = cls
-        return cls
-
-    return decorate
+    return CALLBACKS.register(name, replace=replace)
 
 
 def get_callback(name: str) -> type[Callback]:
     """A registered callback class, or ``"package.module:Class"`` imported on demand."""
-    if name in _CALLBACKS:
-        return _CALLBACKS[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"callback {name!r}: cannot import it ({e})") from None
-        if isinstance(cls, type) and issubclass(cls, Callback):
-            return cls
-        raise ValueError(f"callback {name!r} is not a Callback subclass")
-    raise ValueError(f"unknown callback {name!r}; registered: {', '.join(available_callbacks())} "
-                     "(or give 'package.module:Class')")
+    if ":" not in name:
+        return CALLBACKS.get(name, hint=" (or give 'package.module:Class')")
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"callback {name!r}: cannot import it ({e})") from None
+    if isinstance(cls, type) and issubclass(cls, Callback):
+        return cls
+    raise ValueError(f"callback {name!r} is not a Callback subclass")
 
 
 def available_callbacks() -> list[str]:
-    return sorted(_CALLBACKS)
-
-
-# ---------------------------------------------------------------------- evaluation and checkpoints
-@register_callback("eval")
-class Evaluator(Callback):
-    """Val loss and perplexity every ``every`` steps and at the end (not after an interrupt)."""
-
-    order = -100  # first, so the step's writers see val_loss
-
-    def __init__(self, every: int):
-        self.every = every
-        self._last = -1
-
-    @classmethod
-    def from_config(cls, config: Any) -> Evaluator | None:
-        return cls(config.training.eval_every) if config.training.eval_every > 0 else None
-
-    def needs_metrics(self, step: int) -> bool:
-        return step % self.every == 0
-
-    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        step = metrics["step"]
-        if step % self.every == 0 or step == trainer.total_steps:
-            metrics.update(trainer.evaluate())
-            self._last = step
-
-    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        if metrics["stop_reason"] != "interrupted" and self._last != metrics["step"]:
-            metrics.update(trainer.evaluate())
-            metrics["evaluated_at_end"] = True
-            self._last = metrics["step"]
-
-
-@register_callback("checkpoint")
-class Checkpointer(Callback):
-    """A canonical checkpoint every ``every`` steps (0: only at the end) and when the run stops
-    (completed, early stop, Ctrl-C; never after a NaN); the newest ``keep_last`` are kept."""
-
-    order = -90
-
-    def __init__(self, every: int, keep_last: int | None):
-        self.every = every
-        self.keep_last = keep_last
-        self._last = -1
-
-    @classmethod
-    def from_config(cls, config: Any) -> Checkpointer:
-        return cls(config.checkpoint.every_steps, config.checkpoint.keep_last)
-
-    def _save(self, trainer: Any, reason: str) -> None:
-        trainer.save_checkpoint(reason)
-        self._last = trainer.step
-        if trainer.is_main and trainer.run is not None:
-            for path in trainer.run.prune(self.keep_last):
-                log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", path, self.keep_last)
-
-    def on_train_start(self, trainer: Any) -> None:
-        self._last = trainer.step  # a resumed run starts from a saved step
-
-    def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        if self.every and metrics["step"] % self.every == 0:
-            self._save(trainer, "periodic")
-
-    def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        if self._last != trainer.step:
-            reason = {"completed": "final", "interrupted": "interrupt"}.get(metrics["stop_reason"],
-                                                                             metrics["stop_reason"])
-            self._save(trainer, reason)
-
-
-@register_callback("early_stopping")
-class EarlyStopping(Callback):
-    """Stop when ``val_loss`` has not improved by more than ``min_delta`` for ``patience`` evals."""
-
-    def __init__(self, patience: int, min_delta: float = 0.0):
-        if patience < 1:
-            raise ValueError(f"early stopping patience={patience} must be >= 1")
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.bad_evals = 0
-
-    @classmethod
-    def from_config(cls, config: Any) -> EarlyStopping | None:
-        t = config.training
-        patience = getattr(t, "early_stopping_patience", 0)
-        return cls(patience, getattr(t, "early_stopping_min_delta", 0.0)) if patience else None
-
-    def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        loss = metrics["val_loss"]
-        if loss < self.best - self.min_delta:
-            self.best, self.bad_evals = loss, 0
-            return
-        self.bad_evals += 1
-        if self.bad_evals >= self.patience:
-            trainer.request_stop("early_stop", f"early stopping: val loss has not improved on "
-                                 f"{self.best:.4f} for {self.bad_evals} evaluations")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": None if math.isinf(self.best) else self.best, "bad_evals": self.bad_evals}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = math.inf if state.get("best") is None else float(state["best"])
-        self.bad_evals = int(state.get("bad_evals", 0))
+    return CALLBACKS.names()
 
 
 # ---------------------------------------------------------------------- writers (rank 0)
@@ -319,14 +207,24 @@ def _log_eval(metrics: dict[str, Any]) -> None:
              f" (perplexity {ppl:.2f})" if ppl is not None and math.isfinite(ppl) else "")
 
 
-@register_callback("progress")
-class ProgressBar(Callback):
-    """A tqdm bar on stderr with the loss and tokens/s (when stderr is a terminal)."""
+class _Writer(Callback):
+    """A rank-0 callback that writes every ``every`` steps: it asks for the measured metrics then."""
 
     main_process_only = True
 
+    def __init__(self, every: int):
+        self.due = cadence.every(every)
+
+    def needs_metrics(self, step: int) -> bool:
+        return self.due(step)
+
+
+@register_callback("progress")
+class ProgressBar(_Writer):
+    """A tqdm bar on stderr with the loss and tokens/s (when stderr is a terminal)."""
+
     def __init__(self, every: int = 10, file: Any = None):
-        self.every = every
+        super().__init__(every)
         self.file = file
         self._bar = None
         self._redirect = None
@@ -336,9 +234,6 @@ class ProgressBar(Callback):
     def from_config(cls, config: Any) -> ProgressBar | None:
         on = config.logging.progress and sys.stderr.isatty()
         return cls(config.training.log_every) if on else None
-
-    def needs_metrics(self, step: int) -> bool:
-        return step % self.every == 0
 
     def on_train_start(self, trainer: Any) -> None:
         from tqdm.auto import tqdm
@@ -352,7 +247,7 @@ class ProgressBar(Callback):
 
     def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         self._bar.update(1)
-        if "loss" in metrics and metrics["step"] % self.every == 0:
+        if "loss" in metrics and self.due(metrics["step"]):
             post = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.1e}"}
             rate = self._rate(metrics)
             if rate is not None:
@@ -378,13 +273,11 @@ class ProgressBar(Callback):
 
 
 @register_callback("console")
-class ConsoleLogger(Callback):
+class ConsoleLogger(_Writer):
     """One log line every ``every`` steps (used instead of the bar when stderr is not a terminal)."""
 
-    main_process_only = True
-
     def __init__(self, every: int = 10):
-        self.every = every
+        super().__init__(every)
         self._rate = _Rate()
 
     @classmethod
@@ -392,14 +285,11 @@ class ConsoleLogger(Callback):
         bar = config.logging.progress and sys.stderr.isatty()
         return None if bar else cls(config.training.log_every)
 
-    def needs_metrics(self, step: int) -> bool:
-        return step % self.every == 0
-
     def on_train_start(self, trainer: Any) -> None:
         self._rate.start(trainer)
 
     def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        if metrics["step"] % self.every == 0 and "loss" in metrics:
+        if self.due(metrics["step"]) and "loss" in metrics:
             log.info(_fmt_step(metrics, trainer.total_steps, self._rate(metrics)))
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
@@ -407,25 +297,20 @@ class ConsoleLogger(Callback):
 
 
 @register_callback("metrics")
-class MetricsLogger(Callback):
+class MetricsLogger(_Writer):
     """``metrics.jsonl``: one JSON object per logged step (every ``every`` steps, eval steps, the last).
 
     A resumed run first drops the rows after its starting step, so the file reads like one
     uninterrupted run.
     """
 
-    main_process_only = True
-
     def __init__(self, every: int = 1):
-        self.every = every
+        super().__init__(every)
         self._file = None
 
     @classmethod
     def from_config(cls, config: Any) -> MetricsLogger:
         return cls(config.logging.every_steps)
-
-    def needs_metrics(self, step: int) -> bool:
-        return step % self.every == 0
 
     def on_train_start(self, trainer: Any) -> None:
         path = trainer.run.metrics_path
@@ -446,7 +331,7 @@ class MetricsLogger(Callback):
         self._file.flush()
 
     def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        if "loss" in metrics and (metrics["step"] % self.every == 0 or "val_loss" in metrics):
+        if "loss" in metrics and (self.due(metrics["step"]) or "val_loss" in metrics):
             self._write(metrics)
 
     def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
@@ -465,13 +350,11 @@ class MetricsLogger(Callback):
 
 
 @register_callback("tensorboard")
-class TensorBoard(Callback):
+class TensorBoard(_Writer):
     """TensorBoard event files under ``<run_dir>/tensorboard`` (needs ``tensorboard`` or ``tensorboardX``)."""
 
-    main_process_only = True
-
     def __init__(self, every: int = 1):
-        self.every = every
+        super().__init__(every)
         self._writer = None
 
     @classmethod
@@ -506,9 +389,6 @@ class TensorBoard(Callback):
         raise ImportError("logging.tensorboard=true needs the 'tensorboard' package (pip install "
                           "tensorboard) or 'tensorboardX'; or set logging.tensorboard=false")
 
-    def needs_metrics(self, step: int) -> bool:
-        return step % self.every == 0
-
     def on_train_start(self, trainer: Any) -> None:
         self._writer = self.writer_class()(log_dir=str(trainer.run.root / "tensorboard"))
 
@@ -534,8 +414,7 @@ class LossPlot(Callback):
     """``loss.png`` from metrics.jsonl at the end (also after a failure): train and val loss per
     step, with the unigram baseline as a dashed line when the task logged one."""
 
-    main_process_only = True
-    order = 100  # after MetricsLogger has written its last row
+    main_process_only = True  # listed after "metrics" in DEFAULT_CALLBACKS: drawn after its last row
 
     def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines)
@@ -582,20 +461,14 @@ class LossPlot(Callback):
         return True
 
 
-DEFAULT_CALLBACKS = ("eval", "checkpoint", "early_stopping", "progress", "console", "metrics",
-                     "tensorboard", "loss_plot")
+DEFAULT_CALLBACKS = ("progress", "console", "metrics", "tensorboard", "loss_plot")
 
 
-def build_callbacks(config: Any, names: tuple[str, ...] | list[str] = DEFAULT_CALLBACKS, *,
-                    checkpoints: bool = True) -> list[Callback]:
-    """Instances of the registered callbacks ``names`` that ``config`` enables; the checkpointer only
-    when ``checkpoints`` (the task has canonical parameters)."""
+def build_callbacks(config: Any, names: tuple[str, ...] | list[str] = DEFAULT_CALLBACKS) -> list[Callback]:
+    """Instances of the registered callbacks ``names`` that ``config`` enables, in that order."""
     out = []
     for name in names:
-        cls = get_callback(name)
-        if issubclass(cls, Checkpointer) and not checkpoints:
-            continue
-        cb = cls.from_config(config)
+        cb = get_callback(name).from_config(config)
         if cb is not None:
             out.append(cb)
     return out

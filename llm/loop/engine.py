@@ -3,10 +3,31 @@
 ``backends.torch.engine.TrainingEngine`` and ``backends.flax.engine.TrainingEngine`` subclass
 ``BaseTrainingEngine``, so the trainer surface that callbacks, ``llm.train`` and the tests rely on
 (``fit``, ``evaluate``, ``save_checkpoint``, ``state_meta``, ``request_stop``, ``sample``, the
-counters) is one piece of code, and both write the same ``state.json`` and resume the same way. A
-backend supplies only what differs between frameworks:
+counters) is one piece of code, and both write the same ``state.json`` and resume the same way.
+
+The loop owns what happens when; ``fit()`` reads top to bottom. Each optimiser step:
+
+    1. the train step                ``_train_step``; the loss is read (a host sync) only on steps
+                                     that need it: evaluation, the last step, a stop, a callback's
+                                     ``needs_metrics(step)``
+    2. evaluation                    every ``training.eval_every`` steps and at the last step
+    3. a checkpoint                  every ``checkpoint.every_steps`` steps (canonical tasks), the
+                                     newest ``checkpoint.keep_last`` kept
+    4. early stopping                after ``training.early_stopping_patience`` evaluations without
+                                     a val-loss improvement (``EarlyStopping``)
+    5. the observers                 ``on_step_end`` of the callbacks (``llm.loop.callbacks``), which
+                                     see the step's ``val_loss``
+
+and when the loop ends: one more evaluation (unless interrupted or just done), one more checkpoint
+(unless just written), ``on_train_end``. Every cadence is ``llm.loop.cadence.every``. Throughput:
+the first step of a ``fit()`` (compilation, warm-up) is waited for and timed on its own
+(``compile_seconds``); ``tokens_per_s`` in the result is the steady state after it, without the
+time spent in evaluation and checkpoints.
+
+A backend supplies only what differs between frameworks:
 
     _optimizer_step(batches, lr, micro_step) -> out      one optimiser step on the device, no host sync
+    _wait_for_step(out)                                  block until that step's device work is done
     _read_step(out) -> StepReadout                       the host sync of a logged step (all processes)
     _val_loss(num_batches) -> float                      mean val loss over all processes
     _nonfinite_seen() -> bool                            the device-side nan/inf flag of any process
@@ -30,15 +51,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
-from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
 from llm.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from llm.config import Config, DType
+from llm.loop.cadence import every
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
+from llm.loop.tasks import TaskError, TrainingTask, get_task
 from llm.run import (
     STATE_FORMAT,
     NonFiniteLossError,
@@ -48,9 +71,8 @@ from llm.run import (
     write_json_atomic,
 )
 from llm.schedule import schedule_for
-from llm.loop.tasks import TaskError, TrainingTask, get_task
 
-__all__ = ["STATE_VERSION", "BaseTrainingEngine", "StepReadout"]
+__all__ = ["STATE_VERSION", "BaseTrainingEngine", "EarlyStopping", "StepReadout"]
 
 log = logging.getLogger("llm.train")
 
@@ -93,6 +115,94 @@ class StepReadout(NamedTuple):
     interrupted: bool  # some process received SIGINT/SIGTERM
 
 
+class EarlyStopping:
+    """Patience on the val loss: ``exhausted`` once ``patience`` evaluations in a row have not
+    improved on the best by more than ``min_delta``. Its state is part of the checkpoint
+    (``state.json``'s ``callbacks.early_stopping``), so a resumed run counts on."""
+
+    state_key: ClassVar[str] = "early_stopping"
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        if patience < 1:
+            raise ValueError(f"early stopping patience={patience} must be >= 1")
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.bad_evals = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> EarlyStopping | None:
+        """The config's early stopping, None when ``training.early_stopping_patience`` is 0."""
+        t = config.training
+        return cls(t.early_stopping_patience, t.early_stopping_min_delta) if t.early_stopping_patience else None
+
+    def update(self, val_loss: float) -> None:
+        """Count one evaluation."""
+        if val_loss < self.best - self.min_delta:
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def message(self) -> str:
+        return (f"early stopping: val loss has not improved on {self.best:.4f} for {self.bad_evals} "
+                "evaluations")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": None if math.isinf(self.best) else self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = math.inf if state.get("best") is None else float(state["best"])
+        self.bad_evals = int(state.get("bad_evals", 0))
+
+
+class _Throughput:
+    """Items per second within one ``fit()``, on ``clock``, without the ``paused()`` seconds
+    (evaluation, checkpoints: a running total).
+
+    The first step is timed on its own (``compile_seconds``: compilation and warm-up) and left out
+    of ``rate()``, the run's steady state. ``window_rate()`` covers the steps since the previous
+    call (a logged row); a row of the first step alone gets that step's rate.
+    """
+
+    def __init__(self, clock: Callable[[], float], paused: Callable[[], float]):
+        self.clock, self.paused = clock, paused
+        self.started = clock()
+        self.compile_seconds: float | None = None
+        self.items = 0  # steady-state items: after the first step
+        self._steady = (clock(), paused())  # (time, paused seconds) when the steady state began
+        self._window = (clock(), paused(), 0)  # (start, paused seconds then, items since)
+        self._first_window = False  # the window holds the first step only
+
+    def first_step(self, started: float, paused_before: float, items: int) -> None:
+        now = self.clock()
+        self.compile_seconds = now - started
+        self._steady = (now, self.paused())
+        self._window, self._first_window = (started, paused_before, items), True
+
+    def add(self, items: int) -> None:
+        if self._first_window:  # the first step was not logged: the next window starts after it
+            self._window, self._first_window = (*self._steady, 0), False
+        start, paused, n = self._window
+        self._window = (start, paused, n + items)
+        self.items += items
+
+    def window_rate(self) -> float:
+        start, paused, n = self._window
+        now, paused_now = self.clock(), self.paused()
+        self._window, self._first_window = (now, paused_now, 0), False
+        return n / max(1e-9, now - start - (paused_now - paused))
+
+    def rate(self) -> float | None:
+        if not self.items:
+            return None
+        start, paused = self._steady
+        return self.items / max(1e-9, self.clock() - start - (self.paused() - paused))
+
+
 class BaseTrainingEngine:
     """Trains ``config.task`` (or ``task``); a backend subclass runs the steps on its framework.
 
@@ -105,15 +215,17 @@ class BaseTrainingEngine:
             run without any checkpoint starts afresh; or the path of one checkpoint directory --
             written by either backend.
         task: a registered task name or a ``TrainingTask`` (default ``config.task``).
-        callbacks: extra ``Callback`` instances, added to the built-ins.
-        callback_names: registered callbacks built from the config (default: all built-ins that the
-            config enables).
+        callbacks: extra ``Callback`` instances (observers), called after the built-ins.
+        callback_names: registered callbacks built from the config (default: the built-in writers
+            that the config enables). Evaluation, checkpoints and early stopping are the loop's and
+            follow the config whatever the callbacks are.
         datamodule: a DataModule to use instead of the task's (not yet set up).
     """
 
     backend: ClassVar[str]  # "torch" | "jax": picks the task half and is written to state.json
     rng_scheme: ClassVar[str]  # how dropout randomness derives from the seed (state.json's rng.scheme)
     model: Any  # the framework's module holding the current parameters
+    clock: ClassVar[Callable[[], float]] = staticmethod(time.perf_counter)  # seconds, for throughput
 
     def __init__(self, config: Config, *, rank: int, world_size: int, task: str | TrainingTask | None,
                  callbacks: list[Callback] | None,
@@ -129,8 +241,9 @@ class BaseTrainingEngine:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         # callbacks first: a config they reject (e.g. tensorboard not installed) fails before any work
-        self.callbacks = CallbackList(build_callbacks(config, callback_names, checkpoints=self.task.canonical)
-                                      + list(callbacks or []), is_main=self.is_main)
+        self.callbacks = CallbackList(build_callbacks(config, callback_names) + list(callbacks or []),
+                                      is_main=self.is_main)
+        self.early_stopping = EarlyStopping.from_config(config)
 
         # ---- counters (restored by resume)
         self.step = 0  # optimiser steps done
@@ -140,8 +253,8 @@ class BaseTrainingEngine:
         self.last_checkpoint: Path | None = None
         self._stop: tuple[str, str] | None = None
         self._interrupted = False
-        self._paused = 0.0  # seconds in eval/checkpoints since the last measurement (not training time)
-        self._paused_total = 0.0
+        self._paused_seconds = 0.0  # in evaluation and checkpoints (not training time), running total
+        self.compile_seconds: float | None = None  # the first step of the last fit(), waited for
 
     # ------------------------------------------------------------------ setup phases
     def _setup_data(self, datamodule: Any) -> None:
@@ -229,7 +342,10 @@ class BaseTrainingEngine:
         self.best_val_loss = meta.get("best_val_loss")
         self.lr_of.load_state_dict(meta.get("schedule", {}).get("state") or {})
         self.last_checkpoint = path
-        self.callbacks.load_state_dict(meta.get("callbacks", {}))
+        saved = meta.get("callbacks", {})
+        if self.early_stopping is not None and EarlyStopping.state_key in saved:
+            self.early_stopping.load_state_dict(saved[EarlyStopping.state_key])
+        self.callbacks.load_state_dict(saved)
         log.info("resumed from %s (step %d of %d, written by the %s backend)", path, step,
                  self.total_steps, meta.get("backend", "?"))
 
@@ -259,15 +375,17 @@ class BaseTrainingEngine:
 
     def evaluate(self, num_batches: int | None = None) -> dict[str, float]:
         """Mean val loss over ``training.eval_batches`` global batches (all processes), its perplexity;
-        fires ``on_eval_end``."""
-        started = time.perf_counter()
+        counts for the best val loss and early stopping; fires ``on_eval_end``."""
+        started = self.clock()
         val = self._val_loss(num_batches or self.config.training.eval_batches)
         metrics = {"step": self.step, "val_loss": val, "val_ppl": math.exp(val) if val < 700 else math.inf}
         if math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
             self.best_val_loss = val
         self.lr_of.observe(val)  # training.lr_schedule=plateau listens to every evaluation
+        if self.early_stopping is not None:
+            self.early_stopping.update(val)
         self.last_val = metrics
-        self._paused += time.perf_counter() - started
+        self._paused_seconds += self.clock() - started
         self.callbacks.call("on_eval_end", self, dict(metrics))
         return {"val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"]}
 
@@ -277,7 +395,7 @@ class BaseTrainingEngine:
         self._check_finite("before saving a checkpoint")
         if not self.task.canonical:
             return None
-        started = time.perf_counter()
+        started = self.clock()
         path = self.run.checkpoint_path(self.step)
         if self.is_main:
             params = self.impl.to_canonical(self.model)
@@ -286,9 +404,18 @@ class BaseTrainingEngine:
             log.info("saved checkpoint %s (%s)", path, reason)
         self._barrier(f"checkpoint-{self.step}")
         self.last_checkpoint = path
-        self._paused += time.perf_counter() - started
+        self._paused_seconds += self.clock() - started
         self.callbacks.call("on_checkpoint", self, path)
         return path
+
+    def _save(self, reason: str) -> None:
+        """The loop's checkpoint: ``save_checkpoint(reason)``, then only the newest
+        ``checkpoint.keep_last`` kept."""
+        self.save_checkpoint(reason)
+        keep_last = self.config.checkpoint.keep_last
+        if self.is_main and self.run is not None:
+            for path in self.run.prune(keep_last):
+                log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", path, keep_last)
 
     def state_meta(self, reason: str) -> dict[str, Any]:
         """The checkpoint's ``state.json`` (keys: ``llm.run.STATE_KEYS``), the same from either backend."""
@@ -310,10 +437,17 @@ class BaseTrainingEngine:
             "grad_scaler": self._grad_scaler_state(),
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
-            "callbacks": self.callbacks.state_dict(),
+            "callbacks": self._observer_state(),
             "world_size": self.world_size,
             "reason": reason,
         }
+
+    def _observer_state(self) -> dict[str, Any]:
+        """``state.json``'s ``callbacks``: each callback's state by name, and early stopping's."""
+        state = self.callbacks.state_dict()
+        if self.early_stopping is not None:
+            state[EarlyStopping.state_key] = self.early_stopping.state_dict()
+        return state
 
     # ------------------------------------------------------------------ the loop
     def _check_finite(self, when: str, loss: float | None = None) -> None:
@@ -353,49 +487,46 @@ class BaseTrainingEngine:
         return old
 
     def fit(self) -> TrainResult:
-        """Train to ``total_steps`` (or an early stop / interrupt); return the result."""
-        accum = self.config.training.grad_accum_steps
+        """Train to ``total_steps`` (or an early stop / interrupt); return the result. The loop is
+        the module docstring's, in this order."""
+        t = self.config.training
+        evaluating = t.eval_every > 0
+        eval_due = every(t.eval_every)
+        save_due = every(self.config.checkpoint.every_steps if self.task.canonical else 0)
         old_signals = self._install_signals()
         metrics: dict[str, Any] = {}
-        started = time.perf_counter()
+        meter = _Throughput(self.clock, lambda: self._paused_seconds)
+        saved_at = self.step  # a resumed run starts from a saved step
         try:
             self.callbacks.call("on_train_start", self)
             if self.is_main:
                 self._log_start()
             data = self.datamodule.train_dataloader()
-            win_start, win_tokens, self._paused = time.perf_counter(), 0, 0.0
-            self._run_tokens = 0  # this process's run, without the resumed-from part
-            self._run_steps = 0
             while self.step < self.total_steps and self._stop is None:
-                lr = self.lr_of(self.step)
-                micro_step = self.datamodule.step
-                batches = [next(data) for _ in range(accum)]
-                items = sum(self.task.items_per_batch(b) for b in batches) * self.world_size
-                win_tokens += items
-                self.tokens_seen += items
-                self._run_tokens += items
-                out = self._optimizer_step(batches, lr, micro_step)
-                self.step += 1
-                self._run_steps += 1
+                out, metrics = self._train_step(data, meter)  # 1. the train step
+                last = self.step == self.total_steps
+                if last or self._stop or eval_due(self.step) or self.callbacks.needs_metrics(self.step):
+                    metrics.update(self._measure(out), tokens_per_s=meter.window_rate())
+                metrics.update(tokens=self.tokens_seen, elapsed_s=round(self.clock() - meter.started, 3))
 
-                metrics = {"step": self.step, "epoch": round(self.datamodule.step / self.datamodule.steps_per_epoch, 4),
-                           "lr": lr}
-                if self.world_size == 1 and self._interrupted:
-                    self.request_stop("interrupted")
-                if self.callbacks.needs_metrics(self.step) or self.step == self.total_steps or self._stop:
-                    measured = self._measure(out)
-                    now = time.perf_counter()
-                    measured["tokens_per_s"] = win_tokens / max(1e-9, now - win_start - self._paused)
-                    self._paused_total += self._paused
-                    win_start, win_tokens, self._paused = now, 0, 0.0
-                    metrics.update(measured)
-                metrics["tokens"] = self.tokens_seen
-                metrics["elapsed_s"] = round(time.perf_counter() - started, 3)
-                self.callbacks.call("on_step_end", self, metrics)
+                evaluated = evaluating and (eval_due(self.step) or last)
+                if evaluated:  # 2. evaluation (counts for early stopping before the checkpoint saves it)
+                    metrics.update(self.evaluate())
+                if save_due(self.step):  # 3. a checkpoint
+                    self._save("periodic")
+                    saved_at = self.step
+                if evaluated and self.early_stopping is not None and self.early_stopping.exhausted:
+                    self.request_stop("early_stop", self.early_stopping.message())  # 4. early stopping
+                self.callbacks.call("on_step_end", self, metrics)  # 5. the observers
 
+            tokens_per_s = meter.rate()  # the loop's steady state, before the end-of-run work
             reason = self._stop[0] if self._stop else "completed"
             end = {"step": self.step, "total_steps": self.total_steps, "stop_reason": reason}
             end.update({k: metrics[k] for k in ("loss", "val_loss", "val_ppl") if k in metrics})
+            if evaluating and reason != "interrupted" and self.last_val.get("step") != self.step:
+                end.update(self.evaluate(), evaluated_at_end=True)
+            if self.task.canonical and saved_at != self.step:
+                self._save({"completed": "final", "interrupted": "interrupt"}.get(reason, reason))
             self.callbacks.call("on_train_end", self, end)
         except BaseException as exc:
             for cb in self.callbacks:
@@ -408,18 +539,42 @@ class BaseTrainingEngine:
             for s, h in old_signals.items():
                 signal.signal(s, h)
 
-        elapsed = time.perf_counter() - started
-        train_seconds = max(1e-9, elapsed - self._paused_total - self._paused)
         result = TrainResult(
             run_dir=self.run.root if self.run else None, step=self.step, total_steps=self.total_steps,
             stop_reason=reason, train_loss=metrics.get("loss"),
             val_loss=end.get("val_loss", self.last_val.get("val_loss")), best_val_loss=self.best_val_loss,
-            tokens_per_s=self._run_tokens / train_seconds if self._run_tokens else None,
-            train_seconds=elapsed, tokens_seen=self.tokens_seen,
+            tokens_per_s=tokens_per_s, compile_seconds=self.compile_seconds,
+            train_seconds=self.clock() - meter.started, tokens_seen=self.tokens_seen,
             baselines=dict(self.baselines), last_checkpoint=self.last_checkpoint)
         if self.is_main:
             write_json_atomic(self.run.summary_path, result.to_dict())
         return result
+
+    def _train_step(self, data: Iterator[Any], meter: _Throughput) -> tuple[Any, dict[str, Any]]:
+        """One optimiser step on the next ``grad_accum_steps`` micro-batches; its device outputs
+        (not read yet) and its metrics so far. The first step of a ``fit()`` is waited for and timed
+        on its own."""
+        lr, micro_step = self.lr_of(self.step), self.datamodule.step
+        batches = [next(data) for _ in range(self.config.training.grad_accum_steps)]
+        items = sum(self.task.items_per_batch(b) for b in batches) * self.world_size
+        self.tokens_seen += items
+        first = meter.compile_seconds is None
+        started, paused = self.clock(), self._paused_seconds
+        out = self._optimizer_step(batches, lr, micro_step)
+        if first:
+            self._wait_for_step(out)
+            meter.first_step(started, paused, items)
+            self.compile_seconds = meter.compile_seconds
+            if self.is_main:
+                log.info("first step (compilation and warm-up included) took %.1fs; the run's tokens/s "
+                         "leaves it out", self.compile_seconds)
+        else:
+            meter.add(items)
+        self.step += 1
+        if self.world_size == 1 and self._interrupted:
+            self.request_stop("interrupted")
+        epoch = round(self.datamodule.step / self.datamodule.steps_per_epoch, 4)
+        return out, {"step": self.step, "epoch": epoch, "lr": lr}
 
     def _measure(self, out: Any) -> dict[str, float]:
         """The step's mean loss parts and grad norm (a host sync); stops on an interrupt of any
@@ -469,6 +624,11 @@ class BaseTrainingEngine:
         """One optimiser step over the ``grad_accum_steps`` micro-batches ``batches`` (this
         process's rows), the first of which is micro-batch ``micro_step`` of the run. Returns the
         device-side outputs for ``_read_step``, without waiting for them: most steps are not read."""
+        raise NotImplementedError
+
+    def _wait_for_step(self, out: Any) -> None:
+        """Block until the device has finished the step that returned ``out`` (the first step of a
+        ``fit()`` is timed on its own this way)."""
         raise NotImplementedError
 
     def _read_step(self, out: Any) -> StepReadout:

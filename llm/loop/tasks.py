@@ -50,10 +50,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from llm.backend import backend as get_backend
-from llm.config import ConfigError, nearest
+from llm.config import ConfigError
 from llm.data import BaseDataModule, SyntheticDataModule, build_datamodule
+from llm.loop.registry import Registry
 
-__all__ = ["LMTask", "LMTaskHalfBase", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
+__all__ = ["TASKS", "LMTask", "LMTaskHalfBase", "RegressionTask", "TaskError", "TrainingTask", "available_tasks", "get_task",
            "register_task", "unigram_entropy"]
 
 
@@ -106,24 +107,12 @@ class TrainingTask:
         return impl()
 
 
-_TASKS: dict[str, type[TrainingTask]] = {}
+TASKS: Registry[type[TrainingTask]] = Registry("task", TrainingTask, decorator="register_task", error=TaskError)
 
 
 def register_task(name: str, *, replace: bool = False):
     """Class decorator: register a ``TrainingTask`` subclass under ``name`` (sets ``cls.name``)."""
-
-    def decorate(cls: type[TrainingTask]) -> type[TrainingTask]:
-        if not (isinstance(cls, type) and issubclass(cls, TrainingTask)):
-            raise TaskError(f"register_task({name!r}) decorates TrainingTask subclasses, got {cls!r}")
-        old = _TASKS.get(name)
-        if old is not None and not replace and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise TaskError(f"task {name!r} is already registered ({old.__module__}.{old.__qualname__}); "
-                            "pass replace=True to override it")
-        cls.name = name
-        _TASKS[name] = cls
-        return cls
-
-    return decorate
+    return TASKS.register(name, replace=replace)
 
 
 def get_task(task: str | TrainingTask | Any) -> TrainingTask:
@@ -136,27 +125,23 @@ def get_task(task: str | TrainingTask | Any) -> TrainingTask:
     if isinstance(task, TrainingTask):
         return task
     value = str(getattr(task, "value", task))
-    name = value
-    if ":" in value:
-        module, _, name = value.partition(":")
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and (module == e.name or module.startswith(e.name + ".")):
-                raise TaskError(f"task {value!r}: no module named {e.name!r} (is it on PYTHONPATH?)") from None
-            raise  # the module exists but an import inside it failed: its traceback is the message
-    if name not in _TASKS:
-        near = nearest(name, _TASKS)
-        known = (f"; did you mean {near!r}? registered: " if near else "; registered: ") + ", ".join(available_tasks())
-        if name == value:
-            raise TaskError(f"task: unknown task {name!r}{known} (or give 'package.module:name' to import "
-                            "the module that registers it)")
-        raise TaskError(f"task {value!r}: importing {module} registered no task {name!r}{known}")
-    return _TASKS[name]()
+    if ":" not in value:
+        return TASKS.get(value, where="task: ", hint=" (or give 'package.module:name' to import the module "
+                         "that registers it)")()
+    module, _, name = value.partition(":")
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            raise TaskError(f"task {value!r}: no module named {e.name!r} (is it on PYTHONPATH?)") from None
+        raise  # the module exists but an import inside it failed: its traceback is the message
+    if name not in TASKS:
+        raise TaskError(f"task {value!r}: importing {module} registered no task {name!r}{TASKS.suggestions(name)}")
+    return TASKS.get(name)()
 
 
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int | None = None) -> float:
