@@ -290,13 +290,16 @@ class OptimizationConfig(_Section):
 @dataclass(frozen=True)
 class CheckpointConfig(_Section):
     """Canonical checkpoints: every ``every_steps`` optimiser steps (0 = only at the end of the run),
-    the newest ``keep_last`` kept (null = keep all), under ``dir`` (null = ``<run_dir>/checkpoints``)."""
+    the newest ``keep_last`` kept (null = keep all), under ``dir`` (null = ``<run_dir>/checkpoints``).
+    ``save_best``: also keep ``<dir>/best``, the state at the evaluation with the lowest val loss so
+    far (rewritten at each new best; never pruned; loads and resumes like any checkpoint)."""
 
     SECTION = "checkpoint"
 
     every_steps: int = 1000
     keep_last: int | None = 3
     dir: str | None = None
+    save_best: bool = False
 
     def _validate(self) -> None:
         self._need(self.every_steps >= 0, "every_steps", "must be >= 0 (0 = only at the end)")

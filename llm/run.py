@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "STATE_FORMAT",
     "STATE_KEYS",
+    "DeviceOutOfMemoryError",
     "NonFiniteLossError",
     "RunDir",
     "TrainResult",
@@ -92,6 +94,20 @@ def split_moment_name(key: str) -> tuple[str, str]:
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped without writing a checkpoint of the bad state."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The accelerator ran out of memory; the message names the step, the sizes and the knobs."""
+
+
+_UNITS = {"B": 1, "bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def size_after(text: str, phrase: str) -> int | None:
+    """The byte count written right after ``phrase`` in a framework's message ("Tried to allocate
+    2.00 GiB" -> 2147483648), or None when the message does not say."""
+    m = re.search(re.escape(phrase) + r"\s*([\d.]+)\s*(TiB|GiB|MiB|KiB|bytes|B)\b", text)
+    return None if m is None else int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def default_run_dir(root: str | os.PathLike = "runs") -> Path:
@@ -148,6 +164,12 @@ class RunDir:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step_{step}"
+
+    @property
+    def best_path(self) -> Path:
+        """``checkpoint.save_best``'s checkpoint (not a ``step_<N>``: never pruned, never resumed by
+        a bare ``--resume``)."""
+        return self.checkpoints / "best"
 
     # ------------------------------------------------------------------ writing
     def refuse_fresh_start(self) -> None:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from llm.checkpoint import CheckpointError
     from llm.data import DataError
-    from llm.run import NonFiniteLossError
+    from llm.run import DeviceOutOfMemoryError, NonFiniteLossError
     from llm.spec import SpecError
     from llm.loop.tasks import TaskError
     from llm.tokenization import TokenizerError
@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, DataError, NonFiniteLossError, SpecError, TaskError, TokenizerError) as e:
+    except (CheckpointError, DataError, DeviceOutOfMemoryError, NonFiniteLossError, SpecError, TaskError,
+            TokenizerError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

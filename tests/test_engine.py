@@ -406,3 +406,88 @@ def test_plateau_schedule_reduces_on_flat_val_losses_and_resumes_its_state(tmp_p
     fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
     again = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "again") if "lr" in r}
     assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
+
+
+class HookLog(Callback):
+    """Every hook in the order the loop calls it."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, trainer):
+        self.events.append("train_start")
+
+    def on_epoch_start(self, trainer, epoch):
+        self.events.append(f"epoch_start {epoch}")
+
+    def on_batch_start(self, trainer, step):
+        self.events.append(f"batch {step}")
+
+    def on_validation_start(self, trainer):
+        self.events.append("validation")
+
+    def on_eval_end(self, trainer, metrics):
+        self.events.append("eval_end")
+
+    def on_checkpoint(self, trainer, path):
+        self.events.append(f"checkpoint {path.name}")
+
+    def on_step_end(self, trainer, metrics):
+        self.events.append(f"step_end {metrics['step']}")
+
+    def on_epoch_end(self, trainer, epoch):
+        self.events.append(f"epoch_end {epoch}")
+
+    def on_train_end(self, trainer, metrics):
+        self.events.append("train_end")
+
+
+def test_every_hook_fires_in_the_order_a_user_expects(tmp_path):
+    """2 steps per epoch (32 samples, batch 8, accumulation 2), 5 steps, eval every 2 (and at the end),
+    checkpoint every 3 (and at the end), save_best: hooks of the third epoch end when the run does."""
+    log = HookLog()
+    config = tiny(tmp_path, "data.source=synthetic", "data.synthetic_size=40", "data.val_fraction=0.2",
+                  "training.grad_accum_steps=2", "training.max_steps=5", "training.eval_every=2",
+                  "training.eval_batches=1", "checkpoint.every_steps=3")
+    _, result = fit(TrainingEngine, config, tmp_path / "run", callbacks=[log])
+    assert result.step == 5
+    assert log.events == [
+        "train_start",
+        "epoch_start 0", "batch 1", "step_end 1", "batch 2", "validation", "eval_end", "step_end 2",
+        "epoch_end 0",
+        "epoch_start 1", "batch 3", "checkpoint step_3", "step_end 3", "batch 4", "validation", "eval_end",
+        "step_end 4", "epoch_end 1",
+        "epoch_start 2", "batch 5", "validation", "eval_end", "step_end 5", "epoch_end 2",
+        "checkpoint step_5", "train_end",
+    ]
+
+
+def test_save_best_keeps_the_lowest_val_loss_checkpoint_beside_the_last_ones(tmp_path, monkeypatch):
+    vals = iter([3.0, 2.0, 2.5, 2.8, 2.9, 3.1])
+    monkeypatch.setattr(TrainingEngine, "_val_loss", lambda self, n: next(vals))
+    config = tiny(tmp_path, "training.max_steps=6", "training.eval_every=1", "checkpoint.every_steps=1",
+                  "checkpoint.keep_last=2", "checkpoint.save_best=true")
+    fit(TrainingEngine, config, tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step_5", "step_6"]
+    best = load_checkpoint(ckpts / "best")
+    assert best.state_meta["step"] == 2 and best.state_meta["best_val_loss"] == 2.0
+    assert best.state_meta["reason"] == "best"
+
+
+def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_path, monkeypatch, capsys):
+    def oom(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                     "capacity of 79.11 GiB of which 1.50 GiB is free. Of the allocated ...")
+
+    monkeypatch.setattr(TrainingEngine, "_optimizer_step", oom)
+    from llm.config import dump_yaml
+    from llm.train import main
+
+    path = tmp_path / "c.yaml"
+    dump_yaml(tiny(tmp_path, "training.max_steps=2"), path)
+    assert main(["--config", str(path), "--run-dir", str(tmp_path / "run"), "--sample-tokens", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llm-train: error: the device ran out of memory at step 1")
+    assert "asked for 2.00 GiB with 1.50 GiB free" in err and "training.batch_size=8" in err
+    assert "data.seq_len=16" in err and "optimization.dtype=bfloat16" in err

@@ -309,3 +309,16 @@ def test_plateau_schedule_reduces_on_flat_val_losses_and_resumes_its_state(tmp_p
     fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
     again = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "again") if "lr" in r}
     assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
+
+
+def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_path, monkeypatch):
+    from llm.run import DeviceOutOfMemoryError
+
+    def oom(self, *args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                         "1073741824 bytes.")
+
+    monkeypatch.setattr(TrainingEngine, "_optimizer_step", oom)
+    with pytest.raises(DeviceOutOfMemoryError, match=r"ran out of memory at step 1 .*asked for 1.00 GiB .*"
+                                                     r"training.batch_size=8.*data.seq_len=16"):
+        fit(TrainingEngine, tiny(tmp_path, "training.max_steps=2"), tmp_path / "run")

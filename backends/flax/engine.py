@@ -75,7 +75,7 @@ from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.checkpoint import CheckpointError
 from llm.config import Config, ConfigError, DType
 from llm.loop.engine import BaseTrainingEngine, StepReadout
-from llm.run import MOMENTS, TrainResult, moment_name
+from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TrainingTask
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
@@ -412,6 +412,15 @@ class TrainingEngine(BaseTrainingEngine):
             self.impl, self._layout, self._cfg, self.params, self.opt_state, self._carry, self.rest,
             inputs, targets, np.float32(lr), np.int32(micro_step))
         return out
+
+    def _out_of_memory(self, exc: BaseException) -> tuple[int | None, int | None] | None:
+        text = str(exc)
+        if not isinstance(exc, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in text:
+            return None
+        requested = size_after(text, "trying to allocate") or size_after(text, "allocating")
+        stats = self.devices[0].memory_stats() or {}
+        free = stats["bytes_limit"] - stats["bytes_in_use"] if "bytes_limit" in stats else None
+        return requested, free
 
     def _wait_for_step(self, out: dict[str, Any]) -> None:
         """JAX dispatches asynchronously; the first call also compiles the step with XLA."""

@@ -46,7 +46,7 @@ from backends.torch.ddp import bucket_cap_mb
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.config import Config, DType
 from llm.loop.engine import BaseTrainingEngine, StepReadout
-from llm.run import MOMENTS, TrainResult, moment_name
+from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TrainingTask
 
 __all__ = ["TrainingEngine", "train"]
@@ -256,6 +256,15 @@ class TrainingEngine(BaseTrainingEngine):
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite |= ~torch.isfinite(sums["loss"])
         return sums, grad_norm
+
+    def _out_of_memory(self, exc: BaseException) -> tuple[int | None, int | None] | None:
+        if not isinstance(exc, torch.OutOfMemoryError):
+            return None
+        text = str(exc)  # "Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ... of which 1.50 GiB is free"
+        free = size_after(text, "of which")
+        if free is None and self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        return size_after(text, "Tried to allocate"), free
 
     def _wait_for_step(self, out: tuple[dict[str, torch.Tensor], torch.Tensor | None]) -> None:
         """CUDA runs the step asynchronously; on the CPU it is done when ``_optimizer_step`` returns."""

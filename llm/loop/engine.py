@@ -64,6 +64,7 @@ from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_
 from llm.loop.tasks import TaskError, TrainingTask, get_task
 from llm.run import (
     STATE_FORMAT,
+    DeviceOutOfMemoryError,
     NonFiniteLossError,
     RunDir,
     TrainResult,
@@ -377,9 +378,11 @@ class BaseTrainingEngine:
         """Mean val loss over ``training.eval_batches`` global batches (all processes), its perplexity;
         counts for the best val loss and early stopping; fires ``on_eval_end``."""
         started = self.clock()
+        self.callbacks.call("on_validation_start", self)
         val = self._val_loss(num_batches or self.config.training.eval_batches)
         metrics = {"step": self.step, "val_loss": val, "val_ppl": math.exp(val) if val < 700 else math.inf}
-        if math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
+        improved = math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss)
+        if improved:
             self.best_val_loss = val
         self.lr_of.observe(val)  # training.lr_schedule=plateau listens to every evaluation
         if self.early_stopping is not None:
@@ -387,16 +390,18 @@ class BaseTrainingEngine:
         self.last_val = metrics
         self._paused_seconds += self.clock() - started
         self.callbacks.call("on_eval_end", self, dict(metrics))
+        if improved and self.config.checkpoint.save_best:
+            self.save_checkpoint("best", path=self.run.best_path)
         return {"val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"]}
 
-    def save_checkpoint(self, reason: str = "periodic") -> Path | None:
-        """Write ``checkpoints/step_<N>`` (process 0) with the canonical training state; never a
-        non-finite state (raises ``NonFiniteLossError`` instead). Returns the path."""
+    def save_checkpoint(self, reason: str = "periodic", *, path: Path | None = None) -> Path | None:
+        """Write ``checkpoints/step_<N>`` (or ``path``; process 0) with the canonical training state;
+        never a non-finite state (raises ``NonFiniteLossError`` instead). Returns the path."""
         self._check_finite("before saving a checkpoint")
         if not self.task.canonical:
             return None
         started = self.clock()
-        path = self.run.checkpoint_path(self.step)
+        path = self.run.checkpoint_path(self.step) if path is None else path
         if self.is_main:
             params = self.impl.to_canonical(self.model)
             save_checkpoint(path, params, self.config.to_dict(), state_tensors=self.moments(),
@@ -502,7 +507,12 @@ class BaseTrainingEngine:
             if self.is_main:
                 self._log_start()
             data = self.datamodule.train_dataloader()
+            epoch = None
             while self.step < self.total_steps and self._stop is None:
+                if epoch != self.datamodule.epoch:
+                    epoch = self.datamodule.epoch
+                    self.callbacks.call("on_epoch_start", self, epoch)
+                self.callbacks.call("on_batch_start", self, self.step + 1)
                 out, metrics = self._train_step(data, meter)  # 1. the train step
                 last = self.step == self.total_steps
                 if last or self._stop or eval_due(self.step) or self.callbacks.needs_metrics(self.step):
@@ -518,7 +528,11 @@ class BaseTrainingEngine:
                 if evaluated and self.early_stopping is not None and self.early_stopping.exhausted:
                     self.request_stop("early_stop", self.early_stopping.message())  # 4. early stopping
                 self.callbacks.call("on_step_end", self, metrics)  # 5. the observers
+                if self.datamodule.epoch != epoch:
+                    self.callbacks.call("on_epoch_end", self, epoch)
 
+            if epoch is not None and self.datamodule.epoch == epoch:  # stopped inside an epoch
+                self.callbacks.call("on_epoch_end", self, epoch)
             tokens_per_s = meter.rate()  # the loop's steady state, before the end-of-run work
             reason = self._stop[0] if self._stop else "completed"
             end = {"step": self.step, "total_steps": self.total_steps, "stop_reason": reason}
@@ -534,6 +548,9 @@ class BaseTrainingEngine:
                     cb.on_exception(self, exc)
                 except Exception as e:  # never mask the original failure
                     log.debug("callback %s failed in on_exception: %s", type(cb).__name__, e)
+            sizes = self._out_of_memory(exc)
+            if sizes is not None:
+                raise DeviceOutOfMemoryError(self._out_of_memory_message(*sizes)) from None
             raise
         finally:
             for s, h in old_signals.items():
@@ -575,6 +592,23 @@ class BaseTrainingEngine:
             self.request_stop("interrupted")
         epoch = round(self.datamodule.step / self.datamodule.steps_per_epoch, 4)
         return out, {"step": self.step, "epoch": epoch, "lr": lr}
+
+    def _out_of_memory_message(self, requested: int | None, available: int | None) -> str:
+        """One line: the step, what was asked for and what was left, and the knobs that lower it."""
+        t, d, o = self.config.training, self.config.data, self.config.optimization
+
+        def gib(n: int | None) -> str:
+            return "an unknown amount" if n is None else f"{n / 2**30:.2f} GiB"
+
+        knobs = [f"training.batch_size={t.batch_size} (lower it; raise training.grad_accum_steps="
+                 f"{t.grad_accum_steps} to keep the tokens per step)", f"data.seq_len={d.seq_len}"]
+        if o.dtype is DType.FLOAT32:
+            knobs.append("optimization.dtype=bfloat16")
+        knobs.append("a smaller model")
+        return (f"the device ran out of memory at step {self.step + 1} ({self._placement()}): it asked "
+                f"for {gib(requested)} with {gib(available)} free. Lower the memory per step: "
+                + ", ".join(knobs) + "; the last checkpoint is "
+                + (str(self.last_checkpoint) if self.last_checkpoint else "none (nothing was saved)"))
 
     def _measure(self, out: Any) -> dict[str, float]:
         """The step's mean loss parts and grad norm (a host sync); stops on an interrupt of any
@@ -625,6 +659,11 @@ class BaseTrainingEngine:
         process's rows), the first of which is micro-batch ``micro_step`` of the run. Returns the
         device-side outputs for ``_read_step``, without waiting for them: most steps are not read."""
         raise NotImplementedError
+
+    def _out_of_memory(self, exc: BaseException) -> tuple[int | None, int | None] | None:
+        """``(requested bytes, free bytes)`` (either None when unknown) when ``exc`` is the
+        framework's device out-of-memory error, else None."""
+        return None
 
     def _wait_for_step(self, out: Any) -> None:
         """Block until the device has finished the step that returned ``out`` (the first step of a
