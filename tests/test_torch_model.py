@@ -16,16 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.torch import (
-    DecoderModel,
-    from_canonical,
-    from_spec,
-    grads_to_canonical,
-    load_canonical,
-    moments_from_canonical,
-    moments_to_canonical,
-    to_canonical,
-)
+from backends.torch import DecoderModel, from_canonical, from_spec, load_canonical, to_canonical
+from backends.torch.convert import grads_to_canonical, moments_from_canonical, moments_to_canonical
 from backends.torch.model import (
     MLP,
     LayerNorm,
