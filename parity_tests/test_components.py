@@ -35,8 +35,8 @@ COMPONENTS = {
     "embedding": (lambda s: tm.EmbeddingLayer(s), lambda s: fm.EmbeddingLayer(s, rngs=nnx.Rngs(0)), "embed.", "ids"),
     "attention": (lambda s: tm.MultiHeadAttention(s), lambda s: fm.MultiHeadAttention(s, rngs=nnx.Rngs(0)),
                   "layers.0.attn.", "x"),
-    "mlp": (lambda s: tm.MLP(s), lambda s: fm.MLP(s, rngs=nnx.Rngs(0)), "layers.0.mlp.", "x"),
-    "moe": (lambda s: tm.MoE(s), lambda s: fm.MoE(s, rngs=nnx.Rngs(0)), "layers.0.mlp.", "x"),
+    "mlp": (lambda s: tm.MLP(s), lambda s: fm.MLP(s), "layers.0.mlp.", "x"),
+    "moe": (lambda s: tm.MoE(s), lambda s: fm.MoE(s), "layers.0.mlp.", "x"),
     "block": (lambda s: tm.TransformerBlock(s, 0), lambda s: fm.TransformerBlock(s, 0, rngs=nnx.Rngs(0)),
               "layers.0.", "x"),
 }

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import backends.flax.model as fm
 import backends.torch.model as tm
@@ -19,7 +18,7 @@ def _both_routes(spec: ModelSpec, router: np.ndarray, x: np.ndarray):
     params = {k[len("layers.0.mlp."):]: v for k, v in init_params(spec, 0).items()
               if k.startswith("layers.0.mlp.")}
     params["router.weight"] = router.astype(np.float32)
-    tmod, fmod = tm.MoE(spec), fm.MoE(spec, rngs=nnx.Rngs(0))
+    tmod, fmod = tm.MoE(spec), fm.MoE(spec)
     torch_load(tmod, params)
     flax_load(fmod, params)
     t_combine, t_idx, _, _ = tmod.route(torch.from_numpy(x))

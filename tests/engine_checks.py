@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from llm.loop.callbacks import Callback
-from llm.checkpoint import Checkpoint, latest_valid_checkpoint, load_checkpoint
+from llm.checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, load_checkpoint
 from llm.config import Config, load_config
-from llm.run import STATE_KEYS, NonFiniteLossError, TrainResult
+from llm.run import STATE_KEYS, NonFiniteLossError, TrainResult, split_moment_name
 from llm.schedule import lr_at
 from llm.train import main
 
@@ -137,6 +137,27 @@ def checkpoint_holds_the_training_state(engine_cls: type, backend: str, tmp_path
     assert ckpt.config == config.to_dict()
     assert (result.last_checkpoint / "tokenizer.json").read_bytes() == (tmp_path / "run" / "tokenizer.json").read_bytes()
     return engine, ckpt
+
+
+def restore_puts_moments_back_and_names_a_misshaped_one(engine_cls: type, tmp_path: Path) -> None:
+    """``_restore`` loads canonical moments exactly (``moments()`` gives them back bit for bit), and
+    a mis-shaped one is a ``CheckpointError`` naming the checkpoint, the moment, the name and both shapes."""
+    engine, _ = fit(engine_cls, tiny(tmp_path, "training.max_steps=1"), tmp_path / "run")
+    params = engine.impl.to_canonical(engine.model)
+    saved = engine.moments()
+    moments: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in saved.items():
+        moment, name = split_moment_name(key)
+        moments.setdefault(name, {})[moment] = value + np.float32(1.0)
+    engine._restore(tmp_path / "ck", params, moments, 1, None)
+    assert {k: v.tobytes() for k, v in engine.moments().items()} == \
+        {k: (v + np.float32(1.0)).tobytes() for k, v in saved.items()}
+    q = "layers.0.attn.q_proj.weight"
+    moments[q]["exp_avg_sq"] = moments[q]["exp_avg_sq"][:, :16]
+    with pytest.raises(CheckpointError) as err:
+        engine._restore(tmp_path / "ck", params, moments, 1, None)
+    assert str(err.value) == (f"{tmp_path / 'ck'}: exp_avg_sq: optimizer moments for DecoderModel do not match -- "
+                              f"mis-shaped 1: {q}: expected (32, 32), got (32, 16)")
 
 
 def resume_is_exact(engine_cls: type, tmp_path: Path, corpus: Path, cli: tuple[str, ...] = ()) -> None:

@@ -63,6 +63,10 @@ def test_checkpoint_holds_the_canonical_training_state(tmp_path, corpus):
     torch.testing.assert_close(from_canonical(ckpt.spec, ckpt.params)(x).logits, engine.model(x).logits)
 
 
+def test_restore_puts_moments_back_and_names_a_misshaped_one(tmp_path):
+    checks.restore_puts_moments_back_and_names_a_misshaped_one(TrainingEngine, tmp_path)
+
+
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, corpus):
     checks.resume_is_exact(TrainingEngine, tmp_path, corpus)  # the CLI's default backend
 

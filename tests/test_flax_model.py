@@ -22,6 +22,8 @@ from backends.flax.convert import (
     grads_to_canonical,
     is_linear_weight,
     load_canonical,
+    moments_from_canonical,
+    moments_to_canonical,
     to_canonical,
 )
 from backends.flax.model import (
@@ -122,6 +124,59 @@ def test_canonical_round_trip_is_bitwise_and_transposes_linears(name):
                                       params["layers.0.mlp.router.weight"].T)
 
 
+@pytest.mark.parametrize("name", ["moe_glu_rms_bias", "tied_learned_bias"])
+def test_constructor_draws_nothing_and_from_spec_is_init_params(name):
+    spec = SPECS[name].replace(dropout=0.1)
+    rngs = nnx.Rngs(params=0, dropout=1)
+    model = DecoderModel(spec, rngs=rngs)
+    assert int(rngs.params.count[...]) == 0  # no parameter draw; only the dropout streams are forked
+    assert int(rngs.dropout.count[...]) > 0
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        assert value[...].dtype == jnp.float32 and not np.asarray(value[...]).any(), path
+    want = init_params(spec, seed=5)
+    got = to_canonical(from_spec(spec, seed=5))
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in want.items()}
+
+
+def test_grads_and_moments_convert_exactly_and_strictly():
+    spec = SPECS["moe_glu_rms_bias"]
+    model = from_spec(spec)
+    ids = _ids(B, T, seed=10)
+    grads = nnx.grad(lambda m: m(ids, ids).loss)(model)
+    canonical = grads_to_canonical(model, grads)
+    assert set(canonical) == {p.name for p in spec.param_table()}
+    q = "layers.0.attn.q_proj.weight"
+    np.testing.assert_array_equal(canonical[q], np.asarray(grads["layers"][0]["attn"]["q_proj"]["weight"][...]).T)
+    assert np.abs(canonical[q]).max() > 0
+
+    moment = _random_canonical(spec, seed=11)
+    held = moments_from_canonical(model, moment)  # the flax layout: what the optimiser keeps
+    np.testing.assert_array_equal(held[q], moment[q].T)
+    e = "layers.1.mlp.experts.down_proj.weight"
+    np.testing.assert_array_equal(held[e], moment[e].transpose(0, 2, 1))
+    back = moments_to_canonical(model, held)
+    assert {k: v.tobytes() for k, v in back.items()} == {k: v.tobytes() for k, v in moment.items()}
+
+    bad = dict(moment)
+    del bad["final_norm.weight"]
+    bad[q] = np.zeros((16, 8), np.float32)
+    with pytest.raises(SpecError) as err:
+        moments_from_canonical(model, bad)
+    assert "missing 1: final_norm.weight" in str(err.value)
+    assert f"{q}: expected (16, 16), got (16, 8)" in str(err.value)
+    flax_bad = {**held, q: np.zeros((8, 16), np.float32)}
+    del flax_bad["final_norm.weight"]
+    for convert in (moments_to_canonical, grads_to_canonical):
+        values = flax_bad if convert is moments_to_canonical else nnx.from_flat_state(
+            {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flax_bad.items()})
+        with pytest.raises(SpecError) as err:
+            convert(model, values)
+        assert "missing 1: final_norm.weight" in str(err.value), convert.__name__
+        assert f"{q}: expected (16, 16), got (8, 16)" in str(err.value), convert.__name__
+    with pytest.raises(SpecError, match="unexpected 1: layers.9.attn.q_proj.weight"):
+        moments_to_canonical(model, {**held, "layers.9.attn.q_proj.weight": held[q]})
+
+
 def test_strict_load_lists_every_bad_name_and_writes_nothing():
     spec = SPECS["rope_layernorm"]
     model = from_canonical(spec, init_params(spec, 0))
@@ -168,7 +223,7 @@ def test_load_canonical_into_submodules():
 
     # A root-level Linear: its own "weight" is canonical (out, in) and gets transposed.
     w = np.arange(6, dtype=np.float32).reshape(3, 2)  # (out=3, in=2)
-    lin = Linear(2, 3, rngs=nnx.Rngs(0))
+    lin = Linear(2, 3)
     load_canonical(lin, {"weight": w})
     np.testing.assert_array_equal(np.asarray(lin(jnp.array([[1.0, 10.0]]))), [[10.0, 32.0, 54.0]])
     assert to_canonical(lin)["weight"].tobytes() == w.tobytes()
@@ -276,7 +331,7 @@ def _np_expert(p: dict[str, np.ndarray], e: int, x: np.ndarray) -> np.ndarray:
 
 def test_moe_ties_go_to_the_lower_expert_and_outputs_mix_the_chosen_experts():
     spec = SPECS["moe_glu_rms_bias"]  # E=4, k=2, norm_topk_prob
-    moe = MoE(spec, rngs=nnx.Rngs(0))
+    moe = MoE(spec)
     full = _random_canonical(spec, 7)
     p = {k[len("layers.0.mlp."):]: v for k, v in full.items() if k.startswith("layers.0.mlp.")}
     router = np.zeros((4, 16), np.float32)
@@ -312,7 +367,7 @@ def test_moe_capacity_drops_later_tokens():
     # E=2, k=1, N=4, capacity_factor=0.5 -> C = ceil(4 * 1 / 2 * 0.5) = 1 per expert
     spec = ModelSpec(**BASE, use_moe=True, num_experts=2, num_experts_per_token=1, capacity_factor=0.5)
     assert spec.capacity(4) == 1
-    moe = MoE(spec, rngs=nnx.Rngs(0))
+    moe = MoE(spec)
     p = {k[len("layers.0.mlp."):]: v for k, v in _random_canonical(spec, 8).items()
          if k.startswith("layers.0.mlp.")}
     router = np.zeros((2, 16), np.float32)
@@ -331,7 +386,7 @@ def test_moe_capacity_drops_later_tokens():
     P = np.asarray(probs).mean(axis=0)
     np.testing.assert_allclose(float(balance), 2 * (0.75 * P[0] + 0.25 * P[1]), rtol=1e-6)
 
-    dropless = MoE(spec.replace(capacity_factor=None), rngs=nnx.Rngs(0))
+    dropless = MoE(spec.replace(capacity_factor=None))
     load_canonical(dropless, p)
     y_all = np.asarray(dropless(jnp.asarray(x))[0])[0]
     np.testing.assert_array_equal(y_all[[0, 2]], y[[0, 2]])

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.torch import DecoderModel, from_canonical, from_spec, load_canonical, to_canonical
+from backends.torch.convert import grads_to_canonical, moments_from_canonical, moments_to_canonical
 from backends.torch.model import (
     MLP,
     LayerNorm,
@@ -52,6 +53,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+def randomised(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """``module`` holding seeded N(0, std) numbers in every parameter (constructors hold zeros)."""
+    rng = np.random.default_rng(seed)
+    load_canonical(module, {k: (std * rng.standard_normal(v.shape)).astype(np.float32)
+                            for k, v in to_canonical(module).items()})
+    return module
+
+
 # ---------------------------------------------------------------------- names and conversion
 @pytest.mark.parametrize("name", SPECS)
 def test_state_dict_is_the_param_table(name):
@@ -71,6 +80,52 @@ def test_round_trip_is_bitwise(name):
         np.testing.assert_array_equal(back[k], params[k], err_msg=k)
     for k, v in to_canonical(from_spec(spec, seed=3)).items():
         np.testing.assert_array_equal(v, params[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["moe_glu_bias", "tied_learned_rms"])
+def test_constructor_draws_nothing_and_from_spec_is_init_params(name):
+    spec = SPECS[name]
+    before = torch.get_rng_state()
+    model = DecoderModel(spec)
+    assert torch.equal(torch.get_rng_state(), before)  # no draw from the global generator
+    assert all(torch.count_nonzero(p) == 0 for p in model.parameters())  # allocated, never initialised
+    with torch.device("meta"):  # the allocation follows the device context
+        assert {p.device.type for p in DecoderModel(spec).parameters()} == {"meta"}
+    want = init_params(spec, seed=5)
+    got = to_canonical(from_spec(spec, seed=5))
+    assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in want.items()}
+
+
+def test_grads_and_moments_convert_exactly_and_strictly():
+    spec = SPECS["moe_glu_bias"]
+    model = from_spec(spec, seed=0)
+    model(torch.randint(0, 32, (2, 6)), torch.randint(0, 32, (2, 6))).loss.backward()
+    grads = grads_to_canonical(model)
+    assert list(grads) == [p.name for p in spec.param_table()]
+    for name, p in model.named_parameters():
+        assert grads[name].tobytes() == p.grad.numpy().tobytes(), name
+    assert np.abs(grads["layers.0.attn.q_proj.weight"]).max() > 0
+
+    moment = {k: (v + 1.5).astype(np.float32) for k, v in init_params(spec, seed=1).items()}
+    held = moments_from_canonical(model, moment)
+    assert all(held[n].dtype == p.dtype and held[n].shape == p.shape for n, p in model.named_parameters())
+    back = moments_to_canonical(model, held)
+    assert {k: v.tobytes() for k, v in back.items()} == {k: v.tobytes() for k, v in moment.items()}
+    zeros = moments_to_canonical(model, {n: None for n, _ in model.named_parameters()})  # before a step
+    assert all(v.shape == moment[k].shape and not v.any() for k, v in zeros.items())
+
+    bad = dict(moment)
+    del bad["final_norm.weight"]
+    bad["layers.0.attn.o_proj.weight"] = np.zeros((16, 8), np.float32)
+    for convert, values in ((moments_from_canonical, bad),
+                            (moments_to_canonical, {k: torch.from_numpy(v) for k, v in bad.items()}),
+                            (grads_to_canonical, {k: torch.from_numpy(v) for k, v in bad.items()})):
+        with pytest.raises(SpecError) as err:
+            convert(model, values)
+        assert "missing 1: final_norm.weight" in str(err.value), convert.__name__
+        assert "layers.0.attn.o_proj.weight: expected (16, 16), got (16, 8)" in str(err.value), convert.__name__
+    with pytest.raises(SpecError, match="unexpected 1: layers.9.attn.q_proj.weight"):
+        moments_to_canonical(model, {**held, "layers.9.attn.q_proj.weight": None})
 
 
 def test_to_canonical_returns_copies():
@@ -129,6 +184,7 @@ def test_rmsnorm_by_hand():
 def test_layernorm_by_hand():
     norm = LayerNorm(4, eps=1e-6)
     with torch.no_grad():
+        norm.weight.fill_(1.0)
         norm.bias.fill_(0.5)
     y = norm(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # mean 2.5, variance 1.25
     want = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(1.25 + 1e-6) + 0.5
@@ -187,14 +243,14 @@ def naive_attention(attn: MultiHeadAttention, x: torch.Tensor, spec: ModelSpec) 
     tiny(num_kv_heads=1, head_dim=6, position="learned", sliding_window=5),
 ], ids=["mha_bias", "gqa_window", "mqa_nope_window"])
 def test_attention_matches_naive_reference(spec):
-    attn = MultiHeadAttention(spec)
+    attn = randomised(MultiHeadAttention(spec))
     x = torch.randn(2, 9, 16)
     torch.testing.assert_close(attn(x), naive_attention(attn, x, spec), rtol=1e-5, atol=1e-6)
 
 
 def test_gqa_equals_mha_with_duplicated_kv_heads():
     gqa_spec, mha_spec = tiny(num_kv_heads=2, attention_bias=True), tiny(attention_bias=True)
-    gqa, mha = MultiHeadAttention(gqa_spec), MultiHeadAttention(mha_spec)
+    gqa, mha = randomised(MultiHeadAttention(gqa_spec)), MultiHeadAttention(mha_spec)
     params = to_canonical(gqa)
     hd = gqa_spec.dim_head
     for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
@@ -207,7 +263,7 @@ def test_gqa_equals_mha_with_duplicated_kv_heads():
 
 
 def test_sliding_window_hides_tokens_outside_the_window():
-    attn = MultiHeadAttention(tiny(sliding_window=3))
+    attn = randomised(MultiHeadAttention(tiny(sliding_window=3)))
     x = torch.randn(1, 8, 16)
     x2 = x.clone()
     x2[:, 0] += 1.0
@@ -282,8 +338,8 @@ def test_moe_matches_per_token_loop_and_loss_formulas(norm_topk_prob):
 
 
 def _all_to_expert_zero(spec: ModelSpec) -> tuple[MoE, torch.Tensor]:
-    """A MoE whose router prefers expert 0, then 1, ... for every (positive) input."""
-    moe = MoE(spec)
+    """A MoE whose router prefers expert 0, then 1, ... for every (positive) input (random experts)."""
+    moe = randomised(MoE(spec))
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[:, 0] = torch.arange(spec.num_experts, 0, -1).float()

@@ -15,9 +15,12 @@ decides (a ``Linear`` or ``ExpertLinear`` is a linear weight); everywhere else t
 decides and the owner's type is checked against it, so a new layer that breaks the naming
 contract fails loudly instead of loading transposed.
 
-Loading is strict (``llm.spec.check_names``, the rule every loader shares): every missing,
-unexpected and mis-shaped name is listed in one ``SpecError``, and nothing is written unless all
-match. Values round-trip bitwise (float32 in, float32 out; transposes are exact).
+Every conversion is strict (``llm.spec.check_names``, the rule every loader shares): every
+missing, unexpected and mis-shaped name is listed in one ``SpecError``, shapes read in the layout
+of the input (canonical for ``load_canonical`` / ``moments_from_canonical``, flax for gradients and
+``moments_to_canonical``), and a load writes nothing unless all match. Values round-trip bitwise
+(float32 in, float32 out; transposes are exact). The same functions serve parameters, gradients
+and AdamW moments, so the engine never needs the transpose rule itself.
 """
 
 from __future__ import annotations
@@ -73,31 +76,53 @@ def _params(module: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
     return {k: found[k] for k in sorted(found, key=_natural_key)}
 
 
-def _to_numpy(value: Any, linear: bool) -> np.ndarray:
-    value = np.asarray(value, dtype=np.float32)
+def _flax_shapes(params: Mapping[str, tuple[nnx.Param, bool]]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(param[...].shape) for name, (param, _) in params.items()}
+
+
+def _canonical_shapes(params: Mapping[str, tuple[nnx.Param, bool]]) -> dict[str, tuple[int, ...]]:
+    """The shapes the canonical layout gives ``params``: linears' last two axes swapped."""
+    out = _flax_shapes(params)
+    return {name: (*out[name][:-2], out[name][-1], out[name][-2]) if linear else out[name]
+            for name, (_, linear) in params.items()}
+
+
+def _swap(value: np.ndarray, linear: bool) -> np.ndarray:
+    """The transpose rule on one array, either way: a linear's last two axes swapped, else as is."""
     return np.ascontiguousarray(np.swapaxes(value, -1, -2) if linear else value)
 
 
-def _canonical_shape(param: nnx.Param, linear: bool) -> tuple[int, ...]:
-    shape = tuple(param[...].shape)
-    return (*shape[:-2], shape[-1], shape[-2]) if linear else shape
+def _to_canonical_layout(module: nnx.Module, values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+    """``values`` (name -> array in the flax layout, one per Param of ``module``) as canonical
+    float32 numpy in natural name order; strict about names and (flax-layout) shapes."""
+    params = _params(module)
+    arrays = {k: np.asarray(v[...] if isinstance(v, nnx.Variable) else v, np.float32) for k, v in values.items()}
+    check_names(_flax_shapes(params), arrays, where=f"{what} for {type(module).__name__}")
+    return {name: _swap(arrays[name], linear) for name, (_, linear) in params.items()}
+
+
+def _to_flax_layout(module: nnx.Module, values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+    """Canonical ``values`` (name -> ``(out, in)`` arrays) in the flax layout as float32 numpy;
+    strict about names and (canonical) shapes."""
+    params = _params(module)
+    arrays = {k: np.asarray(v, np.float32) for k, v in values.items()}
+    check_names(_canonical_shapes(params), arrays, where=f"{what} for {type(module).__name__}")
+    return {name: _swap(arrays[name], linear) for name, (_, linear) in params.items()}
 
 
 def to_canonical(module: nnx.Module) -> dict[str, np.ndarray]:
     """Every ``nnx.Param`` of ``module`` as canonical float32 numpy, linears ``(out, in)``."""
-    return {name: _to_numpy(param[...], linear) for name, (param, linear) in _params(module).items()}
+    return {name: _swap(np.asarray(param[...], np.float32), linear)
+            for name, (param, linear) in _params(module).items()}
 
 
 def grads_to_canonical(module: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:
-    """Gradients w.r.t. ``module``'s Params (what ``nnx.grad`` returns) as canonical float32 numpy."""
-    params = _params(module)
-    out: dict[str, np.ndarray] = {}
-    for path, value in nnx.to_flat_state(grads):
-        name = _name(path)
-        if name not in params:
-            raise SpecError(f"gradient {name!r} has no Param of that name in {type(module).__name__}")
-        out[name] = _to_numpy(value[...] if isinstance(value, nnx.Variable) else value, params[name][1])
-    return {k: out[k] for k in sorted(out, key=_natural_key)}
+    """Gradients w.r.t. ``module``'s Params (what ``nnx.grad`` returns) as canonical float32 numpy.
+
+    Strict: a missing, unexpected or mis-shaped (flax-layout) name is a ``SpecError`` listing it.
+    """
+    flat = {_name(path): value for path, value in nnx.to_flat_state(grads)}
+    return _to_canonical_layout(module, flat, "gradients")
 
 
 def load_canonical(module: nnx.Module, params: Mapping[str, Any]) -> None:
@@ -106,16 +131,9 @@ def load_canonical(module: nnx.Module, params: Mapping[str, Any]) -> None:
     Raises ``SpecError`` (a ``ValueError``) listing every missing, unexpected and mis-shaped name
     before anything is written, so a failed load leaves the module untouched.
     """
-    expected = _params(module)
-    arrays = {k: np.asarray(v) for k, v in params.items()}
-
-    check_names({k: _canonical_shape(*v) for k, v in expected.items()}, arrays,
-                where=f"parameters for {type(module).__name__}")
-    for name, (param, linear) in expected.items():
-        value = arrays[name]
-        if linear:
-            value = np.swapaxes(value, -1, -2)
-        param[...] = jnp.asarray(value, dtype=param[...].dtype)
+    values = _to_flax_layout(module, params, "parameters")
+    for name, (param, _) in _params(module).items():
+        param[...] = jnp.asarray(values[name], dtype=param[...].dtype)
 
 
 def from_canonical(spec: ModelSpec, params: Mapping[str, Any], *, dtype: Any = jnp.float32,
@@ -134,21 +152,11 @@ def from_spec(spec: ModelSpec, seed: int = 0, *, dtype: Any = jnp.float32) -> De
 
 def moments_to_canonical(module: nnx.Module, moments: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """One AdamW moment (canonical name -> array in the flax layout) as canonical float32 numpy,
-    linear weights transposed back to ``(out, in)``."""
-    params = _params(module)
-    unknown = sorted(set(moments) - set(params))
-    if unknown:
-        raise SpecError(f"optimizer moments of unknown parameters {unknown[:5]} for {type(module).__name__}")
-    return {name: _to_numpy(value, params[name][1]) for name, value in moments.items()}
+    linear weights transposed back to ``(out, in)``. Strict like ``grads_to_canonical``."""
+    return _to_canonical_layout(module, moments, "optimizer moments")
 
 
 def moments_from_canonical(module: nnx.Module, moments: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Canonical moments (name -> ``(out, in)`` arrays) in the flax layout, float32 numpy, checked
     against the module's parameter names and (canonical) shapes."""
-    params = _params(module)
-
-    arrays = {k: np.asarray(v, np.float32) for k, v in moments.items()}
-    check_names({k: _canonical_shape(*v) for k, v in params.items()}, arrays,
-                where=f"optimizer moments for {type(module).__name__}")
-    return {name: np.ascontiguousarray(np.swapaxes(value, -1, -2) if params[name][1] else value)
-            for name, value in arrays.items()}
+    return _to_flax_layout(module, moments, "optimizer moments")

@@ -69,7 +69,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from backends.flax.convert import is_linear_weight
+from backends.flax.convert import moments_from_canonical, moments_to_canonical
 from backends.flax.optim import AdamWState, LossScale, build_optimizer, global_norm_torch, update_loss_scale
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.checkpoint import CheckpointError
@@ -77,6 +77,7 @@ from llm.config import Config, ConfigError, DType
 from llm.loop.engine import BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TrainingTask
+from llm.spec import SpecError
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
 
@@ -363,11 +364,9 @@ class TrainingEngine(BaseTrainingEngine):
         """The AdamW moments in canonical names and layout (``llm.run.moment_name``), float32."""
         adam = _host(_adam(self.opt_state)[1])
         out = {}
-        for name in self._layout.names:
-            for moment, tree in zip(MOMENTS, (adam.exp_avg, adam.exp_avg_sq), strict=True):
-                value = np.asarray(tree[name], np.float32)
-                out[moment_name(moment, name)] = np.ascontiguousarray(
-                    np.swapaxes(value, -1, -2) if is_linear_weight(name) else value)
+        for moment in MOMENTS:
+            out.update((moment_name(moment, name), value)
+                       for name, value in moments_to_canonical(self._model, getattr(adam, moment)).items())
         return out
 
     def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]],
@@ -377,14 +376,12 @@ class TrainingEngine(BaseTrainingEngine):
         param_state = nnx.state(model, nnx.Param)
         adam_at, adam = _adam(_host(self.opt_state))
         new = {m: dict(getattr(adam, m)) for m in MOMENTS}
-        for name in moments:
-            for moment in MOMENTS:
-                value = np.asarray(moments[name][moment], np.float32)
-                value = np.swapaxes(value, -1, -2) if is_linear_weight(name) else value
-                if value.shape != new[moment][name].shape:
-                    raise CheckpointError(f"{path}: {moment_name(moment, name)} has shape {value.shape}, "
-                                          f"the parameter {tuple(np.swapaxes(new[moment][name], -1, -2).shape)}")
-                new[moment][name] = value
+        for moment in MOMENTS if moments else ():  # none saved (a step-0 checkpoint): the fresh zeros stay
+            given = {name: held[moment] for name, held in moments.items() if moment in held}
+            try:
+                new[moment] = moments_from_canonical(model, given)
+            except SpecError as err:
+                raise CheckpointError(f"{path}: {moment}: {err}") from None
         opt_state = list(_host(self.opt_state))
         opt_state[adam_at] = AdamWState(count=np.asarray(step, np.int32), exp_avg=new["exp_avg"],
                                         exp_avg_sq=new["exp_avg_sq"])

@@ -10,6 +10,10 @@ Shapes in comments: B batch, T query length, S key length, D hidden, H query hea
 heads, G = H/K query heads per kv head, hd head size, F intermediate size, E experts, k experts per
 token, N = B*T tokens, V vocab. Einsum strings use the same letters (``I``/``O`` = in/out features).
 
+Construction draws no random numbers: every ``nnx.Param`` starts as float32 zeros and ``rngs``
+seeds only the dropout streams; the starting weights come from ``llm.spec.init_params`` through
+``backends.flax.convert.from_spec``, the one place initialisation is defined.
+
 Precision: parameters are float32 and stay float32; ``dtype`` is the compute dtype. With bfloat16
 compute, parameters and activations are cast where they are used, while norms, softmaxes, RoPE,
 the router and the loss run in float32, and logits are returned in float32.
@@ -120,11 +124,9 @@ def _check_positions(start_pos: Any, length: int, limit: int, what: str) -> None
                          f"(sequence of {length} tokens at start_pos={start})")
 
 
-def _out_std(spec: ModelSpec) -> float:
-    """Init std of residual-output projections (o_proj, down_proj), as in ``spec.param_table``."""
-    if spec.scale_residual_init:
-        return spec.init_std / math.sqrt(2 * spec.num_layers)
-    return spec.init_std
+def _zeros(*shape: int) -> nnx.Param:
+    """A float32 parameter of zeros: allocated, never drawn (``from_spec`` loads the real values)."""
+    return nnx.Param(jnp.zeros(shape, jnp.float32))
 
 
 def _activation(spec: ModelSpec, x: jax.Array) -> jax.Array:
@@ -141,13 +143,11 @@ def _activation(spec: ModelSpec, x: jax.Array) -> jax.Array:
 class Linear(nnx.Module):
     """``y = x @ weight + bias`` with ``weight`` stored (in, out); computed in ``dtype``."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, std: float = 0.02,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype: Any = jnp.float32):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = jnp.dtype(dtype)
-        self.weight = nnx.Param(std * jax.random.normal(rngs.params(), (in_features, out_features),
-                                                        jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        self.weight = _zeros(in_features, out_features)
+        self.bias = _zeros(out_features) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x.astype(self.dtype) @ self.weight[...].astype(self.dtype)  # (..., out)
@@ -159,9 +159,8 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """A lookup table ``weight`` (rows, D), float32 (the learned position table)."""
 
-    def __init__(self, num_embeddings: int, dim: int, *, std: float = 0.02, rngs: nnx.Rngs):
-        self.weight = nnx.Param(std * jax.random.normal(rngs.params(), (num_embeddings, dim),
-                                                        jnp.float32))
+    def __init__(self, num_embeddings: int, dim: int):
+        self.weight = _zeros(num_embeddings, dim)
 
     def __call__(self, idx: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], idx, axis=0)
@@ -172,7 +171,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.weight = _zeros(dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -185,8 +184,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.weight = _zeros(dim)
+        self.bias = _zeros(dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -214,10 +213,9 @@ class EmbeddingLayer(_SpecModule):
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         self._set_spec(spec)
         self.dtype = jnp.dtype(dtype)
-        self.weight = nnx.Param(spec.init_std * jax.random.normal(
-            rngs.params(), (spec.vocab_size, spec.hidden_size), jnp.float32))
+        self.weight = _zeros(spec.vocab_size, spec.hidden_size)
         if spec.position is Position.LEARNED:
-            self.position = Embedding(spec.max_seq_len, spec.hidden_size, std=spec.init_std, rngs=rngs)
+            self.position = Embedding(spec.max_seq_len, spec.hidden_size)
         elif spec.position is Position.SINUSOIDAL:
             self.sinusoidal = Buffer(jnp.asarray(sinusoidal_table(spec)))  # (max_seq_len, D)
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
@@ -321,11 +319,11 @@ class MultiHeadAttention(_SpecModule):
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, spec.dim_head
         self.dtype = jnp.dtype(dtype)
         d, h, kv, hd = spec.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        std, bias = spec.init_std, spec.attention_bias
-        self.q_proj = Linear(d, h * hd, bias=bias, std=std, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, kv * hd, bias=bias, std=std, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, kv * hd, bias=bias, std=std, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h * hd, d, bias=spec.out_bias, std=_out_std(spec), dtype=dtype, rngs=rngs)
+        bias = spec.attention_bias
+        self.q_proj = Linear(d, h * hd, bias=bias, dtype=dtype)
+        self.k_proj = Linear(d, kv * hd, bias=bias, dtype=dtype)
+        self.v_proj = Linear(d, kv * hd, bias=bias, dtype=dtype)
+        self.o_proj = Linear(h * hd, d, bias=spec.out_bias, dtype=dtype)
         if spec.position is Position.ROPE:
             cos, sin = rope_cos_sin(spec)  # (max_seq_len, hd) each
             self.rope_cos = Buffer(jnp.asarray(cos))
@@ -405,13 +403,13 @@ class MultiHeadAttention(_SpecModule):
 class MLP(_SpecModule):
     """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``."""
 
-    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
         self._set_spec(spec)
-        d, f, bias, std = spec.hidden_size, spec.ffn_size, spec.mlp_bias, spec.init_std
+        d, f, bias = spec.hidden_size, spec.ffn_size, spec.mlp_bias
         if spec.use_glu:
-            self.gate_proj = Linear(d, f, bias=bias, std=std, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, bias=bias, std=std, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, bias=bias, std=_out_std(spec), dtype=dtype, rngs=rngs)
+            self.gate_proj = Linear(d, f, bias=bias, dtype=dtype)
+        self.up_proj = Linear(d, f, bias=bias, dtype=dtype)
+        self.down_proj = Linear(f, d, bias=bias, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.spec.use_glu:
@@ -424,12 +422,11 @@ class MLP(_SpecModule):
 class ExpertLinear(nnx.Module):
     """E stacked linear maps: ``weight`` (E, in, out), optional ``bias`` (E, out)."""
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool, std: float, *,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool, *,
+                 dtype: Any = jnp.float32):
         self.dtype = jnp.dtype(dtype)
-        self.weight = nnx.Param(std * jax.random.normal(
-            rngs.params(), (num_experts, in_features, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_experts, out_features), jnp.float32)) if bias else None
+        self.weight = _zeros(num_experts, in_features, out_features)
+        self.bias = _zeros(num_experts, out_features) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (N, in) for every expert alike, or (E, N, in) per expert -> (E, N, out)."""
@@ -443,13 +440,13 @@ class ExpertLinear(nnx.Module):
 class Experts(_SpecModule):
     """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul."""
 
-    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
         self._set_spec(spec)
-        e, d, f, bias, std = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias, spec.init_std
+        e, d, f, bias = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias
         if spec.use_glu:
-            self.gate_proj = ExpertLinear(e, d, f, bias, std, dtype=dtype, rngs=rngs)
-        self.up_proj = ExpertLinear(e, d, f, bias, std, dtype=dtype, rngs=rngs)
-        self.down_proj = ExpertLinear(e, f, d, bias, _out_std(spec), dtype=dtype, rngs=rngs)
+            self.gate_proj = ExpertLinear(e, d, f, bias, dtype=dtype)
+        self.up_proj = ExpertLinear(e, d, f, bias, dtype=dtype)
+        self.down_proj = ExpertLinear(e, f, d, bias, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (N, D) -> every expert's output on every token, (E, N, D)."""
@@ -514,13 +511,12 @@ class MoE(_SpecModule):
     ``llm.moe_dispatch``): the same function with k/E of the expert FLOPs.
     """
 
-    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
         self._set_spec(spec)
         self.dtype = jnp.dtype(dtype)
         # The router runs in float32 whatever the compute dtype: top-k choices flip on bf16 rounding.
-        self.router = Linear(spec.hidden_size, spec.num_experts, std=spec.init_std, dtype=jnp.float32,
-                             rngs=rngs)
-        self.experts = Experts(spec, rngs=rngs, dtype=dtype)
+        self.router = Linear(spec.hidden_size, spec.num_experts, dtype=jnp.float32)
+        self.experts = Experts(spec, dtype=dtype)
         self.moe_impl = "dense"
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -577,7 +573,7 @@ class TransformerBlock(_SpecModule):
         self.attn_norm = build_norm(spec)
         self.attn = MultiHeadAttention(spec, rngs=rngs, dtype=dtype)
         self.mlp_norm = build_norm(spec)
-        self.mlp = MoE(spec, rngs=rngs, dtype=dtype) if spec.use_moe else MLP(spec, rngs=rngs, dtype=dtype)
+        self.mlp = MoE(spec, dtype=dtype) if spec.use_moe else MLP(spec, dtype=dtype)
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
@@ -673,7 +669,7 @@ def lean_cross_entropy(logits: jax.Array, targets: jax.Array, *, impl: str = "xl
 class DecoderModel(_SpecModule):
     """The decoder-only language model: embed -> blocks -> final_norm -> lm_head.
 
-    The constructor draws its own random weights from ``rngs`` (right shapes, spec stds);
+    The constructor allocates zeros and draws nothing (``rngs`` seeds the dropout streams only);
     ``backends.flax.from_spec(spec, seed)`` loads ``llm.spec.init_params``, the starting weights
     both backends share. ``dtype`` is the compute dtype; parameters stay float32.
     """
@@ -686,8 +682,7 @@ class DecoderModel(_SpecModule):
                                 for i in range(spec.num_layers)])
         self.final_norm = build_norm(spec)
         # Tied: the output projection is embed.weight, so there is no lm_head module (and no name).
-        self.lm_head = None if spec.tie_embeddings else Linear(
-            spec.hidden_size, spec.vocab_size, std=spec.init_std, dtype=dtype, rngs=rngs)
+        self.lm_head = None if spec.tie_embeddings else Linear(spec.hidden_size, spec.vocab_size, dtype=dtype)
         self.loss_impl = "xla"  # or "pallas": the loss-only path's log-sum-exp (lean_cross_entropy)
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None, dtype: Any = None) -> KVCache:

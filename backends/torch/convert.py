@@ -2,8 +2,10 @@
 
 The canonical layout is the torch layout: linear weights are ``(out, in)``, stacked experts
 ``(E, out, in)``, and every module's ``state_dict()`` key is its canonical name. So this file has
-no transpose list -- conversion is a copy plus strict name and shape checks. Names are relative
-to the module given, so a component (a norm, one ``TransformerBlock``) converts on its own.
+no transpose list -- conversion is a copy plus strict name and shape checks (``llm.spec.check_names``:
+every missing, unexpected and mis-shaped name listed in one ``SpecError``), for parameters,
+gradients and AdamW moments alike. Names are relative to the module given, so a component (a
+norm, one ``TransformerBlock``) converts on its own.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def load_canonical(module: nn.Module, params: dict[str, np.ndarray]) -> None:
 
 def from_canonical(spec: ModelSpec, params: Mapping[str, np.ndarray], *, seed: int = 0) -> DecoderModel:
     """A ``DecoderModel`` for ``spec`` holding ``params`` (``seed`` is unused: torch draws dropout
-    masks from its global generator)."""
+    masks from its global generator). The constructor allocates zeros; this fills them."""
     model = DecoderModel(spec)
     load_canonical(model, dict(params))
     return model
@@ -53,28 +55,31 @@ def from_spec(spec: ModelSpec, seed: int = 0) -> DecoderModel:
     return from_canonical(spec, init_params(spec, seed), seed=seed)
 
 
+def _to_numpy(module: nn.Module, values: Mapping[str, torch.Tensor | None], what: str) -> dict[str, np.ndarray]:
+    """``values`` (canonical name -> tensor, None for zeros) as float32 numpy copies; strict about
+    names and shapes against ``module``'s parameters."""
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    # None reads as zeros of the parameter's shape; an unknown name gets (0,) and is listed below.
+    out = {name: (np.zeros(shapes.get(name, (0,)), np.float32) if v is None
+                  else v.detach().to("cpu", torch.float32).numpy().copy()) for name, v in values.items()}
+    check_names(shapes, out, where=f"{what} for {type(module).__name__}")
+    return out
+
+
 def grads_to_canonical(module: nn.Module, grads: Mapping[str, torch.Tensor | None] | None = None
                        ) -> dict[str, np.ndarray]:
     """Gradients by canonical name as float32 numpy: ``grads`` (name -> tensor), by default each
-    parameter's ``.grad``; a parameter without one gets zeros of its shape."""
+    parameter's ``.grad``; a parameter without one gets zeros of its shape. Strict: a missing,
+    unexpected or mis-shaped name is a ``SpecError`` listing it."""
     if grads is None:
         grads = {name: p.grad for name, p in module.named_parameters()}
-    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
-    check_names(shapes, {k: (np.zeros(shapes[k], np.float32) if g is None else g) for k, g in grads.items()},
-                where=f"gradients for {type(module).__name__}")
-    return {name: (np.zeros(shapes[name], np.float32) if g is None
-                   else g.detach().to("cpu", torch.float32).numpy().copy())
-            for name, g in grads.items()}
+    return _to_numpy(module, grads, "gradients")
 
 
 def moments_to_canonical(module: nn.Module, moments: Mapping[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
     """One AdamW moment (canonical name -> tensor, None before the first step) as canonical float32
-    numpy (zeros where None). The torch layout is the canonical layout: a copy and a name check."""
-    shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
-    out = {name: (np.zeros(shapes[name], np.float32) if m is None
-                  else m.detach().to("cpu", torch.float32).numpy().copy()) for name, m in moments.items()}
-    check_names(shapes, out, where=f"optimizer moments for {type(module).__name__}")
-    return out
+    numpy (zeros where None). The torch layout is the canonical layout: a copy and a strict check."""
+    return _to_numpy(module, moments, "optimizer moments")
 
 
 def moments_from_canonical(module: nn.Module, moments: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

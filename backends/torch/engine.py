@@ -42,12 +42,15 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
+from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
+from llm.checkpoint import CheckpointError
 from llm.config import Config, DType
 from llm.loop.engine import BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TrainingTask
+from llm.spec import SpecError
 
 __all__ = ["TrainingEngine", "train"]
 
@@ -177,25 +180,28 @@ class TrainingEngine(BaseTrainingEngine):
     def moments(self) -> dict[str, np.ndarray]:
         """The AdamW moments by canonical name, float32 (zeros before the first step)."""
         out = {}
-        for name, p in self.model.named_parameters():
-            state = self.optimizer.state.get(p, {})
-            for moment in MOMENTS:
-                value = state.get(moment)
-                out[moment_name(moment, name)] = (np.zeros(tuple(p.shape), np.float32) if value is None
-                                                  else value.detach().to("cpu", torch.float32).numpy())
+        for moment in MOMENTS:
+            held = {name: self.optimizer.state.get(p, {}).get(moment) for name, p in self.model.named_parameters()}
+            out.update((moment_name(moment, name), value)
+                       for name, value in moments_to_canonical(self.model, held).items())
         return out
 
     def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]],
                  step: int, grad_scaler: dict[str, Any] | None) -> None:
         self.impl.load_canonical(self.model, params)
         on_device = self.device.type == "cuda"  # fused AdamW keeps its step count on the device
-        for name, p in self.model.named_parameters():
-            if name not in moments:
-                continue
+        new = {}
+        for moment in MOMENTS if moments else ():  # none saved (a step-0 checkpoint): the state stays fresh
+            given = {name: held[moment] for name, held in moments.items() if moment in held}
+            try:
+                new[moment] = moments_from_canonical(self.model, given)
+            except SpecError as err:
+                raise CheckpointError(f"{path}: {moment}: {err}") from None
+        for name, p in self.model.named_parameters() if new else ():
             state = self.optimizer.state[p]
             state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
             for moment in MOMENTS:
-                state[moment] = torch.from_numpy(np.array(moments[name][moment])).to(p.device, p.dtype)
+                state[moment] = new[moment][name]
         if self.scaler is not None and grad_scaler:
             sd = self.scaler.state_dict()
             sd.update(scale=float(grad_scaler["scale"]), _growth_tracker=int(grad_scaler["growth_tracker"]))

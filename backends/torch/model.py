@@ -7,6 +7,10 @@ canonical layout is the torch layout (no transposes anywhere in this backend).
 Shapes in comments: B batch, T query length, S key length, D hidden, H query heads, KV key/value
 heads, hd head size, F intermediate size, E experts, k experts per token, N = B*T tokens, V vocab.
 
+Construction draws no random numbers: every parameter starts at zero (see ``_zeroed``) and the
+starting weights come from ``llm.spec.init_params`` through ``backends.torch.convert.from_spec``,
+the one place initialisation is defined.
+
 Precision: parameters may be float32 or bfloat16 and the forward pass runs under
 ``torch.autocast``; norms, softmaxes, the router and the loss are computed in float32 regardless,
 and logits are returned in float32.
@@ -44,6 +48,21 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
+def _zeroed(layer_cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """``layer_cls(*args, **kwargs)`` (``nn.Linear``, ``nn.Embedding``) with every parameter zero.
+
+    Built on the meta device, so torch's default initialiser (random draws that ``from_spec`` would
+    overwrite at once) touches no storage and no generator; then allocated on the default device
+    (which honours ``with torch.device(...)``) and zeroed. Zeros rather than uninitialised memory:
+    an unloaded model is a deterministic function, the same in both backends.
+    """
+    layer = layer_cls(*args, **kwargs, device="meta").to_empty(device=torch.get_default_device())
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    return layer
+
+
 # ---------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale and no bias, computed in float32."""
@@ -51,7 +70,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -68,7 +87,7 @@ class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +123,9 @@ class EmbeddingLayer(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.weight = nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size))
-        nn.init.normal_(self.weight, std=spec.init_std)
+        self.weight = nn.Parameter(torch.zeros(spec.vocab_size, spec.hidden_size))
         if spec.position is Position.LEARNED:
-            self.position = nn.Embedding(spec.max_seq_len, spec.hidden_size)
+            self.position = _zeroed(nn.Embedding, spec.max_seq_len, spec.hidden_size)
         elif spec.position is Position.SINUSOIDAL:
             self.register_buffer("sinusoidal", torch.from_numpy(sinusoidal_table(spec)), persistent=False)
         self.dropout = nn.Dropout(spec.dropout)
@@ -191,10 +209,10 @@ class MultiHeadAttention(nn.Module):
         self.spec = spec
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, spec.dim_head
         d, h, kv, hd = spec.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(d, h * hd, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(d, kv * hd, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(d, kv * hd, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(h * hd, d, bias=spec.out_bias)
+        self.q_proj = _zeroed(nn.Linear, d, h * hd, bias=spec.attention_bias)
+        self.k_proj = _zeroed(nn.Linear, d, kv * hd, bias=spec.attention_bias)
+        self.v_proj = _zeroed(nn.Linear, d, kv * hd, bias=spec.attention_bias)
+        self.o_proj = _zeroed(nn.Linear, h * hd, d, bias=spec.out_bias)
         if spec.position is Position.ROPE:
             cos, sin = rope_cos_sin(spec)  # (max_seq_len, hd) each
             self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
@@ -248,9 +266,9 @@ class MLP(nn.Module):
         self.spec = spec
         d, f = spec.hidden_size, spec.ffn_size
         if spec.use_glu:
-            self.gate_proj = nn.Linear(d, f, bias=spec.mlp_bias)
-        self.up_proj = nn.Linear(d, f, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(f, d, bias=spec.mlp_bias)
+            self.gate_proj = _zeroed(nn.Linear, d, f, bias=spec.mlp_bias)
+        self.up_proj = _zeroed(nn.Linear, d, f, bias=spec.mlp_bias)
+        self.down_proj = _zeroed(nn.Linear, f, d, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.use_glu:
@@ -263,10 +281,9 @@ class MLP(nn.Module):
 class ExpertLinear(nn.Module):
     """E stacked linear maps: ``weight`` (E, out, in), optional ``bias`` (E, out)."""
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool, std: float):
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        nn.init.normal_(self.weight, std=std)
+        self.weight = nn.Parameter(torch.zeros(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,9 +303,9 @@ class Experts(nn.Module):
         self.spec = spec
         e, d, f, bias = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias
         if spec.use_glu:
-            self.gate_proj = ExpertLinear(e, d, f, bias, spec.init_std)
-        self.up_proj = ExpertLinear(e, d, f, bias, spec.init_std)
-        self.down_proj = ExpertLinear(e, f, d, bias, spec.init_std)
+            self.gate_proj = ExpertLinear(e, d, f, bias)
+        self.up_proj = ExpertLinear(e, d, f, bias)
+        self.down_proj = ExpertLinear(e, f, d, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> every expert's output on every token, (E, N, D)."""
@@ -357,7 +374,7 @@ class MoE(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.router = _zeroed(nn.Linear, spec.hidden_size, spec.num_experts, bias=False)
         self.experts = Experts(spec)
         self.moe_impl = "dense"
 
@@ -454,8 +471,8 @@ class ModelOutput:
 class DecoderModel(nn.Module):
     """The decoder-only language model: embed -> blocks -> final_norm -> lm_head.
 
-    The constructor's initialisation is a placeholder (torch defaults); ``from_spec(spec, seed)``
-    loads ``llm.spec.init_params``, the starting weights both backends share.
+    The constructor allocates zeros and draws nothing; ``from_spec(spec, seed)`` loads
+    ``llm.spec.init_params``, the starting weights both backends share.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -466,7 +483,7 @@ class DecoderModel(nn.Module):
         self.final_norm = build_norm(spec)
         # Tied: the output projection is embed.weight, so there is no lm_head module (and no key).
         self.lm_head = (None if spec.tie_embeddings
-                        else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False))
+                        else _zeroed(nn.Linear, spec.hidden_size, spec.vocab_size, bias=False))
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

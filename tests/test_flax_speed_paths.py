@@ -1,9 +1,14 @@
-"""The fast paths the benchmark uses compute what the reference paths compute.
+"""The flax fast paths the benchmark uses compute what the reference paths compute.
 
-* torch ``forward(..., return_logits=False)``: same loss and gradients, no logits returned.
-* flax ``loss_impl="pallas"``: the one-pass log-sum-exp kernel gives XLA's loss and gradients.
-* flax ``attention_impl``: ``auto`` falls back to the einsum path off the GPU (bit-identical here),
+* ``forward(..., return_logits=False)`` and ``lean_cross_entropy``: the loss and gradients of the
+  float32 reference, no logits returned.
+* ``loss_impl="pallas"``: the one-pass log-sum-exp kernel gives XLA's loss and gradients.
+* ``attention_impl``: ``auto`` falls back to the einsum path off the GPU (bit-identical here),
   ``xla`` forces it, ``cudnn`` refuses loudly where cuDNN cannot apply, anything else is an error.
+* ``moe_impl="blocked"``: the sort-based dispatch gives the dense path's outputs and gradients.
+
+The torch half is ``tests/test_torch_speed_paths.py``; the cross-backend check of the blocked paths
+is ``parity_tests/test_speed_paths_parity.py``.
 """
 
 from __future__ import annotations
@@ -12,55 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from flax import nnx
+from speed_cases import MOE_SPECS, SPEC, batch
 
-from backends.flax import from_spec as flax_from_spec
-from backends.torch import from_spec as torch_from_spec
-from llm.spec import ModelSpec
-
-SPEC = ModelSpec(vocab_size=97, max_seq_len=16, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                 use_glu=True, activation="silu", norm_type="rmsnorm", position="rope")
-
-
-def _batch(seed=0, B=3, T=12):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, SPEC.vocab_size, (B, T))
-    tgt = rng.integers(0, SPEC.vocab_size, (B, T))
-    tgt[0, :4] = -100
-    return ids, tgt
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_torch_loss_only_path_matches(autocast):
-    ids, tgt = (torch.as_tensor(a) for a in _batch())
-    grads = []
-    losses = []
-    for return_logits in (True, False):
-        model = torch_from_spec(SPEC, seed=1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(ids, tgt, return_logits=return_logits)
-        assert (out.logits is None) == (not return_logits)
-        if return_logits:
-            assert out.logits.dtype == torch.float32
-        out.loss.backward()
-        losses.append(out.loss.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert torch.equal(losses[0], losses[1])
-    for name in grads[0]:
-        assert torch.equal(grads[0][name], grads[1][name]), name
-
-
-def test_torch_loss_only_needs_targets():
-    model = torch_from_spec(SPEC)
-    with pytest.raises(ValueError, match="needs targets"):
-        model(torch.zeros((1, 4), dtype=torch.long), return_logits=False)
+from backends.flax import from_spec
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_flax_attention_impl_switch_off_gpu(dtype):
     assert jax.default_backend() == "cpu"
-    ids, tgt = (jnp.asarray(a) for a in _batch())
-    model = flax_from_spec(SPEC, seed=1, dtype=dtype)
+    ids, tgt = (jnp.asarray(a) for a in batch())
+    model = from_spec(SPEC, seed=1, dtype=dtype)
     auto = model(ids, tgt)
     model.set_attributes(attention_impl="xla")
     forced = model(ids, tgt)
@@ -99,10 +66,8 @@ def test_flax_lean_cross_entropy_matches_reference_value_and_gradient():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_flax_loss_only_path_matches(dtype):
-    from flax import nnx
-
-    ids, tgt = (jnp.asarray(a) for a in _batch())
-    model = flax_from_spec(SPEC, seed=1, dtype=dtype)
+    ids, tgt = (jnp.asarray(a) for a in batch())
+    model = from_spec(SPEC, seed=1, dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, return_logits):
@@ -139,10 +104,8 @@ def test_pallas_online_logsumexp_matches_xla():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_flax_pallas_loss_impl_matches_xla(dtype):
-    from flax import nnx
-
-    ids, tgt = (jnp.asarray(a) for a in _batch())
-    model = flax_from_spec(SPEC, seed=1, dtype=dtype)
+    ids, tgt = (jnp.asarray(a) for a in batch())
+    model = from_spec(SPEC, seed=1, dtype=dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     results = {}
     for impl in ("xla", "pallas"):
@@ -162,55 +125,11 @@ def test_flax_pallas_loss_impl_matches_xla(dtype):
         model(ids, tgt, return_logits=False)
 
 
-MOE_SPECS = {
-    "glu_top2": SPEC.replace(use_moe=True, num_experts=4, num_experts_per_token=2, router_z_loss_coef=1e-3),
-    "plain_bias_top1_capacity": SPEC.replace(use_moe=True, num_experts=3, num_experts_per_token=1, use_glu=False,
-                                             activation="gelu", mlp_bias=True, capacity_factor=0.7),
-    "top3_of_5_capacity": SPEC.replace(use_moe=True, num_experts=5, num_experts_per_token=3, capacity_factor=1.0,
-                                       norm_topk_prob=False),
-}
-
-
-def test_block_rows_and_padding():
-    from llm.moe_dispatch import block_rows, padded_rows
-
-    assert block_rows(16384 * 2, 8) == 1024 and block_rows(10, 8) == 16 and block_rows(10**9, 2) == 2048
-    for a, e in [(72, 4), (32768, 8), (5, 3)]:
-        b = block_rows(a, e)
-        p = padded_rows(a, e, b)
-        assert p % b == 0 and p >= a + e * (b - 1) and p - (a + e * (b - 1)) < b
-
-
-@pytest.mark.parametrize("name", list(MOE_SPECS))
-def test_torch_blocked_moe_matches_dense(name):
-    spec = MOE_SPECS[name]
-    ids, tgt = (torch.as_tensor(a) for a in _batch(seed=7))
-    outs = {}
-    for impl in ("dense", "blocked"):
-        model = torch_from_spec(spec, seed=2).double()
-        for m in model.modules():
-            if hasattr(m, "moe_impl"):
-                m.moe_impl = impl
-        out = model(ids, tgt)
-        (out.loss + out.aux_loss + out.z_loss).backward()
-        outs[impl] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
-    (a, ga), (b, gb) = outs["dense"], outs["blocked"]
-    torch.testing.assert_close(b.logits, a.logits, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(b.loss, a.loss, rtol=1e-12, atol=0)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-9, atol=1e-13, msg=n)
-    model.layers[0].mlp.moe_impl = "sparse"
-    with pytest.raises(ValueError, match="not one of: dense, blocked"):
-        model(ids, tgt)
-
-
 @pytest.mark.parametrize("name", list(MOE_SPECS))
 def test_flax_blocked_moe_matches_dense(name):
-    from flax import nnx
-
     spec = MOE_SPECS[name]
-    ids, tgt = (jnp.asarray(a) for a in _batch(seed=7))
-    model = flax_from_spec(spec, seed=2)
+    ids, tgt = (jnp.asarray(a) for a in batch(seed=7))
+    model = from_spec(spec, seed=2)
     res = {}
     for impl in ("dense", "blocked"):
         model.set_attributes(moe_impl=impl)
@@ -227,24 +146,3 @@ def test_flax_blocked_moe_matches_dense(name):
     np.testing.assert_allclose(float(lb), float(la), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(gb), jax.tree.leaves(ga), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
-
-
-def test_blocked_moe_agrees_across_backends_in_bf16():
-    """Same weights, bf16 compute: the two blocked paths agree as closely as the dense ones do."""
-    spec = MOE_SPECS["glu_top2"]
-    ids, tgt = _batch(seed=11)
-    tmodel = torch_from_spec(spec, seed=3)
-    fmodel = flax_from_spec(spec, seed=3, dtype=jnp.bfloat16)
-    losses = {}
-    for impl in ("dense", "blocked"):
-        for m in tmodel.modules():
-            if hasattr(m, "moe_impl"):
-                m.moe_impl = impl
-        fmodel.set_attributes(moe_impl=impl)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            t = float(tmodel(torch.as_tensor(ids), torch.as_tensor(tgt)).loss)
-        f = float(fmodel(jnp.asarray(ids), jnp.asarray(tgt)).loss)
-        losses[impl] = (t, f)
-    for t, f in losses.values():
-        assert abs(t - f) < 2e-2 * abs(t)
-    assert abs(losses["blocked"][0] - losses["dense"][0]) < 1e-2 * abs(losses["dense"][0])
