@@ -15,6 +15,7 @@ or corrupt directory as a whole (``CheckpointError``); nothing is loaded partial
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -162,10 +163,25 @@ def save_checkpoint(
         else:
             os.rename(tmp, path)
         _fsync_dir(path.parent)
+    except (OSError, SafetensorError) as e:  # a full disk, a vanished or read-only directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(e)}; the partial write was "
+                              "removed and the previous checkpoints are intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_failure(e: OSError | SafetensorError) -> str:
+    """Why a write failed, in a few words: "the disk is full (ENOSPC)" when it is."""
+    text = str(e)
+    # safetensors wraps the OS error in its own text: IoError(Os { code: 28, kind: StorageFull, ... })
+    if getattr(e, "errno", None) == errno.ENOSPC or "StorageFull" in text or os.strerror(errno.ENOSPC) in text:
+        return "the disk is full (ENOSPC: No space left on device)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)}{f': {e.filename}' if e.filename else ''})"
+    return text
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
