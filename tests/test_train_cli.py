@@ -299,3 +299,18 @@ def test_the_jax_tpu_probe_record_is_dropped_and_nothing_else(monkeypatch):
 def test_print_config_help_says_a_module_task_is_imported():
     out = cli("--help", timeout=60)
     assert out.returncode == 0 and "is still imported" in " ".join(out.stdout.split())
+
+
+def test_readme_commands_point_at_checkpoints_the_default_run_keeps():
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    default = load_config(REPO / "configs" / "default.yaml", env={})
+    every, keep, last = default.checkpoint.every_steps, default.checkpoint.keep_last, default.training.max_steps
+    written = sorted({*range(every, last + 1, every), last})  # periodic ones and the final one
+    kept = set(written[-keep:])
+    named = {int(n) for n in re.findall(r"checkpoints/step_(\d+)", readme)}
+    assert named <= kept, (named, kept)
+    generate = [line for line in readme.splitlines() if line.startswith("python -m llm.generate")]
+    assert generate and all("--checkpoint runs/<run>/checkpoints " in line for line in generate)
+    assert ".venv/bin/llm-train" in readme
