@@ -16,9 +16,9 @@ value came from (file, environment variable or override).
 Conversions are the ones text sources need: numeric strings to numbers (YAML 1.1 reads ``3e-4`` as a
 string), integral floats to int, 0 and 1 to bool, enum members by value or name in any case, lists
 to tuples; an int must lie in the int64 range (``training.seed=9223372036854775808 is out of range``),
-what numpy, torch and jax take. Boolean words (``yes``, ``off``) are read by the YAML scalar parse of env and CLI text,
-not here: a string is never a bool. This module imports no other project module and must not import
-torch or jax.
+what numpy, torch and jax take. Boolean words (``yes``, ``off``) are read by the YAML scalar parse
+of env and CLI text, not here: a string is never a bool. This module imports no other project
+module and must not import torch or jax.
 """
 
 from __future__ import annotations
