@@ -177,10 +177,12 @@ def _write_failure(e: OSError | SafetensorError) -> str:
     """Why a write failed, in a few words: "the disk is full (ENOSPC)" when it is."""
     text = str(e)
     # safetensors wraps the OS error in its own text: IoError(Os { code: 28, kind: StorageFull, ... })
-    if getattr(e, "errno", None) == errno.ENOSPC or "StorageFull" in text or os.strerror(errno.ENOSPC) in text:
+    full = getattr(e, "errno", None) == errno.ENOSPC
+    if full or "StorageFull" in text or os.strerror(errno.ENOSPC) in text:
         return "the disk is full (ENOSPC: No space left on device)"
     if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)}{f': {e.filename}' if e.filename else ''})"
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)}{where})"
     return text
 
 

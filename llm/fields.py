@@ -32,7 +32,8 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-__all__ = ["INT_MAX", "INT_MIN", "FieldError", "Section", "check_key", "coerce", "field_types", "nearest", "plain", "takes_text"]
+__all__ = ["INT_MAX", "INT_MIN", "FieldError", "Section", "check_key", "coerce", "field_types", "nearest",
+           "plain", "takes_text"]
 
 
 class FieldError(ValueError):

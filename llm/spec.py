@@ -344,8 +344,9 @@ def check_fits_memory(spec: ModelSpec, memory: int | None = None) -> None:
     if spec.use_moe:
         lower.append("num_experts")
     raise SpecError(f"model: the parameters need {need:,} bytes in float32 ({count:,} parameters x 4 bytes, "
-                    f"{need / 2**30:,.1f} GiB) but this machine has {memory:,} bytes ({memory / 2**30:,.1f} GiB) "
-                    f"of memory; lower {', '.join('model.' + n for n in lower[:-1])} or model.{lower[-1]}")
+                    f"{need / 2**30:,.1f} GiB) but this machine has {memory:,} bytes "
+                    f"({memory / 2**30:,.1f} GiB) of memory; lower "
+                    f"{', '.join('model.' + n for n in lower[:-1])} or model.{lower[-1]}")
 
 
 def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:

@@ -384,7 +384,8 @@ def test_a_binary_config_file_is_named_as_not_utf8_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("override", ["model.vocab_size=99999999999999999999", "model.num_layers=1e30",
-                                      "model.head_dim=-99999999999999999999", "training.seed=9223372036854775808"])
+                                      "model.head_dim=-99999999999999999999",
+                                      "training.seed=9223372036854775808"])
 def test_an_int_outside_int64_names_the_field_and_the_limit(override):
     key, _, _ = override.partition("=")
     with pytest.raises(ConfigError) as info:

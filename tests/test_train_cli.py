@@ -213,13 +213,15 @@ def _one_error_line(capsys) -> str:
 def test_a_run_dir_that_cannot_be_created_is_one_line_naming_the_path(tmp_path, capsys, one_torch_thread):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    rc = main(["--config", str(tiny_yaml(tmp_path)), "--run-dir", str(blocker / "run"), "--sample-tokens", "0"])
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--run-dir", str(blocker / "run"),
+               "--sample-tokens", "0"])
     line = _one_error_line(capsys)
     assert rc == 1 and line == f"llm-train: error: {blocker / 'run'}: Not a directory (ENOTDIR)"
     assert blocker.read_text() == "not a directory"
 
 
-def test_a_read_only_run_dir_is_one_line_and_nothing_is_written(tmp_path, capsys, monkeypatch, one_torch_thread):
+def test_a_read_only_run_dir_is_one_line_and_nothing_is_written(tmp_path, capsys, monkeypatch,
+                                                                 one_torch_thread):
     import errno
 
     read_only = tmp_path / "ro"
@@ -232,7 +234,8 @@ def test_a_read_only_run_dir_is_one_line_and_nothing_is_written(tmp_path, capsys
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", mkdir)
-    rc = main(["--config", str(tiny_yaml(tmp_path)), "--run-dir", str(read_only / "run"), "--sample-tokens", "0"])
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--run-dir", str(read_only / "run"),
+               "--sample-tokens", "0"])
     line = _one_error_line(capsys)
     assert rc == 1 and line == f"llm-train: error: {read_only / 'run'}: Permission denied (EACCES)"
     assert list(read_only.iterdir()) == []
@@ -256,7 +259,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_sta
     rc = main(["--config", str(tiny_yaml(tmp_path, "checkpoint.every_steps=2")), "--run-dir", str(run),
                "--sample-tokens", "0"])
     line = _one_error_line(capsys)
-    assert rc == 1 and f"cannot write checkpoint {run / 'checkpoints' / 'step_4'}: the disk is full (ENOSPC" in line
+    assert rc == 1
+    assert f"cannot write checkpoint {run / 'checkpoints' / 'step_4'}: the disk is full (ENOSPC" in line
     assert line.endswith("the previous checkpoints are intact")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]  # no temp dir left
     newest, skipped = latest_valid_checkpoint(run / "checkpoints")
@@ -293,7 +297,8 @@ def test_the_jax_tpu_probe_record_is_dropped_and_nothing_else(monkeypatch):
     assert not passes(logging.INFO, "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
     assert passes(logging.INFO, "Unable to initialize backend 'cuda': no CUDA driver")
     assert passes(logging.WARNING, "Unable to initialize backend 'tpu': INTERNAL: broken")
-    assert passes(logging.WARNING, "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed")
+    assert passes(logging.WARNING, "An NVIDIA GPU may be present on this machine, but a CUDA-enabled "
+                                   "jaxlib is not installed")
 
 
 def test_print_config_help_says_a_module_task_is_imported():
@@ -306,7 +311,8 @@ def test_readme_commands_point_at_checkpoints_the_default_run_keeps():
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     default = load_config(REPO / "configs" / "default.yaml", env={})
-    every, keep, last = default.checkpoint.every_steps, default.checkpoint.keep_last, default.training.max_steps
+    every, keep = default.checkpoint.every_steps, default.checkpoint.keep_last
+    last = default.training.max_steps
     written = sorted({*range(every, last + 1, every), last})  # periodic ones and the final one
     kept = set(written[-keep:])
     named = {int(n) for n in re.findall(r"checkpoints/step_(\d+)", readme)}
