@@ -15,6 +15,7 @@ or corrupt directory as a whole (``CheckpointError``); nothing is loaded partial
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -114,29 +115,46 @@ def save_checkpoint(
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
 
-    with atomic_directory(path, replace=True) as tmp:
-        _write_tensors(tmp / MODEL_FILE, params)
-        write_json_atomic(tmp / CONFIG_FILE, config, sort_keys=True)
-        if state_tensors is not None:
-            _write_tensors(tmp / STATE_FILE, {k: np.asarray(v) for k, v in state_tensors.items()})
-        if state_meta is not None:
-            write_json_atomic(tmp / STATE_META_FILE, state_meta, sort_keys=True)
-        for name, source in (extra_files or {}).items():
-            if Path(name).name != name or name in _RESERVED:
-                raise CheckpointError(f"extra file name {name!r} must be a plain file name other than "
-                                      f"{sorted(_RESERVED)}")
-            if isinstance(source, bytes):
-                write_bytes_atomic(tmp / name, source)
-            else:
-                shutil.copyfile(source, tmp / name)
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "files": {name: _sha256(tmp / name) for name in files},
-        }
-        write_json_atomic(tmp / MANIFEST_FILE, manifest, sort_keys=True)
+    try:
+        with atomic_directory(path, replace=True) as tmp:
+            _write_tensors(tmp / MODEL_FILE, params)
+            write_json_atomic(tmp / CONFIG_FILE, config, sort_keys=True)
+            if state_tensors is not None:
+                _write_tensors(tmp / STATE_FILE, {k: np.asarray(v) for k, v in state_tensors.items()})
+            if state_meta is not None:
+                write_json_atomic(tmp / STATE_META_FILE, state_meta, sort_keys=True)
+            for name, source in (extra_files or {}).items():
+                if Path(name).name != name or name in _RESERVED:
+                    raise CheckpointError(f"extra file name {name!r} must be a plain file name other than "
+                                          f"{sorted(_RESERVED)}")
+                if isinstance(source, bytes):
+                    write_bytes_atomic(tmp / name, source)
+                else:
+                    shutil.copyfile(source, tmp / name)
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "files": {name: _sha256(tmp / name) for name in files},
+            }
+            write_json_atomic(tmp / MANIFEST_FILE, manifest, sort_keys=True)
+    except (OSError, SafetensorError) as e:  # a full disk, a vanished or read-only directory
+        raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(e)}; the partial write was "
+                              "removed and the previous checkpoints are intact") from None
     return path
+
+
+def _write_failure(e: OSError | SafetensorError) -> str:
+    """Why a write failed, in a few words: "the disk is full (ENOSPC)" when it is."""
+    text = str(e)
+    # safetensors wraps the OS error in its own text: IoError(Os { code: 28, kind: StorageFull, ... })
+    full = getattr(e, "errno", None) == errno.ENOSPC
+    if full or "StorageFull" in text or os.strerror(errno.ENOSPC) in text:
+        return "the disk is full (ENOSPC: No space left on device)"
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)}{where})"
+    return text
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

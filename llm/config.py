@@ -306,11 +306,19 @@ class CheckpointConfig(_Section):
         self._need(self.keep_last is None or self.keep_last >= 1, "keep_last", "must be >= 1 or null")
 
 
+class LogLevel(str, enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class LoggingConfig(_Section):
     """``every_steps``: cadence of metrics.jsonl rows; ``tensorboard``: also write event files;
     ``progress``: a progress bar on rank 0; ``run_dir``: where metrics, events and (by default)
-    checkpoints go (null = chosen by the entry point, ``runs/<timestamp>``)."""
+    checkpoints go (null = chosen by the entry point, ``runs/<timestamp>``); ``level``: the console
+    log level of ``llm.train`` on rank 0 (the other ranks log warnings and errors only)."""
 
     SECTION = "logging"
 
@@ -318,6 +326,7 @@ class LoggingConfig(_Section):
     tensorboard: bool = False
     progress: bool = True
     run_dir: str | None = None
+    level: LogLevel = LogLevel.INFO
 
     def _validate(self) -> None:
         self._need(self.every_steps >= 1, "every_steps", "must be >= 1")
@@ -492,7 +501,10 @@ def dump_yaml(config: Config, path: str | os.PathLike | None = None) -> str:
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 YAML file (byte {e.object[e.start]:#04x} at offset {e.start} "
+                          "is not UTF-8 text)") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
     except IsADirectoryError:

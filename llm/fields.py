@@ -15,9 +15,10 @@ value came from (file, environment variable or override).
 
 Conversions are the ones text sources need: numeric strings to numbers (YAML 1.1 reads ``3e-4`` as a
 string), integral floats to int, 0 and 1 to bool, enum members by value or name in any case, lists
-to tuples. Boolean words (``yes``, ``off``) are read by the YAML scalar parse of env and CLI text,
-not here: a string is never a bool. This module imports no other project module and must not import
-torch or jax.
+to tuples; an int must lie in the int64 range (``training.seed=9223372036854775808 is out of range``),
+what numpy, torch and jax take. Boolean words (``yes``, ``off``) are read by the YAML scalar parse
+of env and CLI text, not here: a string is never a bool. This module imports no other project
+module and must not import torch or jax.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-__all__ = ["FieldError", "Section", "check_key", "coerce", "field_types", "nearest", "plain", "takes_text"]
+__all__ = ["INT_MAX", "INT_MIN", "FieldError", "Section", "check_key", "coerce", "field_types", "nearest",
+           "plain", "takes_text"]
 
 
 class FieldError(ValueError):
@@ -43,6 +45,7 @@ class FieldError(ValueError):
 
 
 # ---------------------------------------------------------------------- types
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # the int64 range: every int field ends up in numpy/torch/jax
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -82,6 +85,24 @@ def takes_text(tp: Any) -> bool:
     return tp is str or (isinstance(tp, type) and issubclass(tp, str))
 
 
+def _integral(value: Any) -> int | None:
+    """``value`` as an int when it is one, an integral float or the text of either; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
+
+
 def coerce(value: Any, tp: Any, key: str, error: type[FieldError] = FieldError) -> Any:
     """``value`` converted to the field type ``tp``, or an ``error`` naming ``key``, the type and the value."""
 
@@ -95,6 +116,9 @@ def coerce(value: Any, tp: Any, key: str, error: type[FieldError] = FieldError) 
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        number = _integral(value) if int in args else None
+        if number is not None and not INT_MIN <= number <= INT_MAX:
+            return coerce(number, int, key, error)  # the range error, not "expected int or null"
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, key, error)
@@ -116,23 +140,13 @@ def coerce(value: Any, tp: Any, key: str, error: type[FieldError] = FieldError) 
             return bool(value)
         raise fail()
     if tp is int:
-        if isinstance(value, bool):
+        number = _integral(value)
+        if number is None:
             raise fail()
-        if isinstance(value, int):
-            return value
-        number = value
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    number = float(text)
-                except ValueError:
-                    raise fail() from None
-        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
-            return int(number)
-        raise fail()
+        if not INT_MIN <= number <= INT_MAX:  # numpy, torch and jax take int64 sizes, seeds and counts
+            raise error(f"{key}={number} is out of range: an int field must lie in [{INT_MIN}, {INT_MAX}] "
+                        "(int64)", key)
+        return number
     if tp is float:
         if isinstance(value, bool):
             raise fail()

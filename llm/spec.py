@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,9 @@ __all__ = [
     "ParamInfo",
     "ModelSpec",
     "SpecError",
+    "check_fits_memory",
     "init_params",
+    "machine_memory",
     "check_params",
     "check_names",
     "rope_inv_freq",
@@ -315,12 +318,46 @@ class ModelSpec(Section):
 
 
 # ---------------------------------------------------------------------- weights
+def machine_memory() -> int | None:
+    """Physical memory of this machine in bytes; None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_memory(spec: ModelSpec, memory: int | None = None) -> None:
+    """Raise SpecError when the float32 parameters alone exceed ``memory`` (default: this machine's).
+
+    Counted from the table of a 1- and a 2-layer model (every layer has the same shapes), in Python
+    ints, so a huge ``num_layers`` or shape neither loops nor wraps around int64 on the way.
+    """
+    memory = machine_memory() if memory is None else memory
+    if memory is None:
+        return
+    one, two = (sum(math.prod(p.shape) for p in spec.replace(num_layers=n).param_table()) for n in (1, 2))
+    count = one + (spec.num_layers - 1) * (two - one)
+    need = 4 * count
+    if need <= memory:
+        return
+    lower = ["hidden_size", "num_layers", "vocab_size", "intermediate_size"]
+    if spec.use_moe:
+        lower.append("num_experts")
+    raise SpecError(f"model: the parameters need {need:,} bytes in float32 ({count:,} parameters x 4 bytes, "
+                    f"{need / 2**30:,.1f} GiB) but this machine has {memory:,} bytes "
+                    f"({memory / 2**30:,.1f} GiB) of memory; lower "
+                    f"{', '.join('model.' + n for n in lower[:-1])} or model.{lower[-1]}")
+
+
 def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded float32 weights for every row of the table: the one source of starting weights.
 
     Each parameter draws from its own stream keyed by (seed, its index in the table), so a weight's
     value does not depend on which other parameters exist before it only through the table order.
+    A model whose parameters cannot fit in memory is refused before anything is allocated
+    (``check_fits_memory``).
     """
+    check_fits_memory(spec)
     out: dict[str, np.ndarray] = {}
     root = np.random.SeedSequence(seed)
     streams = root.spawn(len(spec.param_table()))

@@ -20,6 +20,7 @@ errors are fast. Errors the user can fix print one line (``llm-train: error: ...
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a registered callback or 'package.module:Class' (repeatable)")
     p.add_argument("--sample-tokens", type=int, default=200,
                    help="tokens to sample from an LM at the end (0: none)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit (a 'package.module:name' task, from the config, "
+                        "a run's config.json or --task, is still imported: its module registers the name)")
     return p
 
 
@@ -133,11 +136,34 @@ def _cpu_threads_yield() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _setup_logging() -> None:
+class _QuietTpuProbe(logging.Filter):
+    """Drops jax's INFO record ``Unable to initialize backend 'tpu': ...``: jax logs it on every
+    machine without libtpu while it probes for platforms. A TPU the user asked for
+    (``JAX_PLATFORMS=tpu``) that fails is a raised error, not this record, so nothing real is hidden."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.WARNING
+                    and record.getMessage().startswith("Unable to initialize backend 'tpu'"))
+
+
+def _setup_logging(level: str = "info") -> None:
+    """Console logging on stderr: ``level`` (``logging.level``) on rank 0, warnings on the others."""
     rank = int(os.environ.get("RANK", "0"))
     fmt = "%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s"
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt,
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    chosen = getattr(logging, level.upper()) if rank == 0 else logging.WARNING
+    logging.basicConfig(level=max(chosen, logging.INFO), format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("llm").setLevel(chosen)  # debug reaches the project's records, not every library's
+    probe = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _QuietTpuProbe) for f in probe.filters):
+        probe.addFilter(_QuietTpuProbe())
+
+
+def _os_error_line(e: OSError) -> str:
+    """``<path>: <errno text> (<errno name>)``, e.g. ``runs/x/config.json: Permission denied (EACCES)``."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    name = errno.errorcode.get(e.errno) if e.errno is not None else None
+    text = e.strerror or str(e)
+    return f"{paths + ': ' if paths else ''}{text}{f' ({name})' if name else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(dump_yaml(config))
             return 0
-        _setup_logging()
+        _setup_logging(config.logging.level.value)
         try:
             engine_cls = get_backend(args.backend).TrainingEngine
         except BackendError as e:
@@ -184,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, DeviceOutOfMemoryError, NonFiniteLossError, SpecError, TaskError,
             TokenizerError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a run dir or file that cannot be created or written: read-only, full, not a dir
+        print(f"{PROG}: error: {_os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print(f"{PROG}: aborted", file=sys.stderr)

@@ -129,3 +129,38 @@ def test_unreadable_training_state_behind_a_valid_manifest_is_a_checkpoint_error
     load_checkpoint(path, load_state=False)  # the weights alone still load
     with pytest.raises(CheckpointError, match="unreadable training state"):
         load_checkpoint(path)
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("writer", ["oserror", "safetensors"])
+def test_a_full_disk_is_a_checkpoint_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch, writer):
+    from safetensors import SafetensorError
+
+    import llm.checkpoint
+
+    _save(tmp_path / "step_1")
+    before = (tmp_path / "step_1" / "model.safetensors").read_bytes()
+
+    def wrapped(*args, **kwargs):  # the text safetensors gives an OS error it hit while writing
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(llm.checkpoint, "save_file", _disk_full if writer == "oserror" else wrapped)
+    with pytest.raises(CheckpointError) as info:
+        _save(tmp_path / "step_2")
+    message = str(info.value)
+    assert "the disk is full (ENOSPC" in message and "previous checkpoints are intact" in message
+    assert str(tmp_path / "step_2") in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]  # no temp dir, no torn step_2
+    assert (tmp_path / "step_1" / "model.safetensors").read_bytes() == before
+    verify_checkpoint(tmp_path / "step_1")
+    # overwriting in place fails the same way and keeps the old contents
+    with pytest.raises(CheckpointError, match="disk is full"):
+        _save(tmp_path / "step_1", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    assert load_checkpoint(tmp_path / "step_1").spec == SPEC

@@ -370,3 +370,40 @@ def test_ddp_bucket_mb_key_and_range():
     assert load_config(None, ["distributed.bucket_mb=400"], env={}).distributed.bucket_mb == 400.0
     with pytest.raises(ConfigError, match=r"distributed.bucket_mb=0.0 must be > 0 or null \(auto\)"):
         load_config(None, ["distributed.bucket_mb=0"], env={})
+
+
+# ---------------------------------------------------------------------- bad input: one-line errors
+def test_a_binary_config_file_is_named_as_not_utf8_yaml(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"model:\n  vocab_size: \xd0\xff\x00\x81\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a UTF-8 YAML file") and "byte 0xd0 at offset 21" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("override", ["model.vocab_size=99999999999999999999", "model.num_layers=1e30",
+                                      "model.head_dim=-99999999999999999999",
+                                      "training.seed=9223372036854775808"])
+def test_an_int_outside_int64_names_the_field_and_the_limit(override):
+    key, _, _ = override.partition("=")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override], env={})
+    assert str(info.value).startswith(f"{key}=") and "is out of range" in str(info.value)
+    assert "9223372036854775807" in str(info.value) and info.value.key == key
+
+
+def test_int64_bounds_themselves_are_accepted():
+    assert load_config(None, ["training.seed=9223372036854775807"], env={}).training.seed == 2**63 - 1
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(None, [], env={"LLM_TRAINING__SEED": str(2**63)})
+
+
+def test_logging_level_defaults_to_info_and_takes_the_four_names():
+    assert load_config(None, [], env={}).logging.level.value == "info"
+    for name in ("debug", "info", "warning", "error", "WARNING"):
+        assert load_config(None, [f"logging.level={name}"], env={}).logging.level.value == name.lower()
+    with pytest.raises(ConfigError, match=r"logging.level: expected one of 'debug', 'info', 'warning', "
+                                          r"'error', got 'verbose'"):
+        load_config(None, ["logging.level=verbose"], env={})

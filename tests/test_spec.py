@@ -201,3 +201,31 @@ def test_capacity():
     spec = ModelSpec(use_moe=True, num_experts=4, num_experts_per_token=2, capacity_factor=1.0)
     assert spec.capacity(10) == 5  # ceil(10 * 2 / 4 * 1.0)
     assert ModelSpec(use_moe=True).capacity(10) is None
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocation():
+    from llm.spec import check_fits_memory, machine_memory
+
+    spec = ModelSpec(hidden_size=262144, num_layers=8, num_heads=4)  # about 6.6 TB of fp32 parameters
+    need = 4 * spec.num_params()
+    memory = machine_memory()
+    assert memory is not None and need > memory
+    with pytest.raises(SpecError) as info:
+        init_params(spec)  # refused before drawing: no 6.6 TB allocation attempted
+    message = str(info.value)
+    assert f"{need:,} bytes" in message and f"{memory:,} bytes" in message
+    assert "model.hidden_size" in message and "model.num_layers" in message and "\n" not in message
+    # the count neither walks a trillion layers nor wraps around int64: per layer 2 layernorms (256),
+    # q/k/v/o (4 * 64 * 64) and up/down (2 * 256 * 64) = 49,408; embed + lm_head + final norm = 16,512
+    with pytest.raises(SpecError, match="49,408,000,000,016,512 parameters"):
+        check_fits_memory(ModelSpec(num_layers=10**12, vocab_size=128, hidden_size=64, num_heads=4), memory)
+
+
+def test_the_memory_check_counts_exactly_what_init_draws():
+    spec = ModelSpec(vocab_size=32, hidden_size=16, num_layers=3, num_heads=2, use_moe=True, num_experts=4)
+    need = 4 * sum(a.size for a in init_params(spec).values())
+    from llm.spec import check_fits_memory
+
+    check_fits_memory(spec, memory=need)  # exactly enough
+    with pytest.raises(SpecError, match=rf"need {need:,} bytes .* has {need - 1:,} bytes.*model.num_experts"):
+        check_fits_memory(spec, memory=need - 1)

@@ -250,3 +250,16 @@ def test_custom_task_on_the_jax_backend(user_tasks, capsys):
                "--set", "task=mytasks:mae_regression", "--run-dir", str(run), *RUN])
     assert rc == 0, capsys.readouterr().err[-3000:]
     assert (run / "task.txt").read_text() == "mae_regression" and losses(run).keys() == {1, 2}
+
+
+def test_the_unigram_entropy_of_one_distinct_token_is_plus_zero():
+    import math
+
+    import numpy as np
+
+    from llm.loop.tasks import unigram_entropy
+
+    for tokens in (np.array([7]), np.full(100, 3)):
+        h = unigram_entropy(tokens, vocab_size=16)
+        assert h == 0.0 and math.copysign(1.0, h) == 1.0 and f"{h:.4f}" == "0.0000"
+    assert unigram_entropy(np.array([0, 1])) == math.log(2)

@@ -235,3 +235,24 @@ def test_saved_files_are_never_pickles(tmp_path, bpe):
         raw = (tmp_path / name).read_bytes()
         assert raw[:1] == b"{" and json.loads(raw)["type"] == tok.type
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["b.json", "c.json"]  # no temp leftovers
+
+
+def test_unknown_prompt_characters_warn_once_naming_them():
+    import warnings
+
+    tok = SimpleCharacterTokenizer("abc ")
+    with pytest.warns(UserWarning) as caught:
+        ids = tok.encode("abc é€é\n")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "3 character(s) not in the vocabulary encoded as <UNK>: 'é', '€', '\\n'" in message
+    assert ids[4:] == [tok.unk_id] * 4 and ids[:4] == tok.encode("abc ")
+    with pytest.warns(UserWarning) as caught:
+        tok.encode("".join(chr(0x4E00 + i) for i in range(15)) * 2)
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "15 character(s)" in message and message.endswith("and 5 more")
+    assert f"'{chr(0x4E00 + 9)}'" in message and f"'{chr(0x4E00 + 10)}'" not in message  # the first 10 only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known text and the corpus path stay silent
+        tok.encode("cab a")
+        assert (tok.encode_array("zzz") == tok.unk_id).all()

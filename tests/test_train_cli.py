@@ -262,3 +262,122 @@ def test_a_starting_point_is_loaded_again_when_its_checkpoint_is_rewritten(tmp_p
     assert second is not first
     name = "embed.weight"
     assert not np.array_equal(second.params[name], first.params[name])
+
+
+# ---------------------------------------------------------------------- bad input: one line, nothing written
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("llm-train: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+def test_a_run_dir_that_cannot_be_created_is_one_line_naming_the_path(tmp_path, capsys, one_torch_thread):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--run-dir", str(blocker / "run"),
+               "--sample-tokens", "0"])
+    line = _one_error_line(capsys)
+    assert rc == 1 and line == f"llm-train: error: {blocker / 'run'}: Not a directory (ENOTDIR)"
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_read_only_run_dir_is_one_line_and_nothing_is_written(tmp_path, capsys, monkeypatch,
+                                                                 one_torch_thread):
+    import errno
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # what a non-writable parent does (root ignores chmod, so simulate it)
+        if Path(path).parent == read_only:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    rc = main(["--config", str(tiny_yaml(tmp_path)), "--run-dir", str(read_only / "run"),
+               "--sample-tokens", "0"])
+    line = _one_error_line(capsys)
+    assert rc == 1 and line == f"llm-train: error: {read_only / 'run'}: Permission denied (EACCES)"
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_stays(
+        tmp_path, capsys, monkeypatch, one_torch_thread):
+    import errno
+
+    import llm.checkpoint
+
+    real_save = llm.checkpoint.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if "step_4" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(llm.checkpoint, "save_file", save_file)
+    run = tmp_path / "run"
+    rc = main(["--config", str(tiny_yaml(tmp_path, "checkpoint.every_steps=2")), "--run-dir", str(run),
+               "--sample-tokens", "0"])
+    line = _one_error_line(capsys)
+    assert rc == 1
+    assert f"cannot write checkpoint {run / 'checkpoints' / 'step_4'}: the disk is full (ENOSPC" in line
+    assert line.endswith("the previous checkpoints are intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]  # no temp dir left
+    newest, skipped = latest_valid_checkpoint(run / "checkpoints")
+    assert newest.name == "step_2" and not skipped and load_checkpoint(newest).state_meta["step"] == 2
+
+
+def test_logging_level_sets_the_console_level(tmp_path):
+    quiet = cli("--config", str(tiny_yaml(tmp_path, "checkpoint.every_steps=2")), "--run-dir",
+                str(tmp_path / "quiet"), "--sample-tokens", "0", "--set", "logging.level=warning")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "saved checkpoint" not in quiet.stderr and "step 4" not in quiet.stderr
+    assert "stopped: completed at step 4/4" in quiet.stdout  # the summary is output, not logging
+    loud = cli("--config", str(tiny_yaml(tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=1")),
+               "--run-dir", str(tmp_path / "loud"), "--sample-tokens", "0", "--set", "logging.level=debug")
+    assert loud.returncode == 0, loud.stderr
+    assert "saved checkpoint" in loud.stderr and "removed old checkpoint" in loud.stderr  # a debug record
+
+
+def test_the_jax_tpu_probe_record_is_dropped_and_nothing_else(monkeypatch):
+    import logging
+
+    from llm.train import _setup_logging
+
+    probe = logging.getLogger("jax._src.xla_bridge")
+    monkeypatch.setattr(probe, "filters", [])
+    monkeypatch.setattr(logging.getLogger("llm"), "level", logging.getLogger("llm").level)
+    _setup_logging("info")
+    _setup_logging("info")  # idempotent: one filter
+
+    def passes(level: int, message: str) -> bool:
+        return bool(probe.filter(probe.makeRecord(probe.name, level, __file__, 1, message, (), None)))
+
+    assert len(probe.filters) == 1
+    assert not passes(logging.INFO, "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
+    assert passes(logging.INFO, "Unable to initialize backend 'cuda': no CUDA driver")
+    assert passes(logging.WARNING, "Unable to initialize backend 'tpu': INTERNAL: broken")
+    assert passes(logging.WARNING, "An NVIDIA GPU may be present on this machine, but a CUDA-enabled "
+                                   "jaxlib is not installed")
+
+
+def test_print_config_help_says_a_module_task_is_imported():
+    out = cli("--help", timeout=60)
+    assert out.returncode == 0 and "is still imported" in " ".join(out.stdout.split())
+
+
+def test_readme_commands_point_at_checkpoints_the_default_run_keeps():
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    default = load_config(REPO / "configs" / "default.yaml", env={})
+    every, keep = default.checkpoint.every_steps, default.checkpoint.keep_last
+    last = default.training.max_steps
+    written = sorted({*range(every, last + 1, every), last})  # periodic ones and the final one
+    kept = set(written[-keep:])
+    named = {int(n) for n in re.findall(r"checkpoints/step_(\d+)", readme)}
+    assert named <= kept, (named, kept)
+    generate = [line for line in readme.splitlines() if line.startswith("python -m llm.generate")]
+    assert generate and all("--checkpoint runs/<run>/checkpoints " in line for line in generate)
+    assert ".venv/bin/llm-train" in readme

@@ -151,7 +151,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int | None = None) -> float:
     """
     counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size or 0).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one distinct token gives -0.0, shown "-0.0000"
 
 
 class LMTaskHalfBase:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<PAD>", "<UNK>", "<BOS>", "<EOS>")
+_UNKNOWN_SHOWN = 10  # unknown characters named in encode's warning
 FORMAT_VERSION = 1
 
 
@@ -201,7 +203,17 @@ class SimpleCharacterTokenizer(TokenizerFile):
         return np.where(found, pos + self._first_char_id, self.unk_id).astype(np.int64)
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
+        """Ids of ``text``; characters outside the vocabulary become ``<UNK>`` with one warning per
+        call naming them (``encode_array``, the corpus path, stays silent and fast)."""
+        ids = self.encode_array(text)
+        unknown = np.flatnonzero(ids == self.unk_id)
+        if unknown.size:
+            chars = list(dict.fromkeys(text[i] for i in unknown.tolist()))
+            shown = ", ".join(repr(c) for c in chars[:_UNKNOWN_SHOWN])
+            more = f" and {len(chars) - _UNKNOWN_SHOWN} more" if len(chars) > _UNKNOWN_SHOWN else ""
+            warnings.warn(f"char tokenizer: {len(chars)} character(s) not in the vocabulary encoded as "
+                          f"<UNK>: {shown}{more}", UserWarning, stacklevel=2)
+        return ids.tolist()
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
