@@ -32,6 +32,7 @@ from llm.fields import FieldError, Section
 
 __all__ = [
     "Activation",
+    "NormPosition",
     "NormType",
     "Position",
     "ParamInfo",
@@ -63,6 +64,11 @@ class Activation(str, enum.Enum):
 class NormType(str, enum.Enum):
     LAYERNORM = "layernorm"  # weight and bias
     RMSNORM = "rmsnorm"  # weight only
+
+
+class NormPosition(str, enum.Enum):
+    PRE = "pre"  # x + f(norm(x)) (GPT-2, Llama); a final_norm after the last block
+    POST = "post"  # norm(x + f(x)) (the original Transformer, BERT; torch's norm_first=False)
 
 
 class Position(str, enum.Enum):
@@ -118,12 +124,14 @@ class ModelSpec(Section):
     use_glu: bool = False
     norm_type: NormType = NormType.LAYERNORM
     norm_eps: float = 1e-5
+    norm_position: NormPosition = NormPosition.PRE
     position: Position = Position.ROPE
     rope_theta: float = 10000.0
     # Llama-3 style frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
     # "high_freq_factor", "original_max_position_embeddings"}; None = plain RoPE.
     rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = False
+    lm_head_bias: bool = False  # a (vocab,) bias on the output projection (needs an untied lm_head)
     attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool | None = None  # bias on o_proj; None = same as attention_bias
     sliding_window: int | None = None  # query i sees keys j with i - window < j <= i
@@ -181,6 +189,8 @@ class ModelSpec(Section):
                      f"rope_scaling.{key}", "must be a positive number")
             need(sc["high_freq_factor"] > sc["low_freq_factor"], "rope_scaling.high_freq_factor",
                  f"must be > rope_scaling.low_freq_factor={sc['low_freq_factor']!r}")
+        need(not (self.lm_head_bias and self.tie_embeddings), "lm_head_bias",
+             "needs tie_embeddings=false (a tied head is embed.weight alone, it has no bias of its own)")
         if self.use_moe:
             need(self.num_experts >= 1, "num_experts", "must be >= 1")
             need(self.num_experts_per_token >= 1, "num_experts_per_token", "must be >= 1")
@@ -272,7 +282,7 @@ class ModelSpec(Section):
                 linear(f"{p}.mlp.down_proj", d, f, self.mlp_bias, out_std)
         norm("final_norm")
         if not self.tie_embeddings:
-            rows.append(ParamInfo("lm_head.weight", (v, d), "normal", std, weight_decay=True))
+            linear("lm_head", v, d, self.lm_head_bias, std)
         return rows
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

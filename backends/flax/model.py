@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
-from llm.spec import Activation, ModelSpec, NormType, Position, rope_cos_sin, sinusoidal_table
+from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
 
 __all__ = [
     "IGNORE_INDEX",
@@ -565,7 +565,8 @@ class MoE(_SpecModule):
 
 # ---------------------------------------------------------------------- block and model
 class TransformerBlock(_SpecModule):
-    """Pre-norm block: ``x += attn(attn_norm(x))``; ``x += mlp(mlp_norm(x))``, residual dropout."""
+    """Pre-norm block: ``x += attn(attn_norm(x))``; ``x += mlp(mlp_norm(x))``, residual dropout.
+    ``norm_position=post``: ``x = attn_norm(x + attn(x))``; ``x = mlp_norm(x + mlp(x))``."""
 
     def __init__(self, spec: ModelSpec, layer_idx: int = 0, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         self._set_spec(spec)
@@ -578,14 +579,19 @@ class TransformerBlock(_SpecModule):
 
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
                  deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
-        h = self.attn(self.attn_norm(x), start_pos, cache, deterministic=deterministic)
+        post = self.spec.norm_position is NormPosition.POST
+        h = self.attn(x if post else self.attn_norm(x), start_pos, cache, deterministic=deterministic)
         x = x + self.dropout(h, deterministic=deterministic)
+        if post:
+            x = self.attn_norm(x)
         if self.spec.use_moe:
-            h, balance, z = self.mlp(self.mlp_norm(x))
+            h, balance, z = self.mlp(x if post else self.mlp_norm(x))
         else:
-            h = self.mlp(self.mlp_norm(x))
+            h = self.mlp(x if post else self.mlp_norm(x))
             balance = z = jnp.zeros((), jnp.float32)
         x = x + self.dropout(h, deterministic=deterministic)
+        if post:
+            x = self.mlp_norm(x)
         return x, balance, z
 
 
@@ -682,7 +688,8 @@ class DecoderModel(_SpecModule):
                                 for i in range(spec.num_layers)])
         self.final_norm = build_norm(spec)
         # Tied: the output projection is embed.weight, so there is no lm_head module (and no name).
-        self.lm_head = None if spec.tie_embeddings else Linear(spec.hidden_size, spec.vocab_size, dtype=dtype)
+        self.lm_head = (None if spec.tie_embeddings
+                        else Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias, dtype=dtype))
         self.loss_impl = "xla"  # or "pallas": the loss-only path's log-sum-exp (lean_cross_entropy)
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None, dtype: Any = None) -> KVCache:

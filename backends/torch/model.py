@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
-from llm.spec import Activation, ModelSpec, NormType, Position, rope_cos_sin, sinusoidal_table
+from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
 
 __all__ = [
     "RMSNorm",
@@ -428,7 +428,8 @@ class MoE(nn.Module):
 
 # ---------------------------------------------------------------------- block and model
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``x += attn(attn_norm(x))``; ``x += mlp(mlp_norm(x))``, residual dropout."""
+    """Pre-norm block: ``x += attn(attn_norm(x))``; ``x += mlp(mlp_norm(x))``, residual dropout.
+    ``norm_position=post``: ``x = attn_norm(x + attn(x))``; ``x = mlp_norm(x + mlp(x))``."""
 
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
@@ -442,13 +443,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), start_pos, cache))
+        post = self.spec.norm_position is NormPosition.POST
+        x = x + self.dropout(self.attn(x if post else self.attn_norm(x), start_pos, cache))
+        if post:
+            x = self.attn_norm(x)
         if self.spec.use_moe:
-            h, balance, z = self.mlp(self.mlp_norm(x))
+            h, balance, z = self.mlp(x if post else self.mlp_norm(x))
         else:
-            h = self.mlp(self.mlp_norm(x))
+            h = self.mlp(x if post else self.mlp_norm(x))
             balance = z = torch.zeros((), device=x.device)
         x = x + self.dropout(h)
+        if post:
+            x = self.mlp_norm(x)
         return x, balance, z
 
 
@@ -483,7 +489,7 @@ class DecoderModel(nn.Module):
         self.final_norm = build_norm(spec)
         # Tied: the output projection is embed.weight, so there is no lm_head module (and no key).
         self.lm_head = (None if spec.tie_embeddings
-                        else _zeroed(nn.Linear, spec.hidden_size, spec.vocab_size, bias=False))
+                        else _zeroed(nn.Linear, spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias))
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
@@ -523,8 +529,10 @@ class DecoderModel(nn.Module):
             hidden.append(x)
         x = self.final_norm(x)
         hidden.append(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)  # (B, T, V), the autocast dtype
+        if self.lm_head is None:
+            logits = F.linear(x, self.embed.weight)  # (B, T, V), the autocast dtype
+        else:
+            logits = self.lm_head(x)
         if return_logits:
             logits = logits.float()
 
