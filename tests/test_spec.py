@@ -229,3 +229,14 @@ def test_the_memory_check_counts_exactly_what_init_draws():
     check_fits_memory(spec, memory=need)  # exactly enough
     with pytest.raises(SpecError, match=rf"need {need:,} bytes .* has {need - 1:,} bytes.*model.num_experts"):
         check_fits_memory(spec, memory=need - 1)
+
+
+def test_norm_position_and_lm_head_bias_fields():
+    spec = ModelSpec(vocab_size=16, hidden_size=8, num_heads=2, norm_position="post", lm_head_bias=True)
+    names = [p.name for p in spec.param_table()]
+    assert names[-2:] == ["lm_head.weight", "lm_head.bias"] and spec.norm_position.value == "post"
+    assert "lm_head.bias" in spec.no_decay_names()
+    with pytest.raises(SpecError, match=r"model.lm_head_bias.*needs tie_embeddings=false"):
+        ModelSpec(lm_head_bias=True, tie_embeddings=True)
+    with pytest.raises(SpecError, match=r"model.norm_position: expected one of 'pre', 'post'"):
+        ModelSpec(norm_position="middle")
