@@ -32,6 +32,9 @@ def add_derived(record: dict) -> None:
         r["model_tflops"] = rate
         r["mfu_card"] = rate / card if card else None
         r["mfu_measured"] = rate / measured if measured else None
+        causal = record["workload"].get("flops_per_token_causal")
+        if causal and card:  # the same run counted with the causal discount on attention
+            r["mfu_card_causal"] = r["tokens_per_s"] * causal / 1e12 / card
         if executed:
             # The blocked MoE dispatch runs only the selected experts (its few % of padding rows
             # not counted); the reference runs all of them.
@@ -93,7 +96,10 @@ def render_markdown(record: dict, *, image: str | None = None, level: int = 2, n
                  f"{w['dtype']} (fp32 master weights), {w['params'] / 1e6:.1f}M parameters"
                  + (f" ({w['active_params'] / 1e6:.1f}M active)" if w.get("active_params") != w["params"] else "")
                  + f"; {w['flops_per_token'] / 1e9:.3f} GFLOP/token (spec, fwd+bwd"
-                 + (", active experts" if w.get("executed_flops_per_token") else "") + ").")
+                 + (", active experts" if w.get("executed_flops_per_token") else "")
+                 + ", attention without a causal discount, as nanoGPT counts"
+                 + (f"; {w['flops_per_token_causal'] / 1e9:.3f} with it, the 'causal' column"
+                    if w.get("flops_per_token_causal") else "") + ").")
     meas = pk.get("measured_matmul_tflops")
     lines.append(f"Peaks: card dense bf16 {pk.get('card_bf16_tflops') or '-'} TFLOP/s (datasheet); measured "
                  f"{'-' if meas is None else f'{meas:.0f}'} TFLOP/s ({pk.get('measured_how', '-')})"
@@ -106,7 +112,9 @@ def render_markdown(record: dict, *, image: str | None = None, level: int = 2, n
                  f"driver {env.get('driver') or '-'}.")
     lines.append("")
     hfu = any(r.get("hfu_card") is not None for r in record["results"])
+    causal = any(r.get("mfu_card_causal") is not None for r in record["results"])
     head = ["mode", "status", "tokens/s", "step ms median [min, max]", "MFU vs card", "MFU vs measured"]
+    head += ["MFU vs card (causal)"] if causal else []
     head += ["HFU vs card (executed)"] if hfu else []
     head += ["peak mem GiB", "compile s", "loss@0"]
     lines.append("| " + " | ".join(head) + " |")
@@ -120,6 +128,7 @@ def render_markdown(record: dict, *, image: str | None = None, level: int = 2, n
             row = [r["mode"], "ok", f"{r['tokens_per_s']:,.0f}",
                    f"{st['median_s'] * 1e3:.1f} [{st['min_s'] * 1e3:.1f}, {st['max_s'] * 1e3:.1f}]",
                    _pct(r.get("mfu_card")), _pct(r.get("mfu_measured"))]
+            row += [_pct(r.get("mfu_card_causal"))] if causal else []
             row += [_pct(r.get("hfu_card"))] if hfu else []
             mem = r.get("peak_memory_gib")
             row += ["-" if mem is None else f"{mem:.1f}",

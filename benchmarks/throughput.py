@@ -46,7 +46,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.hardware import collect_env  # noqa: E402
 from benchmarks.job import write_weights  # noqa: E402
 from llm.config import load_config  # noqa: E402
-from llm.spec import init_params  # noqa: E402
+from llm.spec import ModelSpec, init_params  # noqa: E402
 
 PRESETS = ["gpt2_124m", "llama_1b", "moe"]
 MODES = ["torch-eager", "torch-compile", "jax-jit"]
@@ -176,6 +176,7 @@ def workload(config, batch: int, seq_len: int) -> dict:
     w = {"global_batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
          "dtype": config.optimization.dtype.value, "params": spec.num_params(),
          "active_params": spec.num_params(active=True), "flops_per_token": spec.flops_per_token(seq_len),
+         "flops_per_token_causal": spec.flops_per_token(seq_len, causal=True),
          "flops_per_step": spec.flops_per_token(seq_len) * batch * seq_len}
     if spec.use_moe:
         # Both backends' MoE evaluates every expert on every token (the reference dispatch): the
@@ -270,6 +271,11 @@ def render(paths: list[str], args) -> None:
     records = [json.loads(Path(p).read_text()) for p in paths]
     out_dir = Path(args.out_dir)
     for rec in records:
+        w = rec["workload"]
+        if "flops_per_token_causal" not in w and "model" in (rec.get("config") or {}):
+            # results written before the causal column: the same spec, counted the other way
+            w["flops_per_token_causal"] = ModelSpec.from_dict(rec["config"]["model"]).flops_per_token(
+                w["seq_len"], causal=True)
         report.add_derived(rec)
         rec["targets"] = report.check_targets(rec, TARGETS.get(rec["preset"], []))
         report.write_preset_files(rec, out_dir)

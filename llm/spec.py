@@ -308,13 +308,16 @@ class ModelSpec(Section):
             total += n
         return total
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, *, causal: bool = False) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B accounting.
 
         ``6 * N`` for every matmul parameter a token touches (active experts only; the lm_head
         counted even when tied; the router included) plus ``12 * L * H * head_dim * T`` for the
-        attention score and value products (no causal discount, no sliding-window discount: the
-        convention nanoGPT and most MFU reports use).
+        attention score and value products. By default with no causal discount and no
+        sliding-window discount: the convention nanoGPT and most MFU reports use, which counts the
+        masked upper triangle as work. ``causal=True`` counts only the lower triangle a causal
+        kernel computes, ``12 * L * H * head_dim * (T + 1) / 2`` (the figure torchtitan-style causal
+        accounting reports); both are in the benchmark results.
         """
         t = self.max_seq_len if seq_len is None else seq_len
         n = self.num_params(active=True, embedding=False)
@@ -323,7 +326,8 @@ class ModelSpec(Section):
         n = n - norms
         if self.tie_embeddings:
             n += self.vocab_size * self.hidden_size  # the lm_head matmul still happens
-        attn = 12 * self.num_layers * self.num_heads * self.dim_head * t
+        attended = (t + 1) / 2 if causal else t  # mean keys per query under the causal mask
+        attn = 12 * self.num_layers * self.num_heads * self.dim_head * attended
         return float(6 * n + attn)
 
 

@@ -114,6 +114,11 @@ def test_mfu_and_targets_say_by_how_much():
     report.add_derived(rec)
     a = rec["results"][0]
     assert a["mfu_card"] == pytest.approx(0.4) and a["mfu_measured"] == pytest.approx(0.5)
+    assert "mfu_card_causal" not in a  # the workload gave no causal count
+    causal = _record([{"mode": "a", "status": "ok", "tokens_per_s": 400_000.0}])
+    causal["workload"]["flops_per_token_causal"] = 0.75e9
+    report.add_derived(causal)
+    assert causal["results"][0]["mfu_card_causal"] == pytest.approx(0.3)
     out = report.check_targets(rec, [
         {"mode": "a", "metric": "tokens_per_s", "threshold": 500_000, "label": "a fast"},
         {"mode": "a", "metric": "mfu_card", "threshold": 0.3, "label": "a mfu"},

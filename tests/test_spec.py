@@ -133,6 +133,8 @@ def test_flops_per_token_matches_6n_plus_attention():
     spec = ModelSpec(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=8)
     matmul = 2 * (4 * 32 * 32 + 2 * 32 * 128) + 100 * 32
     assert spec.flops_per_token() == 6 * matmul + 12 * 2 * 4 * 8 * 8
+    # causal accounting: a query at position i attends i + 1 keys, (T + 1) / 2 on average
+    assert spec.flops_per_token(causal=True) == 6 * matmul + 12 * 2 * 4 * 8 * 4.5
 
 
 def test_init_is_seeded_and_follows_table():
