@@ -495,3 +495,32 @@ def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_pa
     assert err.startswith("llm-train: error: the device ran out of memory at step 1")
     assert "asked for 2.00 GiB with 1.50 GiB free" in err and "training.batch_size=8" in err
     assert "data.seq_len=16" in err and "optimization.dtype=bfloat16" in err
+
+
+def test_progress_bar_prints_each_log_line_once_through_the_bar(tmp_path, monkeypatch):
+    """The console handler is on the root logger (as llm.train sets it up): while the bar is drawn
+    every record is written once, through the bar, with the handler's own format."""
+    import io
+    import logging
+    import os
+
+    from llm.loop.callbacks import ProgressBar
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((0, 0)))
+    try:
+        fit(TrainingEngine, tiny(tmp_path, "training.max_steps=4", "training.eval_every=2",
+                                 "training.eval_batches=1"), tmp_path / "run",
+            callbacks=[ProgressBar(every=2, file=out)], callback_names=())  # the bar instead of the console
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = out.getvalue()
+    assert text.count("step 2: val loss") == 1 and "LOG step 2: val loss" in text
+    assert "4/4" in text  # a terminal without a size still gets a bar

@@ -64,6 +64,7 @@ import importlib
 import json
 import logging
 import math
+import shutil
 import sys
 from typing import Any, ClassVar
 
@@ -250,9 +251,15 @@ class ProgressBar(_Writer):
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         self._rate.start(trainer)
+        # A terminal that reports no size (some CI consoles, `script`, a fresh tmux pane) makes a
+        # dynamic bar 0 columns wide, i.e. invisible: give it a fixed width instead.
+        sized = shutil.get_terminal_size(fallback=(0, 0)).columns > 0
         self._bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step",
-                         file=self.file or sys.stderr, dynamic_ncols=True)
-        self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("llm")])
+                         file=self.file or sys.stderr, dynamic_ncols=sized, ncols=None if sized else 100)
+        # Log records go through the bar (tqdm.write) instead of the console handler: the console
+        # handlers sit on the root logger (logging.basicConfig), so that is the logger to redirect;
+        # redirecting "llm" alone printed every line twice, once glued to the bar.
+        self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
         self._redirect.__enter__()
 
     def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
