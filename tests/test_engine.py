@@ -497,30 +497,31 @@ def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_pa
     assert "data.seq_len=16" in err and "optimization.dtype=bfloat16" in err
 
 
-def test_progress_bar_prints_each_log_line_once_through_the_bar(tmp_path, monkeypatch):
-    """The console handler is on the root logger (as llm.train sets it up): while the bar is drawn
-    every record is written once, through the bar, with the handler's own format."""
-    import io
+def test_progress_bar_prints_each_log_line_once_through_the_bar(tmp_path, monkeypatch, capsys):
+    """The console handler is on the root logger, on stderr (as llm.train sets it up): while the bar
+    is drawn every record is written once, through the bar, in the handler's own format."""
     import logging
     import os
+    import sys
 
     from llm.loop.callbacks import ProgressBar
 
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr
     handler.setFormatter(logging.Formatter("LOG %(message)s"))
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    # a terminal that reports no size, to tqdm and to the bar's own check
     monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((0, 0)))
+    monkeypatch.setattr("tqdm.std._screen_shape_wrapper", lambda: (lambda fp: (0, 0)))
     try:
         fit(TrainingEngine, tiny(tmp_path, "training.max_steps=4", "training.eval_every=2",
                                  "training.eval_batches=1"), tmp_path / "run",
-            callbacks=[ProgressBar(every=2, file=out)], callback_names=())  # the bar instead of the console
+            callbacks=[ProgressBar(every=2)], callback_names=())  # the bar instead of the console
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-    text = out.getvalue()
-    assert text.count("step 2: val loss") == 1 and "LOG step 2: val loss" in text
-    assert "4/4" in text  # a terminal without a size still gets a bar
+    err = capsys.readouterr().err
+    assert err.count("step 2: val loss") == 1 and "LOG step 2: val loss" in err
+    assert ("|#" in err or "|\u2588" in err) and "4/4" in err  # a terminal without a size still gets a bar
