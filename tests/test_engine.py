@@ -525,3 +525,12 @@ def test_progress_bar_prints_each_log_line_once_through_the_bar(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.count("step 2: val loss") == 1 and "LOG step 2: val loss" in err
     assert ("|#" in err or "|\u2588" in err) and "4/4" in err  # a terminal without a size still gets a bar
+
+
+@pytest.mark.parametrize("change", ["training.batch_size=4", "data.seq_len=8", "training.seed=3"])
+def test_a_resume_refused_by_the_data_cursor_changes_nothing(tmp_path, change):
+    fit(TrainingEngine, tiny(tmp_path, "training.max_steps=2", "checkpoint.every_steps=1"), tmp_path / "run")
+    before = _snapshot(tmp_path / "run")
+    with pytest.raises(Exception, match=r"batch|seq_len|seed"):
+        TrainingEngine(tiny(tmp_path, "training.max_steps=4", change), run_dir=tmp_path / "run", resume=True)
+    assert _snapshot(tmp_path / "run") == before
