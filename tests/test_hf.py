@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import torch
+import transformers  # a test dependency: a broken import must fail these tests, not skip them
 
 import llm  # noqa: E402
 from llm.hf import HFError, export_hf, import_hf, read_hf_weights  # noqa: E402
