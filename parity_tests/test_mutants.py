@@ -82,7 +82,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("check", SELECTED_CHECKS)
 def test_check_passes_on_the_real_code(check, tmp_path):
-    CHECKS[check](tmp_path)
+    CHECKS[check](tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
