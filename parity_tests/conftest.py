@@ -19,6 +19,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, is_hypothesis_test, seed, settings
 
 from parity_tests.recording import EXAMPLES, WORST
@@ -40,7 +41,7 @@ def run_seed() -> tuple[int | None, str]:
         try:
             return int(value), "PARITY_SEED"
         except ValueError:
-            raise SystemExit(f"PARITY_SEED={value!r} must be an integer") from None
+            raise pytest.UsageError(f"PARITY_SEED={value!r} must be an integer") from None
     if PROFILE != "ci":
         return None, f"profile {PROFILE}: random"
     try:
@@ -51,7 +52,8 @@ def run_seed() -> tuple[int | None, str]:
         return FIXED_SEED, "fixed (not a git checkout)"
 
 
-SEED, SEED_SOURCE = run_seed()
+SEED: int | None = None
+SEED_SOURCE = ""
 
 
 def seed_for_test(run: int, test_name: str) -> int:
@@ -62,6 +64,8 @@ def seed_for_test(run: int, test_name: str) -> int:
 def pytest_configure(config):
     from llm.parity import configure_numerics
 
+    global SEED, SEED_SOURCE
+    SEED, SEED_SOURCE = run_seed()
     configure_numerics()
 
 
