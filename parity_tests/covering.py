@@ -88,11 +88,11 @@ def covering_rows(seed: int = 0, candidates: int = 5) -> list[dict]:
 
 
 def row_spec(row: dict) -> ModelSpec:
-    """The small two-layer model a row describes."""
+    """The small one-block model a row describes (one block holds every feature of the row)."""
     num_heads, num_kv_heads = HEADS[row["heads"]]
     moe = row["mlp"] != "dense"
     return ModelSpec(
-        vocab_size=32, max_seq_len=12, hidden_size=16, num_layers=2, num_heads=num_heads,
+        vocab_size=32, max_seq_len=12, hidden_size=16, num_layers=1, num_heads=num_heads,
         num_kv_heads=num_kv_heads, head_dim=HEAD_DIM[row["head_dim"]], activation=row["activation"],
         use_glu=row["use_glu"], norm_type=row["norm_type"], position=row["position"],
         tie_embeddings=row["tie_embeddings"], attention_bias=row["attention_bias"],
