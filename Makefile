@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PARITY_PROFILE ?= ci
 
-.PHONY: init test parity parity-thorough lint train bench bench-scaling clean
+.PHONY: init test parity parity-thorough parity-mutants lint train bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ parity: init
 
 parity-thorough:
 	$(MAKE) parity PARITY_PROFILE=thorough
+
+# Every planted bug of parity_tests/mutants.py against every check it names (make test runs a fast subset).
+parity-mutants: init
+	PARITY_MUTANTS=all HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests/test_mutants.py
 
 lint: init
 	$(BIN)/python -m ruff check llm backends tests parity_tests benchmarks conftest.py

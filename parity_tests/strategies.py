@@ -8,27 +8,38 @@ from llm.spec import ModelSpec
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8)
+WEIGHTS = ("init", "perturbed")  # where the backends are compared: init_params, or perturb() of it
 
 
 @st.composite
-def specs(draw, *, moe: bool | None = None, max_layers: int = 3, max_seq_len: int = 16) -> ModelSpec:
-    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE."""
+def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
+          max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
+    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE.
+
+    ``max_seq_len`` is fixed (an int) or drawn from an inclusive (lo, hi) range; the position tables
+    (RoPE cos/sin, learned, sinusoidal) are sized by it. Odd head sizes (3, 5, 7) are drawn only
+    without RoPE: rotate-half pairs dimension i with i + head_dim/2, so RoPE needs an even head_dim.
+    Dropout is not drawn: the parity checks run in eval mode, where it is off, and the backends draw
+    different masks in training, so a drawn rate would only pretend to be compared.
+    """
     num_kv_heads = draw(st.sampled_from([1, 2, 3]))
     num_heads = num_kv_heads * draw(st.sampled_from([1, 2, 4]))
-    head_dim = draw(st.sampled_from([4, 6, 8]))
-    if draw(st.booleans()):  # head_dim that does not divide hidden_size (set explicitly)
+    position = draw(st.sampled_from(["rope", "learned", "sinusoidal"]))
+    head_dim = draw(st.sampled_from([4, 6, 8] if position == "rope" else [3, 4, 5, 6, 7, 8]))
+    if draw(st.booleans()) or (position == "sinusoidal" and num_heads * head_dim % 2):
+        # head_dim that does not divide hidden_size, set explicitly (sinusoidal needs an even hidden)
         hidden_size = draw(st.sampled_from([8, 12, 20, 32]))
         explicit_head_dim: int | None = head_dim
     else:
         hidden_size = num_heads * head_dim
         explicit_head_dim = None
-    position = draw(st.sampled_from(["rope", "learned", "sinusoidal"]))
     use_moe = draw(st.booleans()) if moe is None else moe
     num_experts = draw(st.integers(2, 8))
     k = draw(st.integers(1, num_experts))
+    seq_len = max_seq_len if isinstance(max_seq_len, int) else draw(st.integers(*max_seq_len))
     return ModelSpec(
         vocab_size=draw(st.integers(5, 48)),
-        max_seq_len=max_seq_len,
+        max_seq_len=seq_len,
         hidden_size=hidden_size,
         num_layers=draw(st.integers(1, max_layers)),
         num_heads=num_heads,
@@ -47,7 +58,6 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3, max_seq_len: in
         attention_out_bias=draw(st.sampled_from([None, True, False])),
         sliding_window=draw(st.sampled_from([None, None, 1, 3, 8])),
         mlp_bias=draw(st.booleans()),
-        dropout=draw(st.sampled_from([0.0, 0.1])),  # compared in eval mode
         use_moe=use_moe,
         num_experts=num_experts,
         num_experts_per_token=k,
@@ -63,3 +73,11 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3, max_seq_len: in
 def batch_shapes(max_seq_len: int = 16):
     """(batch, seq) including 1 in both."""
     return st.tuples(st.integers(1, 3), st.integers(1, max_seq_len))
+
+
+@st.composite
+def cases(draw, *, moe: bool | None = None, max_layers: int = 3) -> tuple[ModelSpec, tuple[int, int], str]:
+    """(spec, (batch, seq), weights): a spec with a drawn max_seq_len (1..24), a batch shape that fits
+    it, and where to compare (``WEIGHTS``)."""
+    spec = draw(specs(moe=moe, max_layers=max_layers, max_seq_len=(1, 24)))
+    return spec, draw(batch_shapes(spec.max_seq_len)), draw(st.sampled_from(WEIGHTS))

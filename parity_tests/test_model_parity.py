@@ -1,24 +1,36 @@
 """Whole-model parity, PyTorch vs Flax, on specs drawn over the whole ModelSpec space.
 
-Both models get bitwise-identical weights (``init_params``) and the same batch; forward and
-backward of ``loss + aux_loss + z_loss`` run in float32 (TF32 off, JAX precision "highest").
-Tolerances are ``llm.parity.Tolerances`` (DESIGN.md), justified in its docstring.
+Both models get bitwise-identical weights (``init_params``, or ``parity_tests.perturb`` of it:
+norm weights, biases, routers and the learned position table away from their init) and the same
+batch; forward and backward of ``loss + aux_loss + z_loss`` run in float32 (TF32 off, JAX
+precision "highest"). Tolerances are ``llm.parity.Tolerances``, justified in its docstring.
+
+Besides the drawn specs, the rows of ``parity_tests.covering`` run on every CI run, so every pair
+of feature choices is compared at least once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 import pytest
-from hypothesis import assume, given, note
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 from llm.parity import Tolerances, compare, flax_pass, make_batch, torch_pass
 from llm.spec import ModelSpec, init_params
+from parity_tests.covering import ROWS, row_spec
+from parity_tests.perturb import weights_at
 from parity_tests.recording import count, record
-from parity_tests.strategies import batch_shapes, specs
+from parity_tests.strategies import cases
 
 TOL = Tolerances()
 ROUTER_MARGIN = 1e-4  # backends differ by ~1e-7 in router logits; a smaller top-k gap could flip
+# Drawn examples per model test: under ci fewer than the profile's 12, since the covering rows below
+# add len(ROWS) whole-model comparisons to every run (the ci total stays about the same).
+DRAWN = {"ci": 6}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), settings().max_examples)
 
 
 def router_margin(spec: ModelSpec, router_logits: list[np.ndarray]) -> float:
@@ -33,8 +45,9 @@ def router_margin(spec: ModelSpec, router_logits: list[np.ndarray]) -> float:
     return float(min(gaps))
 
 
-def check_model(spec: ModelSpec, batch: int, seq: int, seed: int, label: str, drawn: bool = True) -> dict:
-    params = init_params(spec, seed)
+def check_model(spec: ModelSpec, batch: int, seq: int, seed: int, label: str, drawn: bool = True,
+                weights: str = "init") -> dict:
+    params = weights_at(spec, init_params(spec, seed), seed, weights)
     ids, targets = make_batch(spec, batch, seq, seed)
     ref = torch_pass(spec, params, ids, targets)
     margin = router_margin(spec, ref.router_logits)
@@ -45,13 +58,14 @@ def check_model(spec: ModelSpec, batch: int, seq: int, seed: int, label: str, dr
     other = flax_pass(spec, params, ids, targets)
     report = compare(spec, ref, other, TOL)
     if drawn:
-        note(f"spec={spec.to_dict()} batch={batch} seq={seq}")
+        note(f"spec={spec.to_dict()} batch={batch} seq={seq} weights={weights}")
     for key in ("logits_rel_err", "logits_max_abs_err", "loss_abs_err", "aux_loss_abs_err",
                 "z_loss_abs_err", "kl", "grad_max_rel_err", "hidden_max_rel_err"):
         record(key, report[key], f"{label}: {report.get('grad_worst_param', '')}" if key.startswith("grad")
                else label)
     count(label)
     # one assertion per quantity, so a failure names what diverged
+    assert report["nothing_to_compare"] is None, report["nothing_to_compare"]
     for row in report["layers"]:
         assert row["rel_err"] <= TOL.hidden_rel, f"activation {row['name']}: rel err {row['rel_err']:.3e}"
     assert report["logits_rel_err"] <= TOL.logits_rel, report["logits_rel_err"]
@@ -65,14 +79,25 @@ def check_model(spec: ModelSpec, batch: int, seq: int, seed: int, label: str, dr
     return report
 
 
-@given(spec=specs(moe=False), shape=batch_shapes(), seed=st.integers(0, 2**16))
-def test_dense_model_parity(spec, shape, seed):
-    check_model(spec, *shape, seed, "dense model")
+@settings(max_examples=DRAWN)
+@given(case=cases(moe=False), seed=st.integers(0, 2**16))
+def test_dense_model_parity(case, seed):
+    spec, shape, weights = case
+    check_model(spec, *shape, seed, "dense model", weights=weights)
 
 
-@given(spec=specs(moe=True), shape=batch_shapes(), seed=st.integers(0, 2**16))
-def test_moe_model_parity(spec, shape, seed):
-    check_model(spec, *shape, seed, "moe model")
+@settings(max_examples=DRAWN)
+@given(case=cases(moe=True), seed=st.integers(0, 2**16))
+def test_moe_model_parity(case, seed):
+    spec, shape, weights = case
+    check_model(spec, *shape, seed, "moe model", weights=weights)
+
+
+@pytest.mark.parametrize("index", range(len(ROWS)))
+def test_covering_row(index):
+    """One row of the pairwise covering array (``parity_tests.covering``), a fixed example."""
+    row = ROWS[index]
+    check_model(row_spec(row), 2, 8, index, f"covering row {index}", drawn=False, weights=row["weights"])
 
 
 @pytest.mark.parametrize("preset", ["tiny", "default", "moe_small"])
@@ -107,3 +132,29 @@ def test_parity_detects_a_wrong_weight():
     report = compare(spec, ref, other, TOL)
     assert not report["ok"]
     assert report["layers"][0]["rel_err"] == 0.0 and report["layers"][1]["rel_err"] > TOL.hidden_rel
+
+
+def test_every_batch_shape_has_targets():
+    """Targets are the next tokens of T + 1 drawn ones: even a length-1 sequence has one per row."""
+    spec = ModelSpec(vocab_size=32, max_seq_len=4, hidden_size=8, num_layers=1, num_heads=2)
+    for seq in (1, 4):
+        ids, targets = make_batch(spec, 3, seq, 0)
+        assert ids.shape == targets.shape == (3, seq)
+        assert ((targets >= 0) & (targets < spec.vocab_size)).all()
+    np.testing.assert_array_equal(ids[:, 1:], targets[:, :-1])
+
+
+def test_a_comparison_with_nothing_to_compare_fails():
+    """No valid target, or all-zero reference gradients, compare nothing: ``ok`` is False, with the reason."""
+    spec = ModelSpec(vocab_size=32, max_seq_len=4, hidden_size=8, num_layers=1, num_heads=2)
+    params = init_params(spec, 0)
+    ids, targets = make_batch(spec, 2, 1, 0)
+    real = torch_pass(spec, params, ids, targets)
+    report = compare(spec, real, real, TOL)
+    assert report["ok"] and report["nothing_to_compare"] is None
+    masked = torch_pass(spec, params, ids, np.full_like(targets, -100))
+    report = compare(spec, masked, masked, TOL)  # identical results: every error is exactly 0
+    assert not report["ok"] and "no valid target" in report["nothing_to_compare"]
+    zero = dataclasses.replace(real, grads={k: np.zeros_like(v) for k, v in real.grads.items()})
+    report = compare(spec, zero, zero, TOL)
+    assert not report["ok"] and "exactly zero" in report["nothing_to_compare"]

@@ -41,6 +41,7 @@ class BackendResult:
     hidden: list[np.ndarray]
     grads: dict[str, np.ndarray]
     router_logits: list[np.ndarray] = field(default_factory=list)
+    valid_targets: int | None = None  # targets != -100 in the batch (None: not recorded)
 
 
 def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
@@ -68,7 +69,7 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
         logits=out.logits.detach().numpy(),
         loss=out.loss.item(), aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item(),
         hidden=[h.detach().numpy() for h in out.hidden_states],
-        grads=grads, router_logits=router_logits,
+        grads=grads, router_logits=router_logits, valid_targets=int((targets != -100).sum()),
     )
 
 
@@ -98,14 +99,30 @@ def flax_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
         logits=np.asarray(out.logits),
         loss=float(out.loss), aux_loss=float(out.aux_loss), z_loss=float(out.z_loss),
         hidden=[np.asarray(h) for h in out.hidden_states],
-        grads=flax_backend.grads_to_canonical(model, grads),
+        grads=flax_backend.grads_to_canonical(model, grads), valid_targets=int((targets != -100).sum()),
     )
 
 
 # ---------------------------------------------------------------------- comparison
+def nothing_to_compare(ref: BackendResult) -> str | None:
+    """Why ``ref`` leaves nothing to compare (no valid target, every gradient exactly zero), or None.
+
+    Either makes every gradient check pass vacuously: both backends return exact zeros.
+    """
+    if ref.valid_targets == 0:
+        return "no valid target in the batch (every target is -100): the loss and its gradients are 0"
+    if not any(np.any(g) for g in ref.grads.values()):
+        return "every reference gradient is exactly zero: the gradient checks would compare nothing"
+    return None
+
+
 def compare(spec: ModelSpec, ref: BackendResult, other: BackendResult,
             tol: Tolerances = Tolerances()) -> dict[str, Any]:
-    """The report: every quantity's error, per-layer rows, and ``ok``."""
+    """The report: every quantity's error, per-layer rows, and ``ok``.
+
+    ``ok`` is False, with the reason in ``nothing_to_compare``, when the reference pass has nothing
+    to compare (``nothing_to_compare``); a vacuous comparison is never a pass.
+    """
     names = ["embed"] + [f"layers.{i}" for i in range(spec.num_layers)] + ["final_norm"]
     layers = []
     for name, a, b in zip(names, other.hidden, ref.hidden, strict=True):
@@ -131,9 +148,11 @@ def compare(spec: ModelSpec, ref: BackendResult, other: BackendResult,
         "hidden_max_rel_err": max((r["rel_err"] for r in layers), default=0.0),
         "layers": layers,
         "grads": grads,
+        "nothing_to_compare": nothing_to_compare(ref),
     }
     report["ok"] = bool(
-        report["logits_rel_err"] <= tol.logits_rel
+        report["nothing_to_compare"] is None
+        and report["logits_rel_err"] <= tol.logits_rel
         and report["loss_abs_err"] <= tol.loss_abs
         and report["aux_loss_abs_err"] <= tol.aux_abs
         and report["z_loss_abs_err"] <= tol.aux_abs
@@ -145,11 +164,14 @@ def compare(spec: ModelSpec, ref: BackendResult, other: BackendResult,
 
 
 def make_batch(spec: ModelSpec, batch_size: int, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, targets), each (batch_size, seq_len), cut from seq_len + 1 random tokens.
+
+    Every position has a target (the next token), so even a sequence of length 1 has a loss and
+    gradients to compare.
+    """
     rng = np.random.default_rng(seed + 1)
-    ids = rng.integers(0, spec.vocab_size, size=(batch_size, seq_len), dtype=np.int64)
-    targets = np.roll(ids, -1, axis=1)
-    targets[:, -1] = -100
-    return ids, targets
+    tokens = rng.integers(0, spec.vocab_size, size=(batch_size, seq_len + 1), dtype=np.int64)
+    return np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(tokens[:, 1:])
 
 
 def run_parity(spec: ModelSpec, *, seed: int = 0, batch_size: int = 2, seq_len: int | None = None,
@@ -194,6 +216,8 @@ def _format_table(report: dict[str, Any]) -> str:
                          + (f"; tolerance scaled for small-gradient tensors {sorted(t['loosened'])}"
                             if t["loosened"] else ""))
     lines.append(f"worst gradient: {report['grad_worst_param']} ({report['grad_max_rel_err']:.3e})")
+    if report["nothing_to_compare"]:
+        lines.append(f"nothing to compare: {report['nothing_to_compare']}")
     lines.append("PARITY OK" if report["ok"] else "PARITY FAILED (tolerances: " +
                  ", ".join(f"{k}={v:g}" for k, v in report["tolerances"].items()) + ")")
     return "\n".join(lines)
