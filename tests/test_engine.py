@@ -12,10 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import engine_checks as checks  # noqa: E402
-from engine_checks import StopAt, fit, losses, tiny  # noqa: E402
+from engine_checks import fit, losses, tiny  # noqa: E402
 
 from backends.torch.engine import TrainingEngine  # noqa: E402
 from backends.torch.tasks import TorchTask  # noqa: E402
+from callbacks_for_tests import StopAt  # noqa: E402
 from llm.loop.callbacks import Callback, register_callback  # noqa: E402
 from llm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
@@ -395,21 +396,7 @@ def test_a_corrupt_state_json_behind_a_valid_manifest_is_a_one_line_error(tmp_pa
 
 
 def test_plateau_schedule_reduces_on_flat_val_losses_and_resumes_its_state(tmp_path, monkeypatch):
-    """lr_schedule=plateau: the loop feeds every evaluation to the schedule (flat val losses here), the
-    rate halves after lr_patience of them, and a resume continues from the saved reductions."""
-    monkeypatch.setattr(TrainingEngine, "_val_loss", lambda self, n: 2.0)
-    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01", "training.min_lr=0.0",
-            "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1", "training.max_steps=4",
-            "checkpoint.every_steps=2")
-    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "run")
-    lrs = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "run") if "lr" in r}
-    # evals after steps 1, 2, 3: the first sets the best, each later flat one halves the rate
-    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
-    assert meta["schedule"]["state"] == {"best": 2.0, "bad_evals": 0, "reductions": 1}
-    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
-    again = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "again") if "lr" in r}
-    assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
+    checks.plateau_schedule_reduces_and_resumes(TrainingEngine, tmp_path, monkeypatch)
 
 
 class HookLog(Callback):
@@ -480,18 +467,7 @@ def test_save_best_keeps_the_lowest_val_loss_checkpoint_beside_the_last_ones(tmp
 
 
 def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_path, monkeypatch, capsys):
-    def oom(self, *args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
-                                     "capacity of 79.11 GiB of which 1.50 GiB is free. Of the allocated ...")
-
-    monkeypatch.setattr(TrainingEngine, "_optimizer_step", oom)
-    from llm.config import dump_yaml
-    from llm.train import main
-
-    path = tmp_path / "c.yaml"
-    dump_yaml(tiny(tmp_path, "training.max_steps=2"), path)
-    assert main(["--config", str(path), "--run-dir", str(tmp_path / "run"), "--sample-tokens", "0"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("llm-train: error: the device ran out of memory at step 1")
-    assert "asked for 2.00 GiB with 1.50 GiB free" in err and "training.batch_size=8" in err
-    assert "data.seq_len=16" in err and "optimization.dtype=bfloat16" in err
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                   "capacity of 79.11 GiB of which 1.50 GiB is free. Of the allocated ...")
+    err = checks.out_of_memory_is_one_line(TrainingEngine, tmp_path, monkeypatch, capsys, error)
+    assert "asked for 2.00 GiB with 1.50 GiB free" in err

@@ -13,13 +13,16 @@ import subprocess
 import sys
 import textwrap
 
+import generate_cases
 import pytest
-from generate_cases import SPECS, checkpoint  # noqa: F401 -- checkpoint is a fixture the tests take
+from generate_cases import SPECS
 
 import llm
 from llm.checkpoint import CheckpointError, save_checkpoint
 from llm.generate import Sampling
 from llm.spec import init_params
+
+checkpoint = generate_cases.checkpoint  # the checkpoints fixture the per-backend files take too
 
 
 def test_sampling_validation():

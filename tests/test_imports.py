@@ -58,7 +58,8 @@ def _frameworks_imported(source: str) -> set[str]:
             found |= {_framework_of(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(_framework_of(node.module))
-            found |= {_framework_of(f"{node.module}.{a.name}") for a in node.names}  # from backends import torch
+            # ``from backends import torch`` names the package in the alias
+            found |= {_framework_of(f"{node.module}.{a.name}") for a in node.names}
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr == "importorskip" and node.args and isinstance(node.args[0], ast.Constant)):
             found.add(_framework_of(str(node.args[0].value)))

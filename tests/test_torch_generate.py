@@ -68,9 +68,9 @@ def test_load_picks_newest_valid_step(tmp_path):
 
 def test_cli_greedy_ids_are_llm_loads(checkpoint):
     """``--greedy --num-samples 2`` prints the ids ``llm.load(...).generate`` gives, twice."""
-    done = subprocess.run([sys.executable, "-m", "llm.generate", "--checkpoint", str(checkpoint / "no_tok"),
-                           "--prompt-ids", "1,2,3", "--greedy", "--max-new-tokens", "4", "--num-samples", "2"],
-                          capture_output=True, text=True)
+    args = ["--checkpoint", str(checkpoint / "no_tok"), "--prompt-ids", "1,2,3", "--greedy",
+            "--max-new-tokens", "4", "--num-samples", "2"]
+    done = subprocess.run([sys.executable, "-m", "llm.generate", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = [[int(t) for t in line.split(",")] for line in done.stdout.split()]
     expected = llm.load(checkpoint / "no_tok").generate([1, 2, 3], 4)[0].tolist()
