@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,13 +15,13 @@ torch = pytest.importorskip("torch")
 import engine_checks as checks  # noqa: E402
 from engine_checks import fit, losses, tiny  # noqa: E402
 
+import llm.loop.tasks  # noqa: E402
 from backends.torch.engine import TrainingEngine  # noqa: E402
-from backends.torch.tasks import TorchTask  # noqa: E402
 from callbacks_for_tests import StopAt  # noqa: E402
-from llm.loop.callbacks import Callback, register_callback  # noqa: E402
 from llm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
-from llm.loop.tasks import TrainingTask, register_task  # noqa: E402
+from llm.loop.callbacks import Callback, register_callback  # noqa: E402
+from llm.loop.tasks import TASKS, get_task  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -209,25 +210,17 @@ def test_regression_task_trains(tmp_path):
     checks.regression_task_trains(TrainingEngine, tmp_path)
 
 
-# -- the docs example (docs/training.md): a new task and a new callback in a few lines
-class MAETorch(TorchTask):  # the torch half of the task: model + loss
-    def build_model(self, config, datamodule):
-        return torch.nn.Linear(datamodule.in_features, datamodule.out_features)
-
-    def loss(self, model, batch):
-        x, y = batch
-        mae = (model(x) - y).abs().mean()
-        return mae, {"loss": mae}
-
-
-@register_task("mae_regression")
-class MAERegression(TrainingTask):
-    backends = {"torch": MAETorch}
-    canonical = False  # not a ModelSpec decoder: no canonical checkpoints
-
-    def build_datamodule(self, config, *, rank=0, world_size=1):
-        return SyntheticDataModule(task="regression", batch_size=config.training.batch_size,
-                                   num_samples=1024, seed=config.training.seed, rank=rank, world_size=world_size)
+# -- the docs examples: the new task of llm/loop/tasks.py's docstring and the callback of docs/training.md
+def tasks_docstring_example() -> str:
+    """The code of ``llm.loop.tasks``' docstring example (the literal block after "a few lines::")."""
+    _, found, rest = llm.loop.tasks.__doc__.partition("A new task is a few lines::\n\n")
+    assert found, "the llm.loop.tasks docstring lost its example"
+    block = []
+    for line in rest.splitlines():
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block))
 
 
 @register_callback("loss_history")
@@ -243,12 +236,31 @@ class LossHistory(Callback):
             self.losses.append((metrics["step"], metrics["loss"]))
 
 
-def test_custom_task_and_callback(tmp_path):
+def test_custom_task_and_callback(tmp_path, monkeypatch):
+    """The docstring's example runs as written, its last line included: ``config`` and
+    ``TrainingEngine`` are what it expects in scope (the engine is the torch one, kept for the
+    assertions and given the callback)."""
+    monkeypatch.setattr(TASKS, "_classes", dict(TASKS._classes))  # the example's registration ends here
     history = LossHistory()
     config = tiny(tmp_path, "training.max_steps=40", "training.lr=0.05", "logging.every_steps=20",
-                  "training.log_every=20")
-    with TrainingEngine(config, task="mae_regression", callbacks=[history], run_dir=tmp_path / "run") as engine:
-        result = engine.fit()
+                  "training.log_every=20", f"logging.run_dir={tmp_path / 'run'}")
+    ran = []
+
+    class Engine(TrainingEngine):
+        def __init__(self, config, **kwargs):
+            super().__init__(config, callbacks=[history], **kwargs)
+            ran.append(self)
+
+        def fit(self):
+            ran.append(super().fit())
+            return ran[-1]
+
+    namespace = {"__name__": "tasks_docstring_example", "torch": torch,
+                 "SyntheticDataModule": SyntheticDataModule, "TrainingEngine": Engine, "config": config}
+    exec(compile(tasks_docstring_example(), "llm/loop/tasks.py docstring", "exec"), namespace)
+    engine, result = ran
+    engine.close()
+    assert type(get_task("mae_regression")) is namespace["MAERegression"] is type(engine.task)
     assert isinstance(engine.model, torch.nn.Linear)
     assert [s for s, _ in history.losses] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert history.losses[-1][1] < 0.3 * history.losses[0][1] and result.stop_reason == "completed"
