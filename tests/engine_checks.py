@@ -203,16 +203,17 @@ def plateau_schedule_reduces_and_resumes(engine_cls: type, tmp_path: Path,
     """lr_schedule=plateau: the loop feeds every evaluation to the schedule (flat val losses here), the
     rate halves after lr_patience of them, and a resume continues from the saved reductions."""
     monkeypatch.setattr(engine_cls, "_val_loss", lambda self, n: 2.0)
-    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01", "training.min_lr=0.0",
-            "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1", "training.max_steps=4",
-            "checkpoint.every_steps=2")
+    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01",
+            "training.min_lr=0.0", "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1",
+            "training.max_steps=4", "checkpoint.every_steps=2")
     fit(engine_cls, tiny(tmp_path, *over), tmp_path / "run")
     lrs = {r["step"]: r["lr"] for r in rows(tmp_path / "run") if "lr" in r}
     # evals after steps 1, 2, 3: the first sets the best, each later flat one halves the rate
     assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
     assert meta["schedule"]["state"] == {"best": 2.0, "bad_evals": 0, "reductions": 1}
-    fit(engine_cls, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
+    fit(engine_cls, tiny(tmp_path, *over), tmp_path / "again",
+        resume=tmp_path / "run" / "checkpoints" / "step_2")
     again = {r["step"]: r["lr"] for r in rows(tmp_path / "again") if "lr" in r}
     assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
 

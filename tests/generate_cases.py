@@ -26,10 +26,10 @@ from llm.spec import ModelSpec, init_params
 from llm.tokenization import build_tokenizer
 
 __all__ = ["B", "CORPUS", "NEW", "SPECS", "T0", "Backend", "checkpoint", "prompt",
-           "test_eos_ends_a_row_and_fills_it", "test_generate_argument_errors", "test_kv_cache_greedy_equals_full_recomputation",
-           "test_sampling_is_seeded", "test_top_k_1_and_tiny_top_p_are_greedy",
-           "test_top_k_and_top_p_restrict_the_support", "test_vocab_limit_keeps_every_pick_below_it",
-           "test_vocab_limit_out_of_range_is_a_value_error"]
+           "test_eos_ends_a_row_and_fills_it", "test_generate_argument_errors",
+           "test_kv_cache_greedy_equals_full_recomputation", "test_sampling_is_seeded",
+           "test_top_k_1_and_tiny_top_p_are_greedy", "test_top_k_and_top_p_restrict_the_support",
+           "test_vocab_limit_keeps_every_pick_below_it", "test_vocab_limit_out_of_range_is_a_value_error"]
 
 BASE = dict(vocab_size=48, max_seq_len=40, hidden_size=16, num_layers=2, num_heads=4, init_std=0.3)
 SPECS = {
