@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.loop.callbacks import Callback
+from callbacks_for_tests import StopAt
 from llm.checkpoint import load_checkpoint
 from llm.config import load_config
 
@@ -41,15 +41,6 @@ TINY = ["model.vocab_size=64", "model.max_seq_len=32", "model.hidden_size=32", "
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class StopAt(Callback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, trainer, metrics):
-        if metrics["step"] == self.at:
-            trainer.request_stop()
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llm.loop.callbacks import Callback
+from callbacks_for_tests import PoisonAt, StopAt
 from llm.checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, load_checkpoint
-from llm.config import Config, load_config
-from llm.run import STATE_KEYS, NonFiniteLossError, TrainResult, split_moment_name
+from llm.config import Config, dump_yaml, load_config
+from llm.run import STATE_KEYS, DeviceOutOfMemoryError, NonFiniteLossError, TrainResult, split_moment_name
 from llm.schedule import lr_at
 from llm.train import main
 
@@ -47,28 +47,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 def fit(engine_cls: type, config: Config, run_dir: Path, **kwargs: Any) -> tuple[Any, TrainResult]:
     with engine_cls(config, run_dir=run_dir, **kwargs) as engine:
         return engine, engine.fit()
-
-
-class StopAt(Callback):
-    """Requests a stop after step ``at`` (what an interrupted run looks like, deterministically)."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, trainer, metrics):
-        if metrics["step"] == self.at:
-            trainer.request_stop()
-
-
-class PoisonAt(Callback):
-    """Calls ``poison(trainer)`` after step ``at`` (the backend's way to put a NaN in the weights)."""
-
-    def __init__(self, at: int, poison: Callable[[Any], None]):
-        self.at, self.poison = at, poison
-
-    def on_step_end(self, trainer, metrics):
-        if metrics["step"] == self.at:
-            self.poison(trainer)
 
 
 # ---------------------------------------------------------------------- learning
@@ -218,6 +196,53 @@ def throughput_leaves_out_the_first_step(engine_cls: type, tmp_path: Path) -> Tr
     assert (summary["compile_seconds"], summary["tokens_per_s"]) == (100.0, 128.0)
     assert [r["tokens_per_s"] for r in rows(tmp_path / "run") if "loss" in r] == [1.28, 128.0, 128.0, 128.0]
     return result
+
+
+def plateau_schedule_reduces_and_resumes(engine_cls: type, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """lr_schedule=plateau: the loop feeds every evaluation to the schedule (flat val losses here), the
+    rate halves after lr_patience of them, and a resume continues from the saved reductions."""
+    monkeypatch.setattr(engine_cls, "_val_loss", lambda self, n: 2.0)
+    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01",
+            "training.min_lr=0.0", "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1",
+            "training.max_steps=4", "checkpoint.every_steps=2")
+    fit(engine_cls, tiny(tmp_path, *over), tmp_path / "run")
+    lrs = {r["step"]: r["lr"] for r in rows(tmp_path / "run") if "lr" in r}
+    # evals after steps 1, 2, 3: the first sets the best, each later flat one halves the rate
+    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
+    assert meta["schedule"]["state"] == {"best": 2.0, "bad_evals": 0, "reductions": 1}
+    fit(engine_cls, tiny(tmp_path, *over), tmp_path / "again",
+        resume=tmp_path / "run" / "checkpoints" / "step_2")
+    again = {r["step"]: r["lr"] for r in rows(tmp_path / "again") if "lr" in r}
+    assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
+
+
+def out_of_memory_is_one_line(engine_cls: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture, error: Exception,
+                              cli: tuple[str, ...] = ()) -> str:
+    """The step raises the framework's out-of-memory ``error``: ``fit`` raises a
+    ``DeviceOutOfMemoryError`` naming the step and the sizes, and ``python -m llm.train [cli]`` turns
+    it into one error line naming the step, the sizes and the knobs. Returns that line, whose
+    "asked for ..." part (the framework's own wording of the sizes) the caller checks."""
+
+    def oom(self, *args):
+        raise error
+
+    monkeypatch.setattr(engine_cls, "_optimizer_step", oom)
+    config = tiny(tmp_path, "training.max_steps=2")
+    with pytest.raises(DeviceOutOfMemoryError, match=r"ran out of memory at step 1 .*asked for .*"
+                                                     r"training.batch_size=8.*data.seq_len=16"):
+        fit(engine_cls, config, tmp_path / "run")
+    dump_yaml(config, tmp_path / "c.yaml")
+    capsys.readouterr()
+    assert main([*cli, "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "cli"),
+                 "--sample-tokens", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llm-train: error: the device ran out of memory at step 1")
+    assert "training.batch_size=8" in err and "data.seq_len=16" in err
+    assert "optimization.dtype=bfloat16" in err
+    return err
 
 
 # ---------------------------------------------------------------------- precision and tasks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 
 import numpy as np
 import pytest
@@ -12,14 +13,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import engine_checks as checks  # noqa: E402
-from engine_checks import StopAt, fit, losses, tiny  # noqa: E402
+from engine_checks import fit, losses, tiny  # noqa: E402
 
+import llm.loop.tasks  # noqa: E402
 from backends.torch.engine import TrainingEngine  # noqa: E402
-from backends.torch.tasks import TorchTask  # noqa: E402
-from llm.loop.callbacks import Callback, register_callback  # noqa: E402
+from callbacks_for_tests import StopAt  # noqa: E402
 from llm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
-from llm.loop.tasks import TrainingTask, register_task  # noqa: E402
+from llm.loop.callbacks import Callback, register_callback  # noqa: E402
+from llm.loop.tasks import TASKS, get_task  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -208,25 +210,17 @@ def test_regression_task_trains(tmp_path):
     checks.regression_task_trains(TrainingEngine, tmp_path)
 
 
-# -- the docs example (docs/training.md): a new task and a new callback in a few lines
-class MAETorch(TorchTask):  # the torch half of the task: model + loss
-    def build_model(self, config, datamodule):
-        return torch.nn.Linear(datamodule.in_features, datamodule.out_features)
-
-    def loss(self, model, batch):
-        x, y = batch
-        mae = (model(x) - y).abs().mean()
-        return mae, {"loss": mae}
-
-
-@register_task("mae_regression")
-class MAERegression(TrainingTask):
-    backends = {"torch": MAETorch}
-    canonical = False  # not a ModelSpec decoder: no canonical checkpoints
-
-    def build_datamodule(self, config, *, rank=0, world_size=1):
-        return SyntheticDataModule(task="regression", batch_size=config.training.batch_size,
-                                   num_samples=1024, seed=config.training.seed, rank=rank, world_size=world_size)
+# -- the docs examples: the new task of llm/loop/tasks.py's docstring and the callback of docs/training.md
+def tasks_docstring_example() -> str:
+    """The code of ``llm.loop.tasks``' docstring example (the literal block after "a few lines::")."""
+    _, found, rest = llm.loop.tasks.__doc__.partition("A new task is a few lines::\n\n")
+    assert found, "the llm.loop.tasks docstring lost its example"
+    block = []
+    for line in rest.splitlines():
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block))
 
 
 @register_callback("loss_history")
@@ -242,12 +236,31 @@ class LossHistory(Callback):
             self.losses.append((metrics["step"], metrics["loss"]))
 
 
-def test_custom_task_and_callback(tmp_path):
+def test_custom_task_and_callback(tmp_path, monkeypatch):
+    """The docstring's example runs as written, its last line included: ``config`` and
+    ``TrainingEngine`` are what it expects in scope (the engine is the torch one, kept for the
+    assertions and given the callback)."""
+    monkeypatch.setattr(TASKS, "_classes", dict(TASKS._classes))  # the example's registration ends here
     history = LossHistory()
     config = tiny(tmp_path, "training.max_steps=40", "training.lr=0.05", "logging.every_steps=20",
-                  "training.log_every=20")
-    with TrainingEngine(config, task="mae_regression", callbacks=[history], run_dir=tmp_path / "run") as engine:
-        result = engine.fit()
+                  "training.log_every=20", f"logging.run_dir={tmp_path / 'run'}")
+    ran = []
+
+    class Engine(TrainingEngine):
+        def __init__(self, config, **kwargs):
+            super().__init__(config, callbacks=[history], **kwargs)
+            ran.append(self)
+
+        def fit(self):
+            ran.append(super().fit())
+            return ran[-1]
+
+    namespace = {"__name__": "tasks_docstring_example", "torch": torch,
+                 "SyntheticDataModule": SyntheticDataModule, "TrainingEngine": Engine, "config": config}
+    exec(compile(tasks_docstring_example(), "llm/loop/tasks.py docstring", "exec"), namespace)
+    engine, result = ran
+    engine.close()
+    assert type(get_task("mae_regression")) is namespace["MAERegression"] is type(engine.task)
     assert isinstance(engine.model, torch.nn.Linear)
     assert [s for s, _ in history.losses] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert history.losses[-1][1] < 0.3 * history.losses[0][1] and result.stop_reason == "completed"
@@ -395,21 +408,7 @@ def test_a_corrupt_state_json_behind_a_valid_manifest_is_a_one_line_error(tmp_pa
 
 
 def test_plateau_schedule_reduces_on_flat_val_losses_and_resumes_its_state(tmp_path, monkeypatch):
-    """lr_schedule=plateau: the loop feeds every evaluation to the schedule (flat val losses here), the
-    rate halves after lr_patience of them, and a resume continues from the saved reductions."""
-    monkeypatch.setattr(TrainingEngine, "_val_loss", lambda self, n: 2.0)
-    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01", "training.min_lr=0.0",
-            "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1", "training.max_steps=4",
-            "checkpoint.every_steps=2")
-    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "run")
-    lrs = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "run") if "lr" in r}
-    # evals after steps 1, 2, 3: the first sets the best, each later flat one halves the rate
-    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
-    assert meta["schedule"]["state"] == {"best": 2.0, "bad_evals": 0, "reductions": 1}
-    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
-    again = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "again") if "lr" in r}
-    assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
+    checks.plateau_schedule_reduces_and_resumes(TrainingEngine, tmp_path, monkeypatch)
 
 
 class HookLog(Callback):
@@ -480,21 +479,10 @@ def test_save_best_keeps_the_lowest_val_loss_checkpoint_beside_the_last_ones(tmp
 
 
 def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_path, monkeypatch, capsys):
-    def oom(self, *args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
-                                     "capacity of 79.11 GiB of which 1.50 GiB is free. Of the allocated ...")
-
-    monkeypatch.setattr(TrainingEngine, "_optimizer_step", oom)
-    from llm.config import dump_yaml
-    from llm.train import main
-
-    path = tmp_path / "c.yaml"
-    dump_yaml(tiny(tmp_path, "training.max_steps=2"), path)
-    assert main(["--config", str(path), "--run-dir", str(tmp_path / "run"), "--sample-tokens", "0"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("llm-train: error: the device ran out of memory at step 1")
-    assert "asked for 2.00 GiB with 1.50 GiB free" in err and "training.batch_size=8" in err
-    assert "data.seq_len=16" in err and "optimization.dtype=bfloat16" in err
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                   "capacity of 79.11 GiB of which 1.50 GiB is free. Of the allocated ...")
+    err = checks.out_of_memory_is_one_line(TrainingEngine, tmp_path, monkeypatch, capsys, error)
+    assert "asked for 2.00 GiB with 1.50 GiB free" in err
 
 
 def test_progress_bar_prints_each_log_line_once_through_the_bar(tmp_path, monkeypatch, capsys):

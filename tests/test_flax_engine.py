@@ -298,31 +298,12 @@ def test_two_devices_give_the_one_device_losses(tmp_path):
 
 
 def test_plateau_schedule_reduces_on_flat_val_losses_and_resumes_its_state(tmp_path, monkeypatch):
-    """lr_schedule=plateau: the loop feeds every evaluation to the schedule (flat val losses here), the
-    rate halves after lr_patience of them, and a resume continues from the saved reductions."""
-    monkeypatch.setattr(TrainingEngine, "_val_loss", lambda self, n: 2.0)
-    over = ("training.lr_schedule=plateau", "training.warmup_steps=0", "training.lr=0.01", "training.min_lr=0.0",
-            "training.lr_patience=1", "training.lr_factor=0.5", "training.eval_every=1", "training.max_steps=4",
-            "checkpoint.every_steps=2")
-    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "run")
-    lrs = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "run") if "lr" in r}
-    # evals after steps 1, 2, 3: the first sets the best, each later flat one halves the rate
-    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "state.json").read_text())
-    assert meta["schedule"]["state"] == {"best": 2.0, "bad_evals": 0, "reductions": 1}
-    fit(TrainingEngine, tiny(tmp_path, *over), tmp_path / "again", resume=tmp_path / "run" / "checkpoints" / "step_2")
-    again = {r["step"]: r["lr"] for r in checks.rows(tmp_path / "again") if "lr" in r}
-    assert again[3] == pytest.approx(lrs[3]) and again[4] == pytest.approx(lrs[4])
+    checks.plateau_schedule_reduces_and_resumes(TrainingEngine, tmp_path, monkeypatch)
 
 
-def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_path, monkeypatch):
-    from llm.run import DeviceOutOfMemoryError
-
-    def oom(self, *args):
-        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
-                                         "1073741824 bytes.")
-
-    monkeypatch.setattr(TrainingEngine, "_optimizer_step", oom)
-    with pytest.raises(DeviceOutOfMemoryError, match=r"ran out of memory at step 1 .*asked for 1.00 GiB .*"
-                                                     r"training.batch_size=8.*data.seq_len=16"):
-        fit(TrainingEngine, tiny(tmp_path, "training.max_steps=2"), tmp_path / "run")
+def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_path, monkeypatch, capsys):
+    error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                       "1073741824 bytes.")
+    err = checks.out_of_memory_is_one_line(TrainingEngine, tmp_path, monkeypatch, capsys, error,
+                                           cli=("--backend", "jax"))
+    assert "asked for 1.00 GiB" in err

@@ -39,24 +39,40 @@ def test_flax_backend_never_imports_torch():
     assert "torch" not in loaded
 
 
+def _framework_of(module: str) -> str:
+    """The top-level package that importing ``module`` loads, reading a backend package as its
+    framework: ``backends.torch.inference`` -> ``torch``, ``backends.flax.convert`` -> ``flax``."""
+    parts = module.split(".")
+    if parts[0] == "backends" and len(parts) > 1 and parts[1] in ("torch", "flax"):
+        return parts[1]
+    return parts[0]
+
+
 def _frameworks_imported(source: str) -> set[str]:
     """Top-level packages among TORCH | JAX that ``source`` imports anywhere (lazy imports inside
-    functions and ``pytest.importorskip("...")`` included)."""
+    functions, ``pytest.importorskip("...")`` and the ``backends.torch`` / ``backends.flax``
+    packages included)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {_framework_of(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.add(_framework_of(node.module))
+            # ``from backends import torch`` names the package in the alias
+            found |= {_framework_of(f"{node.module}.{a.name}") for a in node.names}
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr == "importorskip" and node.args and isinstance(node.args[0], ast.Constant)):
-            found.add(str(node.args[0].value).split(".")[0])
+            found.add(_framework_of(str(node.args[0].value)))
     return found & (TORCH | JAX)
 
 
 def test_no_test_module_outside_parity_tests_imports_both_frameworks():
     assert _frameworks_imported("import torch\ndef f():\n    from flax import nnx\n") == {"torch", "flax"}
     assert _frameworks_imported("import pytest\njax = pytest.importorskip('jax')\n") == {"jax"}
+    assert _frameworks_imported("import backends.torch.inference as gen\n"
+                                "from backends.flax.convert import from_canonical\n") == {"torch", "flax"}
+    assert _frameworks_imported("from backends import flax\nimport backends.torch\nimport backends\n"
+                                "from llm.api import load\n") == {"torch", "flax"}
     both = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         found = _frameworks_imported(path.read_text(encoding="utf-8"))
