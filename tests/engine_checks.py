@@ -159,6 +159,9 @@ def resume_is_exact(engine_cls: type, tmp_path: Path, corpus: Path, cli: tuple[s
     assert a.state_meta["callbacks"] == b.state_meta["callbacks"]
     for key in b.state_tensors:
         np.testing.assert_array_equal(a.state_tensors[key], b.state_tensors[key], err_msg=key)
+    assert a.params.keys() == b.params.keys()
+    for key in b.params:  # the weights themselves, not only the losses and moments
+        np.testing.assert_array_equal(a.params[key], b.params[key], err_msg=key)
 
 
 def nan_stops_at_the_last_good_checkpoint(engine_cls: type, tmp_path: Path, log_every: int,
@@ -257,12 +260,20 @@ def bf16_stays_close_to_fp32(engine_cls: type, tmp_path: Path) -> Any:
 
 
 def fp16_scaler_is_checkpointed(engine_cls: type, tmp_path: Path) -> dict[str, Any]:
-    """Returns the checkpoint's ``grad_scaler`` entry."""
-    _, result = fit(engine_cls, tiny(tmp_path, "training.max_steps=2", "optimization.dtype=float16"),
-                    tmp_path / "run")
+    """Two float16 steps without overflow: the scale stays at its 2**16 start and counts 2 good steps
+    (torch's GradScaler rule, which both engines follow); a run resumed from step 2 carries the scale on
+    and writes the uninterrupted run's step-3 scaler. Returns the step-2 entry."""
+    fp16 = ("optimization.dtype=float16", "checkpoint.every_steps=1")
+    _, result = fit(engine_cls, tiny(tmp_path, "training.max_steps=2", *fp16), tmp_path / "run")
     scaler = load_checkpoint(result.last_checkpoint).state_meta["grad_scaler"]
-    assert scaler["scale"] > 0 and isinstance(scaler["growth_tracker"], int)
+    assert scaler == {"scale": 65536.0, "growth_tracker": 2}
     assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+    fit(engine_cls, tiny(tmp_path, "training.max_steps=3", *fp16), tmp_path / "full")
+    fit(engine_cls, tiny(tmp_path, "training.max_steps=3", *fp16), tmp_path / "resumed",
+        resume=result.last_checkpoint)
+    step3 = [load_checkpoint(tmp_path / run / "checkpoints" / "step_3").state_meta["grad_scaler"]
+             for run in ("full", "resumed")]
+    assert step3[0] == step3[1] == {"scale": 65536.0, "growth_tracker": 3}
     return scaler
 
 
