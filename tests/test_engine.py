@@ -495,3 +495,19 @@ def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_pa
     assert err.startswith("llm-train: error: the device ran out of memory at step 1")
     assert "asked for 2.00 GiB with 1.50 GiB free" in err and "training.batch_size=8" in err
     assert "data.seq_len=16" in err and "optimization.dtype=bfloat16" in err
+
+
+# ---------------------------------------------------------------------- a task's units and named checkpoints
+def test_regression_reports_rows_and_mse(tmp_path, monkeypatch):
+    checks.regression_reports_its_units(TrainingEngine, tmp_path, monkeypatch)
+
+
+def test_regression_resumes_exactly_from_a_named_checkpoint(tmp_path):
+    ckpt = checks.regression_resumes_exactly(TrainingEngine, tmp_path)
+    assert set(ckpt.params) == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}  # state_dict keys
+    assert ckpt.params["hidden.weight"].shape == (64, ckpt.params["hidden.weight"].shape[1])  # (out, in)
+
+
+def test_a_named_checkpoint_with_other_names_is_refused(tmp_path):
+    message = checks.named_resume_refuses_other_names(TrainingEngine, tmp_path)
+    assert "this torch model of task 'regression'" in message
