@@ -13,7 +13,8 @@ The backend is chosen here, once, by name (keras-3 style): ``"torch"`` or ``"jax
 Every array in and out is numpy; the backend model is ``LoadedModel.model`` for anything more.
 
 Loading goes through ``llm.checkpoint.open_checkpoint``: a missing, torn or corrupt checkpoint
-raises its ``CheckpointError`` and nothing is half-loaded. A directory holding ``step_<N>``
+raises its ``CheckpointError`` and nothing is half-loaded, and so does a named checkpoint (a
+task's own model, e.g. ``regression``'s MLP: not a decoder, nothing here could run it). A directory holding ``step_<N>``
 checkpoints (a run's ``checkpoints/``) loads the newest one that verifies. A ``tokenizer.json``
 saved beside the weights becomes ``LoadedModel.tokenizer`` (else None).
 
@@ -160,7 +161,8 @@ def from_params(spec: ModelSpec, params: dict[str, np.ndarray], backend: str = "
 
 def load(checkpoint_dir: str | os.PathLike, backend: str = "torch", *, device: Any = None,
          dtype: str = "float32") -> LoadedModel:
-    """Load a canonical checkpoint into ``backend`` (``"torch"``, ``"jax"`` or ``"flax"``).
+    """Load a canonical checkpoint into ``backend`` (``"torch"``, ``"jax"`` or ``"flax"``); a named
+    one (not a decoder) is a ``CheckpointError`` saying so.
 
     ``device``: a torch device (``"cpu"``, ``"cuda:0"``) or a jax platform[:index] (``"cpu"``,
     ``"gpu:1"``); None = CPU for torch, jax's default device. ``dtype``: ``"float32"`` or

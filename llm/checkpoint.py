@@ -5,8 +5,20 @@
 <dir>/config.json         the full resolved run config; its "model" entry is the ModelSpec
 <dir>/state.safetensors   optional: optimizer moments etc. under canonical-derived names
 <dir>/state.json          optional: step, schedule, RNG, data cursor (JSON-safe values)
-<dir>/manifest.json       format version and the sha256 of every other file
+<dir>/manifest.json       format version, kind and the sha256 of every other file
 ```
+
+Two kinds (the manifest's ``kind``; absent reads as ``canonical``):
+
+* ``canonical`` -- ``model.safetensors`` is the parameter table of the ModelSpec in
+  ``config.json``'s ``"model"``, checked against it on writing and loading: a decoder either backend
+  (and ``llm.load``, the HF export, ``training.init_from``) can build.
+* ``named`` -- a task's own model that is not a ModelSpec decoder (``TrainingTask.canonical=False``,
+  e.g. the ``regression`` MLP): ``model.safetensors`` holds the task half's parameters under its own
+  names (torch ``state_dict`` keys, flax NNX paths), ``Checkpoint.spec`` is None, and only a loader
+  that asks for it (``allow_named=True``: the training engines' resume) gets one; every other loader
+  refuses it with a ``CheckpointError`` saying it is not a decoder. Same files, hashes and atomic
+  rename as a canonical one.
 
 Writes go to a sibling temporary directory that is renamed into place, so a crash never leaves a
 half-written checkpoint under the final name. Loading verifies every hash first and refuses a torn
@@ -43,11 +55,13 @@ from llm.spec import ModelSpec, SpecError, check_params
 
 FORMAT_NAME = "llm-canonical-checkpoint"
 FORMAT_VERSION = 1
+KINDS = ("canonical", "named")  # manifest.json "kind" (see the module docstring)
 _RESERVED = {MODEL_FILE, CONFIG_FILE, STATE_FILE, STATE_META_FILE, MANIFEST_FILE}
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "KINDS",
     "save_checkpoint",
     "load_checkpoint",
     "open_checkpoint",
@@ -65,14 +79,16 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint; ``params`` are canonical float32 numpy arrays."""
+    """A loaded checkpoint; ``params`` are float32 numpy arrays under canonical names (``kind``
+    ``"canonical"``, ``spec`` its ModelSpec) or the task half's own names (``"named"``, ``spec`` None)."""
 
     path: Path
     config: dict[str, Any]
-    spec: ModelSpec
+    spec: ModelSpec | None
     params: dict[str, np.ndarray]
     state_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     state_meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "canonical"
 
 
 def _sha256(path: Path) -> str:
@@ -99,19 +115,26 @@ def save_checkpoint(
     state_meta: dict[str, Any] | None = None,
     extra_files: dict[str, str | os.PathLike | bytes] | None = None,
     overwrite: bool = False,
+    kind: str = "canonical",
 ) -> Path:
-    """Atomically write a canonical checkpoint to ``path`` and return it.
+    """Atomically write a checkpoint of ``kind`` (``KINDS``) to ``path`` and return it.
 
-    ``config`` must hold the spec under ``"model"`` (a run config dict or just ``{"model": ...}``);
-    ``params`` are validated against that spec before anything is written. ``extra_files`` maps a
-    file name (e.g. ``tokenizer.json``) to a path to copy or to bytes; they are hashed like the rest.
+    Canonical: ``config`` must hold the spec under ``"model"`` (a run config dict or just
+    ``{"model": ...}``); ``params`` are validated against that spec before anything is written.
+    Named: ``params`` are a task's own name -> array, written as given (float32); ``config`` is the
+    run config. ``extra_files`` maps a file name (e.g. ``tokenizer.json``) to a path to copy or to
+    bytes; they are hashed like the rest.
     """
     path = Path(path)
-    if "model" not in config:
-        raise CheckpointError("config must contain a 'model' section (the ModelSpec fields)")
-    spec = ModelSpec.from_dict(config["model"])
+    if kind not in KINDS:
+        raise CheckpointError(f"checkpoint kind={kind!r} must be one of {', '.join(KINDS)}")
     params = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
-    check_params(spec, params, where=f"parameters for checkpoint {path}")
+    if kind == "canonical":
+        if "model" not in config:
+            raise CheckpointError("config must contain a 'model' section (the ModelSpec fields)")
+        check_params(ModelSpec.from_dict(config["model"]), params, where=f"parameters for checkpoint {path}")
+    elif not params:
+        raise CheckpointError(f"parameters for checkpoint {path}: a named checkpoint needs at least one tensor")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
 
@@ -135,6 +158,7 @@ def save_checkpoint(
             manifest = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
+                "kind": kind,
                 "files": {name: _sha256(tmp / name) for name in files},
             }
             write_json_atomic(tmp / MANIFEST_FILE, manifest, sort_keys=True)
@@ -173,6 +197,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_path}: format version {manifest.get('version')!r}, "
                               f"this code reads version {FORMAT_VERSION}")
+    if manifest.setdefault("kind", "canonical") not in KINDS:
+        raise CheckpointError(f"{manifest_path}: kind {manifest['kind']!r} is not one of {', '.join(KINDS)}")
     for required in (MODEL_FILE, CONFIG_FILE):
         if required not in manifest["files"]:
             raise CheckpointError(f"{path}: manifest lists no {required}")
@@ -187,20 +213,28 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Checkpoint:
-    """Verify and load a checkpoint; raise CheckpointError on any problem, before returning data."""
-    return _read_checkpoint(Path(path), verify_checkpoint(path), load_state)
+def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True, allow_named: bool = False) -> Checkpoint:
+    """Verify and load a checkpoint; raise CheckpointError on any problem, before returning data.
+
+    A named checkpoint (not a decoder) is refused unless ``allow_named``."""
+    return _read_checkpoint(Path(path), verify_checkpoint(path), load_state, allow_named)
 
 
-def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool) -> Checkpoint:
+def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool, allow_named: bool) -> Checkpoint:
     """The checkpoint of a directory whose ``manifest`` was verified."""
+    kind = manifest.get("kind", "canonical")
     try:
         config = read_json(path / CONFIG_FILE, error=CheckpointError)
         if not isinstance(config, dict):
             raise ValueError(f"{CONFIG_FILE} holds a {type(config).__name__}, not an object")
-        spec = ModelSpec.from_dict(config.get("model", {}))
+        if kind == "named" and not allow_named:
+            raise CheckpointError(f"{path}: a named-tensor checkpoint of task {config.get('task', '?')!r}, not "
+                                  "a decoder: its parameters are that task's own model, with no ModelSpec to "
+                                  "build; only the training engines resume it")
+        spec = ModelSpec.from_dict(config.get("model", {})) if kind == "canonical" else None
         params = load_file(str(path / MODEL_FILE))
-        check_params(spec, params, where=f"{path / MODEL_FILE}")
+        if spec is not None:
+            check_params(spec, params, where=f"{path / MODEL_FILE}")
     except (SpecError, OSError, ValueError, AttributeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     state_tensors: dict[str, np.ndarray] = {}
@@ -217,16 +251,16 @@ def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool) -> 
                     raise ValueError(f"{STATE_META_FILE} holds a {type(state_meta).__name__}, not an object")
         except (OSError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{path}: unreadable training state: {' '.join(str(e).split())}") from None
-    return Checkpoint(path, config, spec, params, state_tensors, state_meta)
+    return Checkpoint(path, config, spec, params, state_tensors, state_meta, kind)
 
 
-def open_checkpoint(path: str | os.PathLike, *, load_state: bool = True) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, load_state: bool = True, allow_named: bool = False) -> Checkpoint:
     """``load_checkpoint(resolve_checkpoint(path))`` with every file hashed once: ``path`` itself, or
     for a directory of ``step_<N>`` checkpoints the newest one that verifies."""
     found, manifest = _resolve(Path(path))
     if manifest is None:
-        return load_checkpoint(found, load_state=load_state)
-    return _read_checkpoint(found, manifest, load_state)
+        return load_checkpoint(found, load_state=load_state, allow_named=allow_named)
+    return _read_checkpoint(found, manifest, load_state, allow_named)
 
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

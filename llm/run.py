@@ -1,17 +1,19 @@
-"""The run directory, the canonical training state of a checkpoint, and the run summary.
+"""The run directory, the training state of a checkpoint, and the run summary.
 
 A run directory (``--run-dir``; default ``runs/<timestamp>``) holds::
 
     config.json          the full resolved config (Config.to_dict())
     tokenizer.json       the tokenizer (LM on text), also copied into every checkpoint
     metrics.jsonl        one JSON object per logged optimiser step (logging.every_steps)
-    checkpoints/step_<N>/  canonical checkpoints (llm.checkpoint), the newest checkpoint.keep_last kept
+    checkpoints/step_<N>/  checkpoints (llm.checkpoint: canonical, or named for a task that is not a
+                         decoder), the newest checkpoint.keep_last kept
     loss.png             the loss curve, drawn at the end
-    summary.json         final losses, baselines, throughput
+    summary.json         final losses, baselines, throughput (in the task's units: TrainResult)
 
 Only rank 0 writes. Everything here is backend-agnostic: the torch and JAX engines write the same
 ``state.json`` keys (``STATE_KEYS``) and the same ``state.safetensors`` names (``moment_name``), so a
-run started on one backend resumes on the other. This module must not import torch or jax.
+run of a canonical task started on one backend resumes on the other (a named checkpoint's names are
+the backend's own, so it resumes where they match). This module must not import torch or jax.
 """
 
 from __future__ import annotations
@@ -67,18 +69,20 @@ STATE_FORMAT = "llm-train-state"
 #   schedule                {"name", "lr", "warmup_steps", "total_steps", "final_lr", "next_lr"}
 #   optimizer               {"name": "adamw", "beta1", "beta2", "eps", "weight_decay", "step"}
 #   grad_scaler             {"scale", "growth_tracker"} for float16 loss scaling, else null
-#   tokens_seen             training tokens (items) consumed, all ranks
+#   tokens_seen             training items consumed (the task's TrainingTask.items: tokens, rows), all ranks
 #   best_val_loss           lowest val loss seen so far, or null
 #   callbacks               {callback name: its state_dict()} (early stopping patience, ...)
 #   world_size, reason      ranks of the run; why it was written (periodic, final, interrupt, early_stop)
 STATE_KEYS = ("format", "version", "backend", "step", "micro_step", "epoch", "data", "rng", "schedule",
               "optimizer", "grad_scaler", "tokens_seen", "best_val_loss", "callbacks", "world_size",
               "reason")
-MOMENTS = ("exp_avg", "exp_avg_sq")  # state.safetensors: f"{moment}.{canonical name}", fp32, canonical layout
+# state.safetensors: f"{moment}.{param name}", fp32, the layout of model.safetensors (canonical or named)
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def moment_name(moment: str, param: str) -> str:
-    """The state.safetensors key of AdamW moment ``moment`` of canonical parameter ``param``."""
+    """The state.safetensors key of AdamW moment ``moment`` of parameter ``param`` (a canonical name,
+    or a named checkpoint's own)."""
     if moment not in MOMENTS:
         raise ValueError(f"moment {moment!r}: expected one of {MOMENTS}")
     return f"{moment}.{param}"
@@ -239,7 +243,14 @@ class RunDir:
 
 @dataclass
 class TrainResult:
-    """What ``TrainingEngine.fit()`` returns (rank 0 has the full picture; other ranks the same numbers)."""
+    """What ``TrainingEngine.fit()`` returns (rank 0 has the full picture; other ranks the same numbers).
+
+    Throughput is in the task's units: ``items`` names what it counts (``TrainingTask.items``:
+    ``"tokens"`` for an LM, ``"rows"`` for regression), ``items_per_s`` / ``items_seen`` are the
+    numbers, and ``loss_unit`` is what the losses are in. ``to_dict()`` (``summary.json``) also
+    writes them under the named keys ``<items>_per_s`` and ``<items>_seen`` (``tokens_per_s`` for an
+    LM, ``rows_per_s`` for regression).
+    """
 
     run_dir: Path | None
     step: int
@@ -248,34 +259,42 @@ class TrainResult:
     train_loss: float | None = None
     val_loss: float | None = None
     best_val_loss: float | None = None
-    tokens_per_s: float | None = None  # steady state: after the first step, without eval/checkpoint time
+    items_per_s: float | None = None  # steady state: after the first step, without eval/checkpoint time
     compile_seconds: float | None = None  # the first step (compilation and warm-up), timed on its own
     train_seconds: float = 0.0
-    tokens_seen: int = 0
+    items_seen: int = 0
     baselines: dict[str, float] = field(default_factory=dict)
     last_checkpoint: Path | None = None
     sample: str | None = None
+    items: str = "tokens"
+    loss_unit: str = "nats/token"
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """``items_per_s`` of a task that counts tokens, else None."""
+        return self.items_per_s if self.items == "tokens" else None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("run_dir", "last_checkpoint"):
             out[key] = None if out[key] is None else str(out[key])
+        out[f"{self.items}_per_s"], out[f"{self.items}_seen"] = self.items_per_s, self.items_seen
         return out
 
     def summary_lines(self) -> list[str]:
-        """A short human summary (printed by ``python -m llm.train`` at the end)."""
+        """A short human summary (printed by ``python -m llm.train`` at the end), in the task's units."""
         def fmt(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.4f}"
 
         lines = [f"stopped: {self.stop_reason} at step {self.step}/{self.total_steps} "
-                 f"({self.train_seconds:.0f}s training, {self.tokens_seen:,} tokens)",
+                 f"({self.train_seconds:.0f}s training, {self.items_seen:,} {self.items})",
                  f"final train loss {fmt(self.train_loss)} | val loss {fmt(self.val_loss)} "
-                 f"| best val {fmt(self.best_val_loss)}"]
+                 f"| best val {fmt(self.best_val_loss)} ({self.loss_unit})"]
         if "unigram_entropy" in self.baselines:
             lines.append(f"unigram baseline (entropy of the train tokens) {self.baselines['unigram_entropy']:.4f} "
                          "nats/token")
-        if self.tokens_per_s is not None:
-            lines.append(f"throughput {self.tokens_per_s:,.0f} tokens/s")
+        if self.items_per_s is not None:
+            lines.append(f"throughput {self.items_per_s:,.0f} {self.items}/s")
         if self.compile_seconds is not None:
             lines.append(f"first step {self.compile_seconds:.1f}s (compilation and warm-up; not in the throughput)")
         if self.run_dir is not None:

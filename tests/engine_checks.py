@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from callbacks_for_tests import PoisonAt, StopAt
-from llm.checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, load_checkpoint
+from llm.checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from llm.config import Config, dump_yaml, load_config
 from llm.run import STATE_KEYS, DeviceOutOfMemoryError, NonFiniteLossError, TrainResult, split_moment_name
 from llm.schedule import lr_at
@@ -283,4 +283,75 @@ def regression_task_trains(engine_cls: type, tmp_path: Path) -> None:
     _, result = fit(engine_cls, config, tmp_path / "run")
     first = losses(tmp_path / "run")[1]
     assert first > 0.5 and result.val_loss < first / 20
-    assert result.last_checkpoint is None and not (tmp_path / "run" / "checkpoints").exists()
+    # every task checkpoints: this one, not a decoder, in the named-tensor kind
+    assert result.last_checkpoint == tmp_path / "run" / "checkpoints" / "step_60"
+    assert load_checkpoint(result.last_checkpoint, allow_named=True).kind == "named"
+
+
+# ---------------------------------------------------------------------- a task's units and named checkpoints
+REGRESSION = ["task=regression", "training.max_steps=8", "training.batch_size=16", "data.synthetic_size=256",
+              "training.eval_every=4", "training.eval_batches=2", "checkpoint.every_steps=3"]
+
+
+def regression_reports_its_units(engine_cls: type, tmp_path: Path, monkeypatch: Any) -> TrainResult:
+    """The regression task is reported in rows and MSE: ``rows_per_s`` / ``rows`` in metrics.jsonl
+    and ``summary.json``, no perplexity, a ``loss (MSE)`` plot, summary lines in rows/s."""
+    from llm.loop.callbacks import LossPlot
+
+    drawn = []
+    figure = LossPlot.figure
+    monkeypatch.setattr(LossPlot, "figure", staticmethod(lambda *a, **k: drawn.append(figure(*a, **k)) or drawn[-1]))
+    _, result = fit(engine_cls, tiny(tmp_path, *REGRESSION), tmp_path / "run")
+    logged = [r for r in rows(tmp_path / "run") if "loss" in r]
+    assert len(logged) == 8 and all(r["rows_per_s"] > 0 and r["rows"] == 16 * r["step"] for r in logged)
+    assert not any({"tokens_per_s", "tokens", "val_ppl"} & set(r) for r in rows(tmp_path / "run"))
+    assert [r["step"] for r in rows(tmp_path / "run") if "val_loss" in r] == [4, 8]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rows_per_s"] == result.items_per_s > 0 and summary["rows_seen"] == result.items_seen == 128
+    assert "tokens_per_s" not in summary and result.tokens_per_s is None
+    assert (summary["items"], summary["loss_unit"]) == ("rows", "MSE")
+    lines = result.summary_lines()
+    assert lines[0].endswith("128 rows)") and lines[1].endswith("(MSE)")
+    assert any(line.startswith("throughput ") and line.endswith(" rows/s") for line in lines)
+    assert not any("tokens" in line or "nats" in line for line in lines)
+    assert [fig.axes[0].get_ylabel() for fig in drawn] == ["loss (MSE)"]
+    return result
+
+
+def regression_resumes_exactly(engine_cls: type, tmp_path: Path) -> Checkpoint:
+    """A regression run stopped after step 5 and resumed logs the same losses, bit for bit, as one
+    that ran its 8 steps through; its checkpoints are named ones (the half's own parameter names,
+    AdamW moments under ``moment_name``). Returns the step-5 checkpoint."""
+    config = tiny(tmp_path, *REGRESSION)
+    fit(engine_cls, config, tmp_path / "full")
+    _, stopped = fit(engine_cls, config, tmp_path / "part", callbacks=[StopAt(5)])
+    assert stopped.step == 5 and stopped.last_checkpoint == tmp_path / "part" / "checkpoints" / "step_5"
+    manifest = json.loads((stopped.last_checkpoint / "manifest.json").read_text())
+    assert manifest["kind"] == "named" and {"model.safetensors", "state.safetensors"} <= set(manifest["files"])
+    ckpt = load_checkpoint(stopped.last_checkpoint, allow_named=True)
+    assert ckpt.spec is None and ckpt.state_meta["step"] == 5
+    assert {split_moment_name(k)[1] for k in ckpt.state_tensors} == set(ckpt.params)
+    _, resumed = fit(engine_cls, config, tmp_path / "part", resume=True)
+    assert resumed.step == 8 and losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert sorted(losses(tmp_path / "full")) == list(range(1, 9))
+    return ckpt
+
+
+def named_resume_refuses_other_names(engine_cls: type, tmp_path: Path) -> str:
+    """A named checkpoint whose parameter names are not this model's (another backend's, here the
+    same numbers renamed) is refused with a message naming the writer; so is resuming a canonical
+    task from a named checkpoint. Returns the first message."""
+    config = tiny(tmp_path, *REGRESSION, "training.max_steps=2")
+    _, result = fit(engine_cls, config, tmp_path / "run")
+    ckpt = load_checkpoint(result.last_checkpoint, allow_named=True)
+    other = save_checkpoint(tmp_path / "other" / "checkpoints" / "step_2",
+                            {f"other.{k}": v for k, v in ckpt.params.items()}, ckpt.config,
+                            state_tensors={f"{m}.other.{n}": v for m, n, v in
+                                           ((*split_moment_name(k), v) for k, v in ckpt.state_tensors.items())},
+                            state_meta={**ckpt.state_meta, "backend": "elsewhere"}, kind="named")
+    with pytest.raises(CheckpointError, match=r"written by the elsewhere backend") as info:
+        engine_cls(config, run_dir=tmp_path / "again", resume=other)
+    assert "other." in str(info.value) and not (tmp_path / "again").exists()
+    with pytest.raises(CheckpointError, match=r"is a named checkpoint .* task 'lm' resumes only from canonical"):
+        engine_cls(tiny(tmp_path), run_dir=tmp_path / "lm", resume=result.last_checkpoint)
+    return str(info.value)

@@ -164,3 +164,62 @@ def test_a_full_disk_is_a_checkpoint_error_and_the_previous_checkpoint_stays(tmp
         _save(tmp_path / "step_1", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
     assert load_checkpoint(tmp_path / "step_1").spec == SPEC
+
+
+# ---------------------------------------------------------------------- named checkpoints (a task's own model)
+NAMED = {"hidden.weight": np.arange(12, dtype=np.float32).reshape(4, 3), "hidden.bias": np.ones(4, np.float32)}
+
+
+def _save_named(path, **kw):
+    return save_checkpoint(path, NAMED, {"task": "regression"}, kind="named", **kw)
+
+
+def test_a_named_checkpoint_verifies_and_loads_only_when_asked(tmp_path):
+    path = _save_named(tmp_path / "ck", state_tensors={"exp_avg.hidden.bias": np.full(4, 2, np.float32)},
+                       state_meta={"step": 3})
+    manifest = verify_checkpoint(path)
+    assert manifest["kind"] == "named" and set(manifest["files"]) == {"model.safetensors", "config.json",
+                                                                      "state.safetensors", "state.json"}
+    with pytest.raises(CheckpointError, match=r"named-tensor checkpoint of task 'regression', not a decoder"):
+        load_checkpoint(path)
+    ck = load_checkpoint(path, allow_named=True)
+    assert (ck.kind, ck.spec, ck.state_meta) == ("named", None, {"step": 3})
+    for name, value in NAMED.items():
+        np.testing.assert_array_equal(ck.params[name], value)
+    np.testing.assert_array_equal(ck.state_tensors["exp_avg.hidden.bias"], 2.0)
+    assert load_checkpoint(_save(tmp_path / "canonical")).kind == "canonical"
+
+
+@pytest.mark.parametrize("damage", ["flip", "kind"])
+def test_a_corrupt_named_checkpoint_is_refused(tmp_path, damage):
+    path = _save_named(tmp_path / "ck")
+    if damage == "flip":
+        model = path / "model.safetensors"
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+        match = "sha256 mismatch"
+    else:
+        manifest = json.loads((path / "manifest.json").read_text())
+        (path / "manifest.json").write_text(json.dumps({**manifest, "kind": "pickle"}))
+        match = "kind 'pickle' is not one of canonical, named"
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path, allow_named=True)
+
+
+def test_a_named_checkpoint_needs_a_known_kind_and_a_tensor(tmp_path):
+    with pytest.raises(CheckpointError, match="kind='pickle' must be one of canonical, named"):
+        save_checkpoint(tmp_path / "a", NAMED, {}, kind="pickle")
+    with pytest.raises(CheckpointError, match="needs at least one tensor"):
+        save_checkpoint(tmp_path / "b", {}, {}, kind="named")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_llm_load_of_a_named_checkpoint_says_it_is_not_a_decoder(tmp_path):
+    import llm
+
+    _save_named(tmp_path / "run" / "step_4")
+    for where in (tmp_path / "run" / "step_4", tmp_path / "run"):  # the checkpoint, or a directory of them
+        with pytest.raises(CheckpointError, match=r"step_4: a named-tensor checkpoint of task 'regression', "
+                                                  r"not a decoder"):
+            llm.load(where, backend="torch")

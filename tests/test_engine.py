@@ -522,3 +522,19 @@ def test_a_resume_refused_by_the_data_cursor_changes_nothing(tmp_path, change):
     with pytest.raises(Exception, match=r"batch|seq_len|seed"):
         TrainingEngine(tiny(tmp_path, "training.max_steps=4", change), run_dir=tmp_path / "run", resume=True)
     assert _snapshot(tmp_path / "run") == before
+
+
+# ---------------------------------------------------------------------- a task's units and named checkpoints
+def test_regression_reports_rows_and_mse(tmp_path, monkeypatch):
+    checks.regression_reports_its_units(TrainingEngine, tmp_path, monkeypatch)
+
+
+def test_regression_resumes_exactly_from_a_named_checkpoint(tmp_path):
+    ckpt = checks.regression_resumes_exactly(TrainingEngine, tmp_path)
+    assert set(ckpt.params) == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}  # state_dict keys
+    assert ckpt.params["hidden.weight"].shape == (64, ckpt.params["hidden.weight"].shape[1])  # (out, in)
+
+
+def test_a_named_checkpoint_with_other_names_is_refused(tmp_path):
+    message = checks.named_resume_refuses_other_names(TrainingEngine, tmp_path)
+    assert "this torch model of task 'regression'" in message

@@ -307,3 +307,19 @@ def test_device_out_of_memory_is_one_line_naming_the_step_sizes_and_knobs(tmp_pa
     err = checks.out_of_memory_is_one_line(TrainingEngine, tmp_path, monkeypatch, capsys, error,
                                            cli=("--backend", "jax"))
     assert "asked for 1.00 GiB" in err
+
+
+# ---------------------------------------------------------------------- a task's units and named checkpoints
+def test_regression_reports_rows_and_mse(tmp_path, monkeypatch):
+    checks.regression_reports_its_units(TrainingEngine, tmp_path, monkeypatch)
+
+
+def test_regression_resumes_exactly_from_a_named_checkpoint(tmp_path):
+    ckpt = checks.regression_resumes_exactly(TrainingEngine, tmp_path)
+    assert set(ckpt.params) == {"hidden.kernel", "hidden.bias", "out.kernel", "out.bias"}  # NNX paths
+    assert ckpt.params["hidden.kernel"].shape == (ckpt.params["hidden.kernel"].shape[0], 64)  # (in, out)
+
+
+def test_a_named_checkpoint_with_other_names_is_refused(tmp_path):
+    message = checks.named_resume_refuses_other_names(TrainingEngine, tmp_path)
+    assert "this jax model of task 'regression'" in message

@@ -273,3 +273,37 @@ def test_run_dir_retention(tmp_path):
     assert sorted(p.name for p in removed) == ["step_2", "step_4"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_3.corrupt", "step_6"]
     assert run.prune(None) == []
+
+
+# ---------------------------------------------------------------------- a task's units
+def test_tasks_name_their_units():
+    lm, regression = get_task("lm"), get_task("regression")
+    assert (lm.items, lm.loss_unit, lm.perplexity) == ("tokens", "nats/token", True)
+    assert (regression.items, regression.loss_unit, regression.perplexity) == ("rows", "MSE", False)
+    assert (lm.canonical, regression.canonical) == (True, False)
+
+
+def test_train_result_speaks_the_tasks_units():
+    from llm.run import TrainResult
+
+    lm = TrainResult(None, 10, 10, "completed", 1.5, 1.6, 1.6, items_per_s=2000.0, items_seen=5120)
+    assert lm.tokens_per_s == 2000.0 and lm.to_dict()["tokens_per_s"] == 2000.0
+    assert lm.to_dict()["tokens_seen"] == 5120
+    assert "throughput 2,000 tokens/s" in lm.summary_lines() and lm.summary_lines()[1].endswith("(nats/token)")
+    rows = TrainResult(None, 10, 10, "completed", 0.1, 0.2, 0.2, items_per_s=300.0, items_seen=320,
+                       items="rows", loss_unit="MSE")
+    summary = rows.to_dict()
+    assert (summary["rows_per_s"], summary["rows_seen"], rows.tokens_per_s) == (300.0, 320, None)
+    assert "tokens_per_s" not in summary and "tokens_seen" not in summary
+    lines = rows.summary_lines()
+    assert lines[0] == "stopped: completed at step 10/10 (0s training, 320 rows)"
+    assert lines[1] == "final train loss 0.1000 | val loss 0.2000 | best val 0.2000 (MSE)"
+    assert "throughput 300 rows/s" in lines
+
+
+def test_loss_plot_labels_the_loss_with_its_unit(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert LossPlot.figure(metrics) is None
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 5)))
+    assert LossPlot.figure(metrics).axes[0].get_ylabel() == "loss (nats/token)"
+    assert LossPlot.figure(metrics, loss_unit="MSE").axes[0].get_ylabel() == "loss (MSE)"

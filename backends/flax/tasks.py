@@ -61,6 +61,8 @@ class FlaxTask:
         return {name for name, shape in param_names(model).items() if len(shape) < 2}
 
     def to_canonical(self, model: nnx.Module) -> dict[str, np.ndarray]:
+        """Name -> float32 array of every ``nnx.Param``: the checkpoint's ``model.safetensors``
+        (canonical names for a decoder; for another model its NNX paths, a named checkpoint)."""
         return to_canonical(model)
 
     def load_canonical(self, model: nnx.Module, params: dict[str, np.ndarray]) -> None:

@@ -38,6 +38,8 @@ class TorchTask:
         return {name for name, p in model.named_parameters() if p.dim() < 2}
 
     def to_canonical(self, model: nn.Module) -> dict[str, np.ndarray]:
+        """Name -> float32 array of every tensor: the checkpoint's ``model.safetensors`` (canonical
+        names for a decoder; for another model its ``state_dict`` keys, a named checkpoint)."""
         return to_canonical(model)
 
     def load_canonical(self, model: nn.Module, params: dict[str, np.ndarray]) -> None:

@@ -19,12 +19,14 @@ every rank and in list order (the built-ins in ``DEFAULT_CALLBACKS`` order, then
                                             (after the end-of-run evaluation and checkpoint)
     on_exception(trainer, exc)              when the loop dies (NaN loss, an error, a 2nd Ctrl-C)
 
-``metrics`` is a plain dict of Python numbers. ``on_step_end`` always has ``step`` (optimiser steps
-done), ``epoch``, ``lr`` (of that step), ``tokens`` (seen so far, all ranks) and ``elapsed_s``;
-``loss``, ``grad_norm``, ``tokens_per_s`` (and ``aux_loss``/``z_loss`` for MoE) only on steps that
-are read from the device -- a host sync, so the loop does it only where something needs it: an
+``metrics`` is a plain dict of Python numbers, in the task's units (``TrainingTask.items``,
+``loss_unit``, ``perplexity``; below for an LM, whose items are tokens). ``on_step_end`` always has
+``step`` (optimiser steps done), ``epoch``, ``lr`` (of that step), ``tokens`` (``<items>`` seen so
+far, all ranks: ``rows`` for regression) and ``elapsed_s``; ``loss``, ``grad_norm``,
+``tokens_per_s`` (``<items>_per_s``) (and ``aux_loss``/``z_loss`` for MoE) only on steps that are
+read from the device -- a host sync, so the loop does it only where something needs it: an
 evaluation step, the last step, a stop, or a callback whose ``needs_metrics(step)`` is true;
-``val_loss``/``val_ppl`` on evaluation steps. ``on_train_end`` gets ``step``, ``total_steps``,
+``val_loss`` on evaluation steps, with ``val_ppl`` when the task has a perplexity. ``on_train_end`` gets ``step``, ``total_steps``,
 ``stop_reason`` ("completed", "early_stop", "interrupted", "requested"), the last measured losses,
 and ``evaluated_at_end`` when the loop evaluated once more after the last step.
 
@@ -181,27 +183,33 @@ def available_callbacks() -> list[str]:
 
 
 # ---------------------------------------------------------------------- writers (rank 0)
-def _fmt_step(metrics: dict[str, Any], total: int, tokens_per_s: float | None) -> str:
+def _fmt_step(metrics: dict[str, Any], total: int, rate: float | None, rate_unit: str = "tok/s") -> str:
     parts = [f"step {metrics['step']}/{total}"]
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f}")
     parts.append(f"lr {metrics['lr']:.2e}")
     if "grad_norm" in metrics:
         parts.append(f"gnorm {metrics['grad_norm']:.2f}")
-    if tokens_per_s is not None:
-        parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if rate is not None:
+        parts.append(f"{rate:,.0f} {rate_unit}")
     return " | ".join(parts)
 
 
 class _Rate:
-    """Tokens/s since the previous call, from the cumulative ``tokens`` and ``elapsed_s`` metrics
-    (the per-row ``tokens_per_s`` covers only the last measured window, often one step)."""
+    """Items/s since the previous call, from the cumulative ``<items>`` and ``elapsed_s`` metrics
+    (the per-row ``<items>_per_s`` covers only the last measured window, often one step). ``unit``
+    is how the writers print it: ``tok/s`` for tokens, ``<items>/s`` otherwise."""
 
     def __init__(self):
         self.last: tuple[float, float] | None = None
+        self.items = "tokens"
+
+    @property
+    def unit(self) -> str:
+        return "tok/s" if self.items == "tokens" else f"{self.items}/s"
 
     def __call__(self, metrics: dict[str, Any]) -> float | None:
-        now = (float(metrics["tokens"]), float(metrics["elapsed_s"]))
+        now = (float(metrics[self.items]), float(metrics["elapsed_s"]))
         rate = None
         if self.last is not None and now[1] > self.last[1]:
             rate = (now[0] - self.last[0]) / (now[1] - self.last[1])
@@ -209,6 +217,7 @@ class _Rate:
         return rate
 
     def start(self, trainer: Any) -> None:
+        self.items = trainer.task.items
         self.last = (float(getattr(trainer, "tokens_seen", 0)), 0.0)
 
 
@@ -232,7 +241,7 @@ class _Writer(Callback):
 
 @register_callback("progress")
 class ProgressBar(_Writer):
-    """A tqdm bar on stderr with the loss and tokens/s (when stderr is a terminal)."""
+    """A tqdm bar on stderr with the loss and the task's items/s (when stderr is a terminal)."""
 
     def __init__(self, every: int = 10, file: Any = None):
         super().__init__(every)
@@ -268,7 +277,7 @@ class ProgressBar(_Writer):
             post = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.1e}"}
             rate = self._rate(metrics)
             if rate is not None:
-                post["tok/s"] = f"{rate:,.0f}"
+                post[self._rate.unit] = f"{rate:,.0f}"
             self._bar.set_postfix(post, refresh=False)
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
@@ -307,7 +316,7 @@ class ConsoleLogger(_Writer):
 
     def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if self.due(metrics["step"]) and "loss" in metrics:
-            log.info(_fmt_step(metrics, trainer.total_steps, self._rate(metrics)))
+            log.info(_fmt_step(metrics, trainer.total_steps, self._rate(metrics), self._rate.unit))
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         _log_eval(metrics)
@@ -353,8 +362,7 @@ class MetricsLogger(_Writer):
 
     def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if "val_loss" in metrics and metrics.get("evaluated_at_end"):
-            self._write({"step": metrics["step"], "val_loss": metrics["val_loss"],
-                         "val_ppl": metrics.get("val_ppl")})
+            self._write({k: metrics[k] for k in ("step", "val_loss", "val_ppl") if k in metrics})
         self._close()
 
     def _close(self) -> None:
@@ -429,22 +437,34 @@ class TensorBoard(_Writer):
 @register_callback("loss_plot")
 class LossPlot(Callback):
     """``loss.png`` from metrics.jsonl at the end (also after a failure): train and val loss per
-    step, with the unigram baseline as a dashed line when the task logged one."""
+    step in the task's ``loss_unit``, with the unigram baseline as a dashed line when the task
+    logged one."""
 
     main_process_only = True  # listed after "metrics" in DEFAULT_CALLBACKS: drawn after its last row
 
     def on_train_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines)
+        self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines, trainer.task.loss_unit)
 
     def on_exception(self, trainer: Any, exc: BaseException) -> None:
         try:
-            self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines)
+            self.draw(trainer.run.metrics_path, trainer.run.plot_path, trainer.baselines, trainer.task.loss_unit)
         except Exception as e:  # never mask the real failure
             log.debug("loss plot failed: %s", e)
 
     @staticmethod
-    def draw(metrics_path: Any, out_path: Any, baselines: dict[str, float] | None = None) -> bool:
+    def draw(metrics_path: Any, out_path: Any, baselines: dict[str, float] | None = None,
+             loss_unit: str = "nats/token") -> bool:
         """Draw ``out_path`` from ``metrics_path``; False when there is nothing to draw."""
+        fig = LossPlot.figure(metrics_path, baselines, loss_unit)
+        if fig is None:
+            return False
+        fig.savefig(out_path)
+        return True
+
+    @staticmethod
+    def figure(metrics_path: Any, baselines: dict[str, float] | None = None, loss_unit: str = "nats/token") -> Any:
+        """The plot of ``metrics_path`` (a matplotlib ``Figure``, its y axis ``loss (<loss_unit>)``),
+        None when there is nothing to draw."""
         rows = []
         if metrics_path.exists():
             for line in metrics_path.read_text().splitlines():
@@ -455,7 +475,7 @@ class LossPlot(Callback):
         train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
         val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         if not train and not val:
-            return False
+            return None
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -470,12 +490,11 @@ class LossPlot(Callback):
             ax.axhline(baselines["unigram_entropy"], ls="--", c="gray", lw=1,
                        label=f"unigram entropy {baselines['unigram_entropy']:.3f}")
         ax.set_xlabel("optimiser step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel(f"loss ({loss_unit})")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_path)
-        return True
+        return fig
 
 
 DEFAULT_CALLBACKS = ("progress", "console", "metrics", "tensorboard", "loss_plot")

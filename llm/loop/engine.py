@@ -11,8 +11,8 @@ The loop owns what happens when; ``fit()`` reads top to bottom. Each optimiser s
                                      that need it: evaluation, the last step, a stop, a callback's
                                      ``needs_metrics(step)``
     2. evaluation                    every ``training.eval_every`` steps and at the last step
-    3. a checkpoint                  every ``checkpoint.every_steps`` steps (canonical tasks), the
-                                     newest ``checkpoint.keep_last`` kept
+    3. a checkpoint                  every ``checkpoint.every_steps`` steps (canonical or named:
+                                     the task's ``canonical``), the newest ``checkpoint.keep_last`` kept
     4. early stopping                after ``training.early_stopping_patience`` evaluations without
                                      a val-loss improvement (``EarlyStopping``)
     5. the observers                 ``on_step_end`` of the callbacks (``llm.loop.callbacks``), which
@@ -21,8 +21,11 @@ The loop owns what happens when; ``fit()`` reads top to bottom. Each optimiser s
 and when the loop ends: one more evaluation (unless interrupted or just done), one more checkpoint
 (unless just written), ``on_train_end``. Every cadence is ``llm.loop.cadence.every``. Throughput:
 the first step of a ``fit()`` (compilation, warm-up) is waited for and timed on its own
-(``compile_seconds``); ``tokens_per_s`` in the result is the steady state after it, without the
-time spent in evaluation and checkpoints.
+(``compile_seconds``); ``items_per_s`` in the result is the steady state after it, without the
+time spent in evaluation and checkpoints. Metrics are in the task's units (``TrainingTask.items``,
+``loss_unit``, ``perplexity``): a logged row has ``<items>_per_s`` and the running ``<items>`` count
+(``tokens_per_s`` / ``tokens`` for an LM, ``rows_per_s`` / ``rows`` for regression), and
+``val_ppl`` only when the task's loss has a perplexity.
 
 A backend supplies only what differs between frameworks:
 
@@ -31,7 +34,7 @@ A backend supplies only what differs between frameworks:
     _read_step(out) -> StepReadout                       the host sync of a logged step (all processes)
     _val_loss(num_batches) -> float                      mean val loss over all processes
     _nonfinite_seen() -> bool                            the device-side nan/inf flag of any process
-    moments(), _param_names(), _num_parameters()         AdamW moments (canonical), parameter names
+    moments(), _param_names(), _num_parameters()         AdamW moments (the checkpoint's names), parameter names
     _restore(path, params, moments, step, grad_scaler)   a checkpoint's numbers into the device state
     _grad_scaler_state() -> dict | None                  the float16 loss scale for ``state.json``
     _barrier(name), _broadcast(text), _placement()       processes and devices
@@ -72,6 +75,7 @@ from llm.run import (
     write_json_atomic,
 )
 from llm.schedule import schedule_for
+from llm.spec import SpecError, check_names
 
 __all__ = ["STATE_VERSION", "BaseTrainingEngine", "EarlyStopping", "StepReadout"]
 
@@ -350,13 +354,20 @@ class BaseTrainingEngine:
         log.info("resumed from %s (step %d of %d, written by the %s backend)", path, step,
                  self.total_steps, meta.get("backend", "?"))
 
+    @property
+    def _checkpoint_kind(self) -> str:
+        """``llm.checkpoint``'s kind for this task: canonical for a ModelSpec decoder, else named."""
+        return "canonical" if self.task.canonical else "named"
+
     def _read_resumable(self, path: Path) -> Checkpoint:
-        """The checkpoint at ``path`` if this run can continue from it: a canonical task, the same
-        model spec, and a training state besides the weights."""
-        if not self.task.canonical:
-            raise CheckpointError(f"task {self.task.name!r} has no canonical parameters; it cannot resume")
-        ckpt = load_checkpoint(path)
-        if ckpt.spec != self.config.model:
+        """The checkpoint at ``path`` if this run can continue from it: the task's kind of checkpoint,
+        the same model spec (canonical) or the same parameter names and shapes (named), and a
+        training state besides the weights."""
+        ckpt = load_checkpoint(path, allow_named=True)
+        if ckpt.kind != self._checkpoint_kind:
+            raise CheckpointError(f"{path} is a {ckpt.kind} checkpoint (task {ckpt.config.get('task', '?')!r}); "
+                                  f"task {self.task.name!r} resumes only from {self._checkpoint_kind} ones")
+        if ckpt.spec is not None and ckpt.spec != self.config.model:
             diff = ckpt.spec.diff(self.config.model)
             raise CheckpointError(f"{path} was trained with a different model spec (model.{', model.'.join(diff)}); "
                                   "resume with the checkpoint's config")
@@ -364,7 +375,22 @@ class BaseTrainingEngine:
             raise CheckpointError(f"{path}: no training state ({STATE_FORMAT} state.json); it holds weights "
                                   "only and cannot be resumed")
         _check_state_meta(path, ckpt.state_meta)
+        if ckpt.spec is None:
+            self._check_named_params(path, ckpt)
         return ckpt
+
+    def _check_named_params(self, path: Path, ckpt: Checkpoint) -> None:
+        """A named checkpoint holds the task half's own parameter names (torch ``state_dict`` keys,
+        flax NNX paths), so it resumes only on a model with the same names and shapes: a resume on
+        the other backend is refused here, before anything is loaded."""
+        expected = {name: value.shape for name, value in self.impl.to_canonical(self.model).items()}
+        try:
+            check_names(expected, ckpt.params, where=f"{path}: the named parameters")
+        except SpecError as e:
+            writer = ckpt.state_meta.get("backend", "?")
+            raise CheckpointError(f"{e}; it was written by the {writer} backend and this {self.backend} model of "
+                                  f"task {self.task.name!r} names its parameters differently: resume a named "
+                                  "checkpoint on the backend and task that wrote it") from None
 
     # ------------------------------------------------------------------ the trainer API for callbacks
     def request_stop(self, reason: str = "requested", message: str = "") -> None:
@@ -375,12 +401,15 @@ class BaseTrainingEngine:
                 log.info(message)
 
     def evaluate(self, num_batches: int | None = None) -> dict[str, float]:
-        """Mean val loss over ``training.eval_batches`` global batches (all processes), its perplexity;
-        counts for the best val loss and early stopping; fires ``on_eval_end``."""
+        """Mean val loss over ``training.eval_batches`` global batches (all processes), its perplexity
+        when the task has one (``TrainingTask.perplexity``); counts for the best val loss and early
+        stopping; fires ``on_eval_end``."""
         started = self.clock()
         self.callbacks.call("on_validation_start", self)
         val = self._val_loss(num_batches or self.config.training.eval_batches)
-        metrics = {"step": self.step, "val_loss": val, "val_ppl": math.exp(val) if val < 700 else math.inf}
+        metrics = {"step": self.step, "val_loss": val}
+        if self.task.perplexity:
+            metrics["val_ppl"] = math.exp(val) if val < 700 else math.inf
         improved = math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss)
         if improved:
             self.best_val_loss = val
@@ -392,20 +421,20 @@ class BaseTrainingEngine:
         self.callbacks.call("on_eval_end", self, dict(metrics))
         if improved and self.config.checkpoint.save_best:
             self.save_checkpoint("best", path=self.run.best_path)
-        return {"val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"]}
+        return {k: v for k, v in metrics.items() if k != "step"}
 
     def save_checkpoint(self, reason: str = "periodic", *, path: Path | None = None) -> Path | None:
-        """Write ``checkpoints/step_<N>`` (or ``path``; process 0) with the canonical training state;
+        """Write ``checkpoints/step_<N>`` (or ``path``; process 0) with the training state: a
+        canonical checkpoint, or a named one for a task that is not a decoder (``llm.checkpoint``);
         never a non-finite state (raises ``NonFiniteLossError`` instead). Returns the path."""
         self._check_finite("before saving a checkpoint")
-        if not self.task.canonical:
-            return None
         started = self.clock()
         path = self.run.checkpoint_path(self.step) if path is None else path
         if self.is_main:
             params = self.impl.to_canonical(self.model)
             save_checkpoint(path, params, self.config.to_dict(), state_tensors=self.moments(),
-                            state_meta=self.state_meta(reason), extra_files=self.artifacts, overwrite=True)
+                            state_meta=self.state_meta(reason), extra_files=self.artifacts, overwrite=True,
+                            kind=self._checkpoint_kind)
             log.info("saved checkpoint %s (%s)", path, reason)
         self._barrier(f"checkpoint-{self.step}")
         self.last_checkpoint = path
@@ -497,7 +526,8 @@ class BaseTrainingEngine:
         t = self.config.training
         evaluating = t.eval_every > 0
         eval_due = every(t.eval_every)
-        save_due = every(self.config.checkpoint.every_steps if self.task.canonical else 0)
+        save_due = every(self.config.checkpoint.every_steps)
+        items = self.task.items
         old_signals = self._install_signals()
         metrics: dict[str, Any] = {}
         meter = _Throughput(self.clock, lambda: self._paused_seconds)
@@ -516,8 +546,9 @@ class BaseTrainingEngine:
                 out, metrics = self._train_step(data, meter)  # 1. the train step
                 last = self.step == self.total_steps
                 if last or self._stop or eval_due(self.step) or self.callbacks.needs_metrics(self.step):
-                    metrics.update(self._measure(out), tokens_per_s=meter.window_rate())
-                metrics.update(tokens=self.tokens_seen, elapsed_s=round(self.clock() - meter.started, 3))
+                    metrics.update(self._measure(out))
+                    metrics[f"{items}_per_s"] = meter.window_rate()
+                metrics.update({items: self.tokens_seen, "elapsed_s": round(self.clock() - meter.started, 3)})
 
                 evaluated = evaluating and (eval_due(self.step) or last)
                 if evaluated:  # 2. evaluation (counts for early stopping before the checkpoint saves it)
@@ -533,13 +564,13 @@ class BaseTrainingEngine:
 
             if epoch is not None and self.datamodule.epoch == epoch:  # stopped inside an epoch
                 self.callbacks.call("on_epoch_end", self, epoch)
-            tokens_per_s = meter.rate()  # the loop's steady state, before the end-of-run work
+            items_per_s = meter.rate()  # the loop's steady state, before the end-of-run work
             reason = self._stop[0] if self._stop else "completed"
             end = {"step": self.step, "total_steps": self.total_steps, "stop_reason": reason}
             end.update({k: metrics[k] for k in ("loss", "val_loss", "val_ppl") if k in metrics})
             if evaluating and reason != "interrupted" and self.last_val.get("step") != self.step:
                 end.update(self.evaluate(), evaluated_at_end=True)
-            if self.task.canonical and saved_at != self.step:
+            if saved_at != self.step:
                 self._save({"completed": "final", "interrupted": "interrupt"}.get(reason, reason))
             self.callbacks.call("on_train_end", self, end)
         except BaseException as exc:
@@ -560,9 +591,10 @@ class BaseTrainingEngine:
             run_dir=self.run.root if self.run else None, step=self.step, total_steps=self.total_steps,
             stop_reason=reason, train_loss=metrics.get("loss"),
             val_loss=end.get("val_loss", self.last_val.get("val_loss")), best_val_loss=self.best_val_loss,
-            tokens_per_s=tokens_per_s, compile_seconds=self.compile_seconds,
-            train_seconds=self.clock() - meter.started, tokens_seen=self.tokens_seen,
-            baselines=dict(self.baselines), last_checkpoint=self.last_checkpoint)
+            items_per_s=items_per_s, compile_seconds=self.compile_seconds,
+            train_seconds=self.clock() - meter.started, items_seen=self.tokens_seen,
+            baselines=dict(self.baselines), last_checkpoint=self.last_checkpoint, items=items,
+            loss_unit=self.task.loss_unit)
         if self.is_main:
             write_json_atomic(self.run.summary_path, result.to_dict())
         return result
@@ -583,8 +615,8 @@ class BaseTrainingEngine:
             meter.first_step(started, paused, items)
             self.compile_seconds = meter.compile_seconds
             if self.is_main:
-                log.info("first step (compilation and warm-up included) took %.1fs; the run's tokens/s "
-                         "leaves it out", self.compile_seconds)
+                log.info("first step (compilation and warm-up included) took %.1fs; the run's %s/s "
+                         "leaves it out", self.compile_seconds, self.task.items)
         else:
             meter.add(items)
         self.step += 1

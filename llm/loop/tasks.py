@@ -2,8 +2,9 @@
 
 A ``TrainingTask`` (this module, no torch or jax) owns the data side: which DataModule, checks of the
 config against the data (the tokenizer fits ``model.vocab_size``), baselines worth logging (the
-unigram entropy of the training tokens), how many "tokens" a batch counts for throughput, and files
-every checkpoint carries (``tokenizer.json``). The model and the loss are framework code, so they live
+unigram entropy of the training tokens), its units (``items``: what a batch counts for throughput;
+``loss_unit``; ``perplexity``: whether ``exp(val loss)`` means something), and files every
+checkpoint carries (``tokenizer.json``). The model and the loss are framework code, so they live
 in a backend half that the task names per backend in ``backends``: a class, a ``"module:Class"``
 string imported only when that backend asks (``task.backend("torch")``), or the name of one of the
 backend surface's halves (``"LMTaskHalf"``, looked up through ``llm.backend``).
@@ -25,7 +26,8 @@ SyntheticDataModule's regression set). A new task is a few lines::
     @register_task("mae_regression")
     class MAERegression(TrainingTask):
         backends = {"torch": MAETorch}
-        canonical = False                            # not a ModelSpec decoder: no canonical checkpoints
+        canonical = False                            # not a ModelSpec decoder: named checkpoints
+        items, loss_unit, perplexity = "rows", "MAE", False   # rows/s, "loss (MAE)", no val_ppl
         def build_datamodule(self, config, *, rank=0, world_size=1):
             return SyntheticDataModule(task="regression", batch_size=config.training.batch_size,
                                        rank=rank, world_size=world_size)
@@ -65,14 +67,24 @@ class TaskError(ValueError):
 class TrainingTask:
     """The backend-agnostic half of a task (see the module docstring).
 
-    Subclasses set ``name`` (``register_task`` does) and ``backends``; everything else has defaults.
-    ``canonical=True`` says the model's parameters are ``config.model``'s canonical table, which is
-    what makes canonical checkpoints (and resuming) possible.
+    Subclasses set ``name`` (``register_task`` does) and ``backends``; everything else has defaults
+    (those of a language model). ``canonical=True`` says the model's parameters are
+    ``config.model``'s canonical table: its checkpoints are canonical ones, which load in either
+    backend, ``llm.load`` and the HF export. ``canonical=False``: the checkpoints are named ones
+    (``llm.checkpoint``), the half's own parameter names, resumable where those names match.
+
+    Units, read by the loop and the writers: ``items`` is what ``items_per_batch`` counts, so
+    throughput is ``<items>_per_s`` and the running count ``<items>`` in metrics.jsonl;
+    ``loss_unit`` labels the loss (the plot's axis, the summary); ``perplexity`` says whether
+    evaluation reports ``val_ppl = exp(val_loss)`` (only for a per-token cross-entropy).
     """
 
     name: ClassVar[str] = ""
     backends: ClassVar[dict[str, Any]] = {}
     canonical: ClassVar[bool] = True
+    items: ClassVar[str] = "tokens"
+    loss_unit: ClassVar[str] = "nats/token"
+    perplexity: ClassVar[bool] = True
 
     def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
         """The (not yet set-up) DataModule; ``config.training.batch_size`` is the global batch."""
@@ -86,7 +98,8 @@ class TrainingTask:
         return {}
 
     def items_per_batch(self, batch: tuple[np.ndarray, np.ndarray]) -> int:
-        """How many units a (local) batch counts for throughput: tokens for an LM, rows otherwise."""
+        """How many ``items`` a (local) batch counts for throughput: its rows unless overridden (the
+        LM task counts tokens)."""
         return int(batch[0].shape[0])
 
     def artifacts(self, datamodule: BaseDataModule) -> dict[str, bytes]:
@@ -244,11 +257,16 @@ class LMTask(TrainingTask):
 class RegressionTask(TrainingTask):
     """An MLP fit to SyntheticDataModule's linear regression set (MSE); a smoke test of the engines.
 
-    The model is not a ModelSpec decoder, so there are no canonical checkpoints for this task.
+    The model is not a ModelSpec decoder: its checkpoints are named ones (the half's own parameter
+    names: ``hidden.weight`` in torch, ``hidden.kernel`` in flax), so a run resumes on the backend
+    that wrote it. Throughput counts rows; the loss is an MSE, with no perplexity.
     """
 
     backends = {"torch": "RegressionTaskHalf", "jax": "RegressionTaskHalf"}
     canonical = False
+    items = "rows"
+    loss_unit = "MSE"
+    perplexity = False
 
     def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
         """SyntheticDataModule's regression set, sized by ``data`` and ``training`` (whatever ``data.source``)."""
