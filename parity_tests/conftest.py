@@ -88,8 +88,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.write_sep("=", f"parity: worst errors seen (profile {settings().max_examples} examples/test max)")
+    tr.write_line(f"{'quantity':<34} {'worst':>10} {'its bound':>10} {'ratio':>7}   where")
     for quantity in sorted(WORST):
-        value, context = WORST[quantity]
-        tr.write_line(f"{quantity:<34} {value:.3e}   {context}")
+        value, context, tolerance = WORST[quantity]
+        bound = f"{tolerance:>10.3e} {value / tolerance:>7.3f}" if tolerance else f"{'-':>10} {'-':>7}"
+        tr.write_line(f"{quantity:<34} {value:>10.3e} {bound}   {context}")
     tr.write_line(f"examples run: {sum(EXAMPLES.values())} "
                   f"({', '.join(f'{k}={v}' for k, v in sorted(EXAMPLES.items()))})")

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import math
 
-WORST: dict[str, tuple[float, str]] = {}
+WORST: dict[str, tuple[float, str, float | None]] = {}
 EXAMPLES: dict[str, int] = {}
 
 
-def record(quantity: str, value: float, context: str = "") -> None:
-    """Keep the largest ``value`` seen for ``quantity`` (NaN counts as the worst)."""
+def record(quantity: str, value: float, context: str = "", tolerance: float | None = None) -> None:
+    """Keep the worst ``value`` seen for ``quantity`` (NaN counts as the worst): the largest, or with
+    a ``tolerance`` (the bound that example was held to, which may differ per example) the largest
+    ratio to it, so the summary never shows a number that reads as a failure without its bound."""
     old = WORST.get(quantity)
-    if old is None or math.isnan(value) or value > old[0]:
-        WORST[quantity] = (value, context)
+
+    def badness(v: float, tol: float | None) -> float:
+        return v / tol if tol else v
+
+    if old is None or math.isnan(value) or badness(value, tolerance) > badness(old[0], old[2]):
+        WORST[quantity] = (value, context, tolerance)
 
 
 def count(test: str) -> None:
