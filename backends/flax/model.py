@@ -529,7 +529,11 @@ class MoE(_SpecModule):
         # lax.top_k returns equal values lower index first: ties go to the lower expert, as a
         # stable descending sort would.
         w, idx = jax.lax.top_k(probs, k)  # (N, k)
-        if spec.norm_topk_prob:
+        if spec.norm_topk_prob and k == 1:
+            # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
+            # (the division would hand the router rounding noise that AdamW amplifies to lr-sized steps).
+            w = jnp.ones_like(w)
+        elif spec.norm_topk_prob:
             w = w / jnp.sum(w, axis=-1, keepdims=True)
         onehot = jax.nn.one_hot(idx, E, dtype=jnp.float32)  # (N, k, E)
 

@@ -390,7 +390,11 @@ class MoE(nn.Module):
         # A stable descending sort keeps equal probabilities in index order: ties go to the lower expert.
         sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
         w, idx = sorted_probs[:, :k], sorted_idx[:, :k]  # (N, k)
-        if spec.norm_topk_prob:
+        if spec.norm_topk_prob and k == 1:
+            # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
+            # (the division would hand the router rounding noise that AdamW amplifies to lr-sized steps).
+            w = torch.ones_like(w).detach()
+        elif spec.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
         onehot = F.one_hot(idx, E)  # (N, k, E) int64
 
