@@ -59,10 +59,13 @@ def check_model(spec: ModelSpec, batch: int, seq: int, seed: int, label: str, dr
     report = compare(spec, ref, other, TOL)
     if drawn:
         note(f"spec={spec.to_dict()} batch={batch} seq={seq} weights={weights}")
+    bounds = {"logits_rel_err": TOL.logits_rel, "loss_abs_err": TOL.loss_abs, "aux_loss_abs_err": TOL.aux_abs,
+              "z_loss_abs_err": TOL.aux_abs, "kl": TOL.kl, "grad_max_rel_err": TOL.grad_rel,
+              "hidden_max_rel_err": TOL.hidden_rel}
     for key in ("logits_rel_err", "logits_max_abs_err", "loss_abs_err", "aux_loss_abs_err",
                 "z_loss_abs_err", "kl", "grad_max_rel_err", "hidden_max_rel_err"):
         record(key, report[key], f"{label}: {report.get('grad_worst_param', '')}" if key.startswith("grad")
-               else label)
+               else label, tolerance=bounds.get(key))
     count(label)
     # one assertion per quantity, so a failure names what diverged
     assert report["nothing_to_compare"] is None, report["nothing_to_compare"]

@@ -52,8 +52,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _check(report: dict, context: str) -> None:
     count("trajectory")
-    record("trajectory loss rel (per step)", report["max_rel_err"], context)
-    record("trajectory final param rel", report["param_max_rel_err"], f"{context}: {report['param_worst']}")
+    record("trajectory loss rel (per step)", report["max_rel_err"], context, tolerance=Tolerances().trajectory_rel)
+    record("trajectory final param rel", report["param_max_rel_err"], f"{context}: {report['param_worst']}",
+           tolerance=report["param_tol"].get(report["param_worst"]))
     if report["exceptions"]:
         worst = max(report["exceptions"], key=lambda k: report["params"][k] / report["param_tol"][k])
         record("trajectory exception rel/tol", report["params"][worst] / report["param_tol"][worst],
