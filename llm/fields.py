@@ -177,7 +177,7 @@ def coerce(value: Any, tp: Any, key: str, error: type[FieldError] = FieldError) 
             args = (args[0],) * len(value)
         elif len(args) != len(value):
             raise fail()
-        return tuple(coerce(v, a, f"{key}[{i}]", error) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce(v, a, f"{key}[{i}]", error) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     raise TypeError(f"{key}: unsupported field type {tp!r}")  # a bug in the section's annotations
 
 

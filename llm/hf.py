@@ -51,8 +51,8 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import save_file
 
 from llm.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
-from llm.io import TOKENIZER_FILE, CliParser, atomic_directory, read_json
 from llm.hf_families import FAMILIES, Family, HFError, family_for_config, get_family, infer_family
+from llm.io import TOKENIZER_FILE, CliParser, atomic_directory, read_json
 from llm.spec import ModelSpec, Position, SpecError, check_params
 
 __all__ = ["HFError", "ImportResult", "ExportResult", "import_hf", "export_hf", "read_safetensors",

@@ -27,7 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, recover_interrupted_writes
+from llm.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    recover_interrupted_writes,
+)
 from llm.io import (
     CONFIG_FILE,
     METRICS_FILE,

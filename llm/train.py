@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from llm.checkpoint import CheckpointError
     from llm.data import DataError
+    from llm.loop.tasks import TaskError
     from llm.run import DeviceOutOfMemoryError, NonFiniteLossError
     from llm.spec import SpecError
-    from llm.loop.tasks import TaskError
     from llm.tokenization import TokenizerError
 
     _cpu_threads_yield()  # before a task module (resolve_config imports it) or the backend loads torch

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 
 from callbacks_for_tests import PoisonAt, StopAt
-from llm.checkpoint import Checkpoint, CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from llm.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from llm.config import Config, dump_yaml, load_config
 from llm.run import STATE_KEYS, DeviceOutOfMemoryError, NonFiniteLossError, TrainResult, split_moment_name
 from llm.schedule import lr_at

@@ -33,8 +33,8 @@ from backends.flax.optim import (  # noqa: E402
     update_loss_scale,
 )
 from backends.flax.tasks import FlaxTask  # noqa: E402
-from llm.loop.callbacks import Callback  # noqa: E402
 from llm.data import SyntheticDataModule  # noqa: E402
+from llm.loop.callbacks import Callback  # noqa: E402
 from llm.loop.tasks import TrainingTask, register_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

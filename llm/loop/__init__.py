@@ -15,7 +15,15 @@ from llm.loop.cadence import every
 from llm.loop.callbacks import Callback, available_callbacks, get_callback, register_callback
 from llm.loop.engine import BaseTrainingEngine, EarlyStopping, StepReadout
 from llm.loop.registry import Registry
-from llm.loop.tasks import LMTask, RegressionTask, TaskError, TrainingTask, available_tasks, get_task, register_task
+from llm.loop.tasks import (
+           LMTask,
+           RegressionTask,
+           TaskError,
+           TrainingTask,
+           available_tasks,
+           get_task,
+           register_task,
+)
 
 __all__ = ["BaseTrainingEngine", "Callback", "EarlyStopping", "LMTask", "Registry", "RegressionTask",
            "StepReadout", "TaskError", "TrainingTask", "available_callbacks", "available_tasks", "every",
