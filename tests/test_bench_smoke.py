@@ -1,6 +1,6 @@
 """The throughput harness on the CPU (tiny preset): files written and well-formed, failures reported.
 
-Timings are never asserted (STYLE.md: timings live in benchmark results); what is asserted is the
+Timings are never asserted (timings live in the benchmark results, with their card, versions and config); what is asserted is the
 harness: every mode yields a record, the same weights and data give the same first loss in both
 backends, a broken mode is reported with its error instead of hidden, and JSON / Markdown / PNG
 are written and parse.
