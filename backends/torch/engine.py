@@ -85,14 +85,14 @@ def _qualname(obj: Any) -> str:
 
 
 def _encode_state(obj: Any, name: str, tensors: dict[str, np.ndarray] | None) -> Any:
-    """A ``state_dict()`` as JSON: every tensor becomes ``{"tensor": name, "dtype"}`` (its array
+    """A ``state_dict()`` as JSON: every tensor becomes ``{"tensor": name, "dtype", "shape"}`` (its array
     goes to ``tensors`` unless that is None), dicts ``{"dict": [[key, value], ...]}`` (optimiser
     state is keyed by int), tuples ``{"tuple": [...]}``, so ``_decode_state`` gives it back exactly."""
     if isinstance(obj, torch.Tensor):
         if tensors is not None:  # numpy has no bfloat16: such a tensor travels as float32 (exact)
             held = obj.detach().cpu()
             tensors[name] = (held.float() if held.dtype is torch.bfloat16 else held).numpy()
-        return {"tensor": name, "dtype": str(obj.dtype).removeprefix("torch.")}
+        return {"tensor": name, "dtype": str(obj.dtype).removeprefix("torch."), "shape": list(obj.shape)}
     if isinstance(obj, dict):
         return {"dict": [[k, _encode_state(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
@@ -113,7 +113,8 @@ def _decode_state(obj: Any, tensors: dict[str, np.ndarray]) -> Any:
     if "tensor" in obj:
         if obj["tensor"] not in tensors:
             raise KeyError(f"state.safetensors lacks {TASK_OPTIMIZER_PREFIX}{obj['tensor']}")
-        return torch.from_numpy(np.array(tensors[obj["tensor"]])).to(getattr(torch, obj["dtype"]))
+        held = np.array(tensors[obj["tensor"]]).reshape(obj["shape"])  # the writer stores 0-d as (1,)
+        return torch.from_numpy(held).to(getattr(torch, obj["dtype"]))
     if "tuple" in obj:
         return tuple(_decode_state(v, tensors) for v in obj["tuple"])
     return {k: _decode_state(v, tensors) for k, v in obj["dict"]}
