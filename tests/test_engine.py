@@ -556,3 +556,21 @@ def test_a_task_optimizer_resumes_exactly_and_refuses_another_optimizer(tmp_path
     with pytest.raises(CheckpointError, match=r"trained with the engine's AdamW, this run uses the torch task "
                                               r"optimiser torch\.optim\.sgd\.SGD"):
         TrainingEngine(config, run_dir=tmp_path / "other2", resume=adamw.last_checkpoint, task="sgd_step_lm")
+
+
+def test_a_task_optimizer_state_round_trips_through_the_checkpoint_encoding():
+    from backends.torch.engine import _decode_state, _encode_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.8, 0.9))  # int keys, 0-d steps, a tuple
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    tensors: dict = {}
+    saved = json.loads(json.dumps(_encode_state(optimizer.state_dict(), "optimizer", tensors)))
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # as the checkpoint writes them: 0-d -> (1,)
+    back, original = _decode_state(saved, tensors), optimizer.state_dict()
+    assert back["param_groups"] == original["param_groups"] and back["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert back["state"].keys() == original["state"].keys() == {0, 1}
+    for index, state in original["state"].items():
+        for key, value in state.items():
+            assert back["state"][index][key].shape == value.shape and torch.equal(back["state"][index][key], value)

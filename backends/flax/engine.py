@@ -18,6 +18,7 @@ flags donated, so XLA updates them in place)::
         grads += grad(objective / accum  [* loss scale])
     [float16: unscale, skip the update on inf/nan, update the scale]        torch.amp.GradScaler
     torch clip_grad_norm_ -> torch AdamW                 backends/flax/optim.py
+                          (or the task's transformation: FlaxTask.build_optimizer, its schedule inside)
 
 The math is torch's operation by operation (see ``backends/flax/optim.py``): decoupled decay
 ``p *= 1 - lr*wd`` before the Adam step, on the names ``spec.param_table()`` marks; bias-corrected

@@ -2,8 +2,7 @@
 
 Mirrors ``backends/torch/tasks.py``: a flax task half builds the model and computes the loss; the
 engine does everything else (the mesh, mixed precision, the optimiser, jit), unless the half
-brings its own optax optimiser (``build_optimizer``). Differences forced by
-JAX:
+brings its own optax optimiser (``build_optimizer``). Differences forced by JAX:
 
 * ``build_model`` gets the compute dtype from ``config.optimization.dtype`` (flax modules take a
   ``dtype``; parameters stay float32), where torch uses autocast around an fp32 model.

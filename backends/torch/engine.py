@@ -16,6 +16,10 @@ One optimiser step::
         (scaler.scale(objective / accum)).backward()
     unscale (fp16) -> clip_grad_norm_ -> AdamW step -> scaler.update()
 
+A task half's own optimiser (``TorchTask.build_optimizer``) takes AdamW's place in that step, its
+rate left to its own scheduler (``build_scheduler``, stepped once after the optimiser step, and the
+rate metrics log); its ``state_dict()`` goes into checkpoints (``_encode_state``).
+
 Reading the loss is a host sync, so the loop does it only on steps that need it (evaluation, a
 callback's ``needs_metrics``, the last step); a device-side "saw a non-finite loss" flag is checked
 then and before every checkpoint, so a NaN never reaches disk. The first step of ``fit()`` (with
