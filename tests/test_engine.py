@@ -533,8 +533,8 @@ def test_a_task_optimizer_and_scheduler_train_and_the_lr_follows_the_scheduler(t
     assert ckpt.state_meta["optimizer"]["scheduler"] == "torch.optim.lr_scheduler.StepLR"
     assert ckpt.state_tensors and all(n.startswith("task_optimizer.optimizer.") for n in ckpt.state_tensors)
     for index, p in enumerate(engine.model.parameters()):  # SGD's state is keyed by parameter index
-        np.testing.assert_array_equal(ckpt.state_tensors[f"task_optimizer.optimizer.state.{index}.momentum_buffer"],
-                                      engine.optimizer.state[p]["momentum_buffer"].numpy())
+        saved = ckpt.state_tensors[f"task_optimizer.optimizer.state.{index}.momentum_buffer"]
+        np.testing.assert_array_equal(saved, engine.optimizer.state[p]["momentum_buffer"].numpy())
 
 
 def test_a_task_optimizer_resumes_exactly_and_refuses_another_optimizer(tmp_path, corpus):
@@ -567,10 +567,11 @@ def test_a_task_optimizer_state_round_trips_through_the_checkpoint_encoding():
     optimizer.step()
     tensors: dict = {}
     saved = json.loads(json.dumps(_encode_state(optimizer.state_dict(), "optimizer", tensors)))
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # as the checkpoint writes them: 0-d -> (1,)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # as the checkpoint writes: 0-d -> (1,)
     back, original = _decode_state(saved, tensors), optimizer.state_dict()
     assert back["param_groups"] == original["param_groups"] and back["param_groups"][0]["betas"] == (0.8, 0.9)
     assert back["state"].keys() == original["state"].keys() == {0, 1}
     for index, state in original["state"].items():
         for key, value in state.items():
-            assert back["state"][index][key].shape == value.shape and torch.equal(back["state"][index][key], value)
+            restored = back["state"][index][key]
+            assert restored.shape == value.shape and torch.equal(restored, value)

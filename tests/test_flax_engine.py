@@ -341,7 +341,8 @@ class SGDScheduleFlax(FlaxLMTask):
     """The LM with ``optax.sgd(momentum=0.9)`` on a rate halving every 2 updates (inside the tx)."""
 
     def build_optimizer(self, config, model):
-        schedule = optax.exponential_decay(config.training.lr, transition_steps=2, decay_rate=0.5, staircase=True)
+        schedule = optax.exponential_decay(config.training.lr, transition_steps=2, decay_rate=0.5,
+                                           staircase=True)
         return optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)
 
 
@@ -350,13 +351,14 @@ class SGDScheduleLM(LMTask):
     backends = {"jax": SGDScheduleFlax}
 
 
-def _sgd_config(tmp_path, corpus):
-    return tiny(tmp_path, "training.max_steps=6", "training.lr=0.2", "training.grad_clip=0.5",
-                "training.grad_accum_steps=2", "training.batch_size=4", "model.dropout=0.1", source=corpus)
+# clipping due at the first step, accumulation and dropout: what the engine keeps doing around the task's tx
+SGD_RUN = ("training.max_steps=6", "training.lr=0.2", "training.grad_clip=0.5", "training.grad_accum_steps=2",
+           "training.batch_size=4", "model.dropout=0.1")
 
 
 def test_a_task_optax_optimizer_trains_and_the_lr_follows_its_schedule(tmp_path, corpus):
-    engine, result = fit(TrainingEngine, _sgd_config(tmp_path, corpus), tmp_path / "run", task="sgd_schedule_lm_jax")
+    config = tiny(tmp_path, *SGD_RUN, source=corpus)
+    engine, result = fit(TrainingEngine, config, tmp_path / "run", task="sgd_schedule_lm_jax")
     assert engine.moments() == {}
     logged = rows(tmp_path / "run")
     assert [r["lr"] for r in logged] == [float(np.float32(lr)) for lr in (0.2, 0.2, 0.1, 0.1, 0.05, 0.05)]
@@ -369,7 +371,7 @@ def test_a_task_optax_optimizer_trains_and_the_lr_follows_its_schedule(tmp_path,
 
 
 def test_a_task_optax_optimizer_resumes_exactly_and_refuses_the_engines_adamw(tmp_path, corpus):
-    config = _sgd_config(tmp_path, corpus)
+    config = tiny(tmp_path, *SGD_RUN, source=corpus)
     full, _ = fit(TrainingEngine, config, tmp_path / "full", task="sgd_schedule_lm_jax")
     _, first = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_schedule_lm_jax", callbacks=[StopAt(3)])
     assert first.last_checkpoint.name == "step_3"

@@ -304,13 +304,15 @@ def test_a_task_with_its_own_optimizer_trains_follows_its_schedule_and_resumes(u
         pytest.importorskip("jax")
     config_path = tiny_yaml(user_tasks / "run.yaml", "mytasks_sgd:sgd_lm")
     args = ["--backend", backend, "--config", str(config_path), "--sample-tokens", "0",
-            "--set", "logging.progress=false", "--set", "training.log_every=1", "--set", "logging.every_steps=1"]
+            "--set", "logging.progress=false", "--set", "training.log_every=1",
+            "--set", "logging.every_steps=1"]
     full, cut = user_tasks / "full", user_tasks / "cut"
     assert main([*args, "--run-dir", str(full), "--max-steps", "5"]) == 0
     assert main([*args, "--run-dir", str(cut), "--max-steps", "2"]) == 0
     assert main(["--backend", backend, "--run-dir", str(cut), "--resume", "--max-steps", "5",
                  "--sample-tokens", "0"]) == 0
-    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, cut)}
+    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (full, cut)}
     expected = [0.05, 0.05, 0.025, 0.025, 0.0125]
     if backend == "jax":  # optax keeps the rate in float32
         expected = [float(np.float32(lr)) for lr in expected]

@@ -168,7 +168,8 @@ class _StepConfig:
 def _state_lr(opt_state: Any) -> jax.Array | None:
     """The ``learning_rate`` an ``optax.inject_hyperparams`` state holds (after an update: the rate
     that update used), None when the task's transformation keeps none."""
-    return optax.tree_utils.tree_get(opt_state, "learning_rate", None, filtering=lambda _, v: hasattr(v, "dtype"))
+    return optax.tree_utils.tree_get(opt_state, "learning_rate", None,
+                                     filtering=lambda _, v: hasattr(v, "dtype"))  # not the schedule's state
 
 
 class _TransformationRate:
@@ -333,8 +334,8 @@ class TrainingEngine(BaseTrainingEngine):
             raise TaskError(f"task {self.task.name!r}: build_optimizer returned a {type(own).__name__}, "
                             "not an optax.GradientTransformation")
         if self.impl.build_scheduler(self.config, own) is not None:
-            raise TaskError(f"task {self.task.name!r}: build_scheduler is not used on the JAX backend; put the "
-                            "schedule inside the optax transformation build_optimizer returns")
+            raise TaskError(f"task {self.task.name!r}: build_scheduler is not used on the JAX backend; "
+                            "put the schedule inside the optax transformation build_optimizer returns")
         self.task_optimizer = own is not None
         return own
 
@@ -355,11 +356,13 @@ class TrainingEngine(BaseTrainingEngine):
         named, _ = self._named_opt_state()
         return {TASK_OPTIMIZER_PREFIX + name: value for name, value in _host(dict(named)).items()}
 
-    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray], saved: dict[str, Any]) -> None:
+    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray],
+                                saved: dict[str, Any]) -> None:
         named, treedef = self._named_opt_state()
         unknown = sorted(set(tensors) - {name for name, _ in named})
         if unknown:
-            raise CheckpointError(f"{path}: the task optimiser's state has arrays this one lacks: {unknown[:5]}")
+            raise CheckpointError(f"{path}: the task optimiser's state has arrays this one lacks: "
+                                  f"{unknown[:5]}")
         leaves = []
         for name, leaf in named:
             held = tensors.get(name)

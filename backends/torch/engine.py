@@ -245,8 +245,8 @@ class TrainingEngine(BaseTrainingEngine):
             raise TaskError(f"task {self.task.name!r}: build_scheduler needs build_optimizer too (the "
                             "engine's AdamW follows training.lr_schedule)")
         if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-            raise TaskError(f"task {self.task.name!r}: build_scheduler returned a {type(scheduler).__name__}, "
-                            "not a torch.optim.lr_scheduler.LRScheduler")
+            raise TaskError(f"task {self.task.name!r}: build_scheduler returned a "
+                            f"{type(scheduler).__name__}, not a torch.optim.lr_scheduler.LRScheduler")
         if self.task_optimizer:
             self.lr_of = _OptimizerRate(own)
         return own, scheduler
@@ -269,7 +269,8 @@ class TrainingEngine(BaseTrainingEngine):
             _encode_state(self.scheduler.state_dict(), "scheduler", tensors)
         return {TASK_OPTIMIZER_PREFIX + name: value for name, value in tensors.items()}
 
-    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray], saved: dict[str, Any]) -> None:
+    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray],
+                                saved: dict[str, Any]) -> None:
         try:
             self.optimizer.load_state_dict(_decode_state(saved["state"], tensors))
             if self.scheduler is not None:

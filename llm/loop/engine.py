@@ -73,7 +73,8 @@ from llm.run import (
 )
 from llm.schedule import schedule_for
 
-__all__ = ["ADAMW", "STATE_VERSION", "TASK_OPTIMIZER_PREFIX", "BaseTrainingEngine", "EarlyStopping", "StepReadout"]
+__all__ = ["ADAMW", "STATE_VERSION", "TASK_OPTIMIZER_PREFIX", "BaseTrainingEngine", "EarlyStopping",
+           "StepReadout"]
 
 log = logging.getLogger("llm.train")
 
@@ -126,7 +127,7 @@ class StepReadout(NamedTuple):
     grad_norm: float | None  # before clipping; None when training.grad_clip is 0
     nonfinite: bool  # some process has seen a nan/inf loss
     interrupted: bool  # some process received SIGINT/SIGTERM
-    lr: float | None = None  # the step's learning rate when only the device knows it (a task's optax schedule)
+    lr: float | None = None  # the step's rate when only the device knows it (a task's optax schedule)
 
 
 class EarlyStopping:
@@ -393,8 +394,8 @@ class BaseTrainingEngine:
         ours = self._optimizer_meta()
         if any(saved.get(k) != ours.get(k) for k in _OPTIMIZER_KIND):
             raise CheckpointError(f"{path} was trained with {_describe_optimizer(saved)}, this run uses "
-                                  f"{_describe_optimizer(ours)}; resume with the task (and backend) that wrote "
-                                  "it: only the engine's AdamW resumes across backends")
+                                  f"{_describe_optimizer(ours)}; resume with the task (and backend) that "
+                                  "wrote it: only the engine's AdamW resumes across backends")
         return saved
 
     def _optimizer_meta(self) -> dict[str, Any]:
@@ -409,7 +410,8 @@ class BaseTrainingEngine:
         ``TASK_OPTIMIZER_PREFIX`` instead."""
         return self.moments()
 
-    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray], saved: dict[str, Any]) -> None:
+    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray],
+                                saved: dict[str, Any]) -> None:
         """A task optimiser's state back from ``tensors`` (prefix removed) and ``saved`` (its
         ``state.json`` ``optimizer``, already checked to be this run's kind)."""
         raise NotImplementedError
