@@ -538,3 +538,83 @@ def test_regression_resumes_exactly_from_a_named_checkpoint(tmp_path):
 def test_a_named_checkpoint_with_other_names_is_refused(tmp_path):
     message = checks.named_resume_refuses_other_names(TrainingEngine, tmp_path)
     assert "this torch model of task 'regression'" in message
+
+
+# ---------------------------------------------------------------------- a task's own optimiser
+from backends.torch.tasks import TorchLMTask  # noqa: E402
+from llm.loop.tasks import LMTask, register_task  # noqa: E402
+
+
+class SGDStepTorch(TorchLMTask):
+    """The LM with SGD + momentum and a StepLR halving the rate every 2 steps."""
+
+    def build_optimizer(self, config, model):
+        return torch.optim.SGD(model.parameters(), lr=config.training.lr, momentum=0.9)
+
+    def build_scheduler(self, config, optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+
+
+@register_task("sgd_step_lm")
+class SGDStepLM(LMTask):
+    backends = {"torch": SGDStepTorch}
+
+
+def _sgd_config(tmp_path, corpus):
+    return tiny(tmp_path, "training.max_steps=6", "training.lr=0.2", "training.grad_clip=0.5",
+                "training.grad_accum_steps=2", "training.batch_size=4", "model.dropout=0.1", source=corpus)
+
+
+def test_a_task_optimizer_and_scheduler_train_and_the_lr_follows_the_scheduler(tmp_path, corpus):
+    engine, result = fit(TrainingEngine, _sgd_config(tmp_path, corpus), tmp_path / "run", task="sgd_step_lm")
+    assert type(engine.optimizer) is torch.optim.SGD and engine.moments() == {}
+    logged = checks.rows(tmp_path / "run")
+    assert [r["lr"] for r in logged] == [0.2, 0.2, 0.1, 0.1, 0.05, 0.05]
+    assert logged[-1]["loss"] < logged[0]["loss"] and logged[0]["grad_norm"] > 0.5  # clipping was due
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt.state_meta["optimizer"]["class"] == "torch.optim.sgd.SGD"
+    assert ckpt.state_meta["optimizer"]["scheduler"] == "torch.optim.lr_scheduler.StepLR"
+    assert ckpt.state_tensors and all(n.startswith("task_optimizer.optimizer.") for n in ckpt.state_tensors)
+    for index, p in enumerate(engine.model.parameters()):  # SGD's state is keyed by parameter index
+        saved = ckpt.state_tensors[f"task_optimizer.optimizer.state.{index}.momentum_buffer"]
+        np.testing.assert_array_equal(saved, engine.optimizer.state[p]["momentum_buffer"].numpy())
+
+
+def test_a_task_optimizer_resumes_exactly_and_refuses_another_optimizer(tmp_path, corpus):
+    config = _sgd_config(tmp_path, corpus)
+    full, _ = fit(TrainingEngine, config, tmp_path / "full", task="sgd_step_lm")
+    _, first = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_step_lm", callbacks=[StopAt(3)])
+    assert first.last_checkpoint.name == "step_3"
+    cut, _ = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_step_lm", resume=True)
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [b[s] for s in range(4, 7)] == [a[s] for s in range(4, 7)]
+    assert [r["lr"] for r in checks.rows(tmp_path / "cut")][3:] == [0.1, 0.05, 0.05]
+    for (name, p), (_, q) in zip(full.model.named_parameters(), cut.model.named_parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    with pytest.raises(CheckpointError, match=r"task optimiser torch\.optim\.sgd\.SGD with the scheduler "
+                                              r".*StepLR, this run uses the engine's AdamW"):
+        TrainingEngine(config, run_dir=tmp_path / "other", resume=first.last_checkpoint)
+    _, adamw = fit(TrainingEngine, config.replace(training=config.training.replace(max_steps=2)),
+                   tmp_path / "adamw")
+    with pytest.raises(CheckpointError, match=r"trained with the engine's AdamW, this run uses the torch task "
+                                              r"optimiser torch\.optim\.sgd\.SGD"):
+        TrainingEngine(config, run_dir=tmp_path / "other2", resume=adamw.last_checkpoint, task="sgd_step_lm")
+
+
+def test_a_task_optimizer_state_round_trips_through_the_checkpoint_encoding():
+    from backends.torch.engine import _decode_state, _encode_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.8, 0.9))  # int keys, 0-d steps, a tuple
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    tensors: dict = {}
+    saved = json.loads(json.dumps(_encode_state(optimizer.state_dict(), "optimizer", tensors)))
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # as the checkpoint writes: 0-d -> (1,)
+    back, original = _decode_state(saved, tensors), optimizer.state_dict()
+    assert back["param_groups"] == original["param_groups"] and back["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert back["state"].keys() == original["state"].keys() == {0, 1}
+    for index, state in original["state"].items():
+        for key, value in state.items():
+            restored = back["state"][index][key]
+            assert restored.shape == value.shape and torch.equal(restored, value)

@@ -323,3 +323,61 @@ def test_regression_resumes_exactly_from_a_named_checkpoint(tmp_path):
 def test_a_named_checkpoint_with_other_names_is_refused(tmp_path):
     message = checks.named_resume_refuses_other_names(TrainingEngine, tmp_path)
     assert "this jax model of task 'regression'" in message
+
+
+# ---------------------------------------------------------------------- a task's own optimiser
+import optax  # noqa: E402
+from engine_checks import StopAt, rows  # noqa: E402
+
+from backends.flax.tasks import FlaxLMTask  # noqa: E402
+from llm.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from llm.loop.tasks import LMTask  # noqa: E402
+
+
+class SGDScheduleFlax(FlaxLMTask):
+    """The LM with ``optax.sgd(momentum=0.9)`` on a rate halving every 2 updates (inside the tx)."""
+
+    def build_optimizer(self, config, model):
+        schedule = optax.exponential_decay(config.training.lr, transition_steps=2, decay_rate=0.5,
+                                           staircase=True)
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)
+
+
+@register_task("sgd_schedule_lm_jax")
+class SGDScheduleLM(LMTask):
+    backends = {"jax": SGDScheduleFlax}
+
+
+# clipping due at the first step, accumulation and dropout: what the engine keeps doing around the task's tx
+SGD_RUN = ("training.max_steps=6", "training.lr=0.2", "training.grad_clip=0.5", "training.grad_accum_steps=2",
+           "training.batch_size=4", "model.dropout=0.1")
+
+
+def test_a_task_optax_optimizer_trains_and_the_lr_follows_its_schedule(tmp_path, corpus):
+    config = tiny(tmp_path, *SGD_RUN, source=corpus)
+    engine, result = fit(TrainingEngine, config, tmp_path / "run", task="sgd_schedule_lm_jax")
+    assert engine.moments() == {}
+    logged = rows(tmp_path / "run")
+    assert [r["lr"] for r in logged] == [float(np.float32(lr)) for lr in (0.2, 0.2, 0.1, 0.1, 0.05, 0.05)]
+    assert logged[-1]["loss"] < logged[0]["loss"] and logged[0]["grad_norm"] > 0.5  # clipping was due
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt.state_meta["optimizer"]["name"] == "task" and ckpt.state_meta["optimizer"]["backend"] == "jax"
+    trace = {k: v for k, v in ckpt.state_tensors.items() if k.endswith("trace['embed.weight']")}
+    assert ckpt.state_tensors and all(k.startswith("task_optimizer.") for k in ckpt.state_tensors)
+    assert len(trace) == 1 and np.abs(next(iter(trace.values()))).max() > 0  # the momentum buffer
+
+
+def test_a_task_optax_optimizer_resumes_exactly_and_refuses_the_engines_adamw(tmp_path, corpus):
+    config = tiny(tmp_path, *SGD_RUN, source=corpus)
+    full, _ = fit(TrainingEngine, config, tmp_path / "full", task="sgd_schedule_lm_jax")
+    _, first = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_schedule_lm_jax", callbacks=[StopAt(3)])
+    assert first.last_checkpoint.name == "step_3"
+    cut, _ = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_schedule_lm_jax", resume=True)
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [b[s] for s in range(4, 7)] == [a[s] for s in range(4, 7)]
+    assert [r["lr"] for r in rows(tmp_path / "cut")][3:] == [float(np.float32(lr)) for lr in (0.1, 0.05, 0.05)]
+    for name in full.params:
+        np.testing.assert_array_equal(np.asarray(cut.params[name]), np.asarray(full.params[name]), err_msg=name)
+    with pytest.raises(CheckpointError, match=r"jax task optimiser .*SGDScheduleFlax.build_optimizer, this run "
+                                              r"uses the engine's AdamW"):
+        TrainingEngine(config, run_dir=tmp_path / "other", resume=first.last_checkpoint)

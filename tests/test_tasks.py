@@ -266,3 +266,60 @@ def test_the_unigram_entropy_of_one_distinct_token_is_plus_zero():
         h = unigram_entropy(tokens, vocab_size=16)
         assert h == 0.0 and math.copysign(1.0, h) == 1.0 and f"{h:.4f}" == "0.0000"
     assert unigram_entropy(np.array([0, 1])) == math.log(2)
+
+
+# ---------------------------------------------------------------------- a task's own optimiser
+MODULES["mytasks_sgd"] = '''
+    from llm.loop.tasks import LMTask, register_task
+
+
+    @register_task("sgd_lm")
+    class SGDLM(LMTask):
+        backends = {"torch": "mytasks_sgd_torch:SGDTorch", "jax": "mytasks_sgd_flax:SGDFlax"}
+'''
+MODULES["mytasks_sgd_torch"] = '''
+    import torch
+    from backends.torch.tasks import TorchLMTask
+
+
+    class SGDTorch(TorchLMTask):
+        def build_optimizer(self, config, model):
+            return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+        def build_scheduler(self, config, optimizer):
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+'''
+MODULES["mytasks_sgd_flax"] = '''
+    import optax
+    from backends.flax.tasks import FlaxLMTask
+
+
+    class SGDFlax(FlaxLMTask):
+        def build_optimizer(self, config, model):
+            schedule = optax.exponential_decay(0.05, transition_steps=2, decay_rate=0.5, staircase=True)
+            return optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=0.9)
+'''
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_task_with_its_own_optimizer_trains_follows_its_schedule_and_resumes(user_tasks, backend):
+    if backend == "jax":
+        pytest.importorskip("jax")
+    config_path = tiny_yaml(user_tasks / "run.yaml", "mytasks_sgd:sgd_lm")
+    args = ["--backend", backend, "--config", str(config_path), "--sample-tokens", "0",
+            "--set", "logging.progress=false", "--set", "training.log_every=1",
+            "--set", "logging.every_steps=1"]
+    full, cut = user_tasks / "full", user_tasks / "cut"
+    assert main([*args, "--run-dir", str(full), "--max-steps", "5"]) == 0
+    assert main([*args, "--run-dir", str(cut), "--max-steps", "2"]) == 0
+    assert main(["--backend", backend, "--run-dir", str(cut), "--resume", "--max-steps", "5",
+                 "--sample-tokens", "0"]) == 0
+    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (full, cut)}
+    expected = [0.05, 0.05, 0.025, 0.025, 0.0125]
+    if backend == "jax":  # optax keeps the rate in float32
+        expected = [float(np.float32(lr)) for lr in expected]
+    assert [r["lr"] for r in rows[full]] == [r["lr"] for r in rows[cut]] == expected
+    assert losses(cut) == losses(full) and losses(full)[5] < losses(full)[1]
+    saved = json.loads((cut / "checkpoints" / "step_5" / "state.json").read_text())["optimizer"]
+    assert saved["name"] == "task" and saved["backend"] == backend

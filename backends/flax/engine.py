@@ -18,6 +18,7 @@ flags donated, so XLA updates them in place)::
         grads += grad(objective / accum  [* loss scale])
     [float16: unscale, skip the update on inf/nan, update the scale]        torch.amp.GradScaler
     torch clip_grad_norm_ -> torch AdamW                 backends/flax/optim.py
+                          (or the task's transformation: FlaxTask.build_optimizer, its schedule inside)
 
 The math is torch's operation by operation (see ``backends/flax/optim.py``): decoupled decay
 ``p *= 1 - lr*wd`` before the Adam step, on the names ``spec.param_table()`` marks; bias-corrected
@@ -70,13 +71,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from backends.flax.convert import moments_from_canonical, moments_to_canonical
-from backends.flax.optim import AdamWState, LossScale, build_optimizer, global_norm_torch, update_loss_scale
+from backends.flax.optim import (
+    AdamWState,
+    LossScale,
+    build_optimizer,
+    clip_by_global_norm_torch,
+    global_norm_torch,
+    update_loss_scale,
+)
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.checkpoint import CheckpointError
 from llm.config import Config, ConfigError, DType
-from llm.loop.engine import BaseTrainingEngine, StepReadout
+from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
-from llm.loop.tasks import TrainingTask
+from llm.loop.tasks import TaskError, TrainingTask
 from llm.spec import SpecError
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
@@ -145,10 +153,42 @@ class _StepConfig:
     loss_scaling: bool
     dropout_seed: int
     replicated: NamedSharding
+    task_optimizer: optax.GradientTransformation | None = None  # FlaxTask.build_optimizer's, if any
 
-    def optimizer(self, names: tuple[str, ...]) -> optax.GradientTransformationExtraArgs:
-        return build_optimizer(grad_clip=self.grad_clip, b1=self.beta1, b2=self.beta2, eps=self.eps,
-                               weight_decay=self.weight_decay, mask={n: n in self.decay for n in names})
+    def optimizer(self, names: tuple[str, ...]) -> optax.GradientTransformation:
+        """The engine's torch AdamW (rate passed in per step), or the task's transformation after
+        the engine's clipping; either way the state is a tuple with the clip state first when clipping."""
+        if self.task_optimizer is None:
+            return build_optimizer(grad_clip=self.grad_clip, b1=self.beta1, b2=self.beta2, eps=self.eps,
+                                   weight_decay=self.weight_decay, mask={n: n in self.decay for n in names})
+        clip = [clip_by_global_norm_torch(self.grad_clip)] if self.grad_clip > 0 else []
+        return optax.chain(*clip, self.task_optimizer)
+
+
+def _state_lr(opt_state: Any) -> jax.Array | None:
+    """The ``learning_rate`` an ``optax.inject_hyperparams`` state holds (after an update: the rate
+    that update used), None when the task's transformation keeps none."""
+    return optax.tree_utils.tree_get(opt_state, "learning_rate", None,
+                                     filtering=lambda _, v: hasattr(v, "dtype"))  # not the schedule's state
+
+
+class _TransformationRate:
+    """``lr_of`` for a task's optax transformation: its schedule lives on the device, so this is the
+    rate last read from the optimiser state (exact in every logged row: ``_read_step`` reads the
+    step's own rate); nan when the transformation keeps no ``learning_rate``."""
+
+    def __init__(self, lr: float):
+        self.last = lr
+
+    def __call__(self, step: int) -> float:
+        return self.last
+
+    def observe(self, val_loss: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _adam(opt_state: tuple) -> tuple[int, AdamWState]:
@@ -193,11 +233,14 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
     if cfg.grad_clip > 0:
         out["grad_norm"] = global_norm_torch(grads)
     tx = cfg.optimizer(layout.names)
-    updates, new_opt = tx.update(grads, opt_state, params, learning_rate=lr)
+    rate = {"learning_rate": lr} if cfg.task_optimizer is None else {}  # a task's schedule is inside its tx
+    updates, new_opt = tx.update(grads, opt_state, params, **rate)
     new_params = optax.apply_updates(params, updates)
     if cfg.loss_scaling:  # GradScaler.step: skip the whole update (Adam's count too) on inf/nan
         keep = partial(jax.tree.map, lambda new, old: jnp.where(found_inf, old, new))
         new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
+    if cfg.task_optimizer is not None and _state_lr(new_opt) is not None:
+        out["lr"] = _state_lr(new_opt).astype(jnp.float32)
     new_carry = {"nonfinite": carry["nonfinite"] | ~jnp.isfinite(sums["loss"]),
                  "loss_scale": update_loss_scale(carry["loss_scale"], found_inf) if cfg.loss_scaling
                  else carry["loss_scale"]}
@@ -262,21 +305,77 @@ class TrainingEngine(BaseTrainingEngine):
         key_slots = tuple(i for i, x in enumerate(rest_leaves) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
         self._layout = _Layout(graphdef, jax.tree.structure(param_state), names, rest_def, key_slots)
         self._setup_weight_decay(names, self.impl.no_decay_names(config, self._model))
+        task_optimizer = self._task_optimizer()
         self._cfg = _StepConfig(
             accum=t.grad_accum_steps, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
             weight_decay=t.weight_decay, decay=frozenset(self.decay_names),
             loss_scaling=config.optimization.dtype is DType.FLOAT16, dropout_seed=_dropout_seed(t.seed),
-            replicated=self._replicated)
+            replicated=self._replicated, task_optimizer=task_optimizer)
         leaves = jax.tree.leaves(param_state)
         self.params: dict[str, jax.Array] = self._replicate(dict(zip(names, leaves, strict=True)))
         self.rest = self._replicate([np.zeros((), np.uint32) if i in key_slots else x
                                      for i, x in enumerate(rest_leaves)])
         # zeros built on the host: no tiny per-shape programs to compile
         shapes = jax.eval_shape(self._cfg.optimizer(names).init, self.params)
-        self.opt_state = self._replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+        if task_optimizer is None:
+            self.opt_state = self._replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+        else:  # a task's state need not start at zero (a schedule's first rate, a preconditioner)
+            self.opt_state = self._replicate(_host(self._cfg.optimizer(names).init(self.params)))
+            lr = _state_lr(self.opt_state)
+            self.lr_of = _TransformationRate(float("nan") if lr is None else float(_local(lr)))
         self._carry = self._replicate(self._fresh_carry())
 
         self._open_run(run_dir, resume)
+
+    def _task_optimizer(self) -> optax.GradientTransformation | None:
+        """``FlaxTask.build_optimizer``'s transformation, checked; None: the engine's AdamW."""
+        own = self.impl.build_optimizer(self.config, self._model)
+        if own is not None and not isinstance(own, optax.GradientTransformation):
+            raise TaskError(f"task {self.task.name!r}: build_optimizer returned a {type(own).__name__}, "
+                            "not an optax.GradientTransformation")
+        if self.impl.build_scheduler(self.config, own) is not None:
+            raise TaskError(f"task {self.task.name!r}: build_scheduler is not used on the JAX backend; "
+                            "put the schedule inside the optax transformation build_optimizer returns")
+        self.task_optimizer = own is not None
+        return own
+
+    def _optimizer_meta(self) -> dict[str, Any]:
+        if not self.task_optimizer:
+            return super()._optimizer_meta()
+        return {"name": TASK, "backend": self.backend, "class": f"{type(self.impl).__module__}."
+                f"{type(self.impl).__qualname__}.build_optimizer", "scheduler": None, "step": self.step}
+
+    def _named_opt_state(self) -> tuple[list[tuple[str, Any]], Any]:
+        """The optax state as ``(name, leaf)`` pairs (``jax.tree_util.keystr`` paths) and its treedef."""
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        return [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves], treedef
+
+    def _optimizer_tensors(self) -> dict[str, np.ndarray]:
+        if not self.task_optimizer:
+            return super()._optimizer_tensors()
+        named, _ = self._named_opt_state()
+        return {TASK_OPTIMIZER_PREFIX + name: value for name, value in _host(dict(named)).items()}
+
+    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray],
+                                saved: dict[str, Any]) -> None:
+        named, treedef = self._named_opt_state()
+        unknown = sorted(set(tensors) - {name for name, _ in named})
+        if unknown:
+            raise CheckpointError(f"{path}: the task optimiser's state has arrays this one lacks: "
+                                  f"{unknown[:5]}")
+        leaves = []
+        for name, leaf in named:
+            held = tensors.get(name)
+            if held is not None and leaf.shape == () and held.shape == (1,):
+                held = held.reshape(())  # the checkpoint writer stores a 0-d array as (1,)
+            if held is None or held.shape != leaf.shape or held.dtype != leaf.dtype:
+                found = "missing" if held is None else f"{held.dtype}{list(held.shape)}"
+                raise CheckpointError(f"{path}: task optimiser state {name}: {found}, this optimiser holds "
+                                      f"{leaf.dtype}{list(leaf.shape)}")
+            leaves.append(held)
+        self.opt_state = self._replicate(jax.tree.unflatten(treedef, leaves))
+        lr = _state_lr(self.opt_state)
+        self.lr_of = _TransformationRate(float("nan") if lr is None else float(_local(lr)))
 
     # ------------------------------------------------------------------ devices and processes
     @staticmethod
@@ -361,9 +460,12 @@ class TrainingEngine(BaseTrainingEngine):
         return sum(int(np.prod(p.shape)) for p in self.params.values())
 
     def moments(self) -> dict[str, np.ndarray]:
-        """The AdamW moments in canonical names and layout (``llm.run.moment_name``), float32."""
-        adam = _host(_adam(self.opt_state)[1])
+        """The AdamW moments in canonical names and layout (``llm.run.moment_name``), float32; none
+        with a task's own optimiser (its state is the optax pytree)."""
         out = {}
+        if self.task_optimizer:
+            return out
+        adam = _host(_adam(self.opt_state)[1])
         for moment in MOMENTS:
             out.update((moment_name(moment, name), value)
                        for name, value in moments_to_canonical(self._model, getattr(adam, moment)).items())
@@ -374,6 +476,13 @@ class TrainingEngine(BaseTrainingEngine):
         model = self._model
         self.impl.load_canonical(model, params)
         param_state = nnx.state(model, nnx.Param)
+        self.params = self._replicate(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
+        scaler = grad_scaler if self._cfg.loss_scaling else None
+        self._carry = self._replicate(self._fresh_carry(**({} if not scaler else
+                                                           {"scale": float(scaler["scale"]),
+                                                            "growth_tracker": int(scaler["growth_tracker"])})))
+        if self.task_optimizer:
+            return  # its state: _restore_task_optimizer
         adam_at, adam = _adam(_host(self.opt_state))
         new = {m: dict(getattr(adam, m)) for m in MOMENTS}
         for moment in MOMENTS if moments else ():  # none saved (a step-0 checkpoint): the fresh zeros stay
@@ -386,11 +495,6 @@ class TrainingEngine(BaseTrainingEngine):
         opt_state[adam_at] = AdamWState(count=np.asarray(step, np.int32), exp_avg=new["exp_avg"],
                                         exp_avg_sq=new["exp_avg_sq"])
         self.opt_state = self._replicate(tuple(opt_state))
-        self.params = self._replicate(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
-        scaler = grad_scaler if self._cfg.loss_scaling else None
-        self._carry = self._replicate(self._fresh_carry(**({} if not scaler else
-                                                           {"scale": float(scaler["scale"]),
-                                                            "growth_tracker": int(scaler["growth_tracker"])})))
 
     def _grad_scaler_state(self) -> dict[str, Any] | None:
         if not self._cfg.loss_scaling:
@@ -428,7 +532,10 @@ class TrainingEngine(BaseTrainingEngine):
         accum = self.config.training.grad_accum_steps
         parts = {k: float(v) / accum for k, v in sorted(values["parts"].items())}  # mean over micro-batches
         grad_norm = float(values["grad_norm"]) if "grad_norm" in values else None
-        return StepReadout(parts, grad_norm, bool(nonfinite), self._any_process(self._interrupted))
+        lr = float(values["lr"]) if "lr" in values else None  # a task's optax schedule, read with the loss
+        if lr is not None:
+            self.lr_of.last = lr
+        return StepReadout(parts, grad_norm, bool(nonfinite), self._any_process(self._interrupted), lr)
 
     def _nonfinite_seen(self) -> bool:
         """The device-side flag (global: the step's loss is the global batch's)."""

@@ -25,9 +25,10 @@ and ``torch.amp.GradScaler`` operation by operation rather than using the optax 
 * ``LossScale`` -- ``GradScaler``'s dynamic float16 loss scale: initial ``2**16``, halved (and the
   step skipped) when a gradient is inf/nan, doubled after 2000 clean steps.
 
-The moments are kept in the parameters' own layout and dtype (float32); the engine converts them
-to canonical names and layout for checkpoints (``llm.run.moment_name``). This module never
-imports torch.
+A task half's own transformation (``FlaxTask.build_optimizer``) replaces ``adamw_torch``, chained
+behind ``clip_by_global_norm_torch`` by the engine. The moments are kept in the parameters' own
+layout and dtype (float32); the engine converts them to canonical names and layout for checkpoints
+(``llm.run.moment_name``). This module never imports torch.
 """
 
 from __future__ import annotations

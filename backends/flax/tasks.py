@@ -1,8 +1,8 @@
 """The JAX/Flax halves of the training tasks (``llm.loop.tasks`` holds the backend-agnostic halves).
 
 Mirrors ``backends/torch/tasks.py``: a flax task half builds the model and computes the loss; the
-engine does everything else (the mesh, mixed precision, the optimiser, jit). Differences forced by
-JAX:
+engine does everything else (the mesh, mixed precision, the optimiser, jit), unless the half
+brings its own optax optimiser (``build_optimizer``). Differences forced by JAX:
 
 * ``build_model`` gets the compute dtype from ``config.optimization.dtype`` (flax modules take a
   ``dtype``; parameters stay float32), where torch uses autocast around an fp32 model.
@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from backends.flax.convert import from_spec, load_canonical, to_canonical
@@ -59,6 +60,21 @@ class FlaxTask:
     def no_decay_names(self, config: Any, model: nnx.Module) -> set[str]:
         """Parameters without weight decay: by default every vector (biases, norm scales)."""
         return {name for name, shape in param_names(model).items() if len(shape) < 2}
+
+    def build_optimizer(self, config: Any, model: nnx.Module) -> optax.GradientTransformation | None:
+        """The task's own optimiser, or None (the default): the engine's torch-exact AdamW with
+        ``training.lr_schedule`` (``backends/flax/optim.py``). The transformation sees the params as
+        ``{dotted nnx.Param path: array}`` and is applied to the accumulated, unscaled (float16) and
+        clipped (``training.grad_clip``) gradient, with the params: ``update(grads, state, params)``.
+        A schedule goes inside it as optax does (``optax.sgd(optax.exponential_decay(...))``); built
+        with ``optax.inject_hyperparams`` its ``learning_rate`` is what metrics log as ``lr``."""
+        return None
+
+    def build_scheduler(self, config: Any, optimizer: Any) -> None:
+        """Not used on this backend: an optax schedule is a function of the update count folded into
+        the transformation itself, so there is no separate object to step (torch's
+        ``build_scheduler`` has no counterpart here). Kept so both halves have the same surface."""
+        return None
 
     def to_canonical(self, model: nnx.Module) -> dict[str, np.ndarray]:
         """Name -> float32 array of every ``nnx.Param``: the checkpoint's ``model.safetensors``

@@ -16,6 +16,10 @@ One optimiser step::
         (scaler.scale(objective / accum)).backward()
     unscale (fp16) -> clip_grad_norm_ -> AdamW step -> scaler.update()
 
+A task half's own optimiser (``TorchTask.build_optimizer``) takes AdamW's place in that step, its
+rate left to its own scheduler (``build_scheduler``, stepped once after the optimiser step, and the
+rate metrics log); its ``state_dict()`` goes into checkpoints (``_encode_state``).
+
 Reading the loss is a host sync, so the loop does it only on steps that need it (evaluation, a
 callback's ``needs_metrics``, the last step); a device-side "saw a non-finite loss" flag is checked
 then and before every checkpoint, so a NaN never reaches disk. The first step of ``fit()`` (with
@@ -47,9 +51,9 @@ from backends.torch.ddp import bucket_cap_mb
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.checkpoint import CheckpointError
 from llm.config import Config, DType
-from llm.loop.engine import BaseTrainingEngine, StepReadout
+from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
-from llm.loop.tasks import TrainingTask
+from llm.loop.tasks import TaskError, TrainingTask
 from llm.spec import SpecError
 
 __all__ = ["TrainingEngine", "train"]
@@ -78,6 +82,64 @@ def _torch_summary_writer() -> Any:
 
 
 TensorBoard.backend_writers.append(_torch_summary_writer)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _encode_state(obj: Any, name: str, tensors: dict[str, np.ndarray] | None) -> Any:
+    """A ``state_dict()`` as JSON: every tensor becomes ``{"tensor": name, "dtype", "shape"}`` (its array
+    goes to ``tensors`` unless that is None), dicts ``{"dict": [[key, value], ...]}`` (optimiser
+    state is keyed by int), tuples ``{"tuple": [...]}``, so ``_decode_state`` gives it back exactly."""
+    if isinstance(obj, torch.Tensor):
+        if tensors is not None:  # numpy has no bfloat16: such a tensor travels as float32 (exact)
+            held = obj.detach().cpu()
+            tensors[name] = (held.float() if held.dtype is torch.bfloat16 else held).numpy()
+        return {"tensor": name, "dtype": str(obj.dtype).removeprefix("torch."), "shape": list(obj.shape)}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _encode_state(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode_state(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"tuple": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TaskError(f"the task optimiser's state {name} is a {type(obj).__name__}, which a checkpoint "
+                    "cannot hold (tensors, numbers, strings, lists and dicts only)")
+
+
+def _decode_state(obj: Any, tensors: dict[str, np.ndarray]) -> Any:
+    """Inverse of ``_encode_state``; a missing array is a KeyError naming it."""
+    if isinstance(obj, list):
+        return [_decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "tensor" in obj:
+        if obj["tensor"] not in tensors:
+            raise KeyError(f"state.safetensors lacks {TASK_OPTIMIZER_PREFIX}{obj['tensor']}")
+        held = np.array(tensors[obj["tensor"]]).reshape(obj["shape"])  # the writer stores 0-d as (1,)
+        return torch.from_numpy(held).to(getattr(torch, obj["dtype"]))
+    if "tuple" in obj:
+        return tuple(_decode_state(v, tensors) for v in obj["tuple"])
+    return {k: _decode_state(v, tensors) for k, v in obj["dict"]}
+
+
+class _OptimizerRate:
+    """``lr_of`` for a task's own optimiser: the rate its first group holds, which is the one the
+    next step uses (its scheduler, not ``llm.schedule``, moves it; its state is the scheduler's)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def __call__(self, step: int) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def observe(self, val_loss: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainingEngine(BaseTrainingEngine):
@@ -111,7 +173,7 @@ class TrainingEngine(BaseTrainingEngine):
 
         # ---- model and optimiser
         self.model = self.impl.build_model(config, self.datamodule).to(self.device)  # the raw module
-        self.optimizer = self._build_optimizer()
+        self.optimizer, self.scheduler = self._build_optimizer()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         dtype = config.optimization.dtype
         self.amp_dtype = {DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}.get(dtype)
@@ -160,16 +222,61 @@ class TrainingEngine(BaseTrainingEngine):
             self._owns_process_group = False
 
     # ------------------------------------------------------------------ model, optimiser, state
-    def _build_optimizer(self) -> torch.optim.Optimizer:
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """The task half's own optimiser and scheduler (``TorchTask.build_optimizer``), or the
+        engine's AdamW in two weight-decay groups, its rate set from ``llm.schedule`` every step."""
         t = self.config.training
         named = list(self.model.named_parameters())
         self._setup_weight_decay([n for n, _ in named], self.impl.no_decay_names(self.config, self.model),
                                  frozen=frozenset(n for n, p in named if not p.requires_grad))
-        params = dict(named)
-        groups = [{"params": [params[n] for n in self.decay_names], "weight_decay": t.weight_decay},
-                  {"params": [params[n] for n in self.no_decay_names], "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+        own = self.impl.build_optimizer(self.config, self.model)
+        self.task_optimizer = own is not None
+        if own is None:
+            params = dict(named)
+            groups = [{"params": [params[n] for n in self.decay_names], "weight_decay": t.weight_decay},
+                      {"params": [params[n] for n in self.no_decay_names], "weight_decay": 0.0}]
+            fused = self.device.type == "cuda"
+            own = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+        elif not isinstance(own, torch.optim.Optimizer):
+            raise TaskError(f"task {self.task.name!r}: build_optimizer returned a {type(own).__name__}, "
+                            "not a torch.optim.Optimizer")
+        scheduler = self.impl.build_scheduler(self.config, own)
+        if scheduler is not None and not self.task_optimizer:
+            raise TaskError(f"task {self.task.name!r}: build_scheduler needs build_optimizer too (the "
+                            "engine's AdamW follows training.lr_schedule)")
+        if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            raise TaskError(f"task {self.task.name!r}: build_scheduler returned a "
+                            f"{type(scheduler).__name__}, not a torch.optim.lr_scheduler.LRScheduler")
+        if self.task_optimizer:
+            self.lr_of = _OptimizerRate(own)
+        return own, scheduler
+
+    def _optimizer_meta(self) -> dict[str, Any]:
+        if not self.task_optimizer:
+            return super()._optimizer_meta()
+        return {"name": TASK, "backend": self.backend, "class": _qualname(self.optimizer),
+                "scheduler": _qualname(self.scheduler) if self.scheduler is not None else None,
+                "step": self.step, "state": _encode_state(self.optimizer.state_dict(), "optimizer", None),
+                "scheduler_state": (_encode_state(self.scheduler.state_dict(), "scheduler", None)
+                                    if self.scheduler is not None else None)}
+
+    def _optimizer_tensors(self) -> dict[str, np.ndarray]:
+        if not self.task_optimizer:
+            return super()._optimizer_tensors()
+        tensors: dict[str, np.ndarray] = {}
+        _encode_state(self.optimizer.state_dict(), "optimizer", tensors)
+        if self.scheduler is not None:
+            _encode_state(self.scheduler.state_dict(), "scheduler", tensors)
+        return {TASK_OPTIMIZER_PREFIX + name: value for name, value in tensors.items()}
+
+    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray],
+                                saved: dict[str, Any]) -> None:
+        try:
+            self.optimizer.load_state_dict(_decode_state(saved["state"], tensors))
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(_decode_state(saved["scheduler_state"], tensors))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: the task optimiser's state does not load: {err}") from None
 
     def _param_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters()]
@@ -178,8 +285,11 @@ class TrainingEngine(BaseTrainingEngine):
         return sum(p.numel() for p in self.model.parameters())
 
     def moments(self) -> dict[str, np.ndarray]:
-        """The AdamW moments by canonical name, float32 (zeros before the first step)."""
+        """The AdamW moments by canonical name, float32 (zeros before the first step); none with a
+        task's own optimiser (its state is ``optimizer.state_dict()``)."""
         out = {}
+        if self.task_optimizer:
+            return out
         for moment in MOMENTS:
             held = {name: self.optimizer.state.get(p, {}).get(moment) for name, p in self.model.named_parameters()}
             out.update((moment_name(moment, name), value)
@@ -235,8 +345,8 @@ class TrainingEngine(BaseTrainingEngine):
         """Returns the loss parts summed over the micro-batches and the grad norm (None without clipping)."""
         t = self.config.training
         accum = len(batches)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups if not self.task_optimizer else ():
+            group["lr"] = lr  # the engine's AdamW; a task's optimiser has its own scheduler
         sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
             torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.rank))
@@ -259,6 +369,8 @@ class TrainingEngine(BaseTrainingEngine):
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite |= ~torch.isfinite(sums["loss"])
         return sums, grad_norm

@@ -1,7 +1,8 @@
 """The torch halves of the training tasks (``llm.loop.tasks`` holds the backend-agnostic halves).
 
 A torch task half builds the model and computes the loss; the engine does everything else (devices,
-AMP, DDP, the optimiser). ``loss(model, batch)`` returns ``(objective, parts)``: the objective is
+AMP, DDP, the optimiser), unless the half brings its own optimiser and scheduler (``build_optimizer``,
+``build_scheduler``). ``loss(model, batch)`` returns ``(objective, parts)``: the objective is
 what is differentiated, ``parts`` are 0-d tensors to log and must include ``"loss"`` (for the LM the
 cross-entropy alone; MoE adds ``aux_loss`` and ``z_loss``). ``model`` may be wrapped (DDP,
 ``torch.compile``), so call it, do not reach into it.
@@ -36,6 +37,21 @@ class TorchTask:
     def no_decay_names(self, config: Any, model: nn.Module) -> set[str]:
         """Parameters without weight decay: by default every vector (biases, norm scales)."""
         return {name for name, p in model.named_parameters() if p.dim() < 2}
+
+    def build_optimizer(self, config: Any, model: nn.Module) -> torch.optim.Optimizer | None:
+        """The task's own optimiser over ``model``'s parameters (the raw module, before DDP and
+        ``torch.compile``), or None (the default): the engine's AdamW with ``training.lr_schedule``,
+        its two weight-decay groups from ``no_decay_names``. The engine still accumulates, unscales
+        (float16), clips (``training.grad_clip``) and checkpoints it; ``training.lr`` and the schedule
+        fields are then the task's to read or ignore."""
+        return None
+
+    def build_scheduler(self, config: Any, optimizer: torch.optim.Optimizer
+                        ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """A scheduler for the task's own optimiser, stepped once after every optimiser step; None
+        (the default): the rate stays what the optimiser holds. Only with ``build_optimizer``: the
+        engine's AdamW follows ``training.lr_schedule``."""
+        return None
 
     def to_canonical(self, model: nn.Module) -> dict[str, np.ndarray]:
         """Name -> float32 array of every tensor: the checkpoint's ``model.safetensors`` (canonical

@@ -77,11 +77,24 @@ from llm.run import (
 from llm.schedule import schedule_for
 from llm.spec import SpecError, check_names
 
-__all__ = ["STATE_VERSION", "BaseTrainingEngine", "EarlyStopping", "StepReadout"]
+__all__ = ["ADAMW", "STATE_VERSION", "TASK_OPTIMIZER_PREFIX", "BaseTrainingEngine", "EarlyStopping",
+           "StepReadout"]
 
 log = logging.getLogger("llm.train")
 
 STATE_VERSION = 1
+ADAMW = "adamw"  # state.json optimizer.name of the engine's own AdamW (moments under llm.run.moment_name)
+TASK = "task"  # ... of a task's own optimiser (build_optimizer of its backend half)
+# state.safetensors prefix of a task optimiser's arrays: never a moment name (llm.run.MOMENTS)
+TASK_OPTIMIZER_PREFIX = "task_optimizer."
+_OPTIMIZER_KIND = ("name", "backend", "class", "scheduler")  # what a resume must find unchanged
+
+
+def _describe_optimizer(meta: dict[str, Any]) -> str:
+    if meta.get("name") == ADAMW:
+        return "the engine's AdamW"
+    scheduler = f" with the scheduler {meta['scheduler']}" if meta.get("scheduler") else ""
+    return f"the {meta.get('backend')} task optimiser {meta.get('class')}{scheduler}"
 
 _Engine = TypeVar("_Engine", bound="BaseTrainingEngine")
 
@@ -118,6 +131,7 @@ class StepReadout(NamedTuple):
     grad_norm: float | None  # before clipping; None when training.grad_clip is 0
     nonfinite: bool  # some process has seen a nan/inf loss
     interrupted: bool  # some process received SIGINT/SIGTERM
+    lr: float | None = None  # the step's rate when only the device knows it (a task's optax schedule)
 
 
 class EarlyStopping:
@@ -330,18 +344,24 @@ class BaseTrainingEngine:
         meta = ckpt.state_meta
         self.datamodule.load_state_dict(meta["data"])
         step = int(meta["step"])
+        saved_optimizer = self._check_optimizer(path, meta.get("optimizer"))
+        tensors = dict(ckpt.state_tensors)
+        own = {key[len(TASK_OPTIMIZER_PREFIX):]: tensors.pop(key) for key in list(tensors)
+               if key.startswith(TASK_OPTIMIZER_PREFIX)}
         moments: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in ckpt.state_tensors.items():
+        for key, value in tensors.items():
             moment, name = split_moment_name(key)
             moments.setdefault(name, {})[moment] = value
         names = self._param_names()
-        missing = sorted(set(names) - set(moments)) if step > 0 else []
+        missing = sorted(set(names) - set(moments)) if step > 0 and saved_optimizer["name"] == ADAMW else []
         if missing:
             raise CheckpointError(f"{path}: state.safetensors has no AdamW moments for {missing[:5]}")
         unknown = sorted(set(moments) - set(names))
         if unknown:
             raise CheckpointError(f"{path}: state.safetensors has moments of unknown parameters {unknown[:5]}")
         self._restore(path, ckpt.params, moments, step, meta.get("grad_scaler"))
+        if saved_optimizer["name"] != ADAMW:
+            self._restore_task_optimizer(path, own, saved_optimizer)
         self.step = step
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         self.best_val_loss = meta.get("best_val_loss")
@@ -392,6 +412,36 @@ class BaseTrainingEngine:
                                   f"task {self.task.name!r} names its parameters differently: resume a named "
                                   "checkpoint on the backend and task that wrote it") from None
 
+    # ------------------------------------------------------------------ the optimiser in checkpoints
+    def _check_optimizer(self, path: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
+        """The checkpoint's ``state.json`` ``optimizer`` (none saved: the engine's AdamW) if it is this
+        run's kind of optimiser, else a ``CheckpointError``."""
+        saved = saved if isinstance(saved, dict) else {"name": ADAMW}
+        ours = self._optimizer_meta()
+        if any(saved.get(k) != ours.get(k) for k in _OPTIMIZER_KIND):
+            raise CheckpointError(f"{path} was trained with {_describe_optimizer(saved)}, this run uses "
+                                  f"{_describe_optimizer(ours)}; resume with the task (and backend) that "
+                                  "wrote it: only the engine's AdamW resumes across backends")
+        return saved
+
+    def _optimizer_meta(self) -> dict[str, Any]:
+        """``state.json``'s ``optimizer``: the engine's AdamW and its hyperparameters. A backend whose
+        task brings its own optimiser returns ``{"name": "task", "backend", "class", "scheduler", ...}``."""
+        t = self.config.training
+        return {"name": ADAMW, "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
+                "weight_decay": t.weight_decay, "step": self.step}
+
+    def _optimizer_tensors(self) -> dict[str, np.ndarray]:
+        """``state.safetensors``: the AdamW moments; a task optimiser's arrays under
+        ``TASK_OPTIMIZER_PREFIX`` instead."""
+        return self.moments()
+
+    def _restore_task_optimizer(self, path: Path, tensors: dict[str, np.ndarray],
+                                saved: dict[str, Any]) -> None:
+        """A task optimiser's state back from ``tensors`` (prefix removed) and ``saved`` (its
+        ``state.json`` ``optimizer``, already checked to be this run's kind)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ the trainer API for callbacks
     def request_stop(self, reason: str = "requested", message: str = "") -> None:
         """Stop after the current step (a checkpoint is still written)."""
@@ -432,7 +482,7 @@ class BaseTrainingEngine:
         path = self.run.checkpoint_path(self.step) if path is None else path
         if self.is_main:
             params = self.impl.to_canonical(self.model)
-            save_checkpoint(path, params, self.config.to_dict(), state_tensors=self.moments(),
+            save_checkpoint(path, params, self.config.to_dict(), state_tensors=self._optimizer_tensors(),
                             state_meta=self.state_meta(reason), extra_files=self.artifacts, overwrite=True,
                             kind=self._checkpoint_kind)
             log.info("saved checkpoint %s (%s)", path, reason)
@@ -466,8 +516,7 @@ class BaseTrainingEngine:
             "schedule": {"name": t.lr_schedule.value, "lr": t.lr, "warmup_steps": t.warmup_steps,
                          "total_steps": self.total_steps, "final_lr": t.final_lr,
                          "next_lr": self.lr_of(self.step), "state": self.lr_of.state_dict()},
-            "optimizer": {"name": "adamw", "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
-                          "weight_decay": t.weight_decay, "step": self.step},
+            "optimizer": self._optimizer_meta(),
             "grad_scaler": self._grad_scaler_state(),
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
@@ -649,6 +698,8 @@ class BaseTrainingEngine:
         result = dict(readout.parts)
         if readout.grad_norm is not None:
             result["grad_norm"] = readout.grad_norm
+        if readout.lr is not None:
+            result["lr"] = readout.lr
         if readout.interrupted:
             self.request_stop("interrupted")
         if readout.nonfinite or not all(math.isfinite(v) for v in readout.parts.values()):
