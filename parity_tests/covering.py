@@ -21,12 +21,14 @@ from llm.spec import ModelSpec
 FACTORS: dict[str, tuple] = {
     "position": ("rope", "learned", "sinusoidal"),
     "norm_type": ("layernorm", "rmsnorm"),
+    "norm_position": ("pre", "post"),
     "activation": ("gelu", "gelu_tanh", "silu", "relu"),
     "use_glu": (False, True),
     "attention_bias": (False, True),
     "heads": ("mha", "gqa", "mqa"),
     "mlp": ("dense", "moe_dropless", "moe_capacity"),
     "tie_embeddings": (False, True),
+    "lm_head_bias": (False, True),
     "sliding_window": (None, 1, 3),
     "head_dim": ("even", "odd"),
     "mlp_bias": (False, True),
@@ -37,8 +39,10 @@ HEAD_DIM = {"even": 4, "odd": 5}
 
 
 def allowed(row: dict) -> bool:
-    """Whether a (partial) row can be built: rotate-half RoPE needs an even head_dim."""
-    return not (row.get("position") == "rope" and row.get("head_dim") == "odd")
+    """Whether a (partial) row can be built: rotate-half RoPE needs an even head_dim; a tied head
+    has no bias of its own."""
+    return (not (row.get("position") == "rope" and row.get("head_dim") == "odd")
+            and not (row.get("tie_embeddings") is True and row.get("lm_head_bias") is True))
 
 
 def required_pairs() -> set[tuple[tuple[str, object], tuple[str, object]]]:
@@ -94,8 +98,9 @@ def row_spec(row: dict) -> ModelSpec:
     return ModelSpec(
         vocab_size=32, max_seq_len=12, hidden_size=16, num_layers=1, num_heads=num_heads,
         num_kv_heads=num_kv_heads, head_dim=HEAD_DIM[row["head_dim"]], activation=row["activation"],
-        use_glu=row["use_glu"], norm_type=row["norm_type"], position=row["position"],
-        tie_embeddings=row["tie_embeddings"], attention_bias=row["attention_bias"],
+        use_glu=row["use_glu"], norm_type=row["norm_type"], norm_position=row["norm_position"],
+        position=row["position"], tie_embeddings=row["tie_embeddings"], lm_head_bias=row["lm_head_bias"],
+        attention_bias=row["attention_bias"],
         sliding_window=row["sliding_window"], mlp_bias=row["mlp_bias"], use_moe=moe, num_experts=4,
         num_experts_per_token=2, capacity_factor=0.5 if row["mlp"] == "moe_capacity" else None,
         router_aux_loss_coef=0.01, router_z_loss_coef=1e-3 if moe else 0.0, init_std=0.1,

@@ -37,6 +37,7 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
     num_experts = draw(st.integers(2, 8))
     k = draw(st.integers(1, num_experts))
     seq_len = max_seq_len if isinstance(max_seq_len, int) else draw(st.integers(*max_seq_len))
+    tie = draw(st.booleans())
     return ModelSpec(
         vocab_size=draw(st.integers(5, 48)),
         max_seq_len=seq_len,
@@ -50,10 +51,12 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
         use_glu=draw(st.booleans()),
         norm_type=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
+        norm_position=draw(st.sampled_from(["pre", "post"])),
         position=position,
         rope_theta=draw(st.sampled_from([10000.0, 500.0, 1e6])),
         rope_scaling=draw(st.sampled_from([None, LLAMA3_SCALING])) if position == "rope" else None,
-        tie_embeddings=draw(st.booleans()),
+        tie_embeddings=tie,
+        lm_head_bias=False if tie else draw(st.booleans()),  # a tied head has no bias of its own
         attention_bias=draw(st.booleans()),
         attention_out_bias=draw(st.sampled_from([None, True, False])),
         sliding_window=draw(st.sampled_from([None, None, 1, 3, 8])),
