@@ -105,5 +105,5 @@ def test_bf16_torch_and_jax_agree(name, seed):
 def test_bf16_seeds_cover_both_routing_cases():
     """The MoE seeds include draws with and without a bf16 routing flip, so both bounds are used."""
     flips = [_run("gpt2_moe", seed)["flips"] for seed in SEEDS]
-    assert any(f["torch"] for f in flips) and any(f["jax"] for f in flips), flips
-    assert any(not f["torch"] and not f["jax"] for f in flips), flips
+    assert any(f["torch"] or f["jax"] for f in flips), flips  # the flip bound is exercised
+    assert any(not f["torch"] and not f["jax"] for f in flips), flips  # and the tight one
