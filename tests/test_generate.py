@@ -350,3 +350,35 @@ def test_vocab_limit_out_of_range_is_a_value_error(backend):
     for bad in (0, 49, 2.5, True):
         with pytest.raises(ValueError, match=r"vocab_limit=.* must be an integer in \[1, 48\]"):
             _gen(backend).generate(model, _prompt(), 2, vocab_limit=bad)
+
+
+# ---------------------------------------------------------------------- left-padded batches
+@pytest.mark.parametrize("name", ["rope_gqa", "learned_tied", "sliding_window"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_batch_generates_each_prompt_as_alone(backend, name):
+    """Prompts of lengths 6, 3 and 1 batched with left padding give, greedy, the tokens each gives alone."""
+    lengths = (T0, 3, 1)
+    prompts = [_prompt(seed=i, batch=1, length=n) for i, n in enumerate(lengths)]
+    ids = np.zeros((len(lengths), T0), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, T0 - p.shape[1]:] = p[0]
+        mask[row, T0 - p.shape[1]:] = 1
+    model = _model(backend, name)
+    batched = _gen(backend).generate(model, ids, NEW, attention_mask=mask)
+    for row, p in enumerate(prompts):
+        alone = _gen(backend).generate(model, p, NEW)
+        np.testing.assert_array_equal(batched[row, T0:], alone[0, p.shape[1]:], err_msg=f"row {row}")
+    recomputed = _gen(backend).generate_no_cache(model, ids, NEW, attention_mask=mask)
+    np.testing.assert_array_equal(batched, recomputed)
+    unpadded_rows_differ = _gen(backend).generate(model, ids, NEW)  # the mask is what makes them equal
+    assert not np.array_equal(unpadded_rows_differ[1:, T0:], batched[1:, T0:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_attention_mask_errors(backend):
+    model, ids = _model(backend, "rope_gqa"), _prompt()
+    for mask, match in ((np.ones((B, T0 - 1)), "prompt's shape"), (np.full((B, T0), 2), "only 0"),
+                        (np.tile([1, 1, 1, 1, 1, 0], (B, 1)), "left padding")):
+        with pytest.raises(ValueError, match=match):
+            _gen(backend).generate(model, ids, 2, attention_mask=mask)
