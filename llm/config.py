@@ -227,6 +227,9 @@ class DataConfig(_Section):
     validation split).
     ``cache_dir`` holds tokenized corpora (null = ``$XDG_CACHE_HOME/llm`` or ``~/.cache/llm``).
     ``synthetic_size`` is the number of sequences (or regression rows) of the synthetic source.
+    ``pack_documents`` (text sources): batches also carry ``segment_ids`` so that attention never
+    crosses the ``<EOS>`` that ends a document inside a window; ``reset_positions`` (needs
+    ``pack_documents``) adds ``positions`` that restart at 0 at each document.
     """
 
     SECTION = "data"
@@ -239,9 +242,15 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     max_bytes: int | None = 4_000_000
     synthetic_size: int = 8192
+    pack_documents: bool = False
+    reset_positions: bool = False
 
     def _validate(self) -> None:
         need = self._need
+        need(not (self.pack_documents and self.source == "synthetic"), "pack_documents",
+             "applies to text sources only, not source='synthetic' (it has no documents)")
+        need(self.pack_documents or not self.reset_positions, "reset_positions",
+             "needs data.pack_documents: true (positions restart at document boundaries)")
         need(self.source.strip() != "", "source", "must name 'stdlib', 'synthetic' or a path")
         need(self.seq_len >= 1, "seq_len", "must be >= 1")
         if self.tokenizer is TokenizerKind.BPE:

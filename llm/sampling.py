@@ -36,7 +36,7 @@ import numpy as np
 
 from llm.spec import ModelSpec
 
-__all__ = ["Sampling", "check_eos", "check_prompt", "check_seed", "check_vocab_limit", "sample_text"]
+__all__ = ["Sampling", "check_eos", "check_prompt", "check_prompt_mask", "check_seed", "check_vocab_limit", "sample_text"]
 
 
 def _is_int(value: Any) -> bool:
@@ -103,6 +103,23 @@ def check_prompt(token_ids: Any, spec: ModelSpec, max_new_tokens: Any) -> np.nda
                          f"exceeds max_seq_len={spec.max_seq_len} (no sliding-window crop is done; "
                          "shorten the prompt or ask for fewer tokens)")
     return ids.astype(np.int64)
+
+
+def check_prompt_mask(attention_mask: Any, ids: np.ndarray, max_new_tokens: int) -> np.ndarray | None:
+    """The decoding mask (B, T0 + max_new_tokens) of a left-padded prompt's 1/0 ``attention_mask``
+    (B, T0): the prompt's mask then 1 for every new token; None without a mask. Each row must be
+    0s then 1s with at least one 1 (the next token is read off the last slot, so it must be real)."""
+    if attention_mask is None:
+        return None
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have the prompt's shape {ids.shape}, got {mask.shape}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+    if (np.diff(mask.astype(np.int64), axis=1) < 0).any() or (mask[:, -1] == 0).any():
+        raise ValueError("attention_mask must be left padding for generation (each row 0s then 1s, "
+                         "ending in a real token)")
+    return np.concatenate([mask, np.ones((ids.shape[0], max_new_tokens), mask.dtype)], axis=1).astype(np.int64)
 
 
 def check_seed(seed: Any) -> int:

@@ -132,6 +132,9 @@ class ModelSpec(Section):
     rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = False
     lm_head_bias: bool = False  # a (vocab,) bias on the output projection (needs an untied lm_head)
+    # The padding token: its embedding row gets no gradient from the lookup (torch
+    # ``nn.Embedding(padding_idx=)``); with tie_embeddings the output projection still trains it.
+    pad_token_id: int | None = None
     attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool | None = None  # bias on o_proj; None = same as attention_bias
     sliding_window: int | None = None  # query i sees keys j with i - window < j <= i
@@ -156,6 +159,9 @@ class ModelSpec(Section):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("num_kv_heads", "head_dim", "intermediate_size", "sliding_window"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 or null")
+        if self.pad_token_id is not None:
+            need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id",
+                 f"must be in [0, vocab_size={self.vocab_size}) or null")
         need(self.norm_eps > 0, "norm_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.dropout >= 0, "dropout", "must be >= 0")

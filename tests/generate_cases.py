@@ -29,7 +29,8 @@ __all__ = ["B", "CORPUS", "NEW", "SPECS", "T0", "Backend", "checkpoint", "prompt
            "test_eos_ends_a_row_and_fills_it", "test_generate_argument_errors",
            "test_kv_cache_greedy_equals_full_recomputation", "test_sampling_is_seeded",
            "test_top_k_1_and_tiny_top_p_are_greedy", "test_top_k_and_top_p_restrict_the_support",
-           "test_vocab_limit_keeps_every_pick_below_it", "test_vocab_limit_out_of_range_is_a_value_error"]
+           "test_vocab_limit_keeps_every_pick_below_it", "test_vocab_limit_out_of_range_is_a_value_error",
+           "test_left_padded_batch_generates_each_prompt_as_alone", "test_generate_attention_mask_errors"]
 
 BASE = dict(vocab_size=48, max_seq_len=40, hidden_size=16, num_layers=2, num_heads=4, init_std=0.3)
 SPECS = {
@@ -196,3 +197,33 @@ def test_vocab_limit_out_of_range_is_a_value_error(backend):
     for bad in (0, 49, 2.5, True):
         with pytest.raises(ValueError, match=r"vocab_limit=.* must be an integer in \[1, 48\]"):
             backend.inference.generate(model, prompt(), 2, vocab_limit=bad)
+
+
+# ---------------------------------------------------------------------- left-padded batches
+@pytest.mark.parametrize("name", ["rope_gqa", "learned_tied", "sliding_window"])
+def test_left_padded_batch_generates_each_prompt_as_alone(backend, name):
+    """Prompts of lengths 6, 3 and 1 batched with left padding give, greedy, the tokens each gives alone."""
+    lengths = (T0, 3, 1)
+    prompts = [prompt(seed=i, batch=1, length=n) for i, n in enumerate(lengths)]
+    ids = np.zeros((len(lengths), T0), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, T0 - p.shape[1]:] = p[0]
+        mask[row, T0 - p.shape[1]:] = 1
+    model = backend.model(name)
+    batched = backend.inference.generate(model, ids, NEW, attention_mask=mask)
+    for row, p in enumerate(prompts):
+        alone = backend.inference.generate(model, p, NEW)
+        np.testing.assert_array_equal(batched[row, T0:], alone[0, p.shape[1]:], err_msg=f"row {row}")
+    recomputed = backend.inference.generate_no_cache(model, ids, NEW, attention_mask=mask)
+    np.testing.assert_array_equal(batched, recomputed)
+    unpadded_rows_differ = backend.inference.generate(model, ids, NEW)  # the mask is what makes them equal
+    assert not np.array_equal(unpadded_rows_differ[1:, T0:], batched[1:, T0:])
+
+
+def test_generate_attention_mask_errors(backend):
+    model, ids = backend.model("rope_gqa"), prompt()
+    for mask, match in ((np.ones((B, T0 - 1)), "prompt's shape"), (np.full((B, T0), 2), "only 0"),
+                        (np.tile([1, 1, 1, 1, 1, 0], (B, 1)), "left padding")):
+        with pytest.raises(ValueError, match=match):
+            backend.inference.generate(model, ids, 2, attention_mask=mask)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.config import load_config
+from llm.config import ConfigError, load_config
 from llm.data import (
     BaseDataModule,
     DataError,
@@ -533,3 +533,45 @@ def test_a_cache_that_fails_its_checksum_is_rebuilt_with_a_message(corpus_dir, t
     assert any("does not match its checksum" in r.getMessage() and "rebuilding" in r.getMessage()
                for r in caplog.records)
     assert again.from_cache is False and np.array_equal(np.asarray(again.train_tokens), expected)
+
+
+# ---------------------------------------------------------------------- packed documents
+def test_packed_batches_carry_segments_that_change_after_each_eos(tmp_path):
+    root = tmp_path / "docs"
+    make_docs(root, 12)
+    plain = text_module(root, tmp_path / "cache", seq_len=32)
+    packed = text_module(root, tmp_path / "cache", seq_len=32, pack_documents=True)
+    reset = text_module(root, tmp_path / "cache", seq_len=32, pack_documents=True, reset_positions=True)
+    eos = packed.tokenizer.eos_id
+    seen_boundary = False
+    for step in range(packed.steps_per_epoch):
+        inputs, targets = plain.batch_at(step)
+        p_inputs, p_targets, segments = packed.batch_at(step)
+        r_inputs, _, r_segments, positions = reset.batch_at(step)
+        np.testing.assert_array_equal(p_inputs, inputs)  # the same windows as unpacked
+        np.testing.assert_array_equal(p_targets, targets)
+        np.testing.assert_array_equal(r_segments, segments)
+        for row, seg, pos in zip(inputs, segments, positions):
+            expected = np.concatenate([[0], np.cumsum(row[:-1] == eos)])  # a new id right after each EOS
+            np.testing.assert_array_equal(seg, expected)
+            starts = np.flatnonzero(np.diff(seg)) + 1
+            seen_boundary |= len(starts) > 0
+            for lo, hi in zip([0, *starts], [*starts, len(row)]):
+                np.testing.assert_array_equal(pos[lo:hi], np.arange(hi - lo))
+    assert seen_boundary  # the corpus has documents shorter than a few windows
+    assert packed.fingerprint != plain.fingerprint != reset.fingerprint
+    val = next(iter(packed.val_dataloader(1)))
+    assert len(val) == 3 and val[2].shape == val[0].shape
+
+
+def test_packing_config_is_validated(corpus_dir, tmp_path):
+    with pytest.raises(ConfigError, match="data.reset_positions"):
+        load_config(env={}, overrides=["data.reset_positions=true"])
+    with pytest.raises(ConfigError, match="data.pack_documents"):
+        load_config(env={}, overrides=["data.source=synthetic", "data.pack_documents=true"])
+    cfg = load_config(env={}, overrides=[f"data.source={corpus_dir}", f"data.cache_dir={tmp_path}",
+                                         "data.pack_documents=true", "data.reset_positions=true"])
+    dm = build_datamodule(cfg)
+    assert dm.pack_documents and dm.reset_positions
+    with pytest.raises(DataError, match="data.reset_positions"):
+        TextDataModule(str(corpus_dir), seq_len=16, batch_size=8, cache_dir=tmp_path, reset_positions=True)

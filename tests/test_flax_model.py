@@ -29,6 +29,7 @@ from backends.flax.convert import (
 from backends.flax.model import (
     Buffer,
     DecoderModel,
+    KVCache,
     LayerNorm,
     Linear,
     ModelOutput,
@@ -523,3 +524,61 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     p, q = jax.nn.softmax(ref.logits), jax.nn.log_softmax(out.logits)
     kl = float(jnp.mean(jnp.sum(p * (jnp.log(p) - q), axis=-1)))
     assert 0 < kl < 1e-2
+
+
+# ---------------------------------------------------------------------- masks, segments, causal=False
+def _mask_spec(**kw) -> ModelSpec:
+    return ModelSpec(vocab_size=32, max_seq_len=16, hidden_size=16, num_layers=2, num_heads=4, **kw)
+
+
+def test_padded_targets_are_ignored_and_padded_rows_are_finite():
+    model = from_spec(_mask_spec())
+    ids, targets = _ids(2, 8), _ids(2, 8, seed=1)
+    mask = jnp.ones((2, 8), jnp.int32).at[0, :3].set(0)
+    out = model(ids, targets, attention_mask=mask)
+    ignored = targets.at[0, :3].set(-100)
+    assert bool(jnp.all(jnp.isfinite(out.logits)))
+    assert float(out.loss) == float(model(ids, ignored, attention_mask=mask).loss)
+    assert float(out.loss) != float(model(ids, targets).loss)
+
+
+def test_segments_never_attend_across():
+    """Changing the first document changes nothing in the second when segment ids separate them."""
+    model = from_spec(_mask_spec(position="learned"))
+    ids = _ids(1, 10)
+    seg = jnp.asarray([[0] * 4 + [1] * 6])
+    other = ids.at[0, :4].set((ids[0, :4] + 1) % 32)
+    a, b = model(ids, segment_ids=seg).logits, model(other, segment_ids=seg).logits
+    np.testing.assert_array_equal(np.asarray(a[0, 4:]), np.asarray(b[0, 4:]))
+    assert not np.allclose(np.asarray(a[0, 4:]), np.asarray(model(other).logits[0, 4:]))
+
+
+def test_non_causal_attention_sees_the_future_and_windows_both_ways():
+    spec = _mask_spec(sliding_window=2)
+    attn = MultiHeadAttention(spec, causal=False, rngs=nnx.Rngs(0))
+    key = jax.random.key(0)
+    for _, p in nnx.to_flat_state(nnx.state(attn, nnx.Param)):
+        key, sub = jax.random.split(key)
+        p[...] = jax.random.normal(sub, p[...].shape)
+    x = jax.random.normal(jax.random.key(1), (1, 6, 16))
+    y, y2 = attn(x), attn(x.at[0, 3].add(1.0))  # slot 3 is in the window of slots 2, 3, 4 only
+    changed = [bool(jnp.any(y[0, i] != y2[0, i])) for i in range(6)]
+    assert changed == [False, False, True, True, True, False]
+    assert MultiHeadAttention(spec, rngs=nnx.Rngs(0)).causal is True
+    with pytest.raises(ValueError, match="needs causal attention"):
+        attn(x, cache=KVCache(spec, 1)[0])
+
+
+def test_pad_token_id_row_has_zero_gradient():
+    ids = jnp.asarray([[0, 0, 5, 6, 7, 0]])
+    for pad in (0, None):
+        model = from_spec(_mask_spec(pad_token_id=pad))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        grads = jax.grad(lambda p: nnx.merge(graphdef, p, rest)(ids, jnp.roll(ids, -1, 1)).loss)(params)
+        row = np.asarray(grads["embed"]["weight"][...])[0]
+        assert np.all(row == 0) if pad == 0 else np.any(row != 0)
+
+
+def test_mask_shape_is_checked():
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, 8\)"):
+        _model("rope_layernorm")(_ids(2, 8), attention_mask=jnp.ones((2, 7)))

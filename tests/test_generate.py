@@ -96,3 +96,11 @@ def test_cli_prints_text_and_one_line_errors(checkpoint, tmp_path):
         assert done.returncode == 2 and done.stdout == ""
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
+
+
+    done = subprocess.run([*cli, "--checkpoint", str(checkpoint / "no_tok"), "--prompt-ids", "1,2,3",
+                           "--greedy", "--max-new-tokens", "4", "--num-samples", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [[int(t) for t in line.split(",")] for line in done.stdout.split()]
+    expected = llm.load(checkpoint / "no_tok").generate([1, 2, 3], 4)[0].tolist()
+    assert rows == [expected, expected]

@@ -323,3 +323,48 @@ def test_a_task_with_its_own_optimizer_trains_follows_its_schedule_and_resumes(u
     assert losses(cut) == losses(full) and losses(full)[5] < losses(full)[1]
     saved = json.loads((cut / "checkpoints" / "step_5" / "state.json").read_text())["optimizer"]
     assert saved["name"] == "task" and saved["backend"] == backend
+
+
+# ---------------------------------------------------------------------- packed text batches
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_packed_text_trains_and_the_lm_half_passes_segments_and_positions(backend, tmp_path, capsys):
+    """data.pack_documents + reset_positions: both engines train on (inputs, targets, segment_ids,
+    positions) batches, and the LM half's loss is the model's loss with those arguments."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "abc def " * (3 + i), encoding="utf-8")
+    data = ["--set", f"data.source={corpus}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", "data.pack_documents=true", "--set", "data.reset_positions=true",
+            "--set", "data.seq_len=16", "--set", "data.val_fraction=0.3", "--set", "training.batch_size=2"]
+    run = tmp_path / "run"
+    rc = main(["--backend", backend, "--config", str(tiny_yaml(tmp_path / "run.yaml", "lm")),
+               "--run-dir", str(run), *RUN, *data])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    assert losses(run).keys() == {1, 2}
+
+    config = load_config(env={}, overrides=[f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                                            "data.pack_documents=true", "data.reset_positions=true",
+                                            "data.seq_len=16", "training.batch_size=2", "data.val_fraction=0.3"])
+    config = config.replace(model=config.model.replace(vocab_size=128, max_seq_len=16))
+    dm = get_task("lm").build_datamodule(config)
+    dm.setup()
+    batch = next(b for b in (dm.batch_at(s) for s in range(dm.steps_per_epoch)) if b[2].max() > 0)
+    half = get_task("lm").backend(backend)
+    model = half.new_model(config)
+    if backend == "torch":
+        import torch
+
+        t = [torch.from_numpy(a) for a in batch]
+        with torch.no_grad():
+            loss = float(half.loss(model, t)[1]["loss"])
+            want = float(model(t[0], t[1], segment_ids=t[2], positions=t[3]).loss)
+            unpacked = float(model(t[0], t[1]).loss)
+    else:
+        import jax.numpy as jnp
+
+        j = [jnp.asarray(a) for a in batch]
+        loss = float(half.loss(model, j, deterministic=True)[1]["loss"])
+        want = float(model(j[0], j[1], segment_ids=j[2], positions=j[3]).loss)
+        unpacked = float(model(j[0], j[1]).loss)
+    assert loss == pytest.approx(want, rel=1e-6) and loss != pytest.approx(unpacked, rel=1e-6)

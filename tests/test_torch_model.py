@@ -20,6 +20,7 @@ from backends.torch import DecoderModel, from_canonical, from_spec, load_canonic
 from backends.torch.convert import grads_to_canonical, moments_from_canonical, moments_to_canonical
 from backends.torch.model import (
     MLP,
+    KVCache,
     LayerNorm,
     MoE,
     MultiHeadAttention,
@@ -479,3 +480,74 @@ def test_compile_fullgraph_moe_matches_eager():
     torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------- masks, segments, causal=False
+def _mask_spec(**kw) -> ModelSpec:
+    return ModelSpec(vocab_size=32, max_seq_len=16, hidden_size=16, num_layers=2, num_heads=4, **kw)
+
+
+def test_padded_targets_are_ignored_and_padded_rows_are_finite():
+    spec = _mask_spec()
+    model = from_spec(spec, seed=0).eval()
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    targets = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    out = model(ids, targets, attention_mask=mask)
+    ignored = targets.clone()
+    ignored[0, :3] = -100
+    assert torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.loss, model(ids, ignored, attention_mask=mask).loss, rtol=0, atol=0)
+    assert not torch.allclose(out.loss, model(ids, targets).loss)
+
+
+def test_segments_never_attend_across():
+    """Changing the first document changes nothing in the second when segment ids separate them."""
+    spec = _mask_spec(position="learned")
+    model = from_spec(spec, seed=0).eval()
+    ids = torch.randint(0, 32, (1, 10), generator=torch.Generator().manual_seed(0))
+    seg = torch.tensor([[0] * 4 + [1] * 6])
+    other = ids.clone()
+    other[0, :4] = (other[0, :4] + 1) % 32
+    with torch.no_grad():
+        a, b = model(ids, segment_ids=seg).logits, model(other, segment_ids=seg).logits
+        c = model(other).logits
+    torch.testing.assert_close(a[0, 4:], b[0, 4:], rtol=0, atol=0)
+    assert not torch.allclose(a[0, 4:], c[0, 4:])
+
+
+def test_non_causal_attention_sees_the_future_and_windows_both_ways():
+    spec = _mask_spec(sliding_window=2)
+    attn = MultiHeadAttention(spec, causal=False)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1))
+    y = attn(x)
+    x2 = x.clone()
+    x2[0, 3] += 1.0  # slot 3 is in the |i - j| < 2 window of slots 2, 3, 4 only
+    y2 = attn(x2)
+    changed = [(y[0, i] - y2[0, i]).abs().max().item() > 0 for i in range(6)]
+    assert changed == [False, False, True, True, True, False]
+    assert MultiHeadAttention(spec).causal is True
+    with pytest.raises(ValueError, match="needs causal attention"):
+        attn(x, cache=KVCache(spec, 1)[0])
+
+
+def test_pad_token_id_row_has_zero_gradient_and_is_validated():
+    spec = _mask_spec(pad_token_id=0)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 0]])
+    for pad in (0, None):
+        model = from_spec(spec.replace(pad_token_id=pad), seed=0)
+        model(ids, ids.roll(-1, 1)).loss.backward()
+        row = model.embed.weight.grad[0]
+        assert (row == 0).all() if pad == 0 else (row != 0).any()
+    with pytest.raises(SpecError, match="model.pad_token_id"):
+        _mask_spec(pad_token_id=32)
+
+
+def test_mask_shape_is_checked():
+    model = from_spec(_mask_spec(), seed=0)
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, 8\)"):
+        model(torch.zeros(2, 8, dtype=torch.long), attention_mask=torch.ones(2, 7))

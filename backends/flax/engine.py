@@ -199,19 +199,19 @@ def _adam(opt_state: tuple) -> tuple[int, AdamWState]:
 
 
 @partial(jax.jit, static_argnames=("impl", "layout", "cfg"), donate_argnames=("params", "opt_state", "carry"))
-def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carry, rest, inputs, targets,
+def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carry, rest, batch,
                 lr, micro_step):
-    """One optimiser step over ``inputs``/``targets`` (accum, B, ...). Returns the new params,
+    """One optimiser step over ``batch``, a tuple of (accum, B, ...) arrays. Returns the new params,
     optimiser state and carry (non-finite flag, loss scale) and ``out`` (summed loss parts, grad norm)."""
     root = jax.random.key(cfg.dropout_seed)
     scale = carry["loss_scale"].scale
 
     def micro(grads, xs):
-        x, y, i = xs
+        micro_batch, i = xs
         key = jax.random.fold_in(root, micro_step + i)
 
         def objective(p):
-            obj, parts = impl.loss(layout.model(p, rest, key), (x, y), deterministic=False)
+            obj, parts = impl.loss(layout.model(p, rest, key), micro_batch, deterministic=False)
             obj = obj / cfg.accum  # torch: (objective / accum).backward(), summed over micro-batches
             if cfg.loss_scaling:
                 obj = obj * scale
@@ -221,7 +221,7 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
         return jax.tree.map(jnp.add, grads, g), parts
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, parts = jax.lax.scan(micro, zeros, (inputs, targets, jnp.arange(cfg.accum, dtype=jnp.int32)))
+    grads, parts = jax.lax.scan(micro, zeros, (tuple(batch), jnp.arange(cfg.accum, dtype=jnp.int32)))
     sums = {k: jnp.sum(v, axis=0) for k, v in parts.items()}
 
     found_inf = jnp.zeros((), jnp.bool_)
@@ -249,8 +249,8 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
 
 
 @partial(jax.jit, static_argnames=("impl", "layout"))
-def _eval_loss(impl, layout: _Layout, params, rest, inputs, targets):
-    _, parts = impl.loss(layout.model(params, rest), (inputs, targets), deterministic=True)
+def _eval_loss(impl, layout: _Layout, params, rest, batch):
+    _, parts = impl.loss(layout.model(params, rest), tuple(batch), deterministic=True)
     return parts["loss"].astype(jnp.float32)
 
 
@@ -507,11 +507,11 @@ class TrainingEngine(BaseTrainingEngine):
                         ) -> dict[str, Any]:
         """Returns the loss parts summed over the micro-batches and the grad norm (``_train_step``'s
         ``out``)."""
-        inputs = self._shard(np.stack([b[0] for b in batches]), 1)  # (accum, B, ...)
-        targets = self._shard(np.stack([b[1] for b in batches]), 1)
+        stacked = tuple(self._shard(np.stack([b[j] for b in batches]), 1)  # (accum, B, ...) per field
+                        for j in range(len(batches[0])))
         self.params, self.opt_state, self._carry, out = _train_step(
             self.impl, self._layout, self._cfg, self.params, self.opt_state, self._carry, self.rest,
-            inputs, targets, np.float32(lr), np.int32(micro_step))
+            stacked, np.float32(lr), np.int32(micro_step))
         return out
 
     def _out_of_memory(self, exc: BaseException) -> tuple[int | None, int | None] | None:
@@ -542,8 +542,8 @@ class TrainingEngine(BaseTrainingEngine):
         return bool(_host(self._carry["nonfinite"]))
 
     def _val_loss(self, num_batches: int) -> float:
-        losses = [_eval_loss(self.impl, self._layout, self.params, self.rest, self._shard(x, 0), self._shard(y, 0))
-                  for x, y in self.datamodule.val_dataloader(num_batches)]
+        losses = [_eval_loss(self.impl, self._layout, self.params, self.rest, tuple(self._shard(a, 0) for a in batch))
+                  for batch in self.datamodule.val_dataloader(num_batches)]
         values = [float(v) for v in _host(losses)]
         return float(np.sum(np.asarray(values, np.float64)) / max(1, len(values)))
 

@@ -36,7 +36,7 @@ from flax import nnx
 from backends.flax.convert import from_canonical
 from backends.flax.model import DecoderModel
 from llm.spec import ModelSpec
-from llm.sampling import Sampling, check_eos, check_prompt, check_seed, check_vocab_limit
+from llm.sampling import Sampling, check_eos, check_prompt, check_prompt_mask, check_seed, check_vocab_limit
 
 __all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token", "TRACES"]
 
@@ -92,46 +92,50 @@ def _forward(graphdef, state, ids):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_def", "mode"),
                    donate_argnames=("cache_state",))
-def _prefill(graphdef, state, cache_def, cache_state, ids, key, knobs, *, mode):
-    """Run the prompt (B, T0) into an empty cache; return the token for position T0 and the cache."""
+def _prefill(graphdef, state, cache_def, cache_state, ids, mask, key, knobs, *, mode):
+    """Run the prompt (B, T0) into an empty cache; return the token for position T0 and the cache.
+
+    ``mask``: None, or the (B, cache length) 1/0 mask of a left-padded batch."""
     TRACES["prefill"] += 1
     model, cache = nnx.merge(graphdef, state), nnx.merge(cache_def, cache_state)
-    last = model(ids, cache=cache, start_pos=0).logits[:, -1]  # (B, V)
+    last = model(ids, cache=cache, start_pos=0, attention_mask=mask).logits[:, -1]  # (B, V)
     token = _pick(last, mode, knobs, jax.random.fold_in(key, ids.shape[1] - 1))
     return token, nnx.state(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_def", "mode"),
                    donate_argnames=("cache_state",))
-def _decode_step(graphdef, state, cache_def, cache_state, token, pos, key, knobs, *, mode):
-    """Feed ``token`` (B,) at traced position ``pos``; return the token for ``pos + 1`` and the cache."""
+def _decode_step(graphdef, state, cache_def, cache_state, token, pos, mask, key, knobs, *, mode):
+    """Feed ``token`` (B,) at traced slot ``pos``; return the token for ``pos + 1`` and the cache."""
     TRACES["decode_step"] += 1
     model, cache = nnx.merge(graphdef, state), nnx.merge(cache_def, cache_state)
-    last = model(token[:, None], cache=cache, start_pos=pos).logits[:, -1]  # (B, V)
+    last = model(token[:, None], cache=cache, start_pos=pos, attention_mask=mask).logits[:, -1]  # (B, V)
     return _pick(last, mode, knobs, jax.random.fold_in(key, pos)), nnx.state(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
-def _full_step(graphdef, state, buffer, pos, key, knobs, *, mode):
+def _full_step(graphdef, state, buffer, pos, mask, key, knobs, *, mode):
     """No cache: a full causal forward over ``buffer`` (B, total); return the token for ``pos + 1``.
 
     Slots after ``pos`` hold placeholders that the causal mask hides from position ``pos``, so
     this is full recomputation of the prefix with one compiled shape for every step.
     """
     TRACES["full_step"] += 1
-    all_logits = nnx.merge(graphdef, state)(buffer).logits  # (B, total, V)
+    all_logits = nnx.merge(graphdef, state)(buffer, attention_mask=mask).logits  # (B, total, V)
     last = jax.lax.dynamic_index_in_dim(all_logits, pos, axis=1, keepdims=False)  # (B, V)
     return _pick(last, mode, knobs, jax.random.fold_in(key, pos))
 
 
 def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float, top_k: int | None,
             top_p: float | None, seed: int, eos_id: int | None, vocab_limit: int | None,
-            use_cache: bool) -> np.ndarray:
+            use_cache: bool, attention_mask=None) -> np.ndarray:
     spec = model.spec
     sampling = Sampling.create(temperature, top_k, top_p, vocab_size=spec.vocab_size)
     ids = check_prompt(token_ids, spec, max_new_tokens)
     seed, eos_id = check_seed(seed), check_eos(eos_id, spec)
     vocab_limit = check_vocab_limit(vocab_limit, spec)
+    full_mask = check_prompt_mask(attention_mask, ids, max_new_tokens)  # (B, total) or None
+    mask = None if full_mask is None else jnp.asarray(full_mask, jnp.int32)
     B, T0 = ids.shape
     total = T0 + max_new_tokens
     out = np.full((B, total), 0 if eos_id is None else eos_id, np.int64)
@@ -151,13 +155,14 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
         if not use_cache:
             if new_tokens:  # host copy of the sequence so far; later slots are placeholders
                 out[:, p] = np.asarray(new_tokens[-1])
-            token = _full_step(graphdef, state, out.astype(np.int32), np.int32(p), key, knobs, mode=mode)
+            token = _full_step(graphdef, state, out.astype(np.int32), np.int32(p), mask, key, knobs,
+                               mode=mode)
         elif p == T0 - 1:
-            token, cache_state = _prefill(graphdef, state, cache_def, cache_state, prompt, key, knobs,
+            token, cache_state = _prefill(graphdef, state, cache_def, cache_state, prompt, mask, key, knobs,
                                           mode=mode)
         else:
             token, cache_state = _decode_step(graphdef, state, cache_def, cache_state, new_tokens[-1],
-                                              np.int32(p), key, knobs, mode=mode)
+                                              np.int32(p), mask, key, knobs, mode=mode)
         if eos_id is not None:
             token = jnp.where(finished, eos_id, token)
             finished = finished | (token == eos_id)
@@ -171,22 +176,27 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
 
 def generate(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
+             eos_id: int | None = None, vocab_limit: int | None = None, attention_mask=None) -> np.ndarray:
     """Continue each row of ``token_ids`` (B, T0) by ``max_new_tokens``; returns int64 (B, T0 + new).
 
     KV-cached: one jitted prefill over the prompt, then one jitted single-token step per new token
-    (compiled once, traced position).
+    (compiled once, traced position). ``attention_mask`` (B, T0) of 1/0 batches prompts of
+    different lengths, left-padded: each row decodes as it would alone
+    (``llm.sampling.check_prompt_mask``).
     """
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=True)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=True,
+                   attention_mask=attention_mask)
 
 
 def generate_no_cache(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                      eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
+                      eos_id: int | None = None, vocab_limit: int | None = None,
+                      attention_mask=None) -> np.ndarray:
     """``generate`` by full recomputation of the prefix at every step (the reference for tests)."""
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=False)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=False,
+                   attention_mask=attention_mask)
 
 
 def logits(model: DecoderModel, token_ids) -> np.ndarray:

@@ -57,6 +57,8 @@ __all__ = [
     "LayerKVCache",
     "KVCache",
     "MultiHeadAttention",
+    "positions_from_mask",
+    "attention_rule",
     "MLP",
     "ExpertLinear",
     "Experts",
@@ -220,14 +222,21 @@ class EmbeddingLayer(_SpecModule):
             self.sinusoidal = Buffer(jnp.asarray(sinusoidal_table(spec)))  # (max_seq_len, D)
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, start_pos: Any = 0, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, start_pos: Any = 0, positions: jax.Array | None = None, *,
+                 deterministic: bool = True) -> jax.Array:
+        """``positions`` (B, T) replaces ``start_pos .. start_pos+T-1`` when given (padding, packing)."""
         T = input_ids.shape[1]
         _check_positions(start_pos, T, self.spec.max_seq_len, "max_seq_len")
         x = jnp.take(self.weight[...], input_ids, axis=0)  # (B, T, D) float32
+        pad = self.spec.pad_token_id
+        if pad is not None:  # torch padding_idx: the pad row's lookup carries no gradient
+            x = jnp.where((input_ids == pad)[..., None], jax.lax.stop_gradient(x), x)
+        if positions is None:
+            positions = start_pos + jnp.arange(T)  # (T,)
         if self.spec.position is Position.LEARNED:
-            x = x + self.position(start_pos + jnp.arange(T))  # (T, D) broadcast over B
+            x = x + self.position(positions)  # (T, D) or (B, T, D)
         elif self.spec.position is Position.SINUSOIDAL:
-            x = x + jax.lax.dynamic_slice_in_dim(self.sinusoidal[...], start_pos, T, axis=0)
+            x = x + jnp.take(self.sinusoidal[...], positions, axis=0)
         return self.dropout(x.astype(self.dtype), deterministic=deterministic)
 
     def attend(self, x: jax.Array) -> jax.Array:
@@ -299,8 +308,51 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def positions_from_mask(attention_mask: jax.Array, start_pos: Any, length: int) -> jax.Array:
+    """Positions (B, length) of slots ``start_pos ..`` of a 1/0 ``attention_mask`` (B, L >= start_pos+length).
+
+    ``cumsum(mask) - 1`` clamped at 0: the first real token of a left-padded row is position 0, so
+    the row computes what the unpadded prompt does; padded slots sit at the next real position (0
+    for leading padding) and are never attended by real tokens.
+    """
+    pos = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return jax.lax.dynamic_slice_in_dim(pos, start_pos, length, axis=1)
+
+
+def attention_rule(q_slot: jax.Array, k_slot: jax.Array, *, causal: bool, window: int | None,
+                   query_valid: jax.Array | None = None, key_valid: jax.Array | None = None,
+                   q_segment: jax.Array | None = None, k_segment: jax.Array | None = None) -> jax.Array:
+    """Which key slots each query slot may attend: bool (1 or B, T, S), True = may attend.
+
+    Slots are indices into the sequence (T queries ``q_slot``, S keys ``k_slot``). Causal: k <= q,
+    and a window w keeps k > q - w; non-causal: |q - k| < w. Segments (B, T) / (B, S): only equal
+    ids. Padding: a key whose ``key_valid`` is 0 is never attended, and a padded query
+    (``query_valid`` 0) attends to its own slot only, so its output is defined and finite.
+    """
+    q, k = q_slot[:, None], k_slot[None, :]  # (T, 1), (1, S)
+    allowed = jnp.ones((q.shape[0], k.shape[1]), jnp.bool_)
+    if causal:
+        allowed = k <= q
+    if window is not None:
+        allowed = allowed & ((k > q - window) if causal else (jnp.abs(q - k) < window))
+    allowed = allowed[None]  # (1, T, S)
+    if q_segment is not None:
+        allowed = allowed & (q_segment[:, :, None] == k_segment[:, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :].astype(jnp.bool_)
+    if query_valid is not None:
+        allowed = jnp.where(query_valid[:, :, None].astype(jnp.bool_), allowed, (k == q)[None])
+    return allowed
+
+
 class MultiHeadAttention(_SpecModule):
-    """Causal self-attention with grouped-query heads, optional RoPE and sliding window.
+    """Self-attention with grouped-query heads, optional RoPE and sliding window; causal by default.
+
+    ``causal=False`` drops the triangle (an encoder-style layer): a sliding window then keeps keys
+    with ``|i - j| < window``; a KV cache needs ``causal=True``. ``__call__``'s ``attention_mask``
+    (B, T; with a cache B, cache length), ``segment_ids`` (B, T) and ``positions`` (B, T) follow
+    ``attention_rule`` and ``positions_from_mask``; the cuDNN path takes the same rule as its
+    boolean ``mask=``.
 
     The RoPE tables come from ``llm.spec.rope_cos_sin`` (rows = absolute positions) and are held
     as ``Buffer`` constants so both backends rotate with the very same float32 numbers. Query head
@@ -314,8 +366,9 @@ class MultiHeadAttention(_SpecModule):
     insists (an error where it cannot apply); ``"xla"`` always takes the einsum path.
     """
 
-    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(self, spec: ModelSpec, causal: bool = True, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         self._set_spec(spec)
+        self.causal = causal
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, spec.dim_head
         self.dtype = jnp.dtype(dtype)
         d, h, kv, hd = spec.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -350,49 +403,67 @@ class MultiHeadAttention(_SpecModule):
             raise ValueError("attention_impl='cudnn' cannot apply: " + "; ".join(why_not))
         return not why_not
 
-    def _rope(self, x: jax.Array, start_pos: Any) -> jax.Array:
+    def _rope(self, x: jax.Array, start_pos: Any, positions: jax.Array | None) -> jax.Array:
         T = x.shape[1]
-        cos = jax.lax.dynamic_slice_in_dim(self.rope_cos[...], start_pos, T, axis=0)[None, :, None, :]
-        sin = jax.lax.dynamic_slice_in_dim(self.rope_sin[...], start_pos, T, axis=0)[None, :, None, :]
+        if positions is None:
+            cos = jax.lax.dynamic_slice_in_dim(self.rope_cos[...], start_pos, T, axis=0)[None, :, None, :]
+            sin = jax.lax.dynamic_slice_in_dim(self.rope_sin[...], start_pos, T, axis=0)[None, :, None, :]
+        else:
+            cos = jnp.take(self.rope_cos[...], positions, axis=0)[:, :, None, :]  # (B, T, 1, hd)
+            sin = jnp.take(self.rope_sin[...], positions, axis=0)[:, :, None, :]
         x32 = x.astype(jnp.float32)
         return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)  # (B, T, heads, hd)
 
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
-                 deterministic: bool = True) -> jax.Array:
+                 attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         spec = self.spec
         B, T, _ = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
         _check_positions(start_pos, T, spec.max_seq_len, "max_seq_len")
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention (this layer has causal=False)")
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask, start_pos, T)
         q = self.q_proj(x).reshape(B, T, H, hd)
         k = self.k_proj(x).reshape(B, T, K, hd)
         v = self.v_proj(x).reshape(B, T, K, hd)
         if spec.position is Position.ROPE:
-            q, k = self._rope(q, start_pos), self._rope(k, start_pos)
+            q, k = self._rope(q, start_pos, positions), self._rope(k, start_pos, positions)
+
+        # Keys cover slots 0..S_max-1 when caching (unwritten slots lie in the future of every
+        # query, so the causal rule hides them), else the T slots of this call.
+        q_slot = start_pos + jnp.arange(T)
+        k_slot = q_slot
+        key_valid = query_valid = None
+        if attention_mask is not None:
+            query_valid = jax.lax.dynamic_slice_in_dim(attention_mask, start_pos, T, axis=1)  # (B, T)
+            key_valid = query_valid
+        if cache is not None:
+            k_slot = jnp.arange(cache.max_seq_len)
+            key_valid = attention_mask  # (B, S_max) or None
+        mask = attention_rule(q_slot, k_slot, causal=self.causal, window=spec.sliding_window,
+                              query_valid=query_valid, key_valid=key_valid, q_segment=segment_ids,
+                              k_segment=segment_ids)  # (B|1, T, S); True = may attend
 
         if self._cudnn_applies(cache, deterministic):
             # Flash attention: no (T, S) scores in memory, float32 softmax statistics inside the
-            # kernel; keys and queries share positions, so the plain causal triangle is the mask.
+            # kernel; the plain triangle as is_causal, any other rule as the boolean mask.
+            plain = self.causal and attention_mask is None and segment_ids is None
             y = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
-                                             scale=1.0 / math.sqrt(hd), is_causal=True,
+                                             mask=None if plain else mask[:, None],
+                                             scale=1.0 / math.sqrt(hd), is_causal=plain,
                                              implementation="cudnn")  # (B, T, H, hd); h reads kv h // G
             return self.o_proj(y.reshape(B, T, H * hd))
 
-        # Keys cover absolute positions 0..S_max-1 when caching (unwritten slots lie in the future
-        # of every query, so the causal mask hides them), else the T positions of this call.
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # (B, S_max, K, hd)
-            k_pos = jnp.arange(k.shape[1])
-        else:
-            k_pos = start_pos + jnp.arange(T)
-        q_pos = start_pos + jnp.arange(T)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S); True = may attend
-        if spec.sliding_window is not None:
-            mask = mask & (k_pos[None, :] > q_pos[:, None] - spec.sliding_window)
-
         q = q.reshape(B, T, K, H // K, hd)  # head h = kv * G + g, so it reads kv head h // G
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype),
                             preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-        scores = jnp.where(mask, scores, _MASKED)
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1)  # float32
         probs = self.attn_dropout(probs, deterministic=deterministic)
         y = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), v.astype(self.dtype))
@@ -582,9 +653,12 @@ class TransformerBlock(_SpecModule):
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, deterministic: bool = True
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
         post = self.spec.norm_position is NormPosition.POST
-        h = self.attn(x if post else self.attn_norm(x), start_pos, cache, deterministic=deterministic)
+        h = self.attn(x if post else self.attn_norm(x), start_pos, cache, attention_mask=attention_mask,
+                      segment_ids=segment_ids, positions=positions, deterministic=deterministic)
         x = x + self.dropout(h, deterministic=deterministic)
         if post:
             x = self.attn_norm(x)
@@ -702,13 +776,24 @@ class DecoderModel(_SpecModule):
                        dtype=self.dtype if dtype is None else dtype)
 
     def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, deterministic: bool = True,
-                 cache: KVCache | None = None, start_pos: Any = 0, return_hidden: bool = False,
+                 cache: KVCache | None = None, start_pos: Any = 0,
+                 attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, return_hidden: bool = False,
                  return_logits: bool = True) -> ModelOutput:
         """Logits (float32) and, with ``targets``, the losses.
 
         ``return_logits=False`` (needs ``targets``) is the training path: ``logits`` is None and the
         loss comes from ``lean_cross_entropy`` on the compute-dtype logits (no float32 (B, T, V)
         copy, forward or backward). The loss is the same float32 quantity.
+
+        ``attention_mask`` (B, T) of 1/0 (with a cache: (B, cache length), 1 for every slot that
+        holds or will hold a real token) marks padding, left or right: padded slots are never
+        attended, a padded query attends to itself only, positions come from
+        ``positions_from_mask`` (left padding computes what the unpadded row does), and the model
+        sets the targets of padded slots to -100. A target that *is* padding (the last real token
+        of a right-padded row predicts a pad) is the caller's to mark -100.
+        ``segment_ids`` (B, T) ints: packed documents, attention never crosses a change of id.
+        ``positions`` (B, T) overrides the positions (packed rows that restart at each document).
         """
         spec = self.spec
         if not return_logits and targets is None:
@@ -719,12 +804,25 @@ class DecoderModel(_SpecModule):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.layers)}")
 
-        x = self.embed(input_ids, start_pos, deterministic=deterministic)  # (B, T, D)
+        T = input_ids.shape[1]
+        for name, extra in (("attention_mask", attention_mask), ("segment_ids", segment_ids),
+                            ("positions", positions)):
+            width = cache[0].max_seq_len if cache is not None and name == "attention_mask" else T
+            if extra is not None and tuple(extra.shape) != (input_ids.shape[0], width):
+                raise ValueError(f"{name} must be (batch, {width}), got shape {tuple(extra.shape)}")
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask, start_pos, T)
+        if targets is not None and attention_mask is not None:
+            query_valid = jax.lax.dynamic_slice_in_dim(attention_mask, start_pos, T, axis=1)
+            targets = jnp.where(query_valid.astype(jnp.bool_), targets, IGNORE_INDEX)
+
+        x = self.embed(input_ids, start_pos, positions, deterministic=deterministic)  # (B, T, D)
         hidden = [x]
         balances, zs = [], []
         for i, layer in enumerate(self.layers):
             x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
-                                  deterministic=deterministic)
+                                  attention_mask=attention_mask, segment_ids=segment_ids,
+                                  positions=positions, deterministic=deterministic)
             hidden.append(x)
             balances.append(balance)
             zs.append(z)

@@ -107,9 +107,9 @@ class FlaxLMTask(LMTaskHalfBase, FlaxTask):
 
     def loss(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array], *, deterministic: bool
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        inputs, targets = batch
+        inputs, targets, extras = self.model_inputs(batch)  # extras: packed batches' segment_ids, positions
         # The loss-only path: no float32 (B, T, V) logits, forward or backward (lean_cross_entropy).
-        out = model(inputs, targets, deterministic=deterministic, return_logits=False)
+        out = model(inputs, targets, deterministic=deterministic, return_logits=False, **extras)
         parts = {"loss": out.loss}
         if model.spec.use_moe:
             parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)

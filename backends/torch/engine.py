@@ -421,9 +421,9 @@ class TrainingEngine(BaseTrainingEngine):
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        for inputs, targets in self.datamodule.val_dataloader(num_batches):
+        for batch in self.datamodule.val_dataloader(num_batches):
             with self._autocast():
-                _, parts = self.impl.loss(self.model, self._to_device((inputs, targets)))
+                _, parts = self.impl.loss(self.model, self._to_device(batch))
             total += parts["loss"].double()
             count += 1
         self.model.train()

@@ -28,7 +28,7 @@ import torch
 from backends.torch.convert import from_canonical
 from backends.torch.model import DecoderModel
 from llm.spec import ModelSpec
-from llm.sampling import Sampling, check_eos, check_prompt, check_seed, check_vocab_limit
+from llm.sampling import Sampling, check_eos, check_prompt, check_prompt_mask, check_seed, check_vocab_limit
 
 __all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token"]
 
@@ -78,15 +78,17 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float, top_k: int | None,
             top_p: float | None, seed: int, eos_id: int | None, vocab_limit: int | None,
-            use_cache: bool) -> np.ndarray:
+            use_cache: bool, attention_mask=None) -> np.ndarray:
     spec = model.spec
     sampling = Sampling.create(temperature, top_k, top_p, vocab_size=spec.vocab_size)
     ids = check_prompt(token_ids, spec, max_new_tokens)
     seed, eos_id = check_seed(seed), check_eos(eos_id, spec)
     vocab_limit = check_vocab_limit(vocab_limit, spec)
+    full_mask = check_prompt_mask(attention_mask, ids, max_new_tokens)  # (B, total) or None
     B, T0 = ids.shape
     total = T0 + max_new_tokens
     device = _device(model)
+    mask = None if full_mask is None else torch.as_tensor(full_mask, device=device)
     generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
 
     with _eval_mode(model):
@@ -100,11 +102,12 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
 
             def step(p: int) -> torch.Tensor:
                 if p == T0 - 1:  # prefill: the whole prompt in one forward
-                    return model(out[:, :T0], cache=cache, start_pos=0).logits[:, -1]
-                return model(out[:, p:p + 1], cache=cache, start_pos=p).logits[:, -1]
+                    return model(out[:, :T0], cache=cache, start_pos=0, attention_mask=mask).logits[:, -1]
+                return model(out[:, p:p + 1], cache=cache, start_pos=p, attention_mask=mask).logits[:, -1]
         else:
             def step(p: int) -> torch.Tensor:
-                return model(out[:, :p + 1]).logits[:, -1]
+                prefix_mask = None if mask is None else mask[:, :p + 1]
+                return model(out[:, :p + 1], attention_mask=prefix_mask).logits[:, -1]
 
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for p in range(T0 - 1, total - 1):
@@ -120,21 +123,26 @@ def _decode(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature:
 
 def generate(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
+             eos_id: int | None = None, vocab_limit: int | None = None, attention_mask=None) -> np.ndarray:
     """Continue each row of ``token_ids`` (B, T0) by ``max_new_tokens``; returns int64 (B, T0 + new).
 
     KV-cached: one prefill forward over the prompt, then one single-token forward per new token.
+    ``attention_mask`` (B, T0) of 1/0 batches prompts of different lengths, left-padded: each
+    row decodes as it would alone (``llm.sampling.check_prompt_mask``).
     """
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=True)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=True,
+                   attention_mask=attention_mask)
 
 
 def generate_no_cache(model: DecoderModel, token_ids, max_new_tokens: int, *, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                      eos_id: int | None = None, vocab_limit: int | None = None) -> np.ndarray:
+                      eos_id: int | None = None, vocab_limit: int | None = None,
+                      attention_mask=None) -> np.ndarray:
     """``generate`` by full recomputation of the prefix at every step (the reference for tests)."""
     return _decode(model, token_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=False)
+                   seed=seed, eos_id=eos_id, vocab_limit=vocab_limit, use_cache=False,
+                   attention_mask=attention_mask)
 
 
 def logits(model: DecoderModel, token_ids) -> np.ndarray:

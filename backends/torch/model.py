@@ -38,6 +38,8 @@ __all__ = [
     "LayerKVCache",
     "KVCache",
     "MultiHeadAttention",
+    "positions_from_mask",
+    "attention_rule",
     "MLP",
     "MoE",
     "TransformerBlock",
@@ -130,14 +132,17 @@ class EmbeddingLayer(nn.Module):
             self.register_buffer("sinusoidal", torch.from_numpy(sinusoidal_table(spec)), persistent=False)
         self.dropout = nn.Dropout(spec.dropout)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` (B, T) replaces ``start_pos .. start_pos+T-1`` when given (padding, packing)."""
         T = input_ids.shape[1]
-        x = F.embedding(input_ids, self.weight)  # (B, T, D)
+        x = F.embedding(input_ids, self.weight, padding_idx=self.spec.pad_token_id)  # (B, T, D)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)  # (T,)
         if self.spec.position is Position.LEARNED:
-            pos = torch.arange(start_pos, start_pos + T, device=input_ids.device)
-            x = x + self.position(pos)  # (T, D) broadcast over B
+            x = x + self.position(positions)  # (T, D) or (B, T, D)
         elif self.spec.position is Position.SINUSOIDAL:
-            x = x + self.sinusoidal[start_pos:start_pos + T].to(x.dtype)
+            x = x + self.sinusoidal[positions].to(x.dtype)
         return self.dropout(x)
 
 
@@ -197,16 +202,61 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def positions_from_mask(attention_mask: torch.Tensor, start_pos: int, length: int) -> torch.Tensor:
+    """Positions (B, length) of slots ``start_pos ..`` of a 1/0 ``attention_mask`` (B, L >= start_pos+length).
+
+    ``cumsum(mask) - 1`` clamped at 0: the first real token of a left-padded row is position 0, so
+    the row computes what the unpadded prompt does; padded slots sit at the next real position (0
+    for leading padding) and are never attended by real tokens.
+    """
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos[:, start_pos:start_pos + length]
+
+
+def attention_rule(q_slot: torch.Tensor, k_slot: torch.Tensor, *, causal: bool, window: int | None,
+                   query_valid: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                   q_segment: torch.Tensor | None = None, k_segment: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Which key slots each query slot may attend: bool (1 or B, T, S), True = may attend.
+
+    Slots are indices into the sequence (T queries ``q_slot``, S keys ``k_slot``). Causal: k <= q,
+    and a window w keeps k > q - w; non-causal: |q - k| < w. Segments (B, T) / (B, S): only equal
+    ids. Padding: a key whose ``key_valid`` is 0 is never attended, and a padded query
+    (``query_valid`` 0) attends to its own slot only, so its output is defined and finite.
+    """
+    q, k = q_slot[:, None], k_slot[None, :]  # (T, 1), (1, S)
+    allowed = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = k <= q
+    if window is not None:
+        allowed = allowed & ((k > q - window) if causal else ((q - k).abs() < window))
+    allowed = allowed[None]  # (1, T, S)
+    if q_segment is not None:
+        allowed = allowed & (q_segment[:, :, None] == k_segment[:, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :].bool()
+    if query_valid is not None:
+        allowed = torch.where(query_valid[:, :, None].bool(), allowed, (k == q)[None])
+    return allowed
+
+
 class MultiHeadAttention(nn.Module):
-    """Causal self-attention with grouped-query heads, optional RoPE and sliding window.
+    """Self-attention with grouped-query heads, optional RoPE and sliding window; causal by default.
 
     The RoPE tables come from ``llm.spec.rope_cos_sin`` (rows = absolute positions) and are kept as
     non-persistent buffers so both backends rotate with the very same float32 numbers.
+
+    ``causal=False`` drops the triangle (an encoder-style layer): a sliding window then keeps keys
+    with ``|i - j| < window``; a KV cache needs ``causal=True``. ``forward``'s ``attention_mask``
+    (B, T; with a cache B, cache length), ``segment_ids`` (B, T) and ``positions`` (B, T) follow
+    ``attention_rule`` and ``positions_from_mask``. SDPA runs fused either way: ``is_causal`` when
+    the plain triangle is the whole rule, a boolean ``attn_mask`` otherwise.
     """
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, causal: bool = True):
         super().__init__()
         self.spec = spec
+        self.causal = causal
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, spec.dim_head
         d, h, kv, hd = spec.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         self.q_proj = _zeroed(nn.Linear, d, h * hd, bias=spec.attention_bias)
@@ -218,22 +268,34 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
             self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
 
-    def _rope(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, start_pos: int, positions: torch.Tensor | None) -> torch.Tensor:
         T = x.shape[1]
-        cos = self.rope_cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, hd)
-        sin = self.rope_sin[start_pos:start_pos + T, None, :].to(x.dtype)
+        if positions is None:
+            cos = self.rope_cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, hd)
+            sin = self.rope_sin[start_pos:start_pos + T, None, :].to(x.dtype)
+        else:
+            cos = self.rope_cos[positions][:, :, None, :].to(x.dtype)  # (B, T, 1, hd)
+            sin = self.rope_sin[positions][:, :, None, :].to(x.dtype)
         return x * cos + _rotate_half(x) * sin  # (B, T, heads, hd)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention (this layer has causal=False)")
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask, start_pos, T)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KV, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.spec.position is Position.ROPE:
-            q, k = self._rope(q, start_pos), self._rope(k, start_pos)
+            q, k = self._rope(q, start_pos, positions), self._rope(k, start_pos, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
 
-        # Keys cover absolute positions key_start .. key_start+S-1: the whole prefix when caching.
+        # Keys cover slots key_start .. key_start+S-1: the whole prefix when caching.
         key_start = start_pos
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # (B, KV, S, hd), S = start_pos + T
@@ -241,15 +303,21 @@ class MultiHeadAttention(nn.Module):
         S = k.shape[2]
 
         mask = None
-        if self.spec.sliding_window is not None or S != T:
-            # An explicit mask when the plain lower triangle is not the rule; True = may attend.
-            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]  # (T, 1)
-            k_pos = torch.arange(key_start, key_start + S, device=x.device)[None, :]  # (1, S)
-            mask = k_pos <= q_pos
-            if self.spec.sliding_window is not None:
-                mask = mask & (k_pos > q_pos - self.spec.sliding_window)  # (T, S)
+        plain = (self.spec.sliding_window is None and S == T and attention_mask is None
+                 and segment_ids is None)
+        if not plain:
+            # An explicit mask when the plain lower triangle is not the rule.
+            key_valid = query_valid = None
+            if attention_mask is not None:
+                key_valid = attention_mask[:, key_start:key_start + S]  # (B, S)
+                query_valid = attention_mask[:, start_pos:start_pos + T]  # (B, T)
+            mask = attention_rule(
+                torch.arange(start_pos, start_pos + T, device=x.device),
+                torch.arange(key_start, key_start + S, device=x.device),
+                causal=self.causal, window=self.spec.sliding_window, query_valid=query_valid,
+                key_valid=key_valid, q_segment=segment_ids, k_segment=segment_ids)[:, None]  # (B|1, 1, T, S)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
             dropout_p=self.spec.dropout if self.training else 0.0,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, hd); query head h reads kv head h // (H/KV)
@@ -445,10 +513,13 @@ class TransformerBlock(nn.Module):
         self.mlp = MoE(spec) if spec.use_moe else MLP(spec)
         self.dropout = nn.Dropout(spec.dropout)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         post = self.spec.norm_position is NormPosition.POST
-        x = x + self.dropout(self.attn(x if post else self.attn_norm(x), start_pos, cache))
+        h = self.attn(x if post else self.attn_norm(x), start_pos, cache, attention_mask=attention_mask,
+                      segment_ids=segment_ids, positions=positions)
+        x = x + self.dropout(h)
         if post:
             x = self.attn_norm(x)
         if self.spec.use_moe:
@@ -504,12 +575,23 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int = 0,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None,
                 return_hidden: bool = False, return_logits: bool = True) -> ModelOutput:
         """Logits (float32) and, with ``targets``, the losses.
 
         ``return_logits=False`` (needs ``targets``) is the training path: ``logits`` is None and the
         float32 (B, T, V) copy is never kept, so under autocast only the bf16 logits exist and
         ``torch.compile`` fuses the upcast into the cross-entropy. The loss is the same number.
+
+        ``attention_mask`` (B, T) of 1/0 (with a cache: (B, cache length), 1 for every slot that
+        holds or will hold a real token) marks padding, left or right: padded slots are never
+        attended, a padded query attends to itself only, positions come from
+        ``positions_from_mask`` (left padding computes what the unpadded row does), and the model
+        sets the targets of padded slots to -100. A target that *is* padding (the last real token
+        of a right-padded row predicts a pad) is the caller's to mark -100.
+        ``segment_ids`` (B, T) ints: packed documents, attention never crosses a change of id.
+        ``positions`` (B, T) overrides the positions (packed rows that restart at each document).
         """
         spec = self.spec
         if not return_logits and targets is None:
@@ -523,11 +605,24 @@ class DecoderModel(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.layers)}")
 
-        x = self.embed(input_ids, start_pos)  # (B, T, D)
+        for name, extra in (("attention_mask", attention_mask), ("segment_ids", segment_ids),
+                            ("positions", positions)):
+            width = cache[0].max_seq_len if cache is not None and name == "attention_mask" else T
+            if extra is not None and tuple(extra.shape) != (input_ids.shape[0], width):
+                raise ValueError(f"{name} must be (batch, {width}), got shape {tuple(extra.shape)}")
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask, start_pos, T)
+        if targets is not None and attention_mask is not None:
+            query_valid = attention_mask[:, start_pos:start_pos + T].bool()
+            targets = targets.masked_fill(~query_valid, IGNORE_INDEX)
+
+        x = self.embed(input_ids, start_pos, positions)  # (B, T, D)
         hidden = [x]
         balances, zs = [], []
         for i, layer in enumerate(self.layers):
-            x, balance, z = layer(x, start_pos, None if cache is None else cache[i])
+            x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
+                                  attention_mask=attention_mask, segment_ids=segment_ids,
+                                  positions=positions)
             balances.append(balance)
             zs.append(z)
             hidden.append(x)

@@ -77,8 +77,8 @@ class TorchLMTask(LMTaskHalfBase, TorchTask):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs, targets = batch
-        out = model(inputs, targets, return_logits=False)  # the loss-only path: no fp32 (B, T, V) copy
+        inputs, targets, extras = self.model_inputs(batch)  # extras: packed batches' segment_ids, positions
+        out = model(inputs, targets, return_logits=False, **extras)  # the loss-only path: no fp32 (B, T, V) copy
         parts = {"loss": out.loss}
         if _spec_of(model).use_moe:
             parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm.data.base import BaseDataModule, Batch, DataError
+from llm.data.base import BATCH_FIELDS, BaseDataModule, Batch, DataError
 from llm.data.synthetic import SyntheticDataModule
 from llm.data.text import TextDataModule
 
-__all__ = ["Batch", "BaseDataModule", "DataError", "SyntheticDataModule", "TextDataModule",
+__all__ = ["BATCH_FIELDS", "Batch", "BaseDataModule", "DataError", "SyntheticDataModule", "TextDataModule",
            "build_datamodule"]
 
 

@@ -26,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Batch", "BaseDataModule", "DataError"]
+__all__ = ["BATCH_FIELDS", "Batch", "BaseDataModule", "DataError"]
 
-Batch = tuple[np.ndarray, np.ndarray]  # (inputs, targets), leading axis = this rank's batch rows
+# (inputs, targets), leading axis = this rank's batch rows; packed LM batches append segment_ids
+# and, with data.reset_positions, positions (all (B, T)): the names of BATCH_FIELDS, in order.
+Batch = tuple[np.ndarray, ...]
+BATCH_FIELDS = ("inputs", "targets", "segment_ids", "positions")
 
 _STREAM_TAG = 0xDA7A  # keeps data RNG streams apart from weight-init streams of the same seed
 

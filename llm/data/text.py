@@ -46,6 +46,13 @@ Items: train item ``i`` of epoch ``e`` is the window ``train[o + i*T : o + i*T +
 ``T = seq_len`` and a per-epoch offset ``o`` drawn from the slack left after the last whole window;
 val windows start at 0. Windows may cross ``<EOS>`` into the next document of the same split.
 ``inputs = window[:-1]``, ``targets = window[1:]``, both int64 ``(B, T)``.
+
+Packing (``pack_documents=True``): the same windows, plus int64 ``segment_ids`` (B, T): the number
+of ``<EOS>`` tokens before each input slot in its window, so a document's tokens and the ``<EOS>``
+that ends it share an id and the model's attention never crosses into the next document (the
+``<EOS>`` still predicts the next document's first token, as without packing). A document cut by a
+window edge goes on as the first segment of a later window. ``reset_positions=True`` adds
+``positions`` (B, T): the slot's offset from the start of its segment in the window.
 """
 
 from __future__ import annotations
@@ -68,7 +75,8 @@ from llm.data.base import BaseDataModule, Batch, DataError
 from llm.io import TOKENIZER_FILE, atomic_directory
 from llm.tokenization import build_tokenizer, load_tokenizer
 
-__all__ = ["TextDataModule", "Corpus", "document_name", "read_corpus", "resolve_source", "split_rank",
+__all__ = ["TextDataModule", "Corpus", "document_name", "read_corpus", "resolve_source", "segment_positions",
+           "split_rank",
            "stdlib_files", "val_document_count"]
 
 log = logging.getLogger(__name__)
@@ -222,6 +230,14 @@ def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
     return Corpus(source, docs, used, names, total, truncated, skipped, digest.hexdigest())
 
 
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Each slot's offset (int64, like ``segment_ids`` (B, T)) from the first slot of its segment."""
+    slots = np.broadcast_to(np.arange(segment_ids.shape[1]), segment_ids.shape)
+    first = np.ones_like(segment_ids, dtype=bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return (slots - np.maximum.accumulate(np.where(first, slots, 0), axis=1)).astype(np.int64)
+
+
 # ---------------------------------------------------------------------- the data module
 class TextDataModule(BaseDataModule):
     """Language-model windows over a tokenized text corpus (see the module docstring).
@@ -238,10 +254,15 @@ class TextDataModule(BaseDataModule):
     def __init__(self, source: str = "stdlib", *, seq_len: int, batch_size: int,
                  tokenizer: Any = "char", vocab_size: int = 4096, val_fraction: float = 0.1,
                  cache_dir: str | os.PathLike | None = None, max_bytes: int | None = 4_000_000,
+                 pack_documents: bool = False, reset_positions: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         if seq_len < 1:
             raise DataError(f"data.seq_len={seq_len} must be >= 1")
+        if reset_positions and not pack_documents:
+            raise DataError("data.reset_positions needs data.pack_documents: true")
+        self.pack_documents = pack_documents
+        self.reset_positions = reset_positions
         if not 0 <= val_fraction < 1:
             raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         self.source = source
@@ -277,7 +298,8 @@ class TextDataModule(BaseDataModule):
         tokenizer = d.tokenizer if tokenizer is None else tokenizer
         return cls(d.source, seq_len=d.seq_len, batch_size=t.batch_size, tokenizer=tokenizer,
                    vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-                   cache_dir=d.resolved_cache_dir, max_bytes=d.max_bytes, seed=t.seed,
+                   cache_dir=d.resolved_cache_dir, max_bytes=d.max_bytes,
+                   pack_documents=d.pack_documents, reset_positions=d.reset_positions, seed=t.seed,
                    rank=rank, world_size=world_size)
 
     # ------------------------------------------------------------------ cache
@@ -383,6 +405,9 @@ class TextDataModule(BaseDataModule):
             raise DataError(f"corrupt token cache {self.cache_path} (meta.json/documents.json do not "
                             "match tokens.npy); delete it to rebuild")
         self.tokenizer = self._given_tokenizer or load_tokenizer(self.cache_path / TOKENIZER_FILE)
+        if self.pack_documents and self.tokenizer.eos_id is None:
+            raise DataError(f"data.pack_documents needs a tokenizer with an <EOS> token "
+                            f"({self.tokenizer.type} has none): documents could not be told apart")
         self.meta = meta
         self._tokens = tokens
         self._split(tokens, names, ends)
@@ -431,8 +456,10 @@ class TextDataModule(BaseDataModule):
     # ------------------------------------------------------------------ items
     @property
     def fingerprint(self) -> str:
+        packing = (f":pack_documents:reset_positions={self.reset_positions}" if self.pack_documents
+                   else "")  # unpacked runs keep the fingerprint they always had
         return (f"text:{self._key}:seq_len={self.seq_len}:val_fraction={self.val_fraction}"
-                f":split={SPLIT_RULE}")
+                f":split={SPLIT_RULE}{packing}")
 
     @property
     def vocab_size(self) -> int:
@@ -470,4 +497,11 @@ class TextDataModule(BaseDataModule):
         offset = self._train_offset(epoch) if split == "train" else 0
         starts = offset + np.asarray(indices, np.int64) * self.seq_len
         windows = np.asarray(tokens[starts[:, None] + np.arange(self.seq_len + 1)], np.int64)  # (B, T+1)
-        return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+        inputs, targets = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+        if not self.pack_documents:
+            return inputs, targets
+        ends = inputs == self.tokenizer.eos_id  # (B, T): slots that end a document
+        segment_ids = np.cumsum(ends, axis=1) - ends  # EOS counted from the next slot on
+        if not self.reset_positions:
+            return inputs, targets, segment_ids
+        return inputs, targets, segment_ids, segment_positions(segment_ids)

@@ -182,6 +182,17 @@ class LMTaskHalfBase:
         """The backend's decoding loop (``backends.<name>.inference.generate``)."""
         raise NotImplementedError
 
+    @staticmethod
+    def model_inputs(batch: tuple[Any, ...]) -> tuple[Any, Any, dict[str, Any]]:
+        """``(inputs, targets, extras)`` of a batch: extras are the model's keyword arguments for
+        the fields after the first two (``segment_ids``, ``positions`` of packed text batches)."""
+        from llm.data import BATCH_FIELDS
+
+        if not 2 <= len(batch) <= len(BATCH_FIELDS):
+            raise ValueError(f"an LM batch has {', '.join(BATCH_FIELDS[:2])} and optionally "
+                             f"{', '.join(BATCH_FIELDS[2:])}; got {len(batch)} arrays")
+        return batch[0], batch[1], dict(zip(BATCH_FIELDS[2:], batch[2:]))
+
     def build_model(self, config: Any, datamodule: Any) -> Any:
         model = self.new_model(config)
         from llm.init_from import init_from_params

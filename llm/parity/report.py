@@ -52,8 +52,11 @@ class BackendResult:
 
 
 def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
-               targets: np.ndarray) -> BackendResult:
-    """Forward + backward of ``loss + aux_loss + z_loss`` in PyTorch, eval mode (no dropout)."""
+               targets: np.ndarray, model_inputs: dict[str, np.ndarray] | None = None) -> BackendResult:
+    """Forward + backward of ``loss + aux_loss + z_loss`` in PyTorch, eval mode (no dropout).
+
+    ``model_inputs``: further (B, T) arrays passed to the model by name (``attention_mask``,
+    ``segment_ids``, ``positions``)."""
     import torch
 
     torch_backend = backend("torch")
@@ -67,7 +70,8 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
 
         for layer in model.layers:
             hooks.append(layer.mlp.register_forward_hook(keep_router_logits))
-    out = model(torch.from_numpy(ids), torch.from_numpy(targets), return_hidden=True)
+    extra = {k: torch.from_numpy(np.asarray(v)) for k, v in (model_inputs or {}).items()}
+    out = model(torch.from_numpy(ids), torch.from_numpy(targets), return_hidden=True, **extra)
     for h in hooks:
         h.remove()
     (out.loss + out.aux_loss + out.z_loss).backward()
@@ -81,7 +85,7 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
 
 
 def flax_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
-              targets: np.ndarray) -> BackendResult:
+              targets: np.ndarray, model_inputs: dict[str, np.ndarray] | None = None) -> BackendResult:
     """Forward + backward of ``loss + aux_loss + z_loss`` in Flax NNX, deterministic, under jit
     (the way JAX code runs in training; one compile instead of one per primitive)."""
     import jax
@@ -93,15 +97,16 @@ def flax_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
     graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
-    def step(weights, rest, ids, targets):
+    def step(weights, rest, ids, targets, extra):
         def objective(weights):
-            out = nnx.merge(graphdef, weights, rest)(ids, targets, return_hidden=True)
+            out = nnx.merge(graphdef, weights, rest)(ids, targets, return_hidden=True, **extra)
             return out.loss + out.aux_loss + out.z_loss, out
 
         (_, out), grads = jax.value_and_grad(objective, has_aux=True)(weights)
         return out, grads
 
-    out, grads = step(weights, rest, jnp.asarray(ids), jnp.asarray(targets))
+    extra = {k: jnp.asarray(v) for k, v in (model_inputs or {}).items()}
+    out, grads = step(weights, rest, jnp.asarray(ids), jnp.asarray(targets), extra)
     return BackendResult(
         logits=np.asarray(out.logits),
         loss=float(out.loss), aux_loss=float(out.aux_loss), z_loss=float(out.z_loss),
