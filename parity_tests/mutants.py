@@ -92,7 +92,8 @@ def rope_direction(mp, backend):
 
 
 def rope_ignores_start_pos(mp, backend):
-    _wrap(mp, MODEL[backend].MultiHeadAttention, "_rope", lambda orig: lambda self, x, start_pos: orig(self, x, 0))
+    _wrap(mp, MODEL[backend].MultiHeadAttention, "_rope",
+          lambda orig: lambda self, x, start_pos, *rest: orig(self, x, 0, *rest))
 
 
 def attention_scale(mp, backend):
@@ -105,12 +106,12 @@ def qk_bias_after_rope(mp, backend):
     turn = itertools.cycle(["q_proj", "k_proj"])  # forward rotates q, then k
 
     def make(orig):
-        def rope(self, x, start_pos):
+        def rope(self, x, start_pos, *rest):
             bias = getattr(self, next(turn)).bias
             if bias is None:
-                return orig(self, x, start_pos)
+                return orig(self, x, start_pos, *rest)
             b = bias[...].reshape(-1, self.head_dim)  # (heads, hd)
-            return orig(self, x - b, start_pos) + b  # rope(W x) + b instead of rope(W x + b)
+            return orig(self, x - b, start_pos, *rest) + b  # rope(W x) + b instead of rope(W x + b)
         return rope
     _wrap(mp, MODEL[backend].MultiHeadAttention, "_rope", make)
 

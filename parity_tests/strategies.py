@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from llm.spec import ModelSpec
@@ -9,6 +12,14 @@ from llm.spec import ModelSpec
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8)
 WEIGHTS = ("init", "perturbed")  # where the backends are compared: init_params, or perturb() of it
+
+
+def examples(ci: int) -> int:
+    """Drawn examples for a test: ``ci`` under the ci profile (tests whose every example compiles a
+    new JAX program), the profile's own count under any other (thorough draws its 150)."""
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+        return ci
+    return settings().max_examples
 
 
 @st.composite

@@ -12,7 +12,6 @@ of feature choices is compared at least once.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -24,13 +23,13 @@ from llm.spec import ModelSpec, init_params
 from parity_tests.covering import ROWS, row_spec
 from parity_tests.perturb import weights_at
 from parity_tests.recording import count, record
-from parity_tests.strategies import cases
+from parity_tests.strategies import cases, examples
 
 TOL = Tolerances()
 ROUTER_MARGIN = 1e-4  # backends differ by ~1e-7 in router logits; a smaller top-k gap could flip
 # Drawn examples per model test: under ci fewer than the profile's 12, since the covering rows below
 # add len(ROWS) whole-model comparisons to every run (the ci total stays about the same).
-DRAWN = {"ci": 6}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), settings().max_examples)
+DRAWN = examples(ci=6)
 
 
 def router_margin(spec: ModelSpec, router_logits: list[np.ndarray]) -> float:
