@@ -25,6 +25,7 @@ from llm.checkpoint import (
     save_checkpoint,
 )
 from llm.config import Config, dump_yaml, load_config
+from llm.loop.callbacks import Callback
 from llm.run import STATE_KEYS, DeviceOutOfMemoryError, NonFiniteLossError, TrainResult, split_moment_name
 from llm.schedule import lr_at
 from llm.train import main
@@ -361,3 +362,57 @@ def named_resume_refuses_other_names(engine_cls: type, tmp_path: Path) -> str:
     with pytest.raises(CheckpointError, match=r"is a named checkpoint .* task 'lm' resumes only from canonical"):
         engine_cls(tiny(tmp_path), run_dir=tmp_path / "lm", resume=result.last_checkpoint)
     return str(info.value)
+
+
+class HookLog(Callback):
+    """Every hook in the order the loop calls it."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, trainer):
+        self.events.append("train_start")
+
+    def on_epoch_start(self, trainer, epoch):
+        self.events.append(f"epoch_start {epoch}")
+
+    def on_batch_start(self, trainer, step):
+        self.events.append(f"batch {step}")
+
+    def on_validation_start(self, trainer):
+        self.events.append("validation")
+
+    def on_eval_end(self, trainer, metrics):
+        self.events.append("eval_end")
+
+    def on_checkpoint(self, trainer, path):
+        self.events.append(f"checkpoint {path.name}")
+
+    def on_step_end(self, trainer, metrics):
+        self.events.append(f"step_end {metrics['step']}")
+
+    def on_epoch_end(self, trainer, epoch):
+        self.events.append(f"epoch_end {epoch}")
+
+    def on_train_end(self, trainer, metrics):
+        self.events.append("train_end")
+
+
+def every_hook_fires_in_order(engine_cls: type, tmp_path: Path) -> None:
+    """2 steps per epoch (32 samples, batch 8, accumulation 2), 5 steps, eval every 2 (and at the end),
+    checkpoint every 3 (and at the end), save_best: hooks of the third epoch end when the run does."""
+    log = HookLog()
+    config = tiny(tmp_path, "data.source=synthetic", "data.synthetic_size=40", "data.val_fraction=0.2",
+                  "training.grad_accum_steps=2", "training.max_steps=5", "training.eval_every=2",
+                  "training.eval_batches=1", "checkpoint.every_steps=3")
+    _, result = fit(engine_cls, config, tmp_path / "run", callbacks=[log])
+    assert result.step == 5
+    assert log.events == [
+        "train_start",
+        "epoch_start 0", "batch 1", "step_end 1", "batch 2", "validation", "eval_end", "step_end 2",
+        "epoch_end 0",
+        "epoch_start 1", "batch 3", "checkpoint step_3", "step_end 3", "batch 4", "validation", "eval_end",
+        "step_end 4", "epoch_end 1",
+        "epoch_start 2", "batch 5", "validation", "eval_end", "step_end 5", "epoch_end 2",
+        "checkpoint step_5", "train_end",
+    ]

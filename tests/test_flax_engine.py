@@ -381,3 +381,7 @@ def test_a_task_optax_optimizer_resumes_exactly_and_refuses_the_engines_adamw(tm
     with pytest.raises(CheckpointError, match=r"jax task optimiser .*SGDScheduleFlax.build_optimizer, this run "
                                               r"uses the engine's AdamW"):
         TrainingEngine(config, run_dir=tmp_path / "other", resume=first.last_checkpoint)
+
+
+def test_every_hook_fires_in_the_order_a_user_expects(tmp_path):
+    checks.every_hook_fires_in_order(TrainingEngine, tmp_path)
