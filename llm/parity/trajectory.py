@@ -225,8 +225,17 @@ def _adam_step_bound(config: Any, steps: int) -> list[float]:
     return bounds
 
 
+# The key bias under RoPE: q_i . R(j - i) b is nearly constant over the keys j for the slow rotary
+# frequencies, so those elements' gradients cancel under the softmax's shift invariance to rounding
+# that is not small against the tensor's own (fast-frequency) gradient; AdamW gives them lr-sized
+# steps anyway. Measured final errors reach ~1e-3 (head_dim 4, rope_theta 1e6); held to that, listed
+# as an exception in every report where it applies.
+KEY_BIAS_UNDER_ROPE_TOL = 1e-3
+
+
 def param_tolerances(params: dict[str, np.ndarray], grad_peak: dict[str, np.ndarray], walk: float, *,
-                     param_rel: float) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+                     param_rel: float, key_bias_under_rope: bool = False
+                     ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Per-tensor relative tolerance of the final parameters, and the exceptions applied (see the
     module docstring): ``param_rel * max(1, floor_abs / peak)`` for the tensor, plus ``2 * walk *
     sqrt(n) / ||param||`` for its ``n`` elements whose gradient never rose above the noise bound."""
@@ -243,8 +252,14 @@ def param_tolerances(params: dict[str, np.ndarray], grad_peak: dict[str, np.ndar
         scale = max(1.0, floor_abs / peak_norm) if peak_norm > 0 else 1.0
         walk_rel = 2.0 * walk * math.sqrt(noisy) / max(float(np.linalg.norm(p)), 1e-30)
         tol[k] = param_rel * scale + walk_rel
-        if scale > 1.0 or noisy:
+        shift = key_bias_under_rope and k.endswith("attn.k_proj.bias") and tol[k] < KEY_BIAS_UNDER_ROPE_TOL
+        if shift:
+            tol[k] = KEY_BIAS_UNDER_ROPE_TOL
+        if scale > 1.0 or noisy or shift:
             why = []
+            if shift:
+                why.append("key bias under RoPE (softmax shift invariance): held to "
+                           f"{KEY_BIAS_UNDER_ROPE_TOL:g}")
             if scale > 1.0:
                 why.append(f"gradient {peak_norm / top:.1e} of the largest, under the floor {GRAD_FLOOR:g}: "
                            f"param_rel x {scale:.3g}")
@@ -289,7 +304,8 @@ def trajectory_parity(spec: ModelSpec, steps: int = 20, seed: int = 0, batch_siz
     torch_params, jax_params = torch_snaps[-1], jax_snaps[-1]
     params = {k: rel_err(jax_params[k], torch_params[k]) for k in torch_params}
     walk = sum(lr_t * u for lr_t, u in zip(lrs, _adam_step_bound(config, steps), strict=True))
-    tol, exceptions = param_tolerances(torch_params, probe["grad_peak"], walk, param_rel=param_rel)
+    tol, exceptions = param_tolerances(torch_params, probe["grad_peak"], walk, param_rel=param_rel,
+                                       key_bias_under_rope=spec.position.value == "rope")
     for k, e in exceptions.items():
         e["rel_err"] = params[k]
     strict = {k: v for k, v in params.items() if k not in exceptions}
