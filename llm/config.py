@@ -40,9 +40,11 @@ from typing import Any
 import yaml
 
 from llm.fields import FieldError, Section, check_key, coerce, field_types, nearest, plain, takes_text
+from llm.sharding import MeshError, MeshShape, check_divisible
 from llm.spec import ModelSpec, SpecError
 
 __all__ = [
+    "ActivationCheckpointing",
     "CheckpointConfig",
     "CompileMode",
     "Config",
@@ -110,6 +112,12 @@ class LRSchedule(str, enum.Enum):
     PLATEAU = "plateau"  # linear warmup, then times lr_factor after lr_patience evals without improvement
 
 
+class ActivationCheckpointing(str, enum.Enum):
+    NONE = "none"  # keep every activation for the backward
+    FULL = "full"  # keep each block's input only; recompute the block in the backward
+    SELECTIVE = "selective"  # keep matmul outputs and attention; recompute the elementwise work
+
+
 class DistBackend(str, enum.Enum):
     AUTO = "auto"  # nccl when CUDA is available, else gloo
     GLOO = "gloo"
@@ -138,6 +146,10 @@ class TrainingConfig(_Section):
     a val-loss improvement larger than ``early_stopping_min_delta`` (0 = never). ``init_from`` names a
     canonical checkpoint (e.g. one written by ``python -m llm.hf import``) whose weights the run starts
     from, with its spec as ``model`` and its ``tokenizer.json`` as the tokenizer (``llm.init_from``).
+    ``activation_checkpointing``: ``none``; ``full`` (each block's activations are recomputed in the
+    backward from its input); ``selective`` (recompute only the cheap elementwise work: norms,
+    activations, residual adds; keep matmul outputs and attention). Same loss and gradients as
+    ``none``; less memory, more compute.
     """
 
     SECTION = "training"
@@ -167,6 +179,7 @@ class TrainingConfig(_Section):
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
     init_from: str | None = None
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.NONE
 
     def _validate(self) -> None:
         need = self._need
@@ -301,7 +314,9 @@ class CheckpointConfig(_Section):
     """Canonical checkpoints: every ``every_steps`` optimiser steps (0 = only at the end of the run),
     the newest ``keep_last`` kept (null = keep all), under ``dir`` (null = ``<run_dir>/checkpoints``).
     ``save_best``: also keep ``<dir>/best``, the state at the evaluation with the lowest val loss so
-    far (rewritten at each new best; never pruned; loads and resumes like any checkpoint)."""
+    far (rewritten at each new best; never pruned; loads and resumes like any checkpoint).
+    ``async_save``: the loop waits only for the device-to-host copy; writing, hashing and the atomic
+    rename run in a background thread (null = on for GPU runs, off on CPU)."""
 
     SECTION = "checkpoint"
 
@@ -309,6 +324,7 @@ class CheckpointConfig(_Section):
     keep_last: int | None = 3
     dir: str | None = None
     save_best: bool = False
+    async_save: bool | None = None
 
     def _validate(self) -> None:
         self._need(self.every_steps >= 0, "every_steps", "must be >= 0 (0 = only at the end)")
@@ -343,20 +359,38 @@ class LoggingConfig(_Section):
 
 @dataclass(frozen=True)
 class DistributedConfig(_Section):
-    """Process-group backend and gradient bucket size for torch DDP (``torchrun`` sets rank and
-    world size). The JAX backend shards over a device mesh and ignores this section.
+    """The device mesh and the torch process group.
 
-    ``bucket_mb`` is DDP's ``bucket_cap_mb``; null = auto, a size the torch backend derives from the
-    model (``backends/torch/ddp.py``).
+    Both backends build one mesh with axes ``data``, ``fsdp`` and ``tensor`` (``llm.sharding``):
+    ``fsdp`` devices share the weights, gradients and optimizer state of each parameter (FSDP2 /
+    ``NamedSharding`` over ``fsdp``; 1 = none, -1 = every device the tensor axis leaves);
+    ``tensor`` is the tensor-parallel degree (it must divide the heads, the kv heads and the MLP
+    size); data parallel takes ``devices / (fsdp * tensor)``. Degrees that do not divide the device
+    count are refused at start, naming these keys.
+
+    ``backend`` is the torch process-group backend (``torchrun`` sets rank and world size);
+    ``bucket_mb`` is DDP's ``bucket_cap_mb`` (the fsdp = tensor = 1 path); null = auto, a size the
+    torch backend derives from the model (``backends/torch/ddp.py``).
     """
 
     SECTION = "distributed"
 
     backend: DistBackend = DistBackend.AUTO
     bucket_mb: float | None = None
+    fsdp: int = 1
+    tensor: int = 1
 
     def _validate(self) -> None:
         self._need(self.bucket_mb is None or self.bucket_mb > 0, "bucket_mb", "must be > 0 or null (auto)")
+        self._need(self.fsdp >= 1 or self.fsdp == -1, "fsdp", "must be >= 1, or -1 (all devices)")
+        self._need(self.tensor >= 1, "tensor", "must be >= 1 (1 = no tensor parallelism)")
+
+    def mesh(self, devices: int) -> MeshShape:
+        """The mesh for ``devices`` devices; a ``ConfigError`` naming the key when it cannot be built."""
+        try:
+            return MeshShape.resolve(devices, self.fsdp, self.tensor)
+        except MeshError as e:
+            raise ConfigError(str(e), e.key) from None
 
     def resolve_backend(self, cuda_available: bool) -> str:
         """The concrete backend name for ``torch.distributed.init_process_group``."""
@@ -461,6 +495,8 @@ class Config:
         if self.task == Task.LM.value and d.tokenizer is TokenizerKind.BPE and d.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={d.vocab_size} must be <= model.vocab_size={m.vocab_size} "
                               "(the BPE ids index the embedding table)", "data.vocab_size")
+        for key, message in check_divisible(m, self.distributed.tensor):
+            raise ConfigError(message, key)
         if t.eval_every > 0 and d.val_fraction == 0:
             raise ConfigError(f"training.eval_every={t.eval_every} needs data.val_fraction > 0 "
                               "(or set training.eval_every=0)", "training.eval_every")

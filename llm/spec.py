@@ -86,6 +86,9 @@ class ParamInfo:
     init: str  # "normal", "zeros" or "ones"
     std: float = 0.0  # for "normal"
     weight_decay: bool = False  # matrices decay; norms, biases and embeddings do not
+    # One logical axis name per dimension (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
+    # ``experts``, ``positions``); ``llm.sharding.RULES`` maps them to mesh axes.
+    axes: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -251,44 +254,43 @@ class ModelSpec(Section):
         rows: list[ParamInfo] = []
 
         def linear(prefix: str, out_dim: int, in_dim: int, bias: bool, w_std: float,
-                   lead: tuple[int, ...] = ()) -> None:
+                   axes: tuple[str, str], experts: bool = False) -> None:
+            lead, lead_axes = ((self.num_experts,), ("experts",)) if experts else ((), ())
             rows.append(ParamInfo(f"{prefix}.weight", (*lead, out_dim, in_dim), "normal", w_std,
-                                  weight_decay=True))
+                                  weight_decay=True, axes=(*lead_axes, *axes)))
             if bias:
-                rows.append(ParamInfo(f"{prefix}.bias", (*lead, out_dim), "zeros"))
+                rows.append(ParamInfo(f"{prefix}.bias", (*lead, out_dim), "zeros",
+                                      axes=(*lead_axes, axes[0])))
 
         def norm(prefix: str) -> None:
-            rows.append(ParamInfo(f"{prefix}.weight", (d,), "ones"))
+            rows.append(ParamInfo(f"{prefix}.weight", (d,), "ones", axes=("embed",)))
             if self.norm_has_bias:
-                rows.append(ParamInfo(f"{prefix}.bias", (d,), "zeros"))
+                rows.append(ParamInfo(f"{prefix}.bias", (d,), "zeros", axes=("embed",)))
 
-        rows.append(ParamInfo("embed.weight", (v, d), "normal", std))
+        rows.append(ParamInfo("embed.weight", (v, d), "normal", std, axes=("vocab", "embed")))
         if self.position is Position.LEARNED:
-            rows.append(ParamInfo("embed.position.weight", (self.max_seq_len, d), "normal", std))
+            rows.append(ParamInfo("embed.position.weight", (self.max_seq_len, d), "normal", std,
+                                  axes=("positions", "embed")))
         for i in range(self.num_layers):
             p = f"layers.{i}"
             norm(f"{p}.attn_norm")
-            linear(f"{p}.attn.q_proj", h * hd, d, self.attention_bias, std)
-            linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std)
-            linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std)
-            linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std)
+            linear(f"{p}.attn.q_proj", h * hd, d, self.attention_bias, std, ("heads", "embed"))
+            linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
+            linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
+            linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std, ("embed", "heads"))
             norm(f"{p}.mlp_norm")
-            if self.use_moe:
-                e = (self.num_experts,)
+            moe = self.use_moe
+            if moe:
                 rows.append(ParamInfo(f"{p}.mlp.router.weight", (self.num_experts, d), "normal",
-                                      std, weight_decay=True))
-                if self.use_glu:
-                    linear(f"{p}.mlp.experts.gate_proj", f, d, self.mlp_bias, std, e)
-                linear(f"{p}.mlp.experts.up_proj", f, d, self.mlp_bias, std, e)
-                linear(f"{p}.mlp.experts.down_proj", d, f, self.mlp_bias, out_std, e)
-            else:
-                if self.use_glu:
-                    linear(f"{p}.mlp.gate_proj", f, d, self.mlp_bias, std)
-                linear(f"{p}.mlp.up_proj", f, d, self.mlp_bias, std)
-                linear(f"{p}.mlp.down_proj", d, f, self.mlp_bias, out_std)
+                                      std, weight_decay=True, axes=("experts", "embed")))
+            mlp = f"{p}.mlp.experts" if moe else f"{p}.mlp"
+            if self.use_glu:
+                linear(f"{mlp}.gate_proj", f, d, self.mlp_bias, std, ("mlp", "embed"), moe)
+            linear(f"{mlp}.up_proj", f, d, self.mlp_bias, std, ("mlp", "embed"), moe)
+            linear(f"{mlp}.down_proj", d, f, self.mlp_bias, out_std, ("embed", "mlp"), moe)
         norm("final_norm")
         if not self.tie_embeddings:
-            linear("lm_head", v, d, self.lm_head_bias, std)
+            linear("lm_head", v, d, self.lm_head_bias, std, ("vocab", "embed"))
         return rows
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
