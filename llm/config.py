@@ -585,7 +585,9 @@ def _field_type(section: str | None, key: str) -> Any:
 def _parse_value(raw: str, tp: Any) -> Any:
     """A text value from env or CLI: the raw text for str fields, else a YAML scalar."""
     stripped = raw.strip()
-    if stripped.lower() in ("null", "~", "none"):
+    members = {str(m.value) for a in getattr(tp, "__args__", (tp,))
+               if isinstance(a, type) and issubclass(a, enum.Enum) for m in a}
+    if stripped.lower() in ("null", "~", "none") and stripped not in members:  # "none" may be an enum value
         return None
     if takes_text(tp):
         return raw

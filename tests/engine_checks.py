@@ -416,3 +416,41 @@ def every_hook_fires_in_order(engine_cls: type, tmp_path: Path) -> None:
         "epoch_start 2", "batch 5", "validation", "eval_end", "step_end 5", "epoch_end 2",
         "checkpoint step_5", "train_end",
     ]
+
+
+# ---------------------------------------------------------------------- the memory estimate at start
+def memory_estimate_is_logged_and_refuses_what_cannot_fit(engine_cls: type, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          capsys: pytest.CaptureFixture,
+                                                          cli: tuple[str, ...] = ()) -> None:
+    """The start-up log line is ``llm.memory``'s estimate (total per device and the largest parts);
+    a device memory (the backend's ``_device_memory``, faked here) one byte below the estimate is
+    refused at construction, before the run dir exists, with one line in ``python -m llm.train``;
+    exactly the estimate is accepted; on the CPU (None) nothing is refused."""
+    from llm.memory import estimate, gib
+
+    config = tiny(tmp_path, "training.max_steps=1")
+    with caplog.at_level("INFO", logger="llm"):
+        engine, _ = fit(engine_cls, config, tmp_path / "run")
+    assert engine._device_memory() is None  # the tests run on the CPU
+    expected = estimate(config, engine._device_count())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory estimate: ")]
+    assert lines == [f"memory estimate: {expected.summary()}"]
+    assert lines[0].startswith(f"memory estimate: {gib(expected.total)} per device on mesh data=")
+
+    monkeypatch.setattr(engine_cls, "_device_memory", lambda self: expected.total - 1)
+    with pytest.raises(DeviceOutOfMemoryError, match=r"^the memory estimate, .* exceeds the device's .*"
+                                                     r"training.batch_size=8, data.seq_len=16"):
+        engine_cls(config, run_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    dump_yaml(config, tmp_path / "c.yaml")
+    capsys.readouterr()
+    assert main([*cli, "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "cli"),
+                 "--sample-tokens", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llm-train: error: the memory estimate, ")
+
+    monkeypatch.setattr(engine_cls, "_device_memory", lambda self: expected.total)
+    with engine_cls(config, run_dir=tmp_path / "fits") as engine:
+        assert engine.memory_estimate == expected

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from llm.config import (
+    ActivationCheckpointing,
     CompileMode,
     Config,
     ConfigError,
@@ -407,3 +408,14 @@ def test_logging_level_defaults_to_info_and_takes_the_four_names():
     with pytest.raises(ConfigError, match=r"logging.level: expected one of 'debug', 'info', 'warning', "
                                           r"'error', got 'verbose'"):
         load_config(None, ["logging.level=verbose"], env={})
+
+
+def test_none_on_the_command_line_is_an_enum_value_where_the_field_has_one():
+    config = load_config(None, ["training.activation_checkpointing=full", "training.activation_checkpointing=none",
+                                "training.min_lr=none"], env={"LLM_TRAINING__INIT_FROM": "None"})
+    assert config.training.activation_checkpointing is ActivationCheckpointing.NONE
+    assert config.training.min_lr is None and config.training.init_from is None
+    env = {"LLM_TRAINING__ACTIVATION_CHECKPOINTING": "none"}
+    assert load_config(None, ["training.activation_checkpointing=full"], env=env).training.activation_checkpointing \
+        is ActivationCheckpointing.FULL
+    assert load_config(None, [], env=env).training.activation_checkpointing is ActivationCheckpointing.NONE

@@ -568,3 +568,8 @@ def test_a_task_optimizer_state_round_trips_through_the_checkpoint_encoding():
         for key, value in state.items():
             restored = back["state"][index][key]
             assert restored.shape == value.shape and torch.equal(restored, value)
+
+
+def test_memory_estimate_is_logged_and_a_run_that_cannot_fit_is_refused(tmp_path, monkeypatch, caplog, capsys):
+    checks.memory_estimate_is_logged_and_refuses_what_cannot_fit(TrainingEngine, tmp_path, monkeypatch, caplog,
+                                                                 capsys)

@@ -385,3 +385,8 @@ def test_a_task_optax_optimizer_resumes_exactly_and_refuses_the_engines_adamw(tm
 
 def test_every_hook_fires_in_the_order_a_user_expects(tmp_path):
     checks.every_hook_fires_in_order(TrainingEngine, tmp_path)
+
+
+def test_memory_estimate_is_logged_and_a_run_that_cannot_fit_is_refused(tmp_path, monkeypatch, caplog, capsys):
+    checks.memory_estimate_is_logged_and_refuses_what_cannot_fit(TrainingEngine, tmp_path, monkeypatch, caplog,
+                                                                 capsys, cli=("--backend", "jax"))

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"torch", "jax", "jaxlib", "flax", "optax"}
 LAYERS = ("core", "loop", "backends", "apps")
-APPS = {"llm", "llm.api", "llm.train", "llm.generate", "llm.hf", "llm.tasks", "llm.callbacks"}  # + llm.parity.*
+APPS = {"llm", "llm.api", "llm.train", "llm.generate", "llm.hf", "llm.plan", "llm.tasks", "llm.callbacks"}  # + llm.parity.*
 
 
 def _module_name(path: Path) -> str:

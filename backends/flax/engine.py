@@ -443,6 +443,14 @@ class TrainingEngine(BaseTrainingEngine):
             where += f" in {self.world_size} processes"
         return f"{where} (jax {jax.__version__})"
 
+    def _device_memory(self) -> int | None:
+        if self.devices[0].platform != "gpu":
+            return None
+        return (self.devices[0].memory_stats() or {}).get("bytes_limit")
+
+    def _device_count(self) -> int:
+        return len(self.devices)
+
     # ------------------------------------------------------------------ the model and its state
     @property
     def model(self) -> nnx.Module:

@@ -215,6 +215,11 @@ class TrainingEngine(BaseTrainingEngine):
     def _placement(self) -> str:
         return f"{self.device}{f' x {self.world_size} ranks' if self.world_size > 1 else ''}"
 
+    def _device_memory(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.get_device_properties(self.device).total_memory
+
     def close(self) -> None:
         """Tear down the process group this engine created (DDP)."""
         if self._owns_process_group and dist.is_initialized():

@@ -38,6 +38,7 @@ A backend supplies only what differs between frameworks:
     _restore(path, params, moments, step, grad_scaler)   a checkpoint's numbers into the device state
     _grad_scaler_state() -> dict | None                  the float16 loss scale for ``state.json``
     _barrier(name), _broadcast(text), _placement()       processes and devices
+    _device_memory(), _device_count()                    bytes of one device (None: unknown), mesh size
 
 A subclass's ``__init__`` tells the setup order: ``BaseTrainingEngine.__init__`` (task, callbacks,
 counters), its devices, ``_setup_data``, its model, ``_setup_weight_decay`` and its optimiser, then
@@ -65,6 +66,7 @@ from llm.config import Config, DType
 from llm.loop.cadence import every
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
 from llm.loop.tasks import TaskError, TrainingTask, get_task
+from llm.memory import estimate
 from llm.run import (
     STATE_FORMAT,
     DeviceOutOfMemoryError,
@@ -292,6 +294,16 @@ class BaseTrainingEngine:
         self.baselines = self.task.baselines(self.datamodule)
         self.total_steps = t.total_steps(self.datamodule.steps_per_epoch)
         self.lr_of = schedule_for(t, self.total_steps)
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """``llm.memory``'s per-device estimate of a canonical model (for the start log line); a run
+        it says exceeds the device's memory (``_device_memory``, when known) is refused before the
+        model is allocated."""
+        self.memory_estimate = estimate(self.config, self._device_count()) if self.task.canonical else None
+        limit = self._device_memory()
+        if self.memory_estimate is not None and limit is not None and self.memory_estimate.total > limit:
+            raise DeviceOutOfMemoryError(self.memory_estimate.refusal(limit))
 
     def _setup_weight_decay(self, names: Sequence[str], no_decay: set[str],
                             frozen: frozenset[str] = frozenset()) -> None:
@@ -712,6 +724,8 @@ class BaseTrainingEngine:
                  "accum %d), run dir %s", self.task.name, self._placement(), f"{self._num_parameters():,}",
                  self.total_steps, dm.steps_per_epoch, c.training.batch_size, c.training.grad_accum_steps,
                  self.run.root)
+        if self.memory_estimate is not None:
+            log.info("memory estimate: %s", self.memory_estimate.summary())
         meta = getattr(dm, "meta", None) or {}
         if "tokens" in meta:
             log.info("data: %s -> %s tokens (%d files, %.1f MB, %s tokenizer, vocab %d)", meta.get("source"),
@@ -797,3 +811,12 @@ class BaseTrainingEngine:
     def _placement(self) -> str:
         """Where the run trains, for the start log line (e.g. ``cpu``, ``gpu x 8 devices``)."""
         raise NotImplementedError
+
+    def _device_memory(self) -> int | None:
+        """Bytes of memory of one training device when the backend knows them (a GPU); None (a CPU,
+        whose memory the host shares) skips the start-up refusal."""
+        return None
+
+    def _device_count(self) -> int:
+        """Devices of the mesh (one per process unless the backend drives several)."""
+        return self.world_size
