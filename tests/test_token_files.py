@@ -211,16 +211,19 @@ def test_an_id_past_the_vocabulary_names_the_file_the_id_and_the_vocab(tmp_path)
 def test_counts_are_chunked_and_cached_by_size_and_mtime(tmp_path, monkeypatch):
     tokens = ids(10, 5000).astype(np.uint16)
     tokens.tofile(tmp_path / "train.bin")
+    cut = 5000 - int(5000 * 0.1)
     monkeypatch.setattr(tokens_impl, "COUNT_CHUNK", 333)  # many chunks, one partial
-    first = module(tmp_path / "train.bin", tmp_path, val_fraction=0.0)
+    first = TokenFileDataModule(str(tmp_path / "train.bin"), seq_len=16, batch_size=8, vocab_size=VOCAB,
+                                cache_dir=tmp_path / "cache")
+    first.prepare_data()  # what process 0 runs before the others set up
     assert first.counts_from_cache is False
-    np.testing.assert_array_equal(first.train_token_counts, np.bincount(tokens))
+    np.testing.assert_array_equal(first.train_token_counts, np.trim_zeros(np.bincount(tokens[:cut]), "b"))
 
     def no_counting(*a, **k):
         raise AssertionError("counted again")
 
     monkeypatch.setattr(tokens_impl, "count_ids", no_counting)
-    again = module(tmp_path / "train.bin", tmp_path, val_fraction=0.0)
+    again = module(tmp_path / "train.bin", tmp_path, rank=1, world_size=2)  # the file's and the tail's counts
     assert again.counts_from_cache is True
     np.testing.assert_array_equal(again.train_token_counts, first.train_token_counts)
     monkeypatch.undo()
@@ -228,9 +231,9 @@ def test_counts_are_chunked_and_cached_by_size_and_mtime(tmp_path, monkeypatch):
     tokens.tofile(tmp_path / "train.bin")
     stat = os.stat(tmp_path / "train.bin")
     os.utime(tmp_path / "train.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    changed = module(tmp_path / "train.bin", tmp_path, val_fraction=0.0)
-    assert changed.counts_from_cache is False and changed.train_token_counts[99] == np.sum(tokens == 99)
-    assert changed.fingerprint != first.fingerprint
+    changed = module(tmp_path / "train.bin", tmp_path)
+    assert changed.counts_from_cache is False and changed.train_token_counts[99] == np.sum(tokens[:cut] == 99)
+    assert changed.fingerprint != again.fingerprint  # the head bytes changed: a resume would refuse
 
 
 # ---------------------------------------------------------------------- errors
@@ -313,8 +316,9 @@ def bin_corpus(corpus: Path) -> Path:
 @pytest.mark.usefixtures("one_torch_thread")
 def test_torch_engine_trains_on_a_bin_file(tmp_path, corpus, caplog):
     pytest.importorskip("torch")
-    from backends.torch.engine import TrainingEngine
     from engine_checks import losses, tiny
+
+    from backends.torch.engine import TrainingEngine
 
     path = bin_corpus(corpus)
     config = tiny(tmp_path, "training.max_steps=30", "training.eval_every=15", source=path)

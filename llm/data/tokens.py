@@ -36,11 +36,12 @@ slack after the segment's last whole window; val windows start at 0. ``inputs = 
 ``targets = window[1:]``, int64 ``(B, T)``; packing as in ``llm.data.text`` (needs a tokenizer with
 an ``<EOS>``).
 
-Vocabulary: the ids must be ``< vocab_size`` (``model.vocab_size``). ``setup()`` counts every
-file's ids in chunks of ``COUNT_CHUNK`` tokens and stops at the first file holding an id out of
-range, naming it, the id, its index and the vocabulary. The counts are cached under
-``<cache_dir>/token-counts/`` keyed by the file's resolved path, size, mtime and layout, so a
-second setup reads nothing but the counts; they also give the unigram baseline
+Vocabulary: the ids must be ``< vocab_size`` (``model.vocab_size``). ``prepare_data()`` (run by
+``setup()`` when not yet run) counts every file's ids in chunks of ``COUNT_CHUNK`` tokens and stops
+at the first file holding an id out of range, naming it, the id, its index and the vocabulary. The
+counts (and a tail split's val counts) are cached under ``<cache_dir>/token-counts/`` keyed by the
+file's resolved path, size, mtime, layout and token range, so a second setup, or another rank
+after process 0 prepared, reads nothing but the counts; they also give the unigram baseline
 (``train_token_counts``) without a pass over the data.
 
 Tokenizer: optional (``data.tokenizer_file``, or the ``training.init_from`` checkpoint's). It only
@@ -323,23 +324,23 @@ class TokenFileDataModule(BaseDataModule):
                    seed=t.seed, rank=rank, world_size=world_size)
 
     # ------------------------------------------------------------------ counts
-    def _counts_path(self, file: TokenFile) -> Path:
+    def _counts_path(self, file: TokenFile, lo: int, hi: int) -> Path:
         stat = file.path.stat()
         key = "\0".join([_COUNTS_FORMAT, str(file.path.resolve()), str(stat.st_size), str(stat.st_mtime_ns),
-                         file.layout, file.dtype, str(file.offset)])
+                         file.layout, file.dtype, str(file.offset), f"{lo}:{hi}"])
         return self.cache_dir / "token-counts" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
 
-    def _file_counts(self, file: TokenFile, tokens: np.ndarray) -> tuple[np.ndarray, bool]:
-        """(the file's id counts, whether they came from the cache)."""
-        path = self._counts_path(file)
+    def _counts(self, file: TokenFile, tokens: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, bool]:
+        """(the id counts of ``tokens[lo:hi]``, whether they came from the cache)."""
+        path = self._counts_path(file, lo, hi)
         try:
             counts = np.load(path)
-            if counts.ndim == 1 and counts.dtype == np.int64 and int(counts.sum()) == file.num_tokens:
+            if counts.ndim == 1 and counts.dtype == np.int64 and int(counts.sum()) == hi - lo:
                 return counts, True
         except (OSError, ValueError, EOFError):
             pass  # absent or unreadable: count again
         try:
-            counts = count_ids(tokens)
+            counts = count_ids(tokens, lo, hi)
         except ValueError as e:
             raise DataError(f"token file {file.path}: {e}") from None
         buffer = io.BytesIO()
@@ -359,7 +360,9 @@ class TokenFileDataModule(BaseDataModule):
                         f"model.vocab_size={self._vocab_size} (the file's largest id is {len(counts) - 1})")
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def prepare_data(self) -> None:
+        """Open the files, split them, count their ids (or read the cached counts) and check the ids
+        against the vocabulary. The engine runs it on process 0 first, so the others read the cache."""
         train_paths, val_paths = resolve_token_source(self.source)
         if not train_paths:
             raise DataError(f"data.source={self.source!r}: only val files ({', '.join(map(str, val_paths))}); "
@@ -367,30 +370,30 @@ class TokenFileDataModule(BaseDataModule):
         self.files = [open_token_file(p, self.token_dtype) for p in train_paths + val_paths]
         self.arrays = [f.tokens() for f in self.files]
         self.train_files, self.val_files = train_paths, val_paths
-        counts, cached = [], []
-        for file, tokens in zip(self.files, self.arrays, strict=True):
-            c, hit = self._file_counts(file, tokens)
-            self._check_vocab(file, tokens, c)
-            counts.append(c)
+        cached, train_counts = [], np.zeros(0, np.int64)
+        for i, (file, tokens) in enumerate(zip(self.files, self.arrays, strict=True)):
+            counts, hit = self._counts(file, tokens, 0, file.num_tokens)
+            self._check_vocab(file, tokens, counts)
             cached.append(hit)
-        self.counts_from_cache = all(cached)
-        n_train = len(train_paths)
+            if i < len(train_paths):
+                train_counts = _add(train_counts, counts)
         if val_paths:
             self.split = "files"
-            self._train = [_Segment(i, 0, f.num_tokens) for i, f in enumerate(self.files[:n_train])]
-            self._val = [_Segment(i, 0, f.num_tokens) for i, f in enumerate(self.files) if i >= n_train]
-            train_counts = np.zeros(0, np.int64)
-            for c in counts[:n_train]:
-                train_counts = _add(train_counts, c)
+            self._train = [_Segment(i, 0, f.num_tokens) for i, f in enumerate(self.files[:len(train_paths)])]
+            self._val = [_Segment(i, 0, f.num_tokens) for i, f in enumerate(self.files) if i >= len(train_paths)]
         else:
             self.split = "tail"
             self._train, self._val = self._tail_split()
-            train_counts = np.zeros(0, np.int64)
-            for c in counts:
-                train_counts = _add(train_counts, c)
-            for seg in self._val:
-                train_counts = _add(train_counts, count_ids(self.arrays[seg.file], seg.start, seg.stop), -1)
+            for seg in self._val:  # train = the files' counts less the tail's
+                counts, hit = self._counts(self.files[seg.file], self.arrays[seg.file], seg.start, seg.stop)
+                train_counts = _add(train_counts, counts, -1)
+                cached.append(hit)
+        self.counts_from_cache = all(cached)
         self.train_token_counts = np.trim_zeros(train_counts, "b")
+
+    def setup(self) -> None:
+        if self.split is None:
+            self.prepare_data()
         self._check_sizes()
         self._window_ends = {split: np.cumsum([s.windows(self.seq_len) for s in segments])
                              for split, segments in (("train", self._train), ("val", self._val))}
@@ -404,7 +407,7 @@ class TokenFileDataModule(BaseDataModule):
         self._is_setup = True
         if self.rank == 0:
             log.info("token files %s: %d train file(s), %d val file(s), %s tokens (%s split)%s", self.source,
-                     n_train, len(val_paths), f"{num_tokens:,}", self.split,
+                     len(self.train_files), len(self.val_files), f"{num_tokens:,}", self.split,
                      "" if self.counts_from_cache else "; ids counted and cached")
             if self.tokenizer is None:
                 log.info("data.source=%r is token ids with no tokenizer (data.tokenizer_file is unset): "
