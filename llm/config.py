@@ -278,6 +278,8 @@ class DataConfig(_Section):
         need = self._need
         need(self.tokenizer_file is None or self.tokenizer_file.strip() != "", "tokenizer_file",
              "must name a tokenizer.json or be null")
+        need(self.tokenizer_file is None or self.source != "synthetic", "tokenizer_file",
+             "applies to text and token-file sources, not source='synthetic' (its ids decode to nothing)")
         need(not (self.pack_documents and self.source == "synthetic"), "pack_documents",
              "applies to text sources only, not source='synthetic' (it has no documents)")
         need(self.pack_documents or not self.reset_positions, "reset_positions",

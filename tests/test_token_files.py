@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm.config import load_config
+from llm.config import ConfigError, load_config
 from llm.data import DataError, TextDataModule, TokenFileDataModule, build_datamodule
 from llm.data import tokens as tokens_impl
 from llm.data.tokens import LLMC_HEADER_BYTES, is_token_source, is_val_file, open_token_file
@@ -301,8 +301,10 @@ def test_build_datamodule_from_config_reads_the_vocabulary_and_the_tokenizer_fil
     build_tokenizer("char", ["abcdef"]).save(tmp_path / "tokenizer.json")
     with_tok = build_datamodule(load_config(env={}, overrides=[*over, f"data.tokenizer_file={tmp_path / 'tokenizer.json'}"]))
     assert with_tok.tokenizer is not None and with_tok.tokenizer.type == "char"
-    with pytest.raises(Exception, match="data.token_dtype"):
+    with pytest.raises(ConfigError, match="data.token_dtype"):
         load_config(env={}, overrides=[*over, "data.token_dtype=uint8"])
+    with pytest.raises(ConfigError, match="data.tokenizer_file='t.json' applies to text and token-file sources"):
+        load_config(env={}, overrides=["data.source=synthetic", "data.tokenizer_file=t.json"])
 
 
 def bin_corpus(corpus: Path) -> Path:
