@@ -356,3 +356,8 @@ def test_cli_trains_on_a_bin_file_and_skips_the_sample(tmp_path, corpus, capsys)
     assert rc == 0, out.err
     assert "--- sample" not in out.out and "Traceback" not in out.err
     assert not (tmp_path / "run" / "tokenizer.json").exists()
+    path.write_bytes(path.read_bytes()[:-1])  # a truncated copy: one line, exit 1
+    rc = main(["--config", str(tmp_path / "tiny.yaml"), "--run-dir", str(tmp_path / "run2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == (f"llm-train: error: token file {path}: {path.stat().st_size} bytes is not a whole "
+                               "number of data.token_dtype=uint16 tokens (2 bytes each)")
