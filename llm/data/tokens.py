@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from llm.data.base import BaseDataModule, Batch, DataError
-from llm.data.text import window_batch
+from llm.data.text import _has_magic, window_batch
 from llm.io import write_bytes_atomic
 
 __all__ = ["COUNT_CHUNK", "LLMC_HEADERS", "TOKEN_SUFFIXES", "TokenFile", "TokenFileDataModule", "count_ids",
@@ -87,10 +87,6 @@ _IDENTITY_BYTES = 1 << 16  # head and tail of each file hashed into the fingerpr
 
 
 # ---------------------------------------------------------------------- finding files
-def _has_magic(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
 def _top_level_token_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir()
                   if p.is_file() and p.suffix in TOKEN_SUFFIXES and not p.name.startswith("."))
