@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from llm.config import ConfigError, load_config
-from llm.data import DataError, TextDataModule, TokenFileDataModule, build_datamodule
+from llm.data import DataError, TextDataModule, TokenFileDataModule, batch_shard, build_datamodule
 from llm.data import tokens as tokens_impl
 from llm.data.tokens import LLMC_HEADER_BYTES, is_token_source, is_val_file, open_token_file
+from llm.sharding import MeshShape
 from llm.tokenization import build_tokenizer
 
 VOCAB = 100
@@ -194,6 +195,31 @@ def test_resume_on_another_world_size_continues_the_global_batches(resume_world_
     other = module(nanogpt / "train.bin", tmp_path, seq_len=8)
     with pytest.raises(DataError, match="fingerprint"):
         other.load_state_dict(states[0])
+
+
+def test_a_mesh_splits_the_batch_over_data_and_fsdp_and_a_resume_may_change_the_mesh(nanogpt, tmp_path):
+    mesh = MeshShape(data=2, fsdp=2, tensor=2)
+    assert [batch_shard(mesh, d) for d in range(8)] == [(d // 2, 4) for d in range(8)]  # tensor pairs share
+    with pytest.raises(DataError, match="device=8: the mesh .* has 8 devices"):
+        batch_shard(mesh, 8)
+
+    def on_mesh(mesh: MeshShape) -> list[TokenFileDataModule]:
+        shards = {batch_shard(mesh, d) for d in range(mesh.devices)}
+        return [module(nanogpt, tmp_path, rank=r, world_size=w) for r, w in sorted(shards)]
+
+    before = on_mesh(MeshShape(data=2, fsdp=1, tensor=1))
+    for dm in before:
+        dm.load_state_dict({**dm.state_dict(), "step": 17})
+    after = on_mesh(MeshShape(data=1, fsdp=2, tensor=4))  # 8 devices, 2 batch shards: another mesh
+    single = module(nanogpt, tmp_path)
+    for dm in after:
+        dm.load_state_dict(before[0].state_dict())
+    for step in (17, 18, 40):
+        np.testing.assert_array_equal(np.concatenate([dm.batch_at(step)[0] for dm in after]),
+                                      single.batch_at(step)[0])
+        np.testing.assert_array_equal(np.concatenate([dm.batch_at(step)[0] for dm in before]),
+                                      single.batch_at(step)[0])
+    assert [dm.step for dm in after] == [17, 17]
 
 
 # ---------------------------------------------------------------------- the id check and its cache

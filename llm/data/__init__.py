@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llm.data.base import BATCH_FIELDS, BaseDataModule, Batch, DataError
+from llm.data.base import BATCH_FIELDS, BaseDataModule, Batch, DataError, batch_shard
 from llm.data.synthetic import SyntheticDataModule
 from llm.data.text import TextDataModule
 from llm.data.tokens import TokenFileDataModule, is_token_source
 
 __all__ = ["BATCH_FIELDS", "Batch", "BaseDataModule", "DataError", "SyntheticDataModule", "TextDataModule",
-           "TokenFileDataModule", "build_datamodule"]
+           "TokenFileDataModule", "batch_shard", "build_datamodule"]
 
 
 def build_datamodule(config: Any, *, rank: int = 0, world_size: int = 1, tokenizer: Any = None) -> BaseDataModule:
