@@ -57,6 +57,7 @@ __all__ = [
     "LRSchedule",
     "OptimizationConfig",
     "Task",
+    "TokenDType",
     "TokenizerKind",
     "TrainingConfig",
     "dump_yaml",
@@ -102,6 +103,11 @@ class CompileMode(str, enum.Enum):
 class TokenizerKind(str, enum.Enum):
     CHAR = "char"
     BPE = "bpe"
+
+
+class TokenDType(str, enum.Enum):
+    UINT16 = "uint16"  # nanoGPT's prepare.py; vocabularies up to 65536 ids
+    UINT32 = "uint32"  # larger vocabularies
 
 
 class LRSchedule(str, enum.Enum):
@@ -240,9 +246,17 @@ class DataConfig(_Section):
     validation split).
     ``cache_dir`` holds tokenized corpora (null = ``$XDG_CACHE_HOME/llm`` or ``~/.cache/llm``).
     ``synthetic_size`` is the number of sequences (or regression rows) of the synthetic source.
-    ``pack_documents`` (text sources): batches also carry ``segment_ids`` so that attention never
+    ``pack_documents``: batches also carry ``segment_ids`` so that attention never
     crosses the ``<EOS>`` that ends a document inside a window; ``reset_positions`` (needs
     ``pack_documents``) adds ``positions`` that restart at 0 at each document.
+    Token files (``source`` a ``.bin``/``.npy`` file, a directory of them or a glob ending in one;
+    ``llm/data/tokens.py``) are read as they lie, memory-mapped: the vocabulary is
+    ``model.vocab_size``, no tokenizer is built, ``max_bytes`` does not apply, and a ``val.bin``
+    beside ``train.bin`` is the val split. ``token_dtype`` is the dtype of a headerless ``.bin``
+    (an llm.c header or a ``.npy`` carries its own). ``tokenizer_file``: a ``tokenizer.json`` used
+    as the tokenizer instead of building ``tokenizer`` from the corpus (for token files: what
+    decodes their ids; null = none, the run skips its text sample); a ``training.init_from``
+    checkpoint's tokenizer comes first.
     """
 
     SECTION = "data"
@@ -257,9 +271,15 @@ class DataConfig(_Section):
     synthetic_size: int = 8192
     pack_documents: bool = False
     reset_positions: bool = False
+    token_dtype: TokenDType = TokenDType.UINT16
+    tokenizer_file: str | None = None
 
     def _validate(self) -> None:
         need = self._need
+        need(self.tokenizer_file is None or self.tokenizer_file.strip() != "", "tokenizer_file",
+             "must name a tokenizer.json or be null")
+        need(self.tokenizer_file is None or self.source != "synthetic", "tokenizer_file",
+             "applies to text and token-file sources, not source='synthetic' (its ids decode to nothing)")
         need(not (self.pack_documents and self.source == "synthetic"), "pack_documents",
              "applies to text sources only, not source='synthetic' (it has no documents)")
         need(self.pack_documents or not self.reset_positions, "reset_positions",

@@ -11,7 +11,9 @@ windows, synthetic sequences, regression rows), and serves numpy batches:
   dropped). So a batch is a pure function of ``(seed, s)``: resuming is setting the cursor ``s``.
 * sharding: rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)`` of the global batch, so ranks
   are disjoint and together see exactly the single-process batch, whatever ``W`` is -- a run may
-  resume on a different number of ranks and still see the same global batches.
+  resume on a different number of ranks and still see the same global batches. On a device mesh
+  (``llm.sharding``) the batch splits over ``BATCH_AXES`` only: ``batch_shard(mesh, device)`` gives
+  a device its ``(r, W)``, shared by its tensor-parallel group.
 * the cursor counts micro-batches handed out by ``train_dataloader()``; ``state_dict()`` saves it
   (JSON-safe) and ``load_state_dict()`` restores it after checking the data is the same.
 * val: the val split in its natural order, the same batches on every call; asked for ``n`` of its
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BATCH_FIELDS", "Batch", "BaseDataModule", "DataError"]
+__all__ = ["BATCH_FIELDS", "Batch", "BaseDataModule", "DataError", "batch_shard"]
 
 # (inputs, targets), leading axis = this rank's batch rows; packed LM batches append segment_ids
 # and, with data.reset_positions, positions (all (B, T)): the names of BATCH_FIELDS, in order.
@@ -38,6 +40,16 @@ _STREAM_TAG = 0xDA7A  # keeps data RNG streams apart from weight-init streams of
 
 class DataError(ValueError):
     """A bad data source or data setting; the message names the path or the value."""
+
+
+def batch_shard(mesh: Any, device: int) -> tuple[int, int]:
+    """``(rank, world_size)`` of the data module on device ``device`` of ``mesh`` (an
+    ``llm.sharding.MeshShape``, devices numbered row-major over ``MESH_AXES``, tensor innermost):
+    the global batch splits ``mesh.batch_shards`` (= data * fsdp) ways and the ``mesh.tensor``
+    devices of a tensor-parallel group read the same rows."""
+    if not 0 <= device < mesh.devices:
+        raise DataError(f"device={device}: the mesh {mesh.to_dict()} has {mesh.devices} devices")
+    return device // mesh.tensor, mesh.batch_shards
 
 
 class BaseDataModule(abc.ABC):

@@ -77,7 +77,7 @@ from llm.tokenization import build_tokenizer, load_tokenizer
 
 __all__ = ["TextDataModule", "Corpus", "document_name", "read_corpus", "resolve_source", "segment_positions",
            "split_rank",
-           "stdlib_files", "val_document_count"]
+           "stdlib_files", "val_document_count", "window_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,19 @@ def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
     first = np.ones_like(segment_ids, dtype=bool)
     first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return (slots - np.maximum.accumulate(np.where(first, slots, 0), axis=1)).astype(np.int64)
+
+
+def window_batch(windows: np.ndarray, eos_id: int | None, reset_positions: bool) -> Batch:
+    """The batch of int64 windows (B, T+1): ``(inputs, targets)``, and when packing (``eos_id``
+    given) ``segment_ids`` (and, with ``reset_positions``, ``positions``) as the module docstring says."""
+    inputs, targets = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+    if eos_id is None:
+        return inputs, targets
+    ends = inputs == eos_id  # (B, T): slots that end a document
+    segment_ids = np.cumsum(ends, axis=1) - ends  # EOS counted from the next slot on
+    if not reset_positions:
+        return inputs, targets, segment_ids
+    return inputs, targets, segment_ids, segment_positions(segment_ids)
 
 
 # ---------------------------------------------------------------------- the data module
@@ -497,11 +510,5 @@ class TextDataModule(BaseDataModule):
         offset = self._train_offset(epoch) if split == "train" else 0
         starts = offset + np.asarray(indices, np.int64) * self.seq_len
         windows = np.asarray(tokens[starts[:, None] + np.arange(self.seq_len + 1)], np.int64)  # (B, T+1)
-        inputs, targets = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
-        if not self.pack_documents:
-            return inputs, targets
-        ends = inputs == self.tokenizer.eos_id  # (B, T): slots that end a document
-        segment_ids = np.cumsum(ends, axis=1) - ends  # EOS counted from the next slot on
-        if not self.reset_positions:
-            return inputs, targets, segment_ids
-        return inputs, targets, segment_ids, segment_positions(segment_ids)
+        return window_batch(windows, self.tokenizer.eos_id if self.pack_documents else None,
+                            self.reset_positions)

@@ -157,12 +157,16 @@ def available_tasks() -> list[str]:
     return TASKS.names()
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int | None = None) -> float:
-    """Entropy in nats/token of the empirical unigram distribution of ``tokens``.
+def unigram_entropy(tokens: np.ndarray | None = None, vocab_size: int | None = None, *,
+                    counts: np.ndarray | None = None) -> float:
+    """Entropy in nats/token of the empirical unigram distribution of ``tokens`` (or of the id
+    ``counts`` given instead, e.g. a token file's, counted without holding it in memory).
 
     The loss of the best model that ignores context: an LM that has learnt anything beats it.
     """
-    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size or 0).astype(np.float64)
+    if counts is None:
+        counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size or 0)
+    counts = np.asarray(counts, np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one distinct token gives -0.0, shown "-0.0000"
 
@@ -213,22 +217,20 @@ class LMTaskHalfBase:
 
 @register_task("lm")
 class LMTask(TrainingTask):
-    """Causal language modelling on ``data.source`` (text or synthetic tokens)."""
+    """Causal language modelling on ``data.source`` (text, token files or synthetic tokens)."""
 
     backends = {"torch": "LMTaskHalf", "jax": "LMTaskHalf"}
 
     def build_datamodule(self, config: Any, *, rank: int = 0, world_size: int = 1) -> BaseDataModule:
-        """As the base class, but a text source uses the ``training.init_from`` checkpoint's tokenizer
-        when it has one (``llm.init_from``); the backend halves load its weights in ``build_model``."""
+        """As the base class, but a text or token-file source uses the ``training.init_from``
+        checkpoint's tokenizer when it has one (``llm.init_from``); the backend halves load its
+        weights in ``build_model``."""
+        tokenizer = None
         if not config.data.is_synthetic:
             from llm.init_from import init_from_tokenizer
 
             tokenizer = init_from_tokenizer(config)
-            if tokenizer is not None:
-                from llm.data import TextDataModule
-
-                return TextDataModule.from_config(config, rank=rank, world_size=world_size, tokenizer=tokenizer)
-        return build_datamodule(config, rank=rank, world_size=world_size)
+        return build_datamodule(config, rank=rank, world_size=world_size, tokenizer=tokenizer)
 
     def validate(self, config: Any, datamodule: BaseDataModule) -> None:
         m, d = config.model, config.data
@@ -242,6 +244,9 @@ class LMTask(TrainingTask):
             check_vocab(tokenizer, config.model)
 
     def baselines(self, datamodule: BaseDataModule) -> dict[str, float]:
+        counts = getattr(datamodule, "train_token_counts", None)  # token files: counted in chunks at setup
+        if counts is not None:
+            return {"unigram_entropy": unigram_entropy(counts=counts)}
         tokens = getattr(datamodule, "train_tokens", None)
         if tokens is None:
             tokens = getattr(datamodule, "_train", None)  # TextDataModule's train split (a memmap)
