@@ -394,11 +394,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> every expert's output on every token, (E, N, D)."""
+        x = _like(x, self.up_proj.weight)  # tensor parallel: F split, the down projection's sum gathered
         if self.spec.use_glu:
             h = _activation(self.spec, self.gate_proj(x)) * self.up_proj(x)  # (E, N, F)
         else:
             h = _activation(self.spec, self.up_proj(x))
-        return self.down_proj(h)
+        return _whole(self.down_proj(h))
 
     def mix_selected(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum_slot w[n, slot] * expert_{idx[n, slot]}(x[n])`` on the selected pairs only, (N, D).
@@ -408,6 +409,9 @@ class Experts(nn.Module):
         expert, and the experts run as one batched matmul over blocks with gathered weights.
         """
         spec = self.spec
+        if isinstance(self.up_proj.weight, DTensor):
+            raise NotImplementedError("moe_impl='blocked' gathers expert weights per block, which tensor "
+                                      "parallel does not split yet; use the dense dispatch")
         N, D = x.shape
         E, k = spec.num_experts, spec.num_experts_per_token
         A = N * k

@@ -13,10 +13,12 @@ are neighbours (one host) and share a batch: a rank reads the data slice of its 
 ``tensor`` gets ``ColwiseParallel`` (q/k/v, gate/up, the untied lm_head, whose logits are gathered
 whole over the vocabulary), one with its in dim on ``tensor`` ``RowwiseParallel`` (o, down); the
 token table's vocab rows on ``tensor`` become a ``Shard(0)`` DTensor, which
-``backends.torch.model`` looks up (and, tied, projects onto) in DTensor. A module the table leaves
-whole (a dim not divisible) is left alone. Attention then holds ``heads / tensor`` local heads and
+``backends.torch.model`` looks up (and, tied, projects onto) in DTensor; the stacked MoE experts
+(``ExpertLinear``) become DTensors split on their ``mlp`` dim and compute in DTensor too (the
+``down`` projection's partial sums are reduced at the end of ``Experts.forward``). A module the
+table leaves whole (a dim not divisible) is left alone. Attention then holds ``heads / tensor`` local heads and
 reads that count from its projections' output. Every parameter's TP placement is checked against
-the table afterwards: anything else (the stacked MoE experts) fails loudly.
+the table afterwards: a parameter with no plan fails loudly.
 
 ``apply_fsdp``: ``fully_shard`` on each ``TransformerBlock`` and then on the root, over the
 ``fsdp`` dim (``("data", "fsdp")`` when data > 1: HSDP, replicated over ``data``).
@@ -51,7 +53,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from backends.torch.model import DecoderModel, TransformerBlock
+from backends.torch.model import DecoderModel, EmbeddingLayer, ExpertLinear, TransformerBlock
 from llm.config import ActivationCheckpointing, DType
 from llm.sharding import MESH_AXES, MeshShape, param_placements
 
@@ -89,17 +91,26 @@ def apply_tensor_parallel(model: DecoderModel, shape: MeshShape, mesh: DeviceMes
         elif dim == 1:
             plan[name] = RowwiseParallel()
     parallelize_module(model, tp_mesh, plan)
+    # The token table and the stacked experts compute in DTensor (the model's tensor-parallel
+    # boundaries); an expert tensor the table leaves whole is a replicated DTensor beside them.
+    dtensor_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, ExpertLinear)]
     if _tensor_dim(where["embed.weight"]) == 0:
-        table = model.embed.weight
-        model.embed.weight = nn.Parameter(distribute_tensor(table.detach(), tp_mesh, [Shard(0)]),
-                                          requires_grad=table.requires_grad)
+        dtensor_modules.append(("embed", model.embed))
+    for prefix, module in dtensor_modules:
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            name = f"{prefix}.{leaf}"
+            if isinstance(module, EmbeddingLayer) and leaf != "weight":
+                continue
+            dim = _tensor_dim(where[name])
+            placed = distribute_tensor(p.detach(), tp_mesh, [Replicate() if dim is None else Shard(dim)])
+            setattr(module, leaf, nn.Parameter(placed, requires_grad=p.requires_grad))
     wrong = {name: (got, where[name]) for name, got in tensor_placements(model).items()
              if got != _tensor_dim(where[name])}
     if wrong:
         raise NotImplementedError(
             "tensor parallel in the torch backend cannot place " + ", ".join(
                 f"{n} (llm.sharding: dim {w[1]} on tensor, got {w[0]})" for n, w in sorted(wrong.items())[:4])
-            + ": no plan for that module (stacked MoE experts are not split yet); use distributed.tensor=1")
+            + ": no plan for that module; use distributed.tensor=1")
 
 
 def tensor_placements(model: nn.Module) -> dict[str, int | None]:
