@@ -53,22 +53,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
-
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from backends.torch import parallel
 from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
 from backends.torch.model import DecoderModel
-from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.checkpoint import CheckpointError
 from llm.config import Config, DType
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
-from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TaskError, TrainingTask
+from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.spec import SpecError, check_names
 
 __all__ = ["TrainingEngine", "train"]
