@@ -11,7 +11,7 @@ ifdef PARITY_SEED
 export PARITY_SEED
 endif
 
-.PHONY: init test parity parity-thorough parity-mutants lint train bench bench-scaling clean
+.PHONY: init test test-dist parity parity-thorough parity-mutants lint train bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ init: $(STAMP)
 
 test: init
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests parity_tests
+
+# The torchrun sweep (CPU, gloo): torch fsdp / tensor / fsdp x tensor against one process, the cross-mesh resume.
+test-dist: init
+	LLM_TEST_DIST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_torch_sharding.py
 
 parity: init
 	HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests

@@ -1,4 +1,5 @@
-"""The PyTorch training engine: AdamW + warmup/cosine, clipping, accumulation, AMP, compile, DDP.
+"""The PyTorch training engine: AdamW + warmup/cosine, clipping, accumulation, AMP, compile, DDP,
+FSDP2 and tensor parallel.
 
 ``TrainingEngine(config).fit()`` trains ``config.task`` and returns a ``llm.run.TrainResult``. The
 backend-agnostic pieces it drives are shared with the JAX engine: the loop, evaluation, checkpoints,
@@ -10,8 +11,8 @@ devices and DDP, the model and AdamW, AMP, ``torch.compile`` and the step below.
 One optimiser step::
 
     lr = lr_at(step)                                   pure function of the step (exact resume)
-    for each of grad_accum_steps micro-batches:        DDP.no_sync() on all but the last
-        torch.manual_seed(f(seed, micro_step, rank))    dropout is a function of the position too
+    for each of grad_accum_steps micro-batches:        DDP.no_sync() / FSDP2 gradient sync off on all but the last
+        torch.manual_seed(f(seed, micro_step, dp_rank)) dropout is a function of the position too
         with autocast(dtype): objective, parts = task.loss(model, batch)
         (scaler.scale(objective / accum)).backward()
     unscale (fp16) -> clip_grad_norm_ -> AdamW step -> scaler.update()
@@ -26,7 +27,16 @@ then and before every checkpoint, so a NaN never reaches disk. The first step of
 ``torch.compile``: the compilation) is waited for and timed on its own (``compile_seconds``), and
 left out of the run's ``tokens_per_s``. DDP: launched by ``torchrun`` (``WORLD_SIZE``/``RANK``/
 ``LOCAL_RANK``), gloo on CPU, NCCL on GPU; each rank reads its slice of the global batch and only
-rank 0 writes files. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and
+rank 0 writes files.
+
+Sharded (``distributed.fsdp`` or ``distributed.tensor`` > 1; ``backends.torch.parallel``): a
+``DeviceMesh`` ("data", "fsdp", "tensor") shaped by ``distributed.mesh(world_size)``, tensor
+parallel (DTensor) and FSDP2 placed from ``llm.sharding``, ``torch.compile`` per block. Each
+data-parallel rank (its index over data x fsdp; the tensor ranks of a group share a batch) reads
+its slice; gradients are clipped over every mesh at once (``parallel.clip_grad_norm``); a
+checkpoint holds whole canonical tensors, gathered on every rank, so it resumes on any mesh (and on
+the other backend). fsdp = tensor = 1 keeps the DDP path. ``training.activation_checkpointing``
+works on every path. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and
 returns with ``stop_reason="interrupted"``; a second Ctrl-C aborts at once.
 
 This module never imports jax or flax.
@@ -43,18 +53,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
+from backends.torch import parallel
 from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
-from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
+from backends.torch.model import DecoderModel
 from llm.checkpoint import CheckpointError
 from llm.config import Config, DType
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
-from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TaskError, TrainingTask
-from llm.spec import SpecError
+from llm.run import MOMENTS, TrainResult, moment_name, size_after
+from llm.spec import SpecError, check_names
 
 __all__ = ["TrainingEngine", "train"]
 
@@ -166,13 +184,24 @@ class TrainingEngine(BaseTrainingEngine):
         if device is None:
             device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.mesh_shape = config.distributed.mesh(self.world_size)
         if self.world_size > 1:
             self._init_process_group()
+        self.mesh = (parallel.build_mesh(self.mesh_shape, self.device.type) if self.mesh_shape.is_sharded
+                     else None)
+        self.data_rank = self.rank
+        if self.mesh is not None:
+            self.data_rank, self.data_shards = parallel.data_shard(self.mesh)
+            if datamodule is None:
+                datamodule = self.task.build_datamodule(config, rank=self.data_rank, world_size=self.data_shards)
         torch.manual_seed(config.training.seed)
         self._setup_data(datamodule)
 
         # ---- model and optimiser
         self.model = self.impl.build_model(config, self.datamodule).to(self.device)  # the raw module
+        parallel.apply_activation_checkpointing(self.model, config.training.activation_checkpointing)
+        if self.mesh is not None:
+            self._shard_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         dtype = config.optimization.dtype
@@ -182,11 +211,11 @@ class TrainingEngine(BaseTrainingEngine):
 
         self._open_run(run_dir, resume)
 
-        # ---- wrappers: compile, then DDP
+        # ---- wrappers: compile, then DDP (sharded: the blocks are compiled and FSDP is in place)
         self.train_model: torch.nn.Module = self.model
-        if config.optimization.compile:
+        if config.optimization.compile and self.mesh is None:
             self.train_model = torch.compile(self.model, mode=config.optimization.compile_mode.value)
-        if self.world_size > 1:
+        if self.world_size > 1 and self.mesh is None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(
                 self.train_model, device_ids=ids, gradient_as_bucket_view=True,
@@ -201,6 +230,23 @@ class TrainingEngine(BaseTrainingEngine):
             dist.init_process_group(backend=backend)
             self._owns_process_group = True
 
+    def _shard_model(self) -> None:
+        """Tensor parallel, then FSDP2, then ``torch.compile`` per block (``backends.torch.parallel``)."""
+        o, shape = self.config.optimization, self.mesh_shape
+        if not isinstance(self.model, DecoderModel):
+            raise TaskError(f"task {self.task.name!r}: distributed.fsdp / distributed.tensor shard a "
+                            "ModelSpec decoder only; this task's model is a "
+                            f"{type(self.model).__name__} (use distributed.fsdp=1 distributed.tensor=1)")
+        if o.dtype is DType.FLOAT16:
+            raise TaskError("optimization.dtype=float16 needs a loss scaler the sharded torch path does "
+                            "not have; use bfloat16 (or distributed.fsdp=1 distributed.tensor=1)")
+        if shape.tensor > 1:
+            parallel.apply_tensor_parallel(self.model, shape, self.mesh)
+        if shape.batch_shards > 1:
+            parallel.apply_fsdp(self.model, shape, self.mesh, o.dtype)
+        if o.compile:
+            parallel.compile_blocks(self.model, o.compile_mode.value)
+
     def _barrier(self, name: str) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -213,7 +259,8 @@ class TrainingEngine(BaseTrainingEngine):
         return box[0]
 
     def _placement(self) -> str:
-        return f"{self.device}{f' x {self.world_size} ranks' if self.world_size > 1 else ''}"
+        mesh = "" if self.mesh is None else f" (mesh {self.mesh_shape.to_dict()})"
+        return f"{self.device}{f' x {self.world_size} ranks' if self.world_size > 1 else ''}{mesh}"
 
     def _device_memory(self) -> int | None:
         if self.device.type != "cuda":
@@ -241,7 +288,11 @@ class TrainingEngine(BaseTrainingEngine):
             groups = [{"params": [params[n] for n in self.decay_names], "weight_decay": t.weight_decay},
                       {"params": [params[n] for n in self.no_decay_names], "weight_decay": 0.0}]
             fused = self.device.type == "cuda"
-            own = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+            # Sharded parameters live on two meshes (FSDP's alone, FSDP x tensor), which one foreach
+            # kernel over all of them cannot mix; fused groups by itself.
+            foreach = None if self.mesh is None or fused else False
+            own = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused,
+                                    foreach=foreach)
         elif not isinstance(own, torch.optim.Optimizer):
             raise TaskError(f"task {self.task.name!r}: build_optimizer returned a {type(own).__name__}, "
                             "not a torch.optim.Optimizer")
@@ -291,19 +342,37 @@ class TrainingEngine(BaseTrainingEngine):
 
     def moments(self) -> dict[str, np.ndarray]:
         """The AdamW moments by canonical name, float32 (zeros before the first step); none with a
-        task's own optimiser (its state is ``optimizer.state_dict()``)."""
+        task's own optimiser (its state is ``optimizer.state_dict()``). Sharded: whole tensors,
+        gathered (a collective: every rank calls it)."""
         out = {}
         if self.task_optimizer:
             return out
         for moment in MOMENTS:
-            held = {name: self.optimizer.state.get(p, {}).get(moment) for name, p in self.model.named_parameters()}
+            held = {name: _whole(self.optimizer.state.get(p, {}).get(moment))
+                    for name, p in self.model.named_parameters()}
             out.update((moment_name(moment, name), value)
                        for name, value in moments_to_canonical(self.model, held).items())
         return out
 
+    def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Sharded: every rank gathers (``get_model_state_dict`` full, offloaded to process 0's CPU)."""
+        if self.mesh is None:
+            return super()._checkpoint_arrays()
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = self.moments() if not self.task_optimizer else self._optimizer_tensors()
+        if not self.is_main:
+            return {}, {}
+        return {name: t.to(torch.float32).numpy().copy() for name, t in full.items()}, state
+
     def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]],
                  step: int, grad_scaler: dict[str, Any] | None) -> None:
-        self.impl.load_canonical(self.model, params)
+        if self.mesh is None:
+            self.impl.load_canonical(self.model, params)
+        else:  # every rank holds the whole checkpoint and keeps its own shards: no communication
+            check_names({n: tuple(p.shape) for n, p in self.model.named_parameters()}, params,
+                        where=f"parameters for {type(self.model).__name__}")
+            set_model_state_dict(self.model, {n: torch.from_numpy(np.asarray(a, np.float32)) for n, a in params.items()},
+                                 options=StateDictOptions(full_state_dict=True))
         on_device = self.device.type == "cuda"  # fused AdamW keeps its step count on the device
         new = {}
         for moment in MOMENTS if moments else ():  # none saved (a step-0 checkpoint): the state stays fresh
@@ -316,7 +385,7 @@ class TrainingEngine(BaseTrainingEngine):
             state = self.optimizer.state[p]
             state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
             for moment in MOMENTS:
-                state[moment] = new[moment][name]
+                state[moment] = _shard_like(new[moment][name], p)
         if self.scaler is not None and grad_scaler:
             sd = self.scaler.state_dict()
             sd.update(scale=float(grad_scaler["scale"]), _growth_tracker=int(grad_scaler["growth_tracker"]))
@@ -354,10 +423,9 @@ class TrainingEngine(BaseTrainingEngine):
             group["lr"] = lr  # the engine's AdamW; a task's optimiser has its own scheduler
         sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
-            torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.rank))
+            torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.data_rank))
             last = micro == accum - 1
-            no_sync = (self.train_model.no_sync() if self.world_size > 1 and not last
-                       else contextlib.nullcontext())
+            no_sync = self._no_sync() if not last else contextlib.nullcontext()
             with no_sync:
                 with self._autocast():
                     objective, parts = self.impl.loss(self.train_model, self._to_device(batch))
@@ -368,7 +436,8 @@ class TrainingEngine(BaseTrainingEngine):
                 sums[k] = sums[k] + v if k in sums else v
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, t.grad_clip) if t.grad_clip > 0 else None
+        clip = torch.nn.utils.clip_grad_norm_ if self.mesh is None else parallel.clip_grad_norm
+        grad_norm = clip(self._trainable, t.grad_clip) if t.grad_clip > 0 else None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -379,6 +448,15 @@ class TrainingEngine(BaseTrainingEngine):
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite |= ~torch.isfinite(sums["loss"])
         return sums, grad_norm
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        """Gradient sync off for a micro-batch that is not the last (DDP's ``no_sync``, FSDP2's
+        ``set_requires_gradient_sync``)."""
+        if self.mesh is not None and self.mesh_shape.batch_shards > 1:
+            return _fsdp_sync_off(self.model)
+        if self.world_size > 1 and self.mesh is None:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
 
     def _out_of_memory(self, exc: BaseException) -> tuple[int | None, int | None] | None:
         if not isinstance(exc, torch.OutOfMemoryError):
@@ -436,6 +514,27 @@ class TrainingEngine(BaseTrainingEngine):
         if self.world_size > 1:
             dist.all_reduce(stats)
         return float(stats[0] / stats[1].clamp(min=1))
+
+
+def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor gathered whole (a collective); any other value as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` split as ``param`` is (this rank's shards, from its own copy: no communication)."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def _fsdp_sync_off(model: torch.nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def train(config: Config, **kwargs: Any) -> TrainResult:

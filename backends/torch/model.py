@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
@@ -114,6 +115,20 @@ def _activation(spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
+# ---------------------------------------------------------------------- tensor-parallel boundaries
+def _like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` as a replicated DTensor on ``weight``'s mesh when tensor parallel made ``weight`` a
+    DTensor (``backends.torch.parallel``: the vocab-split token table); ``x`` itself otherwise."""
+    if isinstance(weight, DTensor):
+        return DTensor.from_local(x, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim)
+    return x
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor result gathered (or summed) whole onto every rank, as a plain tensor."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 # ---------------------------------------------------------------------- embedding
 class EmbeddingLayer(nn.Module):
     """Token table plus the absolute position signal (learned or sinusoidal); RoPE adds nothing here.
@@ -136,7 +151,8 @@ class EmbeddingLayer(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` (B, T) replaces ``start_pos .. start_pos+T-1`` when given (padding, packing)."""
         T = input_ids.shape[1]
-        x = F.embedding(input_ids, self.weight, padding_idx=self.spec.pad_token_id)  # (B, T, D)
+        x = _whole(F.embedding(_like(input_ids, self.weight), self.weight,
+                               padding_idx=self.spec.pad_token_id))  # (B, T, D)
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)  # (T,)
         if self.spec.position is Position.LEARNED:
@@ -288,9 +304,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
         if positions is None and attention_mask is not None:
             positions = positions_from_mask(attention_mask, start_pos, T)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KV, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        # -1: tensor parallel leaves H / tensor query and KV / tensor kv heads on this rank.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, KV, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.spec.position is Position.ROPE:
             q, k = self._rope(q, start_pos, positions), self._rope(k, start_pos, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -321,7 +338,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.spec.dropout if self.training else 0.0,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, hd); query head h reads kv head h // (H/KV)
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.o_proj(y)
 
 
@@ -377,11 +394,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> every expert's output on every token, (E, N, D)."""
+        x = _like(x, self.up_proj.weight)  # tensor parallel: F split, the down projection's sum gathered
         if self.spec.use_glu:
             h = _activation(self.spec, self.gate_proj(x)) * self.up_proj(x)  # (E, N, F)
         else:
             h = _activation(self.spec, self.up_proj(x))
-        return self.down_proj(h)
+        return _whole(self.down_proj(h))
 
     def mix_selected(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum_slot w[n, slot] * expert_{idx[n, slot]}(x[n])`` on the selected pairs only, (N, D).
@@ -391,6 +409,9 @@ class Experts(nn.Module):
         expert, and the experts run as one batched matmul over blocks with gathered weights.
         """
         spec = self.spec
+        if isinstance(self.up_proj.weight, DTensor):
+            raise NotImplementedError("moe_impl='blocked' gathers expert weights per block, which tensor "
+                                      "parallel does not split yet; use the dense dispatch")
         N, D = x.shape
         E, k = spec.num_experts, spec.num_experts_per_token
         A = N * k
@@ -512,10 +533,22 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = build_norm(spec)
         self.mlp = MoE(spec) if spec.use_moe else MLP(spec)
         self.dropout = nn.Dropout(spec.dropout)
+        # Activation checkpointing (``backends.torch.parallel.apply_activation_checkpointing``): a
+        # ``torch.utils.checkpoint.checkpoint``-like ``recompute(fn, *args, **kwargs)``, or None.
+        self.recompute = None
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None, *,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.recompute is not None and cache is None and torch.is_grad_enabled():
+            return self.recompute(self._forward, x, start_pos, None, attention_mask=attention_mask,
+                                  segment_ids=segment_ids, positions=positions)
+        return self._forward(x, start_pos, cache, attention_mask=attention_mask, segment_ids=segment_ids,
+                             positions=positions)
+
+    def _forward(self, x: torch.Tensor, start_pos: int, cache: LayerKVCache | None, *,
+                 attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                 positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         post = self.spec.norm_position is NormPosition.POST
         h = self.attn(x if post else self.attn_norm(x), start_pos, cache, attention_mask=attention_mask,
                       segment_ids=segment_ids, positions=positions)
@@ -629,7 +662,7 @@ class DecoderModel(nn.Module):
         x = self.final_norm(x)
         hidden.append(x)
         if self.lm_head is None:
-            logits = F.linear(x, self.embed.weight)  # (B, T, V), the autocast dtype
+            logits = _whole(F.linear(_like(x, self.embed.weight), self.embed.weight))  # (B, T, V), the autocast dtype
         else:
             logits = self.lm_head(x)
         if return_logits:

@@ -260,6 +260,7 @@ class BaseTrainingEngine:
         self.config = config
         self.impl = self.task.backend(self.backend)
         self.rank, self.world_size = rank, world_size
+        self.data_shards = world_size  # processes reading distinct batches (a tensor-parallel group shares one)
         self.is_main = rank == 0
         # callbacks first: a config they reject (e.g. tensorboard not installed) fails before any work
         self.callbacks = CallbackList(build_callbacks(config, callback_names) + list(callbacks or []),
@@ -492,9 +493,9 @@ class BaseTrainingEngine:
         self._check_finite("before saving a checkpoint")
         started = self.clock()
         path = self.run.checkpoint_path(self.step) if path is None else path
+        params, state_tensors = self._checkpoint_arrays()
         if self.is_main:
-            params = self.impl.to_canonical(self.model)
-            save_checkpoint(path, params, self.config.to_dict(), state_tensors=self._optimizer_tensors(),
+            save_checkpoint(path, params, self.config.to_dict(), state_tensors=state_tensors,
                             state_meta=self.state_meta(reason), extra_files=self.artifacts, overwrite=True,
                             kind=self._checkpoint_kind)
             log.info("saved checkpoint %s (%s)", path, reason)
@@ -503,6 +504,13 @@ class BaseTrainingEngine:
         self._paused_seconds += self.clock() - started
         self.callbacks.call("on_checkpoint", self, path)
         return path
+
+    def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The checkpoint's weights and ``state.safetensors`` arrays. Called on every process (a
+        sharded model gathers its whole tensors here, a collective); process 0's are written."""
+        if not self.is_main:
+            return {}, {}
+        return self.impl.to_canonical(self.model), self._optimizer_tensors()
 
     def _save(self, reason: str) -> None:
         """The loop's checkpoint: ``save_checkpoint(reason)``, then only the newest
@@ -666,7 +674,7 @@ class BaseTrainingEngine:
         on its own."""
         lr, micro_step = self.lr_of(self.step), self.datamodule.step
         batches = [next(data) for _ in range(self.config.training.grad_accum_steps)]
-        items = sum(self.task.items_per_batch(b) for b in batches) * self.world_size
+        items = sum(self.task.items_per_batch(b) for b in batches) * self.data_shards
         self.tokens_seen += items
         first = meter.compile_seconds is None
         started, paused = self.clock(), self._paused_seconds
