@@ -215,8 +215,12 @@ class TrainingEngine(BaseTrainingEngine):
     def _placement(self) -> str:
         return f"{self.device}{f' x {self.world_size} ranks' if self.world_size > 1 else ''}"
 
+    def _on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
     def close(self) -> None:
-        """Tear down the process group this engine created (DDP)."""
+        """Wait for a checkpoint write in flight, then tear down the process group this engine created (DDP)."""
+        super().close()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_process_group = False
