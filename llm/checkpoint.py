@@ -99,6 +99,7 @@ __all__ = [
     "ShardFile",
     "TensorReader",
     "plan_shards",
+    "shard_index",
     "begin_checkpoint",
     "write_shard",
     "commit",
@@ -152,8 +153,8 @@ def plan_shards(sizes: Mapping[str, int], num_writers: int = 1, *, state_sizes: 
     whose state tensors have ``state_sizes``; each file with the rank of ``num_writers`` that writes it.
 
     A part is as few files as ``max_shard_bytes`` allows (a tensor larger than that is a file of its
-    own), cut into contiguous runs of the sorted names with about equal bytes: the files depend on
-    the names and sizes only, never on ``num_writers``. Writers: the largest file first, each to
+    own), contiguous runs of the sorted names with about equal bytes: the files depend on the names
+    and sizes only, never on ``num_writers``. Writers: the largest file first, each to
     the writer with the fewest bytes so far (the lower rank on a tie).
     """
     if isinstance(num_writers, bool) or not isinstance(num_writers, int) or num_writers < 1:
@@ -177,31 +178,40 @@ def _part_files(part: str, sizes: Mapping[str, int], max_bytes: int) -> list[Sha
     bad = [n for n in names if isinstance(sizes[n], bool) or not isinstance(sizes[n], int) or sizes[n] < 0]
     if bad:
         raise CheckpointError(f"plan_shards: the {part} size of {bad[0]!r} is {sizes[bad[0]]!r}, not a byte count >= 0")
-    total = sum(sizes[n] for n in names)
-    groups = [[n] for n in names]  # the last resort: a file per tensor always fits
-    for count in range(max(1, math.ceil(total / max_bytes)), len(names) + 1):
-        split = _balanced_runs(names, sizes, count, total)
-        if all(len(g) == 1 or sum(sizes[n] for n in g) <= max_bytes for g in split):
-            groups = split
-            break
-    if not names:
-        groups = [[]]  # an empty part is still one (empty) file
+    # the fewest contiguous runs that fit max_bytes (greedy filling is optimal for that), then the
+    # smallest capacity that keeps that many: runs of about equal bytes
+    count = len(_greedy_runs(names, sizes, max_bytes))
+    low, high = max(1, -(-sum(sizes.values()) // max(count, 1))), max_bytes
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(_greedy_runs(names, sizes, mid)) <= count else (mid + 1, high)
+    groups = _greedy_runs(names, sizes, low) or [[]]  # an empty part is still one (empty) file
     single, _ = PARTS[part]
     stem = single.removesuffix(".safetensors")
     return [ShardFile(single if len(groups) == 1 else f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors",
                       part, tuple(g), sum(sizes[n] for n in g)) for i, g in enumerate(groups, 1)]
 
 
-def _balanced_runs(names: list[str], sizes: Mapping[str, int], count: int, total: int) -> list[list[str]]:
-    """``names`` in at most ``count`` contiguous runs of about ``total / count`` bytes: a tensor goes
-    to the share its middle byte falls in."""
-    share = max(total, 1) / count
-    runs: list[list[str]] = [[] for _ in range(count)]
-    before = 0
+def _greedy_runs(names: list[str], sizes: Mapping[str, int], capacity: int) -> list[list[str]]:
+    """``names`` in order, each run filled until the next tensor would pass ``capacity`` bytes (a
+    larger tensor is a run of its own)."""
+    runs: list[list[str]] = []
+    held = 0
     for n in names:
-        runs[min(count - 1, int((before + sizes[n] / 2) // share))].append(n)
-        before += sizes[n]
-    return [r for r in runs if r]
+        if runs and runs[-1] and held + sizes[n] <= capacity:
+            runs[-1].append(n)
+            held += sizes[n]
+        else:
+            runs.append([n])
+            held = sizes[n]
+    return runs
+
+
+def shard_index(files: list[ShardFile] | tuple[ShardFile, ...], total_size: int) -> dict[str, Any]:
+    """The ``*.safetensors.index.json`` of a sharded part (the HF layout): its tensor bytes and each
+    tensor's file."""
+    weight_map = {n: f.name for f in files for n in f.tensors}
+    return {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
 
 
 # ---------------------------------------------------------------------- writing
@@ -310,9 +320,7 @@ def commit(
         files = [f for f in plan if f.part == part]
         if len(files) > 1:
             total = sum(size for f in files for _, size in headers[f.name].values())
-            weight_map = {n: f.name for f in files for n in f.tensors}
-            write_json_atomic(tmp / index, {"metadata": {"total_size": total},
-                                            "weight_map": dict(sorted(weight_map.items()))}, sort_keys=True)
+            write_json_atomic(tmp / index, shard_index(files, total), sort_keys=True)
             digests[index] = _sha256(tmp / index)
     write_json_atomic(tmp / CONFIG_FILE, config, sort_keys=True)
     if state_meta is not None:
