@@ -50,7 +50,15 @@ import numpy as np
 from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import save_file
 
-from llm.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
+from llm.checkpoint import (
+    MAX_SHARD_BYTES,
+    MODEL_INDEX_FILE,
+    CheckpointError,
+    open_checkpoint,
+    plan_shards,
+    save_checkpoint,
+    shard_index,
+)
 from llm.hf_families import FAMILIES, Family, HFError, family_for_config, get_family, infer_family
 from llm.io import TOKENIZER_FILE, CliParser, atomic_directory, read_json
 from llm.spec import ModelSpec, Position, SpecError, check_params
@@ -330,8 +338,13 @@ def _training_settings(spec: ModelSpec, family: Family) -> dict[str, Any]:
 
 
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, family: str | None = None,
-              drop_training_settings: bool = False, overwrite: bool = False) -> ExportResult:
-    """Write the canonical checkpoint ``ckpt_dir`` as a transformers model directory at ``out_dir``."""
+              drop_training_settings: bool = False, overwrite: bool = False,
+              max_shard_bytes: int | None = None) -> ExportResult:
+    """Write the canonical checkpoint ``ckpt_dir`` as a transformers model directory at ``out_dir``.
+
+    The weights are sharded like HF's ``save_pretrained`` (``model.safetensors.index.json`` and
+    ``model-00001-of-0000N.safetensors`` ...) when they exceed ``max_shard_bytes``; None = the
+    checkpoint's own largest shard when it is sharded, else ``MAX_SHARD_BYTES`` (HF's 5 GB)."""
     from llm.tokenization import load_tokenizer
 
     out = Path(out_dir)
@@ -373,8 +386,16 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, family
     else:
         notes.append("tokenizer: the checkpoint has none")
 
+    if max_shard_bytes is None:
+        max_shard_bytes = (max(sum(ckpt.params[n].nbytes for n in names) for names in ckpt.shards.values())
+                           if len(ckpt.shards) > 1 else MAX_SHARD_BYTES)
+    shards = plan_shards({k: v.nbytes for k, v in tensors.items()}, max_shard_bytes=max_shard_bytes)
     with atomic_directory(out, replace=True) as tmp:
-        save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        for shard in shards:
+            save_file({n: tensors[n] for n in shard.tensors}, str(tmp / shard.name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = shard_index(shards, sum(v.nbytes for v in tensors.values()))
+            (tmp / MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for name, data in tok_files.items():
             (tmp / name).write_bytes(data)

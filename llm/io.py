@@ -8,7 +8,8 @@ the argument-parser base every ``python -m llm.*`` command uses.
   the old file or the new one, never a torn one.
 * ``atomic_directory(path)``: the same for a whole directory (checkpoints, exported models, token
   caches): fill the temporary sibling it yields; it is renamed into place only when the block ends
-  without an exception, and removed otherwise.
+  without an exception, and removed otherwise. ``temp_sibling`` / ``move_into_place`` are its two
+  halves, for a directory filled by several writers (a sharded checkpoint).
 * ``read_json(path, error=...)``: bad UTF-8 or bad JSON is one line naming the file, raised as the
   caller's error class.
 * ``CliParser``: argparse whose usage errors are one ``error:`` line on stderr and exit status 2.
@@ -31,7 +32,7 @@ from typing import Any
 
 __all__ = ["CONFIG_FILE", "MANIFEST_FILE", "METRICS_FILE", "MODEL_FILE", "PLOT_FILE", "STATE_FILE",
            "STATE_META_FILE", "SUMMARY_FILE", "TOKENIZER_FILE", "CliParser", "atomic_directory", "fsync_dir",
-           "read_json", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+           "move_into_place", "read_json", "temp_sibling", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 # a canonical checkpoint (llm.checkpoint)
 MODEL_FILE = "model.safetensors"
@@ -93,27 +94,41 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
 @contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``path`` to fill; on a clean exit it is fsynced and renamed
-    to ``path`` (an existing ``path`` is swapped out and deleted when ``replace``, else the rename's
-    OSError propagates unless ``path`` is an empty directory). On any exception it is removed."""
+    to ``path`` (``move_into_place``). On any exception it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_sibling(path)
     try:
         yield tmp
-        fsync_dir(tmp)
-        if replace and (path.exists() or path.is_symlink()):
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.rename(tmp, path)
-        fsync_dir(path.parent)
+        move_into_place(tmp, path, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+
+
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """A new empty directory ``.<name>.tmp-*`` beside ``path`` (parents made): where a directory
+    that ``move_into_place`` renames to ``path`` is filled."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def move_into_place(tmp: Path, path: str | os.PathLike, *, replace: bool = False) -> None:
+    """Fsync the filled directory ``tmp`` and rename it to ``path``: an existing ``path`` is swapped
+    out (``.<name>.old-*``) and deleted when ``replace``, else the rename's OSError propagates unless
+    ``path`` is an empty directory."""
+    path = Path(path)
+    fsync_dir(tmp)
+    if replace and (path.exists() or path.is_symlink()):
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.rename(tmp, path)
+    fsync_dir(path.parent)
 
 
 def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -> Any:

@@ -437,6 +437,9 @@ class TrainingEngine(BaseTrainingEngine):
 
         return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
+    def _on_gpu(self) -> bool:
+        return self.devices[0].platform == "gpu"
+
     def _placement(self) -> str:
         where = f"{self.devices[0].platform} x {len(self.devices)} device{'s' if len(self.devices) > 1 else ''}"
         if self.world_size > 1:

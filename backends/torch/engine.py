@@ -267,8 +267,12 @@ class TrainingEngine(BaseTrainingEngine):
             return None
         return torch.cuda.get_device_properties(self.device).total_memory
 
+    def _on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
     def close(self) -> None:
-        """Tear down the process group this engine created (DDP)."""
+        """Wait for a checkpoint write in flight, then tear down the process group this engine created (DDP)."""
+        super().close()
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_process_group = False

@@ -14,7 +14,9 @@ every rank and in list order (the built-ins in ``DEFAULT_CALLBACKS`` order, then
                                             for the epoch the run is in when it stops
     on_validation_start(trainer)            when trainer.evaluate() starts
     on_eval_end(trainer, metrics)           after trainer.evaluate()
-    on_checkpoint(trainer, path)            after a checkpoint is written (rank 0 has the path)
+    on_checkpoint(trainer, path)            after a checkpoint is saved (rank 0 has the path; with
+                                            checkpoint.async_save still being written:
+                                            trainer.wait_for_checkpoint())
     on_train_end(trainer, metrics)          once, when the loop stops for any reason but an exception
                                             (after the end-of-run evaluation and checkpoint)
     on_exception(trainer, exc)              when the loop dies (NaN loss, an error, a 2nd Ctrl-C)

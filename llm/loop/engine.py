@@ -12,7 +12,9 @@ The loop owns what happens when; ``fit()`` reads top to bottom. Each optimiser s
                                      ``needs_metrics(step)``
     2. evaluation                    every ``training.eval_every`` steps and at the last step
     3. a checkpoint                  every ``checkpoint.every_steps`` steps (canonical or named:
-                                     the task's ``canonical``), the newest ``checkpoint.keep_last`` kept
+                                     the task's ``canonical``), the newest ``checkpoint.keep_last`` kept;
+                                     with ``checkpoint.async_save`` the loop waits only for the host
+                                     copy (``_CheckpointWriter``)
     4. early stopping                after ``training.early_stopping_patience`` evaluations without
                                      a val-loss improvement (``EarlyStopping``)
     5. the observers                 ``on_step_end`` of the callbacks (``llm.loop.callbacks``), which
@@ -37,6 +39,7 @@ A backend supplies only what differs between frameworks:
     moments(), _param_names(), _num_parameters()         AdamW moments (the checkpoint's names), parameter names
     _restore(path, params, moments, step, grad_scaler)   a checkpoint's numbers into the device state
     _grad_scaler_state() -> dict | None                  the float16 loss scale for ``state.json``
+    _on_gpu() -> bool                                    whether ``checkpoint.async_save`` null means on
     _barrier(name), _broadcast(text), _placement()       processes and devices
     _device_memory(), _device_count()                    bytes of one device (None: unknown), mesh size
 
@@ -49,6 +52,7 @@ This module never imports torch or jax.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -134,6 +138,66 @@ class StepReadout(NamedTuple):
     nonfinite: bool  # some process has seen a nan/inf loss
     interrupted: bool  # some process received SIGINT/SIGTERM
     lr: float | None = None  # the step's rate when only the device knows it (a task's optax schedule)
+
+
+class _CheckpointWriter:
+    """The checkpoint write running in a background thread (``checkpoint.async_save``): at most one.
+
+    ``start`` waits for the previous write, then runs ``job`` (write, hash, rename, prune) in a
+    thread; ``wait`` blocks until it is done and raises its failure as a one-line ``CheckpointError``
+    (never swallowed). The thread is not a daemon: a normal exit, even by an exception, lets the
+    write finish; a kill leaves its ``.step_N.tmp-*`` directory, which ``recover_interrupted_writes``
+    removes, and the previous checkpoint valid.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, path: Path, job: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as e:  # re-raised by wait() in the loop's thread
+                self._error = e
+
+        self._path = path
+        self._thread = threading.Thread(target=run, name=f"checkpoint-write-{path.name}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) has finished; raise its failure."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread = None
+        error, self._error = self._error, None
+        if isinstance(error, CheckpointError):
+            raise CheckpointError(" ".join(str(error).split())) from None
+        if error is not None:
+            raise CheckpointError(f"the background write of checkpoint {self._path} failed: "
+                                  f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+
+    def wait_quietly(self) -> None:
+        """``wait`` for a path that is already failing: the write's own failure is logged, not raised."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.error("%s", e)
+
+
+def _owned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` that no device buffer or framework tensor shares memory with: a background write
+    must not see the next step's updates (a view is copied; an array that owns its data is kept)."""
+    return {k: v if isinstance(v, np.ndarray) and v.flags.owndata else np.array(v, copy=True)
+            for k, v in arrays.items()}
 
 
 class EarlyStopping:
@@ -272,7 +336,8 @@ class BaseTrainingEngine:
         self.tokens_seen = 0
         self.best_val_loss: float | None = None
         self.last_val: dict[str, float] = {}
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # the newest checkpoint written (committed)
+        self._checkpoints = _CheckpointWriter()
         self._stop: tuple[str, str] | None = None
         self._interrupted = False
         self._paused_seconds = 0.0  # in evaluation and checkpoints (not training time), running total
@@ -489,18 +554,58 @@ class BaseTrainingEngine:
     def save_checkpoint(self, reason: str = "periodic", *, path: Path | None = None) -> Path | None:
         """Write ``checkpoints/step_<N>`` (or ``path``; process 0) with the training state: a
         canonical checkpoint, or a named one for a task that is not a decoder (``llm.checkpoint``);
-        never a non-finite state (raises ``NonFiniteLossError`` instead). Returns the path."""
+        never a non-finite state (raises ``NonFiniteLossError`` instead). Returns the path.
+
+        With ``checkpoint.async_save`` (null: on a GPU) this waits only for the previous write and
+        the host copy of the state; the write itself runs in the background (``wait_for_checkpoint``
+        blocks until it has landed; ``last_checkpoint`` is set then)."""
+        return self._checkpoint(reason, path, prune=False)
+
+    def _save(self, reason: str) -> None:
+        """The loop's checkpoint: ``save_checkpoint(reason)``, then, once it is written, only the
+        newest ``checkpoint.keep_last`` kept."""
+        self._checkpoint(reason, None, prune=True)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background checkpoint write has landed; its failure is raised here as a
+        one-line ``CheckpointError``. The next save, the end of ``fit`` and ``close`` call it."""
+        self._checkpoints.wait()
+
+    @property
+    def _async_save(self) -> bool:
+        chosen = self.config.checkpoint.async_save
+        return self._on_gpu() if chosen is None else chosen
+
+    def _checkpoint(self, reason: str, path: Path | None, *, prune: bool) -> Path:
         self._check_finite("before saving a checkpoint")
         started = self.clock()
         path = self.run.checkpoint_path(self.step) if path is None else path
         params, state_tensors = self._checkpoint_arrays()
         if self.is_main:
-            save_checkpoint(path, params, self.config.to_dict(), state_tensors=state_tensors,
-                            state_meta=self.state_meta(reason), extra_files=self.artifacts, overwrite=True,
-                            kind=self._checkpoint_kind)
-            log.info("saved checkpoint %s (%s)", path, reason)
+            self._checkpoints.wait()  # one write at a time, in order
+            # the device-to-host snapshot: all the loop waits for when the write is asynchronous
+            params = _owned(params)
+            state = _owned(state_tensors)
+            meta = json.loads(json.dumps(self.state_meta(reason)))  # frozen: the loop moves on
+            config = self.config.to_dict()
+
+            def write() -> None:
+                save_checkpoint(path, params, config, state_tensors=state, state_meta=meta,
+                                extra_files=self.artifacts, overwrite=True, kind=self._checkpoint_kind)
+                self.last_checkpoint = path
+                log.info("saved checkpoint %s (%s)", path, reason)
+                if prune and self.run is not None:
+                    keep_last = self.config.checkpoint.keep_last
+                    for old in self.run.prune(keep_last):
+                        log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", old, keep_last)
+
+            if self._async_save:
+                self._checkpoints.start(path, write)
+            else:
+                write()
+        else:
+            self.last_checkpoint = path
         self._barrier(f"checkpoint-{self.step}")
-        self.last_checkpoint = path
         self._paused_seconds += self.clock() - started
         self.callbacks.call("on_checkpoint", self, path)
         return path
@@ -511,15 +616,6 @@ class BaseTrainingEngine:
         if not self.is_main:
             return {}, {}
         return self.impl.to_canonical(self.model), self._optimizer_tensors()
-
-    def _save(self, reason: str) -> None:
-        """The loop's checkpoint: ``save_checkpoint(reason)``, then only the newest
-        ``checkpoint.keep_last`` kept."""
-        self.save_checkpoint(reason)
-        keep_last = self.config.checkpoint.keep_last
-        if self.is_main and self.run is not None:
-            for path in self.run.prune(keep_last):
-                log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", path, keep_last)
 
     def state_meta(self, reason: str) -> dict[str, Any]:
         """The checkpoint's ``state.json`` (keys: ``llm.run.STATE_KEYS``), the same from either backend."""
@@ -573,13 +669,23 @@ class BaseTrainingEngine:
                                  f"Try {' or '.join(hints)}")
 
     def _install_signals(self) -> dict[int, Any]:
-        """SIGINT/SIGTERM finish the step and stop; the previous handlers come back for a second one."""
+        """SIGINT/SIGTERM finish the step and stop (the save waits for the write in flight); a second
+        one waits only for the checkpoint write in flight and then acts as the previous handler."""
         if threading.current_thread() is not threading.main_thread():
             return {}
+        received: list[int] = []
 
         def handler(signum, frame):
+            if received:  # the second: let a background write land, then act at once
+                signal.signal(signum, old[signum])
+                if self._checkpoints.busy:
+                    log.warning("%s received again: waiting for the checkpoint write in flight, then "
+                                "stopping without saving", signal.Signals(signum).name)
+                self._checkpoints.wait_quietly()
+                signal.raise_signal(signum)
+                return
+            received.append(signum)
             self._interrupted = True
-            signal.signal(signum, old[signum])  # a second signal acts at once
             log.warning("%s received: finishing step %d, saving a checkpoint and stopping "
                         "(press Ctrl-C again to abort without saving)", signal.Signals(signum).name,
                         self.step + 1)
@@ -641,8 +747,10 @@ class BaseTrainingEngine:
                 end.update(self.evaluate(), evaluated_at_end=True)
             if saved_at != self.step:
                 self._save({"completed": "final", "interrupted": "interrupt"}.get(reason, reason))
+            self.wait_for_checkpoint()
             self.callbacks.call("on_train_end", self, end)
         except BaseException as exc:
+            self._checkpoints.wait_quietly()  # the write in flight lands; this failure is the one raised
             for cb in self.callbacks:
                 try:
                     cb.on_exception(self, exc)
@@ -749,8 +857,9 @@ class BaseTrainingEngine:
         return self.impl.sample(self.model, self.datamodule, **kwargs)
 
     def close(self) -> None:
-        """Tear down what the engine set up; nothing by default (JAX's distributed client lives as
-        long as the process)."""
+        """Wait for a background checkpoint write (its failure raised); a backend then tears down
+        what it set up (JAX's distributed client lives as long as the process)."""
+        self.wait_for_checkpoint()
 
     def __enter__(self: _Engine) -> _Engine:
         return self
@@ -806,6 +915,10 @@ class BaseTrainingEngine:
 
     def _grad_scaler_state(self) -> dict[str, Any] | None:
         """``{"scale", "growth_tracker"}`` of the float16 loss scale, None without one."""
+        raise NotImplementedError
+
+    def _on_gpu(self) -> bool:
+        """Whether the engine trains on a GPU (where ``checkpoint.async_save`` null means on)."""
         raise NotImplementedError
 
     def _barrier(self, name: str) -> None:
