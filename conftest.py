@@ -19,3 +19,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``dist`` (multi-process / many-device sweeps) belong to ``make test-dist``
+    (``LLM_TEST_DIST=1``): the default run deselects them (counted in pytest's summary line as
+    deselected) instead of skipping them one by one."""
+    import os
+
+    if os.environ.get("LLM_TEST_DIST"):
+        return
+    chosen, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("dist") else chosen).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = chosen

@@ -27,8 +27,7 @@ from llm.config import ActivationCheckpointing, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_torch_worker.py"
-SWEEP = pytest.mark.skipif(not os.environ.get("LLM_TEST_DIST"),
-                           reason="the torchrun sweep runs under make test-dist (LLM_TEST_DIST=1)")
+SWEEP = pytest.mark.dist  # make test-dist
 
 # engine_checks.TINY with two layers, warmup, weight decay, clipping and accumulation 2.
 BASE = [*TINY, "model.num_layers=2", "data.source=synthetic", "training.warmup_steps=3",
