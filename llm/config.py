@@ -5,7 +5,7 @@ A config is seven sections plus the task::
     model         llm.spec.ModelSpec (the architecture)
     training      optimiser, schedule, batch, steps, eval cadence, seed
     data          corpus source, tokenizer, sequence length, split, cache
-    optimization  torch.compile, compute dtype
+    optimization  torch.compile, compute dtype, loss chunking
     checkpoint    cadence, retention, directory
     logging       metrics.jsonl cadence, tensorboard, progress bar, run directory
     distributed   process-group backend
@@ -300,13 +300,41 @@ class OptimizationConfig(_Section):
     ``dtype``); parameters and optimiser moments stay float32 (mixed precision). ``float16`` adds
     a dynamic loss scale in both engines (``torch.amp.GradScaler`` / the same rule in
     ``backends/flax/optim.py``).
+    ``loss_chunk_tokens``: how the LM loss meets the output projection. ``0``: the plain loss, from
+    the whole (tokens, vocab) logits of the micro-batch; ``k >= 1``: the chunked linear +
+    cross-entropy (``backends/*/loss.py``), ``k`` tokens of logits at a time, recomputed in the
+    backward, so the (tokens, vocab) logits never exist; ``null`` (auto): chunked, with
+    about ``AUTO_LOSS_CHUNK_ELEMENTS`` logits a chunk (a multiple of
+    ``LOSS_CHUNK_MULTIPLE`` tokens), when ``tokens * vocab`` of the micro-batch
+    the loss sees exceeds ``LOSS_CHUNK_THRESHOLD`` (``loss_chunk``). The same loss and gradients
+    either way (up to float32 summation order).
     """
 
     SECTION = "optimization"
+    # The auto rule of loss_chunk_tokens (measured by benchmarks/loss_bench.py, benchmarks/NOTES.md):
+    # MEASUREMENT PENDING.
+    LOSS_CHUNK_THRESHOLD = 2 ** 30  # tokens * vocab above which the loss is chunked
+    AUTO_LOSS_CHUNK_ELEMENTS = 2 ** 28  # tokens * vocab of one chunk's logits
+    LOSS_CHUNK_MULTIPLE = 256  # auto chunks are a multiple of this many tokens (whole matmul tiles)
 
     compile: bool = False
     compile_mode: CompileMode = CompileMode.DEFAULT
     dtype: DType = DType.FLOAT32
+    loss_chunk_tokens: int | None = None
+
+    def _validate(self) -> None:
+        self._need(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
+                   "must be >= 0 (0 = never chunk) or null (auto)")
+
+    def loss_chunk(self, tokens: int, vocab_size: int) -> int:
+        """Tokens per chunk of the LM loss over a micro-batch of ``tokens`` targets and
+        ``vocab_size`` logits each; 0 = the plain loss (the class docstring)."""
+        if self.loss_chunk_tokens is not None:
+            return self.loss_chunk_tokens
+        if tokens * vocab_size <= self.LOSS_CHUNK_THRESHOLD:
+            return 0
+        per_chunk = self.AUTO_LOSS_CHUNK_ELEMENTS // vocab_size // self.LOSS_CHUNK_MULTIPLE * self.LOSS_CHUNK_MULTIPLE
+        return max(per_chunk, self.LOSS_CHUNK_MULTIPLE)
 
 
 @dataclass(frozen=True)
