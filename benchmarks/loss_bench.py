@@ -75,6 +75,7 @@ def _torch_chunked(loss_fn, h, w, t, *, chunk):
 
 
 def _torch_time(torch, fn, h, w, t, reps):
+    torch._dynamo.reset()  # each compiled variant compiles afresh (no recompile limit across cases)
     def step():
         w.grad = h.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -60,38 +60,39 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 nll = nll + torch.where(valid[rows], lse - picked, 0.0).sum()
                 lses.append(lse)
             loss = nll / valid.sum().clamp(min=1)  # 0, not nan, when nothing is valid
-        ctx.save_for_backward(hidden, weight, bias, safe, valid, torch.cat(lses))
-        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        # the cast weight is kept, as autocast's F.linear keeps it, rather than cast again
+        ctx.save_for_backward(hidden, w, b, safe, valid, torch.cat(lses))
+        ctx.chunk_tokens, ctx.weight_dtype = chunk_tokens, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
-        dtype, chunk_tokens = ctx.dtype, ctx.chunk_tokens
+        hidden, w, b, safe, valid, lse = ctx.saved_tensors
+        chunk_tokens = ctx.chunk_tokens
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         # d loss / d logit = grad_loss * (softmax - onehot) / n_valid on valid rows, 0 elsewhere
         row_scale = valid.float() * (grad_loss.float() / valid.sum().clamp(min=1))  # (N,)
         with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
+            h = hidden.to(w.dtype)
             grad_h = []
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            grad_b = torch.zeros(w.shape[:1], dtype=torch.float32, device=w.device) if need_b else None
             for start in range(0, h.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
                 logits = F.linear(h[rows], w, b)  # (n, V), recomputed
-                d = logits.float().sub_(lse[rows, None]).exp_()  # softmax (n, V) float32
+                d = torch.sub(logits, lse[rows, None]).exp_()  # softmax (n, V) float32 (type promotion)
                 d.scatter_add_(1, safe[rows, None], torch.full_like(d[:, :1], -1.0))  # - onehot
-                d = d.mul_(row_scale[rows, None]).to(dtype)
+                d = d.mul_(row_scale[rows, None]).to(w.dtype)
                 if need_h:
                     grad_h.append(d @ w)  # (n, D)
-                if need_w:
-                    grad_w += torch.einsum("nv,nd->vd", d, h[rows]).float()
+                if need_w:  # in place: the (V, D) product in the compute dtype, summed in float32
+                    grad_w.add_(torch.einsum("nv,nd->vd", d, h[rows]))
                 if need_b:
-                    grad_b += d.float().sum(0)
+                    grad_b.add_(d.sum(0, dtype=torch.float32))
         return (torch.cat(grad_h).to(hidden.dtype) if need_h else None,
-                grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
+                grad_w.to(ctx.weight_dtype) if need_w else None,
+                grad_b.to(ctx.bias_dtype) if need_b else None, None, None)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
