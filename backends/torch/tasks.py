@@ -86,7 +86,8 @@ class TorchLMTask(LMTaskHalfBase, TorchTask):
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets, extras = self.model_inputs(batch)  # extras: packed batches' segment_ids, positions
-        chunk = self.optimization.loss_chunk(targets.numel(), _spec_of(model).vocab_size)
+        chunk = self.optimization.loss_chunk(targets.numel(), _spec_of(model).vocab_size,
+                                             fused_plain=self.optimization.compile)
         # the loss-only path: no fp32 (B, T, V) copy; chunked: no (B, T, V) logits at all
         out = model(inputs, targets, return_logits=False, loss_chunk_tokens=chunk, **extras)
         parts = {"loss": out.loss}
