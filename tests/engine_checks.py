@@ -416,3 +416,17 @@ def every_hook_fires_in_order(engine_cls: type, tmp_path: Path) -> None:
         "epoch_start 2", "batch 5", "validation", "eval_end", "step_end 5", "epoch_end 2",
         "checkpoint step_5", "train_end",
     ]
+
+
+# ---------------------------------------------------------------------- loss chunking
+def chunked_loss_has_the_plain_losses(engine_cls: type, tmp_path: Path) -> None:
+    """``optimization.loss_chunk_tokens=24`` (8 x 16 tokens: 5 chunks, the last one short) trains
+    to the losses of the plain loss (``0``)."""
+    got = {}
+    for chunk in (0, 24):
+        config = tiny(tmp_path, f"optimization.loss_chunk_tokens={chunk}", "training.max_steps=4")
+        engine, _ = fit(engine_cls, config, tmp_path / f"run{chunk}")
+        assert engine.impl.optimization.loss_chunk_tokens == chunk
+        got[chunk] = losses(tmp_path / f"run{chunk}")
+    assert len(got[0]) == 4
+    np.testing.assert_allclose(list(got[24].values()), list(got[0].values()), rtol=1e-5)

@@ -16,7 +16,7 @@ from backends.flax.convert import from_spec
 from backends.flax.engine import TrainingEngine
 from backends.flax.loss import chunked_cross_entropy
 from backends.flax.model import cross_entropy
-from engine_checks import fit, losses, tiny
+import engine_checks as checks
 from llm.spec import ModelSpec
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -127,11 +127,4 @@ def test_model_call_chunked_equals_plain(tied):
 
 
 def test_a_training_run_with_a_chunked_loss_has_the_plain_run_losses(tmp_path):
-    got = {}
-    for chunk in (0, 24):  # 8 x 16 tokens: 5 chunks, the last one padded
-        config = tiny(tmp_path, f"optimization.loss_chunk_tokens={chunk}", "training.max_steps=4")
-        engine, _ = fit(TrainingEngine, config, tmp_path / f"run{chunk}")
-        assert engine.impl.optimization.loss_chunk_tokens == chunk
-        got[chunk] = losses(tmp_path / f"run{chunk}")
-    assert len(got[0]) == 4
-    np.testing.assert_allclose(list(got[24].values()), list(got[0].values()), rtol=1e-5)
+    checks.chunked_loss_has_the_plain_losses(TrainingEngine, tmp_path)

@@ -4,7 +4,6 @@ and gradients without the (N, V) logits; the model and the engine use it when th
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from backends.torch.convert import from_spec
 from backends.torch.engine import TrainingEngine
 from backends.torch.loss import chunked_cross_entropy
-from engine_checks import fit, losses, tiny
+import engine_checks as checks
 from llm.config import ConfigError, OptimizationConfig
 from llm.spec import ModelSpec
 
@@ -116,14 +115,7 @@ def test_model_forward_chunked_equals_plain(tied):
 
 
 def test_a_training_run_with_a_chunked_loss_has_the_plain_run_losses(tmp_path):
-    got = {}
-    for chunk in (0, 24):  # 8 x 16 tokens: 5 chunks, the last one short
-        config = tiny(tmp_path, f"optimization.loss_chunk_tokens={chunk}", "training.max_steps=4")
-        engine, _ = fit(TrainingEngine, config, tmp_path / f"run{chunk}")
-        assert engine.impl.optimization.loss_chunk_tokens == chunk
-        got[chunk] = losses(tmp_path / f"run{chunk}")
-    assert len(got[0]) == 4
-    np.testing.assert_allclose(list(got[24].values()), list(got[0].values()), rtol=1e-5)
+    checks.chunked_loss_has_the_plain_losses(TrainingEngine, tmp_path)
 
 
 def test_config_field_and_auto_rule():
