@@ -8,8 +8,9 @@ time, each chunk's logits are computed in the compute dtype, reduced to a float3
 the target's logit, and dropped. Only the per-token log-sum-exp (N,) float32 is kept for the
 backward, which recomputes each chunk's logits, forms ``softmax - onehot`` and accumulates the
 gradients of the hidden states, the weight and the bias. Peak memory of the loss is then
-O(chunk_tokens * V) instead of O(N * V); the price is the head's matmul run twice in the forward
-sense (once forward, once again in the backward) -- ``benchmarks/loss_bench.py`` measures both.
+O(chunk_tokens * V) instead of O(N * V); the price is a fourth (N, D) x (D, V) matmul (the
+logits again, in the backward) and per-chunk kernels: +35-50% of the head's time on an H200
+(``benchmarks/loss_bench.py``, ``benchmarks/NOTES.md``).
 
 Shapes: N tokens, D hidden, V vocab. ``weight`` (V, D) is ``nn.Linear``'s layout (the tied case
 passes ``embed.weight``: its gradient adds to the embedding lookup's through autograd).
