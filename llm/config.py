@@ -5,7 +5,7 @@ A config is seven sections plus the task::
     model         llm.spec.ModelSpec (the architecture)
     training      optimiser, schedule, batch, steps, eval cadence, seed
     data          corpus source, tokenizer, sequence length, split, cache
-    optimization  torch.compile, compute dtype
+    optimization  torch.compile, compute dtype, loss chunking
     checkpoint    cadence, retention, directory
     logging       metrics.jsonl cadence, tensorboard, progress bar, run directory
     distributed   process-group backend
@@ -320,13 +320,51 @@ class OptimizationConfig(_Section):
     ``dtype``); parameters and optimiser moments stay float32 (mixed precision). ``float16`` adds
     a dynamic loss scale in both engines (``torch.amp.GradScaler`` / the same rule in
     ``backends/flax/optim.py``).
+    ``loss_chunk_tokens``: how the LM loss meets the output projection. ``0``: the plain loss, from
+    the whole (tokens, vocab) logits of the micro-batch; ``k >= 1``: the chunked linear +
+    cross-entropy (``backends/*/loss.py``), ``k`` tokens of logits at a time, recomputed in the
+    backward, so the (tokens, vocab) logits never exist; ``null`` (auto): chunked, with
+    about ``AUTO_LOSS_CHUNK_ELEMENTS`` logits a chunk (a multiple of
+    ``LOSS_CHUNK_MULTIPLE`` tokens), when ``tokens * vocab`` of the micro-batch
+    the loss sees exceeds ``LOSS_CHUNK_THRESHOLD`` (``loss_chunk``; a torch rank's micro-batch, the
+    JAX step's whole one; never under ``compile`` on torch, whose fused plain loss already keeps
+    only the compute-dtype logits). The same loss and gradients either way (up to float32
+    summation order).
     """
 
     SECTION = "optimization"
+    # The auto rule of loss_chunk_tokens, from benchmarks/loss_bench.py on an H200
+    # (benchmarks/NOTES.md, results/loss_H200_chunked.jsonl): chunking costs +35-55% of the loss
+    # head's fwd+bwd time (JAX GPT-2 50k x 32k tokens 15.1 -> 21.0 ms; Llama 128k: +34%) and saves
+    # what the plain loss holds per logit (JAX ~4 B, eager torch ~12 B: Llama-3 8B at 32k tokens
+    # 15.7 -> 2.0 GiB JAX, 48.0 -> 5.1 GiB torch). Above 2^31 logits (4 GiB of bf16 logits) that
+    # saving is >= 6 GiB and buys batch; below it the time matters more (GPT-2's 32 x 1024 stays plain).
+    LOSS_CHUNK_THRESHOLD = 2 ** 31  # tokens * vocab above which the auto rule chunks
+    # Chunks of 2048 tokens at 128k vocab: the least memory at the same speed as 4096 and 8192
+    # (the per-chunk (n, V) float32 softmax dominates the chunked loss's own memory).
+    AUTO_LOSS_CHUNK_ELEMENTS = 2 ** 28  # tokens * vocab of one chunk's logits
+    LOSS_CHUNK_MULTIPLE = 256  # auto chunks are a multiple of this many tokens (whole matmul tiles)
 
     compile: bool = False
     compile_mode: CompileMode = CompileMode.DEFAULT
     dtype: DType = DType.FLOAT32
+    loss_chunk_tokens: int | None = None
+
+    def _validate(self) -> None:
+        self._need(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 0, "loss_chunk_tokens",
+                   "must be >= 0 (0 = never chunk) or null (auto)")
+
+    def loss_chunk(self, tokens: int, vocab_size: int, *, fused_plain: bool = False) -> int:
+        """Tokens per chunk of the LM loss over a micro-batch of ``tokens`` targets and
+        ``vocab_size`` logits each; 0 = the plain loss (the class docstring). ``fused_plain``: the
+        backend's plain loss is fused by a compiler that keeps only the compute-dtype logits
+        (``torch.compile``), where chunking measured no memory saving, so auto stays plain."""
+        if self.loss_chunk_tokens is not None:
+            return self.loss_chunk_tokens
+        if fused_plain or tokens * vocab_size <= self.LOSS_CHUNK_THRESHOLD:
+            return 0
+        per_chunk = self.AUTO_LOSS_CHUNK_ELEMENTS // vocab_size // self.LOSS_CHUNK_MULTIPLE * self.LOSS_CHUNK_MULTIPLE
+        return max(per_chunk, self.LOSS_CHUNK_MULTIPLE)
 
 
 @dataclass(frozen=True)

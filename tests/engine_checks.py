@@ -454,3 +454,17 @@ def memory_estimate_is_logged_and_refuses_what_cannot_fit(engine_cls: type, tmp_
     monkeypatch.setattr(engine_cls, "_device_memory", lambda self: expected.total)
     with engine_cls(config, run_dir=tmp_path / "fits") as engine:
         assert engine.memory_estimate == expected
+
+
+# ---------------------------------------------------------------------- loss chunking
+def chunked_loss_has_the_plain_losses(engine_cls: type, tmp_path: Path) -> None:
+    """``optimization.loss_chunk_tokens=24`` (8 x 16 tokens: 5 chunks, the last one short) trains
+    to the losses of the plain loss (``0``)."""
+    got = {}
+    for chunk in (0, 24):
+        config = tiny(tmp_path, f"optimization.loss_chunk_tokens={chunk}", "training.max_steps=4")
+        engine, _ = fit(engine_cls, config, tmp_path / f"run{chunk}")
+        assert engine.impl.optimization.loss_chunk_tokens == chunk
+        got[chunk] = losses(tmp_path / f"run{chunk}")
+    assert len(got[0]) == 4
+    np.testing.assert_allclose(list(got[24].values()), list(got[0].values()), rtol=1e-5)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from backends.flax.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
 
@@ -70,7 +71,6 @@ __all__ = [
     "DecoderModel",
 ]
 
-IGNORE_INDEX = -100
 _MASKED = float(np.finfo(np.float32).min)  # finite, so a fully masked row could never produce NaN
 
 
@@ -779,12 +779,15 @@ class DecoderModel(_SpecModule):
                  cache: KVCache | None = None, start_pos: Any = 0,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, return_hidden: bool = False,
-                 return_logits: bool = True) -> ModelOutput:
+                 return_logits: bool = True, loss_chunk_tokens: int = 0) -> ModelOutput:
         """Logits (float32) and, with ``targets``, the losses.
 
         ``return_logits=False`` (needs ``targets``) is the training path: ``logits`` is None and the
         loss comes from ``lean_cross_entropy`` on the compute-dtype logits (no float32 (B, T, V)
         copy, forward or backward). The loss is the same float32 quantity.
+        ``loss_chunk_tokens=k >= 1`` (with ``return_logits=False``) computes it with
+        ``backends.flax.loss.chunked_cross_entropy``, ``k`` tokens at a time: no (B, T, V) logits
+        at all (``optimization.loss_chunk_tokens`` chooses ``k``; 0 = the plain loss).
 
         ``attention_mask`` (B, T) of 1/0 (with a cache: (B, cache length), 1 for every slot that
         holds or will hold a real token) marks padding, left or right: padded slots are never
@@ -798,6 +801,8 @@ class DecoderModel(_SpecModule):
         spec = self.spec
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: there would be nothing to return")
+        if loss_chunk_tokens and return_logits:
+            raise ValueError("loss_chunk_tokens needs return_logits=False: returned logits would exist anyway")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         _check_positions(start_pos, input_ids.shape[1], spec.max_seq_len, "max_seq_len")
@@ -828,11 +833,20 @@ class DecoderModel(_SpecModule):
             zs.append(z)
         x = self.final_norm(x)
         hidden.append(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
-
         zero = jnp.zeros((), jnp.float32)
         aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances)) if spec.use_moe else zero
         z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs)) if spec.use_moe else zero
+        if loss_chunk_tokens:  # the head's weight as stored: tied, the token table (V, D); lm_head (D, V)
+            if self.lm_head is None:
+                weight, bias, layout = self.embed.weight[...], None, "VD"
+            else:
+                head = self.lm_head
+                weight, bias, layout = head.weight[...], None if head.bias is None else head.bias[...], "DV"
+            loss = chunked_cross_entropy(x.astype(self.dtype), weight, bias, targets, loss_chunk_tokens,
+                                         weight_layout=layout)
+            return ModelOutput(logits=None, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
+                               hidden_states=tuple(hidden) if return_hidden else None)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
         if not return_logits:
             return ModelOutput(logits=None, loss=lean_cross_entropy(logits, targets, impl=self.loss_impl),
                                aux_loss=aux_loss,

@@ -28,6 +28,7 @@ from flax import nnx
 
 from backends.flax.convert import from_spec, load_canonical, to_canonical
 from backends.flax.inference import generate
+from llm.config import OptimizationConfig
 from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["COMPUTE_DTYPES", "FlaxLMTask", "FlaxRegressionTask", "FlaxTask", "RegressionMLP",
@@ -98,7 +99,14 @@ class FlaxTask:
 
 class FlaxLMTask(LMTaskHalfBase, FlaxTask):
     """Causal LM: ``from_spec(config.model, seed)`` in the compute dtype (or the ``training.init_from``
-    checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``."""
+    checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``. The loss is
+    chunked as ``optimization.loss_chunk_tokens`` says (``OptimizationConfig.loss_chunk``)."""
+
+    optimization = OptimizationConfig()  # the run's section, from build_model; the defaults before
+
+    def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
+        self.optimization = config.optimization
+        return super().build_model(config, datamodule)
 
     def new_model(self, config: Any) -> nnx.Module:
         return from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))
@@ -108,8 +116,11 @@ class FlaxLMTask(LMTaskHalfBase, FlaxTask):
     def loss(self, model: nnx.Module, batch: tuple[jax.Array, jax.Array], *, deterministic: bool
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         inputs, targets, extras = self.model_inputs(batch)  # extras: packed batches' segment_ids, positions
-        # The loss-only path: no float32 (B, T, V) logits, forward or backward (lean_cross_entropy).
-        out = model(inputs, targets, deterministic=deterministic, return_logits=False, **extras)
+        chunk = self.optimization.loss_chunk(targets.size, model.spec.vocab_size)  # static: shapes are
+        # The loss-only path: no float32 (B, T, V) logits, forward or backward (lean_cross_entropy);
+        # chunked: no (B, T, V) logits at all (backends/flax/loss.py).
+        out = model(inputs, targets, deterministic=deterministic, return_logits=False,
+                    loss_chunk_tokens=chunk, **extras)
         parts = {"loss": out.loss}
         if model.spec.use_moe:
             parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate
 
+from backends.torch.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
 
@@ -47,9 +48,6 @@ __all__ = [
     "ModelOutput",
     "DecoderModel",
 ]
-
-IGNORE_INDEX = -100
-
 
 def _zeroed(layer_cls: type[nn.Module], *args, **kwargs) -> nn.Module:
     """``layer_cls(*args, **kwargs)`` (``nn.Linear``, ``nn.Embedding``) with every parameter zero.
@@ -610,12 +608,16 @@ class DecoderModel(nn.Module):
                 cache: KVCache | None = None, start_pos: int = 0,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None,
-                return_hidden: bool = False, return_logits: bool = True) -> ModelOutput:
+                return_hidden: bool = False, return_logits: bool = True,
+                loss_chunk_tokens: int = 0) -> ModelOutput:
         """Logits (float32) and, with ``targets``, the losses.
 
         ``return_logits=False`` (needs ``targets``) is the training path: ``logits`` is None and the
         float32 (B, T, V) copy is never kept, so under autocast only the bf16 logits exist and
         ``torch.compile`` fuses the upcast into the cross-entropy. The loss is the same number.
+        ``loss_chunk_tokens=k >= 1`` (with ``return_logits=False``) computes it with
+        ``backends.torch.loss.chunked_cross_entropy``, ``k`` tokens at a time: no (B, T, V) logits
+        at all (``optimization.loss_chunk_tokens`` chooses ``k``; 0 = the plain loss).
 
         ``attention_mask`` (B, T) of 1/0 (with a cache: (B, cache length), 1 for every slot that
         holds or will hold a real token) marks padding, left or right: padded slots are never
@@ -629,6 +631,8 @@ class DecoderModel(nn.Module):
         spec = self.spec
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: there would be nothing to return")
+        if loss_chunk_tokens and return_logits:
+            raise ValueError("loss_chunk_tokens needs return_logits=False: returned logits would exist anyway")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
@@ -661,16 +665,23 @@ class DecoderModel(nn.Module):
             hidden.append(x)
         x = self.final_norm(x)
         hidden.append(x)
+        zero = torch.zeros((), device=x.device)
+        aux_loss = spec.router_aux_loss_coef * torch.stack(balances).mean() if spec.use_moe else zero
+        z_loss = spec.router_z_loss_coef * torch.stack(zs).mean() if spec.use_moe else zero
+        # the output projection (V, D), (V,) or None; tied: the token table, no bias
+        head_weight, head_bias = ((self.embed.weight, None) if self.lm_head is None
+                                  else (self.lm_head.weight, self.lm_head.bias))
+        # A vocab-split head (tensor parallel: a DTensor weight) runs the plain loss on its modules.
+        if loss_chunk_tokens and not isinstance(head_weight, DTensor):
+            loss = chunked_cross_entropy(x, head_weight, head_bias, targets, loss_chunk_tokens)
+            return ModelOutput(logits=None, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
+                               hidden_states=hidden if return_hidden else None)
         if self.lm_head is None:
-            logits = _whole(F.linear(_like(x, self.embed.weight), self.embed.weight))  # (B, T, V), the autocast dtype
+            logits = _whole(F.linear(_like(x, head_weight), head_weight))  # (B, T, V), the autocast dtype
         else:
             logits = self.lm_head(x)
         if return_logits:
             logits = logits.float()
-
-        zero = torch.zeros((), device=logits.device)
-        aux_loss = spec.router_aux_loss_coef * torch.stack(balances).mean() if spec.use_moe else zero
-        z_loss = spec.router_z_loss_coef * torch.stack(zs).mean() if spec.use_moe else zero
 
         loss = None
         if targets is not None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from backends.torch.convert import from_spec, load_canonical, to_canonical
 from backends.torch.inference import generate
+from llm.config import OptimizationConfig
 from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask"]
@@ -68,7 +69,14 @@ class TorchTask:
 
 class TorchLMTask(LMTaskHalfBase, TorchTask):
     """Causal LM: ``from_spec(config.model, seed)`` (or the ``training.init_from``
-    checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``."""
+    checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``. The loss is
+    chunked as ``optimization.loss_chunk_tokens`` says (``OptimizationConfig.loss_chunk``)."""
+
+    optimization = OptimizationConfig()  # the run's section, from build_model; the defaults before
+
+    def build_model(self, config: Any, datamodule: Any) -> nn.Module:
+        self.optimization = config.optimization
+        return super().build_model(config, datamodule)
 
     def new_model(self, config: Any) -> nn.Module:
         return from_spec(config.model, seed=config.training.seed)
@@ -78,7 +86,10 @@ class TorchLMTask(LMTaskHalfBase, TorchTask):
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets, extras = self.model_inputs(batch)  # extras: packed batches' segment_ids, positions
-        out = model(inputs, targets, return_logits=False, **extras)  # the loss-only path: no fp32 (B, T, V) copy
+        chunk = self.optimization.loss_chunk(targets.numel(), _spec_of(model).vocab_size,
+                                             fused_plain=self.optimization.compile)
+        # the loss-only path: no fp32 (B, T, V) copy; chunked: no (B, T, V) logits at all
+        out = model(inputs, targets, return_logits=False, loss_chunk_tokens=chunk, **extras)
         parts = {"loss": out.loss}
         if _spec_of(model).use_moe:
             parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)
