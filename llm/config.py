@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from llm.fields import FieldError, Section, check_key, coerce, field_types, nearest, plain, takes_text
+from llm.moe_dispatch import MoEImpl
 from llm.sharding import MeshError, MeshShape, check_divisible
 from llm.spec import ModelSpec, SpecError
 
@@ -300,6 +301,9 @@ class OptimizationConfig(_Section):
     ``dtype``); parameters and optimiser moments stay float32 (mixed precision). ``float16`` adds
     a dynamic loss scale in both engines (``torch.amp.GradScaler`` / the same rule in
     ``backends/flax/optim.py``).
+    ``moe_impl`` is how MoE layers run their experts (``llm.moe_dispatch``): ``auto`` (the fastest
+    measured path for the backend, device and dtype: ``resolve_moe_impl``), ``dense`` (the
+    reference: every expert on every token), ``blocked`` or ``grouped`` (only the selected experts).
     """
 
     SECTION = "optimization"
@@ -307,6 +311,7 @@ class OptimizationConfig(_Section):
     compile: bool = False
     compile_mode: CompileMode = CompileMode.DEFAULT
     dtype: DType = DType.FLOAT32
+    moe_impl: MoEImpl = MoEImpl.AUTO
 
 
 @dataclass(frozen=True)

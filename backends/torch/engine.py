@@ -48,12 +48,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
+from backends.torch.model import set_moe_impl
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.checkpoint import CheckpointError
 from llm.config import Config, DType
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TaskError, TrainingTask
+from llm.moe_dispatch import resolve_moe_impl
 from llm.spec import SpecError
 
 __all__ = ["TrainingEngine", "train"]
@@ -173,6 +175,9 @@ class TrainingEngine(BaseTrainingEngine):
 
         # ---- model and optimiser
         self.model = self.impl.build_model(config, self.datamodule).to(self.device)  # the raw module
+        set_moe_impl(self.model, resolve_moe_impl(config.optimization.moe_impl, "torch", self.device.type,
+                                                  config.optimization.dtype.value,
+                                                  grouped_kernel=hasattr(torch, "_grouped_mm")))
         self.optimizer, self.scheduler = self._build_optimizer()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         dtype = config.optimization.dtype
