@@ -5,7 +5,7 @@ A config is seven sections plus the task::
     model         llm.spec.ModelSpec (the architecture)
     training      optimiser, schedule, batch, steps, eval cadence, seed
     data          corpus source, tokenizer, sequence length, split, cache
-    optimization  torch.compile, compute dtype
+    optimization  torch.compile, compute dtype, MoE implementation
     checkpoint    cadence, retention, directory
     logging       metrics.jsonl cadence, tensorboard, progress bar, run directory
     distributed   process-group backend
