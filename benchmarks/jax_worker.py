@@ -11,8 +11,9 @@ Options (``job["options"]``, each an ablation of one speed change): ``attention`
 (default: cuDNN where it applies) | ``xla`` (the einsum path) | ``cudnn``; ``loss``: ``lean``
 (default: ``return_logits=False``, no float32 logits) | ``full`` (float32 logits, autodiff CE) |
 ``pallas`` (``lean`` with the one-pass log-sum-exp kernel, ``backends/flax/pallas_lse.py``);
-``donate``: ``1`` (default) | ``0``; ``moe``: ``dense`` (default, the reference) | ``blocked``
-(``llm.moe_dispatch``).
+``donate``: ``1`` (default) | ``0``; ``moe``: ``auto`` (default: ``llm.moe_dispatch.resolve_moe_impl``
+for the device and dtype, as the engine picks; the result's options record the impl it resolved to)
+| ``dense`` (the reference) | ``blocked`` | ``grouped`` (``llm.moe_dispatch``).
 
 Run: ``python -m benchmarks.jax_worker --job job.json --out result.json``.
 """
@@ -32,9 +33,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from backends.flax.convert import load_canonical
-from backends.flax.model import DecoderModel
+from backends.flax.model import DecoderModel, set_moe_impl
 from benchmarks.job import load_weights, make_batches, preset_config, run_worker
 from benchmarks.measure import step_stats, summarise_kernels, time_steps
+from llm.moe_dispatch import resolve_moe_impl
 
 
 def _canonical(path) -> str:
@@ -75,7 +77,7 @@ def _profile(step, sync, steps: int) -> dict:
 
 
 def run(job: dict) -> dict:
-    opts = {"attention": "auto", "loss": "lean", "donate": 1, "moe": "dense", **job.get("options", {})}
+    opts = {"attention": "auto", "loss": "lean", "donate": 1, "moe": "auto", **job.get("options", {})}
     config = preset_config(job)
     spec, t = config.model, config.training
     B, T = job["batch_size"], job["seq_len"]  # B per device
@@ -93,8 +95,10 @@ def run(job: dict) -> dict:
         load_canonical(model, load_weights(job["weights_dir"]))
     if opts["loss"] not in ("lean", "full", "pallas"):
         raise ValueError(f"loss={opts['loss']!r} is not one of: lean, full, pallas")
-    model.set_attributes(attention_impl=opts["attention"], moe_impl=opts["moe"],
+    model.set_attributes(attention_impl=opts["attention"],
                          loss_impl="pallas" if opts["loss"] == "pallas" else "xla", raise_if_not_found=False)
+    opts["moe"] = resolve_moe_impl(opts["moe"], "jax", devices[0].platform, job["dtype"])
+    set_moe_impl(model, opts["moe"])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, replicated)
     rest = jax.device_put(rest, replicated)

@@ -36,10 +36,10 @@ def add_derived(record: dict) -> None:
         if causal and card:  # the same run counted with the causal discount on attention
             r["mfu_card_causal"] = r["tokens_per_s"] * causal / 1e12 / card
         if executed:
-            # The blocked MoE dispatch runs only the selected experts (its few % of padding rows
-            # not counted); the reference runs all of them.
-            blocked = (r.get("options") or {}).get("moe") == "blocked"
-            r["executed_tflops"] = r["tokens_per_s"] * (fpt if blocked else executed) / 1e12
+            # The blocked and grouped MoE dispatches run only the selected experts (blocked's few %
+            # of padding rows not counted); the dense reference runs all of them.
+            sparse = (r.get("options") or {}).get("moe", "dense") != "dense"
+            r["executed_tflops"] = r["tokens_per_s"] * (fpt if sparse else executed) / 1e12
             r["hfu_card"] = r["executed_tflops"] / card if card else None
         if r.get("peak_memory_bytes") is not None:
             r["peak_memory_gib"] = r["peak_memory_bytes"] / GIB

@@ -11,8 +11,9 @@ Options (``job["options"]``, each an ablation of one speed change):
 ``adamw``: ``fused`` (default on CUDA) | ``foreach``;
 ``sdpa``: ``cudnn`` (default on CUDA: measured fastest on H100, ``benchmarks/NOTES.md``) | ``flash`` |
 ``efficient`` | ``math`` | ``any`` (torch's own choice);
-``moe``: ``dense`` (default: the reference, every expert on every token) | ``blocked`` (the
-sort-based dispatch of ``llm.moe_dispatch``: only the selected experts).
+``moe``: ``auto`` (default: ``llm.moe_dispatch.resolve_moe_impl`` for the device and dtype, as the
+engine picks; the result's options record the impl it resolved to) | ``dense`` (the reference, every
+expert on every token) | ``blocked`` | ``grouped`` (``llm.moe_dispatch``: only the selected experts).
 
 Data parallel options (under ``torchrun`` only): ``bucket_mb``: DDP's gradient bucket size in MB
 (default ``auto``: the engine's rule,
@@ -37,9 +38,10 @@ import torch
 import torch.distributed as dist
 
 from backends.torch.ddp import bucket_cap_mb
-from backends.torch.model import DecoderModel
+from backends.torch.model import DecoderModel, set_moe_impl
 from benchmarks.job import load_weights, make_batches, preset_config, run_worker
 from benchmarks.measure import step_stats, summarise_kernels, time_steps
+from llm.moe_dispatch import resolve_moe_impl
 
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
          "math": "MATH"}
@@ -84,7 +86,7 @@ def _run(job: dict) -> dict:
     device = torch.device(f"cuda:{local_rank}" if on_cuda else "cpu")
     if on_cuda:
         torch.cuda.set_device(device)
-    opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach", "moe": "dense",
+    opts = {"logits": "lossonly", "adamw": "fused" if on_cuda else "foreach", "moe": "auto",
             "sdpa": "cudnn" if on_cuda else "any", **job.get("options", {})}
     if world > 1:
         opts = {"bucket_mb": "auto", "ddp_split": "on", "static_graph": "0", "comm_hook": "none", **opts}
@@ -105,9 +107,9 @@ def _run(job: dict) -> dict:
         model = DecoderModel(spec)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in load_weights(job["weights_dir"]).items()})
     model.to(device).train()
-    for module in model.modules():
-        if hasattr(module, "moe_impl"):
-            module.moe_impl = opts["moe"]
+    opts["moe"] = resolve_moe_impl(opts["moe"], "torch", device.type, job["dtype"],
+                                   grouped_kernel=hasattr(torch, "_grouped_mm"))
+    set_moe_impl(model, opts["moe"])
     no_decay = spec.no_decay_names()
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": t.weight_decay},

@@ -5,7 +5,7 @@ A config is seven sections plus the task::
     model         llm.spec.ModelSpec (the architecture)
     training      optimiser, schedule, batch, steps, eval cadence, seed
     data          corpus source, tokenizer, sequence length, split, cache
-    optimization  torch.compile, compute dtype, loss chunking
+    optimization  torch.compile, compute dtype, loss chunking, MoE implementation
     checkpoint    cadence, retention, directory
     logging       metrics.jsonl cadence, tensorboard, progress bar, run directory
     distributed   process-group backend
@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from llm.fields import FieldError, Section, check_key, coerce, field_types, nearest, plain, takes_text
+from llm.moe_dispatch import MoEImpl
 from llm.sharding import MeshError, MeshShape, check_divisible
 from llm.spec import ModelSpec, SpecError
 
@@ -330,6 +331,10 @@ class OptimizationConfig(_Section):
     JAX step's whole one; never under ``compile`` on torch, whose fused plain loss already keeps
     only the compute-dtype logits). The same loss and gradients either way (up to float32
     summation order).
+
+    ``moe_impl`` is how MoE layers run their experts (``llm.moe_dispatch``): ``auto`` (the fastest
+    measured path for the backend, device and dtype: ``resolve_moe_impl``), ``dense`` (the
+    reference: every expert on every token), ``blocked`` or ``grouped`` (only the selected experts).
     """
 
     SECTION = "optimization"
@@ -349,6 +354,7 @@ class OptimizationConfig(_Section):
     compile_mode: CompileMode = CompileMode.DEFAULT
     dtype: DType = DType.FLOAT32
     loss_chunk_tokens: int | None = None
+    moe_impl: MoEImpl = MoEImpl.AUTO
 
     def _validate(self) -> None:
         self._need(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 0, "loss_chunk_tokens",

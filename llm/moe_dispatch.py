@@ -1,30 +1,91 @@
-"""The sort-based ("blocked") MoE dispatch both backends implement as ``moe_impl="blocked"``.
+"""How an MoE layer runs its experts (``optimization.moe_impl``), and the static sizes both backends'
+sparse dispatches share.
 
-The reference MoE (``docs/architecture.md``, MoE step 4) runs every expert on every token: E/k
-times the FLOPs a top-k model needs. The blocked dispatch computes the same function (same values,
-same gradients) on only the selected (token, expert) pairs, with static shapes and no Python loop
-over experts, so it compiles under ``jax.jit`` and ``torch.compile``:
+Every implementation computes the same function (``docs/architecture.md``, MoE step 4: the sum over
+a token's selected experts of routing weight times expert output; capacity-dropped assignments weigh
+0 and the token passes through the residual). They differ only in which FLOPs they spend:
 
-1. flatten the N*k assignments, stable-sort them by expert;
-2. give each expert a run of rows padded up to a multiple of ``block`` rows, in one buffer of
-   ``padded_rows(...)`` rows (a static bound: ``N*k + E*(block-1)`` rounded up to ``block``);
-   scatter each assignment's token vector to its row, zeros elsewhere;
-3. every block of ``block`` rows belongs to one expert, so the expert MLP is a batched matmul over
-   blocks with each block's expert weights gathered: ``(nb, block, D) @ (nb, D, F)``;
-4. gather each assignment's output row, scale it by its routing weight (0 when capacity dropped it)
-   and scatter-add it to its token.
+* ``dense`` (the reference): every expert on every token, mixed by an (N, E) weight matrix that is
+  zero off the selected experts. E/k times the expert FLOPs a top-k model needs.
+* ``blocked``: the N*k assignments, stable-sorted by expert, each get a row of a padded buffer in
+  which every block of ``block`` rows belongs to one expert (``padded_rows``: ``N*k + E*(block-1)``
+  rounded up to ``block``; padding rows are zeros and their outputs are never read), and the experts
+  run as one batched matmul over blocks with each block's expert weights gathered:
+  ``(nb, block, D) @ (nb, D, F)``. Static shapes, no loop over experts: it compiles anywhere. The
+  block size trades padding (up to E*(block-1) rows) against the traffic of the gathered weight
+  copies: ``block_rows`` aims at about four blocks per expert.
+* ``grouped``: the sorted assignments, unpadded, go through one grouped GEMM whose groups are the
+  experts' runs (``torch._grouped_mm`` with the runs' end offsets; ``jax.lax.ragged_dot`` with the
+  runs' sizes). No padding and no gathered weight copies; where the backend has no grouped kernel
+  for the device and dtype (torch off Hopper-class CUDA in bf16) it multiplies run by run.
 
-Padding rows are zeros and their outputs are never read, so they add nothing to values or
-gradients. The block size trades padding (up to E*(block-1) extra rows) against the traffic of the
-gathered weight copies (nb blocks of D x F): ``block_rows`` aims at about four blocks per expert.
-This module is framework-free.
+``auto`` is resolved once, when an engine builds its model, by ``resolve_moe_impl`` (a pure function
+of the backend, device kind and compute dtype; the rule and the measurements behind it are in its
+docstring). This module is framework-free.
 """
 
 from __future__ import annotations
 
-__all__ = ["MOE_IMPLS", "block_rows", "padded_rows"]
+import enum
 
-MOE_IMPLS = ("dense", "blocked")
+__all__ = ["MOE_IMPLS", "MoEImpl", "block_rows", "padded_rows", "resolve_moe_impl"]
+
+
+class MoEImpl(str, enum.Enum):
+    """``optimization.moe_impl`` values: ``auto`` or one of the implementations a model runs."""
+
+    AUTO = "auto"
+    DENSE = "dense"
+    BLOCKED = "blocked"
+    GROUPED = "grouped"
+
+
+MOE_IMPLS = ("dense", "blocked", "grouped")  # what an MoE module's ``moe_impl`` may be (``auto`` resolved)
+
+
+def resolve_moe_impl(requested: str | MoEImpl, backend: str, device_kind: str, dtype: str, *,
+                     grouped_kernel: bool = True, tensor_parallel: bool = False) -> str:
+    """The implementation (one of ``MOE_IMPLS``) an engine builds for ``optimization.moe_impl``.
+
+    ``backend`` is ``"torch"`` or ``"jax"``; ``device_kind`` the device platform (``"cuda"``,
+    ``"gpu"``, ``"cpu"``, ``"tpu"``, ...); ``dtype`` the compute dtype's name (``"bfloat16"``...);
+    ``grouped_kernel`` whether the backend has a grouped GEMM at all (torch: ``torch._grouped_mm``
+    exists); ``tensor_parallel`` whether torch splits the experts' mlp dimension as DTensors, which
+    only the dense path computes with (``auto`` then means ``dense``; another explicit impl is
+    refused). An explicit impl is returned as it is. ``auto``:
+
+    * torch on CUDA in bfloat16: ``grouped`` (``torch._grouped_mm``) when the kernel exists, else
+      ``blocked``; on CUDA in another dtype: ``blocked`` (the grouped kernel is bf16 only).
+    * torch on CPU: ``blocked``.
+    * jax on GPU or TPU: ``grouped`` (``ragged_dot`` lowers to a grouped GEMM there).
+    * jax on CPU: ``blocked`` (``ragged_dot`` has no grouped kernel on CPU and is the slowest).
+
+    The CPU choices were measured on a shared 2-core CPU (one MoE layer, float32, D=256, F=512,
+    top-2, forward + backward, best of 12 interleaved runs; the machine was loaded, so only the
+    ordering is meant): 8 experts, 1024 tokens: torch dense 1340 ms, blocked 770, grouped 1430;
+    jax dense 1370, blocked 460, grouped 1550. At 4 experts and 128 tokens all are within noise of
+    dense (torch 244 / 267 / 377 ms; jax 76 / 172 / 106), so blocked is the CPU rule for both:
+    much faster from modest sizes on, never wrong.
+    """
+    try:
+        impl = MoEImpl(requested)
+    except ValueError:
+        raise ValueError(f"moe_impl={requested!r} is not one of: "
+                         f"{', '.join(m.value for m in MoEImpl)}") from None
+    if backend == "torch" and tensor_parallel:
+        if impl in (MoEImpl.AUTO, MoEImpl.DENSE):
+            return MoEImpl.DENSE.value
+        raise ValueError(f"optimization.moe_impl={impl.value} does not run under distributed.tensor > 1 in "
+                         "torch (the experts are split DTensors): use dense or auto")
+    if impl is not MoEImpl.AUTO:
+        return impl.value
+    if backend == "torch":
+        if device_kind == "cuda" and dtype == "bfloat16" and grouped_kernel:
+            return MoEImpl.GROUPED.value
+        return MoEImpl.BLOCKED.value
+    if backend == "jax":
+        return MoEImpl.BLOCKED.value if device_kind == "cpu" else MoEImpl.GROUPED.value
+    raise ValueError(f"resolve_moe_impl: backend={backend!r} is not one of: torch, jax")
 
 
 def block_rows(num_assignments: int, num_experts: int) -> int:

@@ -71,6 +71,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from backends.flax.convert import moments_from_canonical, moments_to_canonical
+from backends.flax.model import set_moe_impl
 from backends.flax.optim import (
     AdamWState,
     LossScale,
@@ -85,6 +86,7 @@ from llm.config import Config, ConfigError, DType
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TaskError, TrainingTask
+from llm.moe_dispatch import resolve_moe_impl
 from llm.spec import SpecError
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
@@ -299,6 +301,8 @@ class TrainingEngine(BaseTrainingEngine):
 
         # ---- model, optimiser, device state
         self._model = self.impl.build_model(config, self.datamodule)
+        set_moe_impl(self._model, resolve_moe_impl(config.optimization.moe_impl, "jax", self.devices[0].platform,
+                                                   config.optimization.dtype.value))
         graphdef, param_state, rest = nnx.split(self._model, nnx.Param, ...)
         names = tuple(".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(param_state))
         rest_leaves, rest_def = jax.tree.flatten(rest)

@@ -64,6 +64,7 @@ __all__ = [
     "ExpertLinear",
     "Experts",
     "MoE",
+    "set_moe_impl",
     "TransformerBlock",
     "ModelOutput",
     "cross_entropy",
@@ -532,7 +533,9 @@ class Experts(_SpecModule):
 
         The blocked dispatch of ``llm.moe_dispatch`` (static shapes, no loop over experts): each
         assignment gets a row of a padded buffer in which every block of ``b`` rows belongs to one
-        expert, and the experts run as one batched matmul over blocks with gathered weights.
+        expert, and the experts run as one batched matmul over blocks with gathered weights. Every
+        row move is a gather whose gradient is a gather too (``gather_rows``, ``expert_rows``):
+        no scatter-add forward or backward.
         """
         spec = self.spec
         N, D = x.shape
@@ -541,31 +544,120 @@ class Experts(_SpecModule):
         b = block_rows(A, E)
         P = padded_rows(A, E, b)
         dt = self.up_proj.dtype
-        expert = idx.reshape(A)  # assignment a = n * k + slot
-        order = jnp.argsort(expert, stable=True)  # (A,) assignments grouped by expert
-        sorted_e = expert[order]
-        counts = jnp.zeros((E,), jnp.int32).at[expert].add(1)
+        order, inverse, sorted_e, starts, counts = _sort_by_expert(idx, E)
         padded = (counts + b - 1) // b * b
         ends = jnp.cumsum(padded)
-        dest = (ends - padded)[sorted_e] + jnp.arange(A) - (jnp.cumsum(counts) - counts)[sorted_e]
-        pos = jnp.zeros((A,), dest.dtype).at[order].set(dest, unique_indices=True)  # buffer row per assignment
+        padded_starts = ends - padded  # (E,) first buffer row of each expert's run
+        dest = padded_starts[sorted_e] + jnp.arange(A) - starts[sorted_e]  # (A,) buffer row of sorted j
+        pos = dest[inverse]  # (A,) buffer row of each assignment
         block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(P // b) * b, side="right"), E - 1)
-        rows = jnp.zeros((P, D), dt).at[pos].set(jnp.repeat(x.astype(dt), k, axis=0), unique_indices=True)
+        row_expert = jnp.repeat(block_expert, b)  # (P,)
+        offset = jnp.arange(P) - padded_starts[row_expert]  # (P,) row's place in its expert's run
+        real = offset < counts[row_expert]
+        src = jnp.where(real, order[jnp.minimum(starts[row_expert] + offset, A - 1)], A)  # (P,) assignment or A
+        rows = gather_rows(jnp.repeat(x.astype(dt), k, axis=0), src, pos)  # (P, D), padding rows zero
         h = rows.reshape(P // b, b, D)  # (nb, b, D), block i belongs to expert block_expert[i]
 
         def linear(layer: ExpertLinear, h: jax.Array) -> jax.Array:
-            y = jnp.einsum("NBI,NIO->NBO", h, layer.weight[...].astype(dt)[block_expert])
+            y = jnp.einsum("NBI,NIO->NBO", h, expert_rows(layer.weight[...].astype(dt), block_expert))
             if layer.bias is not None:
-                y = y + layer.bias[...].astype(dt)[block_expert][:, None, :]
+                y = y + expert_rows(layer.bias[...].astype(dt), block_expert)[:, None, :]
             return y
 
         if spec.use_glu:
             h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (nb, b, F)
         else:
             h = _activation(spec, linear(self.up_proj, h))
-        out = linear(self.down_proj, h).reshape(P, D)
+        out = gather_rows(linear(self.down_proj, h).reshape(P, D), pos, src)  # (A, D)
         acc = jnp.promote_types(dt, jnp.float32)  # mix in (at least) float32
-        return jnp.sum(out[pos].reshape(N, k, D).astype(acc) * w[..., None].astype(acc), axis=1)
+        return jnp.sum(out.reshape(N, k, D).astype(acc) * w[..., None].astype(acc), axis=1)
+
+    def mix_grouped(self, x: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+        """``mix_selected``'s function as one grouped GEMM per projection (``llm.moe_dispatch``).
+
+        The A = N*k assignments are stable-sorted by expert, so expert e owns a run of
+        ``counts[e]`` rows of the sorted (A, D) buffer (no padding); ``jax.lax.ragged_dot`` runs each
+        projection on each run with its expert's weight, and the inverse permutation un-sorts
+        (gathers both ways, ``gather_rows``).
+        """
+        spec = self.spec
+        N, D = x.shape
+        E, k = spec.num_experts, spec.num_experts_per_token
+        dt = self.up_proj.dtype
+        order, inverse, sorted_e, _, counts = _sort_by_expert(idx, E)
+        h = gather_rows(jnp.repeat(x.astype(dt), k, axis=0), order, inverse)  # (A, D) sorted by expert
+
+        def linear(layer: ExpertLinear, h: jax.Array) -> jax.Array:
+            y = jax.lax.ragged_dot(h, layer.weight[...].astype(dt), counts)  # (A, out)
+            if layer.bias is not None:
+                y = y + expert_rows(layer.bias[...].astype(dt), sorted_e)
+            return y
+
+        if spec.use_glu:
+            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (A, F)
+        else:
+            h = _activation(spec, linear(self.up_proj, h))
+        out = gather_rows(linear(self.down_proj, h), inverse, order)  # (A, D) in assignment order
+        acc = jnp.promote_types(dt, jnp.float32)  # mix in (at least) float32
+        return jnp.sum(out.reshape(N, k, D).astype(acc) * w[..., None].astype(acc), axis=1)
+
+
+def _sort_by_expert(idx: jax.Array, num_experts: int) -> tuple[jax.Array, ...]:
+    """idx (N, k) -> the A = N*k assignments (a = n * k + slot) stable-sorted by expert, as int32:
+    ``order`` (A,) assignment at sorted place j, ``inverse`` (A,) sorted place of assignment a,
+    ``sorted_e`` (A,) expert at j, ``starts`` and ``counts`` (E,) each expert's run. Sorts and
+    binary searches only (no scatter)."""
+    expert = idx.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(expert, stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order).astype(jnp.int32)
+    sorted_e = expert[order]
+    bounds = jnp.searchsorted(sorted_e, jnp.arange(num_experts + 1, dtype=jnp.int32), side="left")
+    starts = bounds[:-1].astype(jnp.int32)
+    return order, inverse, sorted_e, starts, (bounds[1:] - bounds[:-1]).astype(jnp.int32)
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x (M, D) -> (P, D): row p is ``x[index[p]]``, zeros where ``index[p] == M``.
+
+    ``index`` reads each row of x at most once and ``inverse`` (M,) names the row of the result each
+    x row went to (P where none), so the gradient is the gather ``g[inverse]``: XLA's gather
+    transpose would be a scatter-add, slow on GPU for what is a permutation.
+    """
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x, index, inverse):
+    return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(res, g):
+    index, inverse = res
+    return jnp.take(g, inverse, axis=0, mode="fill", fill_value=0), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def expert_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table (E, ...) -> (n, ...): ``table[ids]``; the gradient sums the rows per expert as a
+    one-hot matmul (float32 accumulation) instead of a scatter-add."""
+    return table[ids]
+
+
+def _expert_rows_fwd(table, ids):
+    return table[ids], (ids, table.shape[0])
+
+
+def _expert_rows_bwd(res, g):
+    ids, num_experts = res
+    onehot = jax.nn.one_hot(ids, num_experts, dtype=g.dtype)  # (n, E)
+    summed = jnp.tensordot(onehot, g, axes=(0, 0), preferred_element_type=jnp.float32)
+    return summed.astype(g.dtype), None
+
+
+expert_rows.defvjp(_expert_rows_fwd, _expert_rows_bwd)
 
 
 class MoE(_SpecModule):
@@ -577,9 +669,11 @@ class MoE(_SpecModule):
     ``__call__`` returns ``(y, balance, z)`` with the losses unscaled; the model applies the
     coefficients.
 
-    ``moe_impl = "blocked"`` (``model.set_attributes(moe_impl="blocked")``; the spec does not
-    change) computes the experts on the selected pairs only (``Experts.mix_selected``,
-    ``llm.moe_dispatch``): the same function with k/E of the expert FLOPs.
+    ``moe_impl`` (``set_moe_impl(model, impl)``; the spec does not change) picks how the experts run
+    (``llm.moe_dispatch``): ``"dense"`` as above (the reference), ``"blocked"``
+    (``Experts.mix_selected``) or ``"grouped"`` (``Experts.mix_grouped``, ``jax.lax.ragged_dot``) on
+    the selected pairs only: the same function with k/E of the expert FLOPs. The engines set the
+    impl that ``optimization.moe_impl`` resolves to.
     """
 
     def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
@@ -627,6 +721,8 @@ class MoE(_SpecModule):
             raise ValueError(f"moe_impl={self.moe_impl!r} is not one of: {', '.join(MOE_IMPLS)}")
         if self.moe_impl == "blocked":
             y = self.experts.mix_selected(xf, idx, jnp.take_along_axis(combine, idx, axis=-1))  # (N, D)
+        elif self.moe_impl == "grouped":
+            y = self.experts.mix_grouped(xf, idx, jnp.take_along_axis(combine, idx, axis=-1))  # (N, D)
         else:
             expert_out = self.experts(xf)  # (E, N, D)
             y = jnp.einsum("NE,END->ND", combine.astype(expert_out.dtype), expert_out)
@@ -636,6 +732,16 @@ class MoE(_SpecModule):
         balance = E * jnp.sum(f * jnp.mean(probs, axis=0))
         z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
         return y.reshape(B, T, D).astype(x.dtype), balance, z
+
+
+def set_moe_impl(model: nnx.Module, impl: str) -> None:
+    """Run every MoE layer of ``model`` with ``impl`` (one of ``llm.moe_dispatch.MOE_IMPLS``; ``auto``
+    is resolved before, by ``resolve_moe_impl``); a model without MoE layers is left as it is."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl={impl!r} is not one of: {', '.join(MOE_IMPLS)}")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MoE):
+            module.moe_impl = impl
 
 
 # ---------------------------------------------------------------------- block and model

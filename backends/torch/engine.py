@@ -65,12 +65,13 @@ from torch.nn.parallel import DistributedDataParallel
 from backends.torch import parallel
 from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
-from backends.torch.model import DecoderModel
+from backends.torch.model import DecoderModel, set_moe_impl
 from llm.checkpoint import CheckpointError
 from llm.config import Config, DType
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.loop.tasks import TaskError, TrainingTask
+from llm.moe_dispatch import resolve_moe_impl
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.spec import SpecError, check_names
 
@@ -199,6 +200,10 @@ class TrainingEngine(BaseTrainingEngine):
 
         # ---- model and optimiser
         self.model = self.impl.build_model(config, self.datamodule).to(self.device)  # the raw module
+        set_moe_impl(self.model, resolve_moe_impl(config.optimization.moe_impl, "torch", self.device.type,
+                                                  config.optimization.dtype.value,
+                                                  grouped_kernel=hasattr(torch, "_grouped_mm"),
+                                                  tensor_parallel=self.mesh_shape.tensor > 1))
         parallel.apply_activation_checkpointing(self.model, config.training.activation_checkpointing)
         if self.mesh is not None:
             self._shard_model()

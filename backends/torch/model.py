@@ -44,6 +44,7 @@ __all__ = [
     "attention_rule",
     "MLP",
     "MoE",
+    "set_moe_impl",
     "TransformerBlock",
     "ModelOutput",
     "DecoderModel",
@@ -443,6 +444,59 @@ class Experts(nn.Module):
         acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
         return (out[pos].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
 
+    def mix_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``mix_selected``'s function as one grouped GEMM per projection (``llm.moe_dispatch``).
+
+        The A = N*k assignments are stable-sorted by expert, so expert e owns the rows
+        ``offsets[e-1]:offsets[e]`` of the sorted (A, D) buffer (no padding); ``grouped_mm`` runs each
+        projection on each run with its expert's weight, and the inverse permutation un-sorts.
+        """
+        spec = self.spec
+        N, D = x.shape
+        E, k = spec.num_experts, spec.num_experts_per_token
+        A = N * k
+        dev = x.device
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        expert = idx.reshape(A)  # assignment a = n * k + slot
+        order = torch.argsort(expert, stable=True)  # (A,) assignments grouped by expert
+        sorted_e = expert[order]
+        offsets = torch.cumsum(torch.bincount(expert, minlength=E), 0).to(torch.int32)  # (E,) run ends
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(A, device=dev))  # sorted row of a
+        h = x.to(dt)[order // k]  # (A, D), row j is the token of the j-th sorted assignment
+
+        def linear(layer: ExpertLinear, h: torch.Tensor) -> torch.Tensor:
+            y = grouped_mm(h, layer.weight.to(dt), offsets)  # (A, out)
+            if layer.bias is not None:
+                y = y + layer.bias.to(dt)[sorted_e]
+            return y
+
+        if spec.use_glu:
+            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (A, F)
+        else:
+            h = _activation(spec, linear(self.up_proj, h))
+        out = linear(self.down_proj, h)  # (A, D) in sorted order
+        acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
+        return (out[inverse].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
+
+
+def grouped_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs ``grouped_mm(x, weight, ...)``: CUDA, compute capability 9.0+
+    (its kernel is Hopper's), bf16, and rows 16-byte aligned (``in`` and ``out`` multiples of 8)."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 == weight.dtype
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x (A, in) in runs, weight (E, out, in), offsets (E,) int32 run ends -> (A, out): run e times
+    ``weight[e].T``. ``torch._grouped_mm`` where it applies, else one matmul per run (the host reads
+    the offsets: a sync, and a graph break under ``torch.compile``)."""
+    if grouped_kernel_applies(x, weight):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat([x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip(starts, ends))])
+
 
 class MoE(nn.Module):
     """Top-k mixture of experts with optional capacity dropping (contract, "MoE" steps 1-5).
@@ -453,9 +507,11 @@ class MoE(nn.Module):
     same values and gradients as a sparse dispatch. ``forward`` returns ``(y, balance, z)`` with the
     losses unscaled; the model applies the coefficients.
 
-    ``moe_impl = "blocked"`` (set on each MoE module; the spec does not change) computes the experts
-    on the selected pairs only (``Experts.mix_selected``, ``llm.moe_dispatch``): the same function
-    with k/E of the expert FLOPs.
+    ``moe_impl`` (``set_moe_impl(model, impl)``; the spec does not change) picks how the experts run
+    (``llm.moe_dispatch``): ``"dense"`` as above (the reference), ``"blocked"``
+    (``Experts.mix_selected``) or ``"grouped"`` (``Experts.mix_grouped``) on the selected pairs only:
+    the same function with k/E of the expert FLOPs. The engines set the impl that
+    ``optimization.moe_impl`` resolves to.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -506,6 +562,8 @@ class MoE(nn.Module):
             raise ValueError(f"moe_impl={self.moe_impl!r} is not one of: {', '.join(MOE_IMPLS)}")
         if self.moe_impl == "blocked":
             y = self.experts.mix_selected(xf, idx, combine.gather(1, idx))  # (N, D) float32
+        elif self.moe_impl == "grouped":
+            y = self.experts.mix_grouped(xf, idx, combine.gather(1, idx))  # (N, D) float32
         else:
             expert_out = self.experts(xf)  # (E, N, D)
             y = torch.einsum("ne,end->nd", combine.to(expert_out.dtype), expert_out)  # (N, D)
@@ -515,6 +573,16 @@ class MoE(nn.Module):
         balance = E * (f * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return y.reshape(B, T, D).to(x.dtype), balance, z
+
+
+def set_moe_impl(model: nn.Module, impl: str) -> None:
+    """Run every MoE layer of ``model`` with ``impl`` (one of ``llm.moe_dispatch.MOE_IMPLS``; ``auto``
+    is resolved before, by ``resolve_moe_impl``); a model without MoE layers is left as it is."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl={impl!r} is not one of: {', '.join(MOE_IMPLS)}")
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.moe_impl = impl
 
 
 # ---------------------------------------------------------------------- block and model
