@@ -11,7 +11,7 @@ ifdef PARITY_SEED
 export PARITY_SEED
 endif
 
-.PHONY: init test parity parity-thorough parity-mutants lint train bench bench-scaling clean
+.PHONY: init test test-dist parity parity-thorough parity-mutants lint train bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ init: $(STAMP)
 
 test: init
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests parity_tests
+
+# Sharded training on 8 forced host devices against one device (each backend's sweep; minutes).
+test-dist: init
+	LLM_DIST_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_flax_sharding.py
 
 parity: init
 	HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests

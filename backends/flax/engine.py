@@ -1,4 +1,4 @@
-"""The JAX training engine: Flax NNX model, torch-exact AdamW (optax), jit, one data-parallel Mesh.
+"""The JAX training engine: Flax NNX model, torch-exact AdamW (optax), jit, one (data, fsdp, tensor) Mesh.
 
 ``TrainingEngine(config).fit()`` trains ``config.task`` and returns a ``llm.run.TrainResult``, like
 ``backends.torch.engine.TrainingEngine`` and with the same surface (``fit``, ``evaluate``,
@@ -30,10 +30,17 @@ weights) and moments stay float32. ``bfloat16`` needs nothing else; ``float16`` 
 loss scale. ``optimization.compile`` means nothing here: XLA always compiles the step (a log line
 says so when it is set).
 
-Data parallel: one ``jax.sharding.Mesh`` over all devices with the axis ``data``; batches are
-sharded on it (the global batch ``training.batch_size`` must divide by the device count),
-parameters and optimiser state are replicated, and XLA inserts the gradient all-reduce. With
-several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
+Parallelism: one ``jax.sharding.Mesh`` over all devices with the axes ``("data", "fsdp", "tensor")``
+shaped by ``config.distributed.mesh`` (``docs/architecture.md``, "Sharding (JAX)"). Parameters get
+``NamedSharding(mesh, P(*placement))`` from ``llm.sharding.placement`` (permuted to the flax layout by
+``convert.flax_placement``); AdamW moments and the accumulated gradients are placed like their
+parameter, everything else is replicated; batches split over ``data`` x ``fsdp`` (the global batch
+``training.batch_size`` must divide by it). The step pins its outputs to these shardings and XLA's
+SPMD partitioner inserts the collectives (gradient all-reduce, FSDP all-gathers and
+reduce-scatters, tensor-parallel reductions). fsdp = tensor = 1 is plain data parallel: every
+parameter replicated, no other constraint. Checkpoints gather full tensors to the host; a resume
+places them with this run's shardings (sharded parameters across several processes are refused for
+now: saving would need every process to join the gather). With several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
 set; ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or the cluster's own variables give the rest) each
 process reads its rows of the global batch (``rank = jax.process_index()``) and
 ``jax.make_array_from_process_local_data`` assembles the global array; only process 0 writes files.
