@@ -19,7 +19,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 
 from backends.flax.convert import flax_placement
 from backends.flax.engine import TrainingEngine

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 jax = pytest.importorskip("jax")
 
 import jax.numpy as jnp  # noqa: E402
+from dist_jax_worker import Record  # noqa: E402
 from engine_checks import TINY, tiny  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from backends.flax.convert import from_spec  # noqa: E402
 from backends.flax.engine import TrainingEngine  # noqa: E402
-from dist_jax_worker import Record  # noqa: E402
 from llm.spec import ModelSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -86,12 +86,12 @@ from backends.flax.optim import (
     global_norm_torch,
     update_loss_scale,
 )
-from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.checkpoint import CheckpointError
 from llm.config import ActivationCheckpointing, Config, ConfigError, DType
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
-from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TaskError, TrainingTask
+from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.sharding import BATCH_AXES, MESH_AXES, placement
 from llm.spec import ModelSpec, SpecError
 
