@@ -67,7 +67,10 @@ def check_trajectory(result: dict, steps: int, meshes: list[list[int]]) -> None:
         for step, loss in one["losses"].items():  # every step, relative
             assert abs(got["losses"][step] - loss) <= 1e-5 * abs(loss), (got["mesh"], step, got["losses"][step], loss)
         for name, want in one["params"].items():
-            assert rel(got["params"][name], want) <= 1e-5, (got["mesh"], name)
+            # the key bias barely moves (softmax is shift-invariant, so its gradient is near zero and
+            # mostly rounding): the listed exception of the parity suite, held to 1e-3 here too
+            bound = 1e-3 if name.endswith("k_proj.bias") else 1e-5
+            assert rel(got["params"][name], want) <= bound, (got["mesh"], name)
         # the arrays really are split as llm.sharding places them, moments like their parameters
         split = 0
         for name, (param, moment, placed, (shards, local)) in got["shardings"].items():
