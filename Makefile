@@ -25,9 +25,10 @@ init: $(STAMP)
 test: init
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests parity_tests
 
-# The torchrun sweep (CPU, gloo): torch fsdp / tensor / fsdp x tensor against one process, the cross-mesh resume.
+# Sharded training against one device (minutes): the torchrun sweep (CPU, gloo: torch fsdp / tensor /
+# fsdp x tensor, the cross-mesh resume) and JAX on 8 forced host devices.
 test-dist: init
-	LLM_TEST_DIST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_torch_sharding.py
+	LLM_TEST_DIST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_torch_sharding.py tests/test_flax_sharding.py
 
 parity: init
 	HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests

@@ -159,7 +159,7 @@ def test_fp16_loss_scale_is_checkpointed_and_an_overflow_skips_the_step(tmp_path
     # a scale so large that the scaled gradients overflow float16: the update is skipped, the scale halves
     config = tiny(tmp_path, "training.max_steps=3", "optimization.dtype=float16")
     with TrainingEngine(config, run_dir=tmp_path / "inf", callback_names=()) as engine:
-        engine._carry = engine._replicate(engine._fresh_carry(scale=2.0 ** 126))
+        engine._carry = engine._place(engine._fresh_carry(scale=2.0 ** 126))
         before = {k: np.asarray(v) for k, v in engine.params.items()}
         engine.total_steps = 1
         engine.fit()

@@ -35,8 +35,8 @@ from flax import nnx
 from backends.flax.model import DecoderModel, ExpertLinear, Linear
 from llm.spec import ModelSpec, SpecError, check_names, check_params, init_params
 
-__all__ = ["LINEAR_SUFFIXES", "from_canonical", "from_spec", "grads_to_canonical", "is_linear_weight",
-           "load_canonical", "moments_from_canonical", "moments_to_canonical", "to_canonical"]
+__all__ = ["LINEAR_SUFFIXES", "flax_placement", "from_canonical", "from_spec", "grads_to_canonical",
+           "is_linear_weight", "load_canonical", "moments_from_canonical", "moments_to_canonical", "to_canonical"]
 
 LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
 
@@ -44,6 +44,12 @@ LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
 def is_linear_weight(name: str) -> bool:
     """The transpose rule on a canonical name (see the module docstring)."""
     return name.endswith(LINEAR_SUFFIXES)
+
+
+def flax_placement(name: str, where: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A per-dimension tuple of the canonical layout of ``name`` (``llm.sharding.placement``: one
+    mesh axis or None per dimension) in the flax layout: the transpose rule applied to the tuple."""
+    return (*where[:-2], where[-1], where[-2]) if is_linear_weight(name) else tuple(where)
 
 
 def _name(path: tuple[Any, ...]) -> str:

@@ -1,4 +1,4 @@
-"""The JAX training engine: Flax NNX model, torch-exact AdamW (optax), jit, one data-parallel Mesh.
+"""The JAX training engine: Flax NNX model, torch-exact AdamW (optax), jit, one (data, fsdp, tensor) Mesh.
 
 ``TrainingEngine(config).fit()`` trains ``config.task`` and returns a ``llm.run.TrainResult``, like
 ``backends.torch.engine.TrainingEngine`` and with the same surface (``fit``, ``evaluate``,
@@ -30,10 +30,17 @@ weights) and moments stay float32. ``bfloat16`` needs nothing else; ``float16`` 
 loss scale. ``optimization.compile`` means nothing here: XLA always compiles the step (a log line
 says so when it is set).
 
-Data parallel: one ``jax.sharding.Mesh`` over all devices with the axis ``data``; batches are
-sharded on it (the global batch ``training.batch_size`` must divide by the device count),
-parameters and optimiser state are replicated, and XLA inserts the gradient all-reduce. With
-several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
+Parallelism: one ``jax.sharding.Mesh`` over all devices with the axes ``("data", "fsdp", "tensor")``
+shaped by ``config.distributed.mesh`` (``docs/architecture.md``, "Sharding (JAX)"). Parameters get
+``NamedSharding(mesh, P(*placement))`` from ``llm.sharding.placement`` (permuted to the flax layout by
+``convert.flax_placement``); AdamW moments and the accumulated gradients are placed like their
+parameter, everything else is replicated; batches split over ``data`` x ``fsdp`` (the global batch
+``training.batch_size`` must divide by it). The step pins its outputs to these shardings and XLA's
+SPMD partitioner inserts the collectives (gradient all-reduce, FSDP all-gathers and
+reduce-scatters, tensor-parallel reductions). fsdp = tensor = 1 is plain data parallel: every
+parameter replicated, no other constraint. Checkpoints gather full tensors to the host; a resume
+places them with this run's shardings (sharded parameters across several processes are refused for
+now: saving would need every process to join the gather). With several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
 set; ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or the cluster's own variables give the rest) each
 process reads its rows of the global batch (``rank = jax.process_index()``) and
 ``jax.make_array_from_process_local_data`` assembles the global array; only process 0 writes files.
@@ -70,7 +77,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from backends.flax.convert import moments_from_canonical, moments_to_canonical
+from backends.flax.convert import flax_placement, moments_from_canonical, moments_to_canonical
 from backends.flax.model import set_moe_impl
 from backends.flax.optim import (
     AdamWState,
@@ -80,14 +87,15 @@ from backends.flax.optim import (
     global_norm_torch,
     update_loss_scale,
 )
-from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.checkpoint import CheckpointError
-from llm.config import Config, ConfigError, DType
+from llm.config import ActivationCheckpointing, Config, ConfigError, DType
+from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
-from llm.run import MOMENTS, TrainResult, moment_name, size_after
 from llm.loop.tasks import TaskError, TrainingTask
 from llm.moe_dispatch import resolve_moe_impl
-from llm.spec import SpecError
+from llm.run import MOMENTS, TrainResult, moment_name, size_after
+from llm.sharding import BATCH_AXES, MESH_AXES, placement
+from llm.spec import ModelSpec, SpecError
 
 __all__ = ["TrainingEngine", "initialize_distributed", "train"]
 
@@ -155,7 +163,24 @@ class _StepConfig:
     loss_scaling: bool
     dropout_seed: int
     replicated: NamedSharding
+    # (name, flax-layout shape, sharding) per parameter; empty on a plain data-parallel mesh
+    placements: tuple[tuple[str, tuple[int, ...], NamedSharding], ...] = ()
     task_optimizer: optax.GradientTransformation | None = None  # FlaxTask.build_optimizer's, if any
+
+    def shardings_like(self, tree: Any) -> Any:
+        """A sharding per leaf of ``tree``: a leaf under a dict key naming a parameter, with that
+        parameter's shape (the parameter itself, its gradient, an AdamW moment), is placed like the
+        parameter; every other leaf (step counts, loss scale, flags, position tables) is replicated."""
+        where = {name: (shape, sharding) for name, shape, sharding in self.placements}
+
+        def pick(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+            for key in reversed(path):
+                if isinstance(key, jax.tree_util.DictKey) and key.key in where:
+                    shape, sharding = where[key.key]
+                    return sharding if tuple(leaf.shape) == shape else self.replicated
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(pick, tree)
 
     def optimizer(self, names: tuple[str, ...]) -> optax.GradientTransformation:
         """The engine's torch AdamW (rate passed in per step), or the task's transformation after
@@ -220,9 +245,13 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
             return obj, {k: v.astype(jnp.float32) for k, v in parts.items()}
 
         (_, parts), g = jax.value_and_grad(objective, has_aux=True)(params)
+        if cfg.placements:
+            g = jax.lax.with_sharding_constraint(g, cfg.shardings_like(g))
         return jax.tree.map(jnp.add, grads, g), parts
 
     zeros = jax.tree.map(jnp.zeros_like, params)
+    if cfg.placements:  # the accumulated gradients live sharded like the parameters (a reduce-scatter)
+        zeros = jax.lax.with_sharding_constraint(zeros, cfg.shardings_like(zeros))
     grads, parts = jax.lax.scan(micro, zeros, (tuple(batch), jnp.arange(cfg.accum, dtype=jnp.int32)))
     sums = {k: jnp.sum(v, axis=0) for k, v in parts.items()}
 
@@ -246,7 +275,10 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
     new_carry = {"nonfinite": carry["nonfinite"] | ~jnp.isfinite(sums["loss"]),
                  "loss_scale": update_loss_scale(carry["loss_scale"], found_inf) if cfg.loss_scaling
                  else carry["loss_scale"]}
-    pin = partial(jax.lax.with_sharding_constraint, shardings=cfg.replicated)
+
+    def pin(tree):
+        return jax.lax.with_sharding_constraint(tree, cfg.shardings_like(tree))
+
     return pin(new_params), pin(new_opt), pin(new_carry), out
 
 
@@ -290,11 +322,22 @@ class TrainingEngine(BaseTrainingEngine):
                          callbacks=callbacks, callback_names=callback_names)
         t = config.training
         self.devices = list(devices) if devices is not None else jax.devices()
-        if t.batch_size % len(self.devices):
+        self.mesh_shape = config.distributed.mesh(len(self.devices))
+        if t.batch_size % self.mesh_shape.batch_shards:
             raise ConfigError(f"training.batch_size={t.batch_size} (the global batch) must be divisible by "
-                              f"the {len(self.devices)} JAX devices it is sharded over", "training.batch_size")
-        self.mesh = Mesh(np.array(self.devices), ("data",))
+                              f"data x fsdp = {self.mesh_shape.batch_shards}, the ways the "
+                              f"{len(self.devices)} JAX devices' {self._mesh_text(devices=False)} split it",
+                              "training.batch_size")
+        if self.world_size > 1 and self.mesh_shape.is_sharded:
+            raise ConfigError(f"distributed.fsdp={config.distributed.fsdp} / distributed.tensor="
+                              f"{config.distributed.tensor}: sharded parameters across {self.world_size} JAX "
+                              "processes are not supported yet (a checkpoint would need every process to "
+                              "gather); use one process per host or fsdp = tensor = 1", "distributed.fsdp")
+        # tensor innermost: a tensor-parallel group is adjacent devices (one host, the fastest links)
+        self.mesh = Mesh(np.array(self.devices).reshape(self.mesh_shape.shape), MESH_AXES)
         self._replicated = NamedSharding(self.mesh, P())
+        batch_axes = tuple(axis for axis in BATCH_AXES if self.mesh_shape.size(axis) > 1)
+        self._batch_axes = batch_axes[0] if len(batch_axes) == 1 else batch_axes or None
         if config.optimization.compile:
             log.info("optimization.compile has no effect on the JAX backend: XLA always compiles the step")
         self._setup_data(datamodule)
@@ -303,6 +346,7 @@ class TrainingEngine(BaseTrainingEngine):
         self._model = self.impl.build_model(config, self.datamodule)
         set_moe_impl(self._model, resolve_moe_impl(config.optimization.moe_impl, "jax", self.devices[0].platform,
                                                    config.optimization.dtype.value))
+        self._set_activation_checkpointing()
         graphdef, param_state, rest = nnx.split(self._model, nnx.Param, ...)
         names = tuple(".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(param_state))
         rest_leaves, rest_def = jax.tree.flatten(rest)
@@ -314,22 +358,54 @@ class TrainingEngine(BaseTrainingEngine):
             accum=t.grad_accum_steps, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
             weight_decay=t.weight_decay, decay=frozenset(self.decay_names),
             loss_scaling=config.optimization.dtype is DType.FLOAT16, dropout_seed=_dropout_seed(t.seed),
-            replicated=self._replicated, task_optimizer=task_optimizer)
+            replicated=self._replicated, placements=self._param_placements(names, jax.tree.leaves(param_state)),
+            task_optimizer=task_optimizer)
         leaves = jax.tree.leaves(param_state)
-        self.params: dict[str, jax.Array] = self._replicate(dict(zip(names, leaves, strict=True)))
-        self.rest = self._replicate([np.zeros((), np.uint32) if i in key_slots else x
-                                     for i, x in enumerate(rest_leaves)])
+        self.params: dict[str, jax.Array] = self._place(dict(zip(names, leaves, strict=True)))
+        self.rest = self._place([np.zeros((), np.uint32) if i in key_slots else x
+                                 for i, x in enumerate(rest_leaves)])
         # zeros built on the host: no tiny per-shape programs to compile
         shapes = jax.eval_shape(self._cfg.optimizer(names).init, self.params)
         if task_optimizer is None:
-            self.opt_state = self._replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+            self.opt_state = self._place(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
         else:  # a task's state need not start at zero (a schedule's first rate, a preconditioner)
-            self.opt_state = self._replicate(_host(self._cfg.optimizer(names).init(self.params)))
+            self.opt_state = self._place(_host(self._cfg.optimizer(names).init(self.params)))
             lr = _state_lr(self.opt_state)
             self.lr_of = _TransformationRate(float("nan") if lr is None else float(_local(lr)))
-        self._carry = self._replicate(self._fresh_carry())
+        self._carry = self._place(self._fresh_carry())
 
         self._open_run(run_dir, resume)
+
+    def _set_activation_checkpointing(self) -> None:
+        """``training.activation_checkpointing`` onto the model (``DecoderModel.remat``) before the
+        split, so it is part of the traced program."""
+        mode = self.config.training.activation_checkpointing
+        if mode is ActivationCheckpointing.NONE:
+            return
+        if not hasattr(self._model, "remat"):
+            raise ConfigError(f"training.activation_checkpointing={mode.value}: task {self.task.name!r} builds a "
+                              f"{type(self._model).__name__}, which has no blocks to recompute (set it to none)",
+                              "training.activation_checkpointing")
+        self._model.remat = mode.value
+
+    def _param_placements(self, names: tuple[str, ...], leaves: list[Any]
+                          ) -> tuple[tuple[str, tuple[int, ...], NamedSharding], ...]:
+        """``llm.sharding.placement`` of each parameter, in its flax layout, as a ``NamedSharding``;
+        none on a plain data-parallel mesh (everything replicated, as before sharding existed)."""
+        if not self.mesh_shape.is_sharded:
+            return ()
+        spec = getattr(self._model, "spec", None)
+        table = {info.name: info for info in spec.param_table()} if isinstance(spec, ModelSpec) else {}
+        shapes = {name: tuple(leaf.shape) for name, leaf in zip(names, leaves, strict=True)}
+        unmapped = [name for name in names if name not in table
+                    or flax_placement(name, table[name].shape) != shapes[name]]
+        if unmapped:
+            raise ConfigError(f"distributed.fsdp={self.config.distributed.fsdp} / distributed.tensor="
+                              f"{self.config.distributed.tensor}: task {self.task.name!r} has parameters the "
+                              f"spec's parameter table does not place: {unmapped[:5]}", "distributed.fsdp")
+        return tuple((name, shapes[name],
+                      NamedSharding(self.mesh, P(*flax_placement(name, placement(table[name], self.mesh_shape)))))
+                     for name in names)
 
     def _task_optimizer(self) -> optax.GradientTransformation | None:
         """``FlaxTask.build_optimizer``'s transformation, checked; None: the engine's AdamW."""
@@ -377,7 +453,7 @@ class TrainingEngine(BaseTrainingEngine):
                 raise CheckpointError(f"{path}: task optimiser state {name}: {found}, this optimiser holds "
                                       f"{leaf.dtype}{list(leaf.shape)}")
             leaves.append(held)
-        self.opt_state = self._replicate(jax.tree.unflatten(treedef, leaves))
+        self.opt_state = self._place(jax.tree.unflatten(treedef, leaves))
         lr = _state_lr(self.opt_state)
         self.lr_of = _TransformationRate(float("nan") if lr is None else float(_local(lr)))
 
@@ -388,16 +464,18 @@ class TrainingEngine(BaseTrainingEngine):
         return {"nonfinite": np.zeros((), np.bool_),
                 "loss_scale": LossScale(np.asarray(scale, np.float32), np.asarray(growth_tracker, np.int32))}
 
-    def _replicate(self, tree: Any) -> Any:
-        """``tree`` placed on every device of the mesh (a global array on every process)."""
+    def _place(self, tree: Any) -> Any:
+        """``tree`` on the mesh (a global array on every process): parameters and what mirrors them
+        (moments) split as ``llm.sharding`` places them, everything else replicated."""
+        shardings = self._cfg.shardings_like(tree)
         if self.world_size == 1:
-            return jax.device_put(tree, self._replicated)
+            return jax.device_put(tree, shardings)
 
-        def put(x):
+        def put(x, sharding):
             x = np.asarray(_local(x))
-            return jax.make_array_from_callback(x.shape, self._replicated, lambda idx: x[idx])
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-        return jax.tree.map(put, tree)
+        return jax.tree.map(put, tree, shardings)
 
     def _shard(self, local: np.ndarray, axis: int) -> jax.Array:
         """This process's rows (``axis`` = the batch axis) as its part of the global batch array."""
@@ -405,7 +483,7 @@ class TrainingEngine(BaseTrainingEngine):
             local = local.astype(np.int32)
         elif local.dtype == np.float64:
             local = local.astype(np.float32)
-        spec = P(*([None] * axis), "data")
+        spec = P(*([None] * axis), self._batch_axes)
         sharding = NamedSharding(self.mesh, spec)
         if self.world_size == 1:
             return jax.device_put(local, sharding)
@@ -444,8 +522,15 @@ class TrainingEngine(BaseTrainingEngine):
     def _on_gpu(self) -> bool:
         return self.devices[0].platform == "gpu"
 
+    def _mesh_text(self, devices: bool = True) -> str:
+        """``mesh data=2 fsdp=2 tensor=2 over 8 cpu devices`` (without ``over ...``: ``devices=False``)."""
+        n = len(self.devices)
+        sizes = " ".join(f"{axis}={size}" for axis, size in self.mesh_shape.to_dict().items())
+        where = f" over {n} {self.devices[0].platform} device{'s' if n > 1 else ''}" if devices else ""
+        return f"mesh {sizes}{where}"
+
     def _placement(self) -> str:
-        where = f"{self.devices[0].platform} x {len(self.devices)} device{'s' if len(self.devices) > 1 else ''}"
+        where = self._mesh_text()
         if self.world_size > 1:
             where += f" in {self.world_size} processes"
         return f"{where} (jax {jax.__version__})"
@@ -491,9 +576,9 @@ class TrainingEngine(BaseTrainingEngine):
         model = self._model
         self.impl.load_canonical(model, params)
         param_state = nnx.state(model, nnx.Param)
-        self.params = self._replicate(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
+        self.params = self._place(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
         scaler = grad_scaler if self._cfg.loss_scaling else None
-        self._carry = self._replicate(self._fresh_carry(**({} if not scaler else
+        self._carry = self._place(self._fresh_carry(**({} if not scaler else
                                                            {"scale": float(scaler["scale"]),
                                                             "growth_tracker": int(scaler["growth_tracker"])})))
         if self.task_optimizer:
@@ -509,7 +594,7 @@ class TrainingEngine(BaseTrainingEngine):
         opt_state = list(_host(self.opt_state))
         opt_state[adam_at] = AdamWState(count=np.asarray(step, np.int32), exp_avg=new["exp_avg"],
                                         exp_avg_sq=new["exp_avg_sq"])
-        self.opt_state = self._replicate(tuple(opt_state))
+        self.opt_state = self._place(tuple(opt_state))
 
     def _grad_scaler_state(self) -> dict[str, Any] | None:
         if not self._cfg.loss_scaling:

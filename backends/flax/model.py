@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from backends.flax.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
@@ -70,9 +71,21 @@ __all__ = [
     "cross_entropy",
     "lean_cross_entropy",
     "DecoderModel",
+    "REMAT_POLICIES",
 ]
 
 _MASKED = float(np.finfo(np.float32).min)  # finite, so a fully masked row could never produce NaN
+
+# Activation checkpointing (``DecoderModel.remat``, set from ``training.activation_checkpointing``):
+# each block runs under ``jax.checkpoint`` with one of these policies. ``selective`` keeps the tensors
+# tagged with these names -- every linear's output and the attention output (the o_proj input) --
+# and recomputes the rest (norms, activations, RoPE, softmax, residual adds) in the backward.
+MATMUL_OUTPUT = "matmul_output"
+ATTENTION_OUTPUT = "attention_output"
+REMAT_POLICIES: dict[str, Any] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "selective": jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT, ATTENTION_OUTPUT),
+}
 
 
 class Buffer(nnx.Variable):
@@ -156,7 +169,7 @@ class Linear(nnx.Module):
         y = x.astype(self.dtype) @ self.weight[...].astype(self.dtype)  # (..., out)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return checkpoint_name(y, MATMUL_OUTPUT)
 
 
 class Embedding(nnx.Module):
@@ -457,7 +470,7 @@ class MultiHeadAttention(_SpecModule):
                                              mask=None if plain else mask[:, None],
                                              scale=1.0 / math.sqrt(hd), is_causal=plain,
                                              implementation="cudnn")  # (B, T, H, hd); h reads kv h // G
-            return self.o_proj(y.reshape(B, T, H * hd))
+            return self.o_proj(checkpoint_name(y.reshape(B, T, H * hd), ATTENTION_OUTPUT))
 
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # (B, S_max, K, hd)
@@ -468,7 +481,7 @@ class MultiHeadAttention(_SpecModule):
         probs = jax.nn.softmax(scores, axis=-1)  # float32
         probs = self.attn_dropout(probs, deterministic=deterministic)
         y = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), v.astype(self.dtype))
-        return self.o_proj(y.reshape(B, T, H * hd))  # (B, T, D)
+        return self.o_proj(checkpoint_name(y.reshape(B, T, H * hd), ATTENTION_OUTPUT))  # (B, T, D)
 
 
 # ---------------------------------------------------------------------- feed-forward
@@ -506,7 +519,7 @@ class ExpertLinear(nnx.Module):
         y = jnp.einsum(eq, x.astype(self.dtype), self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...][:, None, :].astype(self.dtype)
-        return y
+        return checkpoint_name(y, MATMUL_OUTPUT)
 
 
 class Experts(_SpecModule):
@@ -562,7 +575,7 @@ class Experts(_SpecModule):
             y = jnp.einsum("NBI,NIO->NBO", h, expert_rows(layer.weight[...].astype(dt), block_expert))
             if layer.bias is not None:
                 y = y + expert_rows(layer.bias[...].astype(dt), block_expert)[:, None, :]
-            return y
+            return checkpoint_name(y, MATMUL_OUTPUT)
 
         if spec.use_glu:
             h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (nb, b, F)
@@ -875,6 +888,27 @@ class DecoderModel(_SpecModule):
         self.lm_head = (None if spec.tie_embeddings
                         else Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias, dtype=dtype))
         self.loss_impl = "xla"  # or "pallas": the loss-only path's log-sum-exp (lean_cross_entropy)
+        self.remat = "none"  # or a key of REMAT_POLICIES: each block recomputed in the backward
+
+    def _remat_block(self, layer: TransformerBlock, x: jax.Array, start_pos: Any, attention_mask: Any,
+                     segment_ids: Any, positions: Any, deterministic: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``layer`` under ``jax.checkpoint`` with ``REMAT_POLICIES[self.remat]`` (the same values and
+        gradients as a plain call; only what the backward keeps changes)."""
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: must be 'none' or one of {sorted(REMAT_POLICIES)}")
+
+        graphdef, state = nnx.split(layer)
+
+        def run(state, h, mask, segments, where):  # start_pos and deterministic stay Python values
+            block = nnx.merge(graphdef, state)
+            out = block(h, start_pos, None, attention_mask=mask, segment_ids=segments, positions=where,
+                        deterministic=deterministic)
+            return out, nnx.state(block)  # the dropout streams' counts moved on
+
+        out, state = jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(state, x, attention_mask, segment_ids,
+                                                                            positions)
+        nnx.update(layer, state)
+        return out
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None, dtype: Any = None) -> KVCache:
         """An empty KV cache (dtype defaults to the compute dtype)."""
@@ -931,9 +965,13 @@ class DecoderModel(_SpecModule):
         hidden = [x]
         balances, zs = [], []
         for i, layer in enumerate(self.layers):
-            x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
-                                  attention_mask=attention_mask, segment_ids=segment_ids,
-                                  positions=positions, deterministic=deterministic)
+            if self.remat != "none" and cache is None:
+                x, balance, z = self._remat_block(layer, x, start_pos, attention_mask, segment_ids, positions,
+                                                  deterministic)
+            else:
+                x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
+                                      attention_mask=attention_mask, segment_ids=segment_ids,
+                                      positions=positions, deterministic=deterministic)
             hidden.append(x)
             balances.append(balance)
             zs.append(z)
