@@ -311,6 +311,39 @@ def test_the_loop_runs_on_while_a_slow_write_is_going_and_the_next_save_waits(tm
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_async_snapshots_hold_the_state_of_their_step_while_training_goes_on(tmp_path, monkeypatch):
+    """The torch engine stages weights and moments in host buffers it reuses: a write held across
+    two more steps still writes its own step's values, the same bytes as a synchronous save."""
+    torch_engine = pytest.importorskip("backends.torch.engine")
+    import llm.loop.engine
+
+    gate = _Gate(llm.checkpoint.save_checkpoint, hold="step_2")
+    real_wait = llm.loop.engine._CheckpointWriter.wait
+
+    def wait(writer):
+        if writer.busy:
+            gate.release.set()  # held until the next save's wait: steps 3 and 4 ran meanwhile
+        real_wait(writer)
+
+    written = {}
+    for mode in ("false", "true"):
+        with monkeypatch.context() as m:
+            if mode == "true":
+                m.setattr(llm.loop.engine, "save_checkpoint", gate)
+                m.setattr(llm.loop.engine._CheckpointWriter, "wait", wait)
+            config = _tiny(tmp_path, f"checkpoint.async_save={mode}", "checkpoint.every_steps=2",
+                           "training.max_steps=4", "checkpoint.keep_last=null")
+            with torch_engine.TrainingEngine(config, run_dir=tmp_path / mode) as engine:
+                engine.fit()
+                staged = "_staging" in engine.__dict__
+            assert staged == (mode == "true")
+        written[mode] = {step: {part: (tmp_path / mode / "checkpoints" / f"step_{step}" / part).read_bytes()
+                                for part in ("model.safetensors", "state.safetensors")} for step in (2, 4)}
+    assert gate.writes[:1] == ["step_2 after []"]
+    assert written["true"] == written["false"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_failing_background_write_surfaces_as_one_line_at_the_next_wait(tmp_path, monkeypatch, capsys):
     pytest.importorskip("backends.torch.engine")
     import llm.loop.engine

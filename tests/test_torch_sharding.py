@@ -183,3 +183,35 @@ def test_activation_checkpointing_leaves_the_names_and_inference_alone():
     assert all(block.recompute is not None for block in model.layers)
     apply_activation_checkpointing(model, ActivationCheckpointing.NONE)
     assert all(block.recompute is None for block in model.layers)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_the_attention_kernel_choice_covers_the_recompute_in_the_backward(tmp_path, monkeypatch, policy):
+    """On CUDA the engine puts cuDNN first among SDPA kernels; a block recomputed in the backward
+    must see the same choice, or the recompute runs another kernel than the forward saved (an H200
+    run failed so: flash attention "not found in storage"). The context must span the backward."""
+    import contextlib
+
+    from engine_checks import tiny
+
+    from backends.torch.engine import TrainingEngine
+
+    inside = {"now": False}
+    seen: list[bool] = []
+
+    @contextlib.contextmanager
+    def kernels(self):
+        before, inside["now"] = inside["now"], True
+        try:
+            yield
+        finally:
+            inside["now"] = before
+
+    monkeypatch.setattr(TrainingEngine, "_attention_kernels", kernels)
+    config = tiny(tmp_path, "training.max_steps=1", f"training.activation_checkpointing={policy}")
+    with TrainingEngine(config, run_dir=tmp_path / "run") as engine:
+        weight = engine.model.layers[0].attn.q_proj.weight
+        weight.register_hook(lambda grad: seen.append(inside["now"]))  # runs in the backward
+        engine.fit()
+    assert seen == [True]

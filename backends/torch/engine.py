@@ -364,14 +364,42 @@ class TrainingEngine(BaseTrainingEngine):
         return out
 
     def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Sharded: every rank gathers (``get_model_state_dict`` full, offloaded to process 0's CPU)."""
+        """Sharded: every rank gathers (``get_model_state_dict`` full, offloaded to process 0's CPU).
+        Unsharded with ``async_save`` and the engine's AdamW: ``_staged_snapshot``."""
         if self.mesh is None:
+            if self.is_main and self._async_save and not self.task_optimizer:
+                return self._staged_snapshot()
             return super()._checkpoint_arrays()
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         state = self.moments() if not self.task_optimizer else self._optimizer_tensors()
         if not self.is_main:
             return {}, {}
         return {name: t.to(torch.float32).numpy().copy() for name, t in full.items()}, state
+
+    def _staged_snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Weights and AdamW moments copied into host buffers kept for the run (pinned on CUDA, so
+        the copies run at PCIe speed without a pageable bounce) with one synchronisation at the
+        end: the stall of an asynchronous save. The numpy views handed to the writer alias the
+        buffers; ``_checkpoint`` waits for the previous write before the next snapshot refills them."""
+        tensors = {name: t for name, t in self.model.state_dict().items()}
+        state: dict[str, torch.Tensor] = {}
+        for moment in MOMENTS:
+            for name, p in self.model.named_parameters():
+                value = self.optimizer.state.get(p, {}).get(moment)
+                state[moment_name(moment, name)] = torch.zeros_like(p) if value is None else value
+        pin = self.device.type == "cuda"
+        staging = self.__dict__.setdefault("_staging", {})
+        views: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for name, t in (*tensors.items(), *state.items()):
+                buf = staging.get(name)
+                if buf is None or buf.shape != t.shape:
+                    buf = staging[name] = torch.empty(t.shape, dtype=torch.float32, pin_memory=pin)
+                buf.copy_(t.detach(), non_blocking=pin)
+                views[name] = buf.numpy()
+        if pin:
+            torch.cuda.synchronize(self.device)
+        return {k: views[k] for k in tensors}, {k: views[k] for k in state}
 
     def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]],
                  step: int, grad_scaler: dict[str, Any] | None) -> None:
@@ -407,13 +435,20 @@ class TrainingEngine(BaseTrainingEngine):
                 "growth_tracker": int(self.scaler.state_dict().get("_growth_tracker", 0))}
 
     # ------------------------------------------------------------------ the step
+    def _attention_kernels(self) -> contextlib.AbstractContextManager:
+        """On CUDA, cuDNN's fused attention first among SDPA kernels. The training step holds it over
+        the backward too: activation checkpointing recomputes attention there, and a recompute that
+        picked another kernel would not match what the forward saved."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        # On an H100, GPT-2 shape, fwd+bwd per layer: cuDNN 0.79 ms, flash 1.18 ms
+        # (benchmarks/NOTES.md, change 3); the other kernels stay behind it for shapes it refuses.
+        return sdpa_kernel(_SDPA_PRIORITY, set_priority=True)
+
     def _autocast(self) -> contextlib.ExitStack:
-        """Autocast to the compute dtype, and on CUDA cuDNN's fused attention first among SDPA kernels."""
+        """Autocast to the compute dtype, inside ``_attention_kernels``."""
         stack = contextlib.ExitStack()
-        if self.device.type == "cuda":
-            # On an H100, GPT-2 shape, fwd+bwd per layer: cuDNN 0.79 ms, flash 1.18 ms
-            # (benchmarks/NOTES.md, change 3); the other kernels stay behind it for shapes it refuses.
-            stack.enter_context(sdpa_kernel(_SDPA_PRIORITY, set_priority=True))
+        stack.enter_context(self._attention_kernels())
         if self.amp_dtype is not None:
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.amp_dtype))
         return stack
@@ -435,7 +470,7 @@ class TrainingEngine(BaseTrainingEngine):
             torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.data_rank))
             last = micro == accum - 1
             no_sync = self._no_sync() if not last else contextlib.nullcontext()
-            with no_sync:
+            with no_sync, self._attention_kernels():
                 with self._autocast():
                     objective, parts = self.impl.loss(self.train_model, self._to_device(batch))
                 objective = objective / accum

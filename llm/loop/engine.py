@@ -580,12 +580,11 @@ class BaseTrainingEngine:
         self._check_finite("before saving a checkpoint")
         started = self.clock()
         path = self.run.checkpoint_path(self.step) if path is None else path
-        params, state_tensors = self._checkpoint_arrays()
         if self.is_main:
-            self._checkpoints.wait()  # one write at a time, in order
-            # the device-to-host snapshot: all the loop waits for when the write is asynchronous
-            params = _owned(params)
-            state = _owned(state_tensors)
+            self._checkpoints.wait()  # one write at a time, in order (and snapshot buffers free again)
+        # the device-to-host snapshot: all the loop waits for when the write is asynchronous
+        params, state = self._checkpoint_arrays()
+        if self.is_main:
             meta = json.loads(json.dumps(self.state_meta(reason)))  # frozen: the loop moves on
             config = self.config.to_dict()
 
@@ -612,10 +611,12 @@ class BaseTrainingEngine:
 
     def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The checkpoint's weights and ``state.safetensors`` arrays. Called on every process (a
-        sharded model gathers its whole tensors here, a collective); process 0's are written."""
+        sharded model gathers its whole tensors here, a collective); process 0's are written. The
+        arrays are the snapshot a background write reads: nothing may change them until that write
+        has landed (the next save waits for it before asking for new ones)."""
         if not self.is_main:
             return {}, {}
-        return self.impl.to_canonical(self.model), self._optimizer_tensors()
+        return _owned(self.impl.to_canonical(self.model)), _owned(self._optimizer_tensors())
 
     def state_meta(self, reason: str) -> dict[str, Any]:
         """The checkpoint's ``state.json`` (keys: ``llm.run.STATE_KEYS``), the same from either backend."""
