@@ -4,6 +4,7 @@ engine use it when the config says."""
 
 from __future__ import annotations
 
+import engine_checks as checks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,6 @@ from backends.flax.convert import from_spec
 from backends.flax.engine import TrainingEngine
 from backends.flax.loss import chunked_cross_entropy
 from backends.flax.model import cross_entropy
-import engine_checks as checks
 from llm.spec import ModelSpec
 
 jax.config.update("jax_default_matmul_precision", "highest")

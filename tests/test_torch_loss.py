@@ -4,6 +4,7 @@ and gradients without the (N, V) logits; the model and the engine use it when th
 
 from __future__ import annotations
 
+import engine_checks as checks
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,6 @@ from hypothesis import strategies as st
 from backends.torch.convert import from_spec
 from backends.torch.engine import TrainingEngine
 from backends.torch.loss import chunked_cross_entropy
-import engine_checks as checks
 from llm.config import ConfigError, OptimizationConfig
 from llm.spec import ModelSpec
 

@@ -35,8 +35,8 @@ from flax import nnx
 
 from backends.flax.convert import from_canonical
 from backends.flax.model import DecoderModel
-from llm.spec import ModelSpec
 from llm.sampling import Sampling, check_eos, check_prompt, check_prompt_mask, check_seed, check_vocab_limit
+from llm.spec import ModelSpec
 
 __all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token", "TRACES"]
 

@@ -27,8 +27,8 @@ import torch
 
 from backends.torch.convert import from_canonical
 from backends.torch.model import DecoderModel
-from llm.spec import ModelSpec
 from llm.sampling import Sampling, check_eos, check_prompt, check_prompt_mask, check_seed, check_vocab_limit
+from llm.spec import ModelSpec
 
 __all__ = ["generate", "generate_no_cache", "load_model", "logits", "next_token"]
 
