@@ -495,7 +495,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     ends = offsets.tolist()
     starts = [0, *ends[:-1]]
-    return torch.cat([x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip(starts, ends))])
+    return torch.cat([F.linear(x[s:e], weight[i]) for i, (s, e) in enumerate(zip(starts, ends, strict=True))])
 
 
 class MoE(nn.Module):
