@@ -43,8 +43,10 @@ Two kinds (the manifest's ``kind``; absent reads as ``canonical``):
 Writes go to a sibling temporary directory that is renamed into place, so a crash never leaves a
 half-written checkpoint under the final name. Loading verifies every hash first and refuses a torn
 or corrupt directory as a whole (``CheckpointError``); nothing is loaded partially. ``load_checkpoint``
-returns whole tensors; ``open_tensors`` reads one tensor or a slice of it (a device loading only
-its shard). Version 1 directories (always one file per part) load unchanged. No pickle.
+returns whole tensors, or with ``lazy=True`` a ``TensorSlices`` per tensor (its shape from the
+header; ``read(index)`` reads that slice alone: a device loading only its shard); ``open_tensors``
+reads one tensor or a slice of it. Several writers that run in the background meet through the
+files: ``wait_for_shards`` returns once every file of the plan has its writer's digest beside it. Version 1 directories (always one file per part) load unchanged. No pickle.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,11 +101,13 @@ __all__ = [
     "MAX_SHARD_BYTES",
     "ShardFile",
     "TensorReader",
+    "TensorSlices",
     "plan_shards",
     "shard_index",
     "begin_checkpoint",
     "write_shard",
     "commit",
+    "wait_for_shards",
     "save_checkpoint",
     "load_checkpoint",
     "open_checkpoint",
@@ -255,6 +260,23 @@ def _write_shard(tmp_dir: Path, file: ShardFile, tensors: Mapping[str, np.ndarra
     digest = _sha256(tmp_dir / file.name)
     write_text_atomic(tmp_dir / f".{file.name}{_HASH_SUFFIX}", digest)
     return digest
+
+
+def wait_for_shards(tmp_dir: str | os.PathLike, plan: tuple[ShardFile, ...], *, timeout_s: float,
+                    poll_s: float = 0.05) -> None:
+    """Return once every file of ``plan`` in ``tmp_dir`` has its digest beside it (``write_shard``
+    leaves it last, atomically: the file is complete); a ``CheckpointError`` naming the files still
+    missing after ``timeout_s`` seconds."""
+    tmp = Path(tmp_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [f for f in plan if not (tmp / f".{f.name}{_HASH_SUFFIX}").is_file()]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{tmp}: {len(missing)} shard(s) not written after {timeout_s:g}s: "
+                                  + ", ".join(f"{f.name} (writer {f.writer})" for f in missing[:4]))
+        time.sleep(poll_s)
 
 
 class _Shape(NamedTuple):
@@ -478,10 +500,14 @@ def _shards(weight_map: dict[str, str]) -> dict[str, tuple[str, ...]]:
     return {f: tuple(names) for f, names in out.items()}
 
 
-def _read_part(path: Path, manifest: dict[str, Any], part: str) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
-    """Every tensor of ``part`` (none when absent) and its files; a shard whose tensors differ from
-    the index is corrupt."""
+def _read_part(path: Path, manifest: dict[str, Any], part: str, lazy: bool = False
+               ) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
+    """Every tensor of ``part`` (none when absent; ``lazy``: a ``TensorSlices`` each) and its files;
+    a shard whose tensors differ from the index is corrupt."""
     single, index = PARTS[part]
+    if lazy:
+        reader = _reader(path, manifest, part)
+        return reader.lazy(), _shards(reader.weight_map)
     weight_map = _index(path, manifest, part)
     if weight_map is None:
         if single not in manifest["files"]:
@@ -498,14 +524,17 @@ def _read_part(path: Path, manifest: dict[str, Any], part: str) -> tuple[dict[st
     return tensors, shards
 
 
-def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True, allow_named: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, *, load_state: bool = True, allow_named: bool = False,
+                    lazy: bool = False) -> Checkpoint:
     """Verify and load a checkpoint; raise CheckpointError on any problem, before returning data.
 
-    A named checkpoint (not a decoder) is refused unless ``allow_named``."""
-    return _read_checkpoint(Path(path), verify_checkpoint(path), load_state, allow_named)
+    A named checkpoint (not a decoder) is refused unless ``allow_named``. ``lazy``: ``params`` and
+    ``state_tensors`` hold a ``TensorSlices`` per tensor (shapes checked from the headers), no data."""
+    return _read_checkpoint(Path(path), verify_checkpoint(path), load_state, allow_named, lazy)
 
 
-def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool, allow_named: bool) -> Checkpoint:
+def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool, allow_named: bool,
+                     lazy: bool = False) -> Checkpoint:
     """The checkpoint of a directory whose ``manifest`` was verified."""
     kind = manifest.get("kind", "canonical")
     try:
@@ -517,18 +546,18 @@ def _read_checkpoint(path: Path, manifest: dict[str, Any], load_state: bool, all
                                   "a decoder: its parameters are that task's own model, with no ModelSpec to "
                                   "build; only the training engines resume it")
         spec = ModelSpec.from_dict(config.get("model", {})) if kind == "canonical" else None
-        params, shards = _read_part(path, manifest, "model")
+        params, shards = _read_part(path, manifest, "model", lazy)
         if spec is not None:
             check_params(spec, params, where=f"{path / next(iter(shards), MODEL_FILE)}")
     except (SpecError, OSError, ValueError, AttributeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    state_tensors: dict[str, np.ndarray] = {}
+    state_tensors: dict[str, Any] = {}
     state_meta: dict[str, Any] = {}
     if load_state:
         # a valid manifest only says the files are the ones written: a writer's bug or an edit
         # before hashing can still leave them unreadable, which is a corrupt checkpoint too
         try:
-            state_tensors, _ = _read_part(path, manifest, "state")
+            state_tensors, _ = _read_part(path, manifest, "state", lazy)
             if STATE_META_FILE in manifest["files"]:
                 state_meta = read_json(path / STATE_META_FILE, error=ValueError)
                 if not isinstance(state_meta, dict):
@@ -561,6 +590,15 @@ class TensorReader:
     def names(self) -> list[str]:
         return sorted(self._weight_map)
 
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """tensor name -> its file."""
+        return dict(self._weight_map)
+
+    def lazy(self) -> dict[str, TensorSlices]:
+        """A ``TensorSlices`` per tensor (headers read, no data)."""
+        return {name: TensorSlices(self, name, self.shape(name)) for name in self.names}
+
     def _view(self, name: str) -> Any:
         if name not in self._weight_map:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in this checkpoint")
@@ -592,6 +630,18 @@ class TensorReader:
         self.close()
 
 
+class TensorSlices(NamedTuple):
+    """One tensor of a checkpoint, not read yet: its ``shape`` (from the header) and ``read(index)``,
+    that slice alone (``TensorReader.read_slice``; None: the whole tensor)."""
+
+    reader: TensorReader
+    name: str
+    shape: tuple[int, ...]
+
+    def read(self, index: Any = None) -> np.ndarray:
+        return self.reader.read(self.name) if index is None else self.reader.read_slice(self.name, index)
+
+
 def open_tensors(path: str | os.PathLike, *, part: str = "model") -> TensorReader:
     """A ``TensorReader`` of ``part`` (``"model"`` or ``"state"``) of the checkpoint at ``path`` (or the
     newest valid one of a directory of them), after verifying every file."""
@@ -599,6 +649,11 @@ def open_tensors(path: str | os.PathLike, *, part: str = "model") -> TensorReade
         raise CheckpointError(f"open_tensors part={part!r} must be one of {', '.join(PARTS)}")
     found, manifest = _resolve(Path(path))
     manifest = verify_checkpoint(found) if manifest is None else manifest
+    return _reader(found, manifest, part)
+
+
+def _reader(found: Path, manifest: dict[str, Any], part: str) -> TensorReader:
+    """The ``TensorReader`` of ``part`` of the verified directory ``found``."""
     weight_map = _index(found, manifest, part)
     single = PARTS[part][0]
     if weight_map is None and single in manifest["files"]:

@@ -116,16 +116,27 @@ def test_sharded_trajectories_equal_one_device_for_drawn_specs(drawn, tmp_path_f
     check_trajectory(result, 20, MESHES)
 
 
-def test_a_checkpoint_from_fsdp4_tensor2_resumes_on_data8(tmp_path):
+def test_a_checkpoint_from_fsdp4_tensor2_resumes_on_data8_and_from_slices_on_fsdp8(tmp_path):
     overrides = [*BASE, "training.max_steps=6", "model.num_kv_heads=2"]
-    result = worker("resume", {"overrides": overrides, "half": 3}, tmp_path)
+    result = worker("resume", {"overrides": overrides, "half": 3, "max_shard_bytes": 8192}, tmp_path)
     assert result["meshes"][0].startswith("mesh data=1 fsdp=4 tensor=2")
     assert result["meshes"][1].startswith("mesh data=8 fsdp=1 tensor=1")
-    whole, before, after = ({int(k): v for k, v in d.items()} for d in (result["whole"], result["before"], result["after"]))
-    assert sorted(after) == [4, 5, 6] and sorted(before) == [1, 2, 3, 4, 5, 6]
+    assert result["meshes"][2].startswith("mesh data=1 fsdp=8 tensor=1")
+    whole, before, after, sliced = ({int(k): v for k, v in result[key].items()}
+                                    for key in ("whole", "before", "after", "sliced"))
+    assert sorted(after) == [4, 5, 6] and sorted(before) == [1, 2, 3, 4, 5, 6] and sorted(sliced) == [4, 5, 6]
     for step in (4, 5, 6):  # moments, step count and schedule carried over; only the mesh changed
         assert after[step] == pytest.approx(whole[step], rel=1e-5)
+        assert sliced[step] == pytest.approx(whole[step], rel=1e-5)
     assert len({round(v, 6) for v in whole.values()}) == 6  # the weights move: a stale restore would show
+    assert sum(name.startswith("model-") for name in result["files"]) >= 3  # the sharded layout, several files
+    # the (fsdp 8) resume read every device's shard from its slice, never a whole parameter or moment
+    reads, shapes = result["reads"], result["shard_shapes"]
+    assert {name for name, _, _ in reads} == set(shapes)
+    assert not [name for name, _, whole_read in reads if whole_read]
+    assert all(shape == shapes[name] for name, shape, _ in reads), [r for r in reads if r[1] != shapes[r[0]]][:3]
+    split = {name for name, shape, _ in reads if np.prod(shape) < np.prod(result["whole_shapes"][name])}
+    assert len(split) >= len(shapes) // 2, split  # most reads are a part of their tensor
 
 
 # ---------------------------------------------------------------------- activation checkpointing

@@ -1,8 +1,9 @@
 """The torch backend's sharded path (FSDP2, tensor parallel over DTensor) and activation checkpointing.
 
 The runs launch ``tests/dist_torch_worker.py`` under ``torchrun --standalone`` on the CPU (gloo) and
-hold a sharded run to the single-process run of the same config step by step. One small case (2
-processes, fsdp 2) runs by default; the sweep (fsdp / tensor / fsdp x tensor on 2 and 4 processes,
+hold a sharded run to the single-process run of the same config step by step. Two small cases (2
+processes, fsdp 2: the trajectory, and a checkpoint both ranks write in several files, resumed
+from slices) run by default; the sweep (fsdp / tensor / fsdp x tensor on 2 and 4 processes,
 drawn specs with GQA, MoE and tied embeddings, the resume of a checkpoint on another mesh) runs
 with ``LLM_TEST_DIST=1`` (``make test-dist``).
 """
@@ -23,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from backends.torch.convert import from_spec
 from backends.torch.parallel import apply_activation_checkpointing
+from llm.checkpoint import open_tensors, plan_shards
 from llm.config import ActivationCheckpointing, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,53 @@ def test_fsdp_over_two_processes_follows_the_single_process_run(tmp_path):
     assert_same_trajectory(sharded, single)
 
 
+SHARD_BYTES = 8192  # the checkpoint file size of these runs: the tiny model's tensors in several files
+
+
+def assert_resumed(resumed: dict, whole: dict, name: str) -> None:
+    """The resumed run's steps 4..6 have the losses of the uninterrupted run."""
+    assert [r["step"] for r in resumed["rows"]] == [4, 5, 6]
+    for a, b in zip(resumed["rows"], whole["rows"][3:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (name, a, b)
+
+
+def assert_slices_only(tmp_path: Path, name: str, procs: int) -> None:
+    """Every rank of a sharded resume read each sharded tensor's local shard only (its local
+    shape, never the whole tensor), and read every parameter and moment once."""
+    sliced = 0
+    for rank in range(procs):
+        reads = json.loads((tmp_path / f"{name}.json.reads{rank}.json").read_text())
+        names = [r[0] for r in reads]
+        assert len(names) == len(set(names)) and any(n.startswith("exp_avg_sq.") for n in names), names
+        for tensor, index, shape, local in reads:
+            if local is not None:  # a DTensor: its shard alone
+                assert index is not None and shape == local, (rank, tensor, index, shape, local)
+                sliced += 1
+    assert sliced > 0
+
+
+def test_two_ranks_write_a_multi_file_checkpoint_that_resumes_from_slices_and_on_one_process(tmp_path):
+    steps = ["training.max_steps=6", "checkpoint.every_steps=3", f"--max-shard-bytes={SHARD_BYTES}"]
+    whole = run(tmp_path, "whole", 2, *steps, "distributed.fsdp=2")
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_3"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    files = set()
+    for part in ("model", "state"):
+        index = json.loads((checkpoint / f"{part}.safetensors.index.json").read_text())["weight_map"]
+        files |= set(index.values())
+    sizes = {part: {n: 4 * int(np.prod(open_tensors(checkpoint, part=part).shape(n)))
+                    for n in open_tensors(checkpoint, part=part).names} for part in ("model", "state")}
+    plan = plan_shards(sizes["model"], 2, state_sizes=sizes["state"], max_shard_bytes=SHARD_BYTES)
+    assert {f.name for f in plan} == files and len(files) >= 6
+    assert files <= set(manifest["files"]) and all((checkpoint / f).is_file() for f in files)
+    assert {f.writer for f in plan} == {0, 1}  # both ranks wrote files (rank 0 holds none of rank 1's)
+    assert not [p.name for p in checkpoint.iterdir() if p.name.startswith(".")]  # no digest left behind
+    resumed = run(tmp_path, "fsdp2", 2, *steps, "distributed.fsdp=2", resume=checkpoint)
+    assert_resumed(resumed, whole, "fsdp2")
+    assert_slices_only(tmp_path, "fsdp2", 2)
+    assert_resumed(run(tmp_path, "one", 1, *steps, resume=checkpoint), whole, "one")
+
+
 # ---------------------------------------------------------------------- the sweep (make test-dist)
 MESHES = [(2, ["distributed.fsdp=2"]), (4, ["distributed.fsdp=4"]), (2, ["distributed.tensor=2"]),
           (4, ["distributed.fsdp=2", "distributed.tensor=2"]), (4, ["distributed.tensor=2"])]  # last: data 2 x tensor 2
@@ -128,6 +177,32 @@ def test_a_checkpoint_of_fsdp2_x_tensor2_resumes_on_fsdp2_and_on_one_process(tmp
         assert [r["step"] for r in resumed["rows"]] == [4, 5, 6]
         for a, b in zip(resumed["rows"], later, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (name, a, b)
+
+
+def resume_in_jax(tmp_path: Path, checkpoint: Path, overrides: list[str], fsdp: int, tensor: int) -> dict[int, float]:
+    """The JAX engine's losses continuing ``checkpoint`` on 8 host devices as (fsdp, tensor)."""
+    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    job = {"overrides": overrides, "checkpoint": str(checkpoint), "fsdp": fsdp, "tensor": tensor}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "dist_jax_worker.py"), "resume_from", json.dumps(job),
+                           str(tmp_path / "jax")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {int(k): v for k, v in json.loads(done.stdout.split("RESULT", 1)[1])["losses"].items()}
+
+
+@SWEEP
+def test_a_two_writer_checkpoint_resumes_from_slices_on_fsdp2_x_tensor2_and_in_jax_on_fsdp4_x_tensor2(tmp_path):
+    steps = ["training.max_steps=6", "checkpoint.every_steps=3", *SPECS["gqa"]]
+    whole = run(tmp_path, "whole", 2, *steps, "distributed.fsdp=2", f"--max-shard-bytes={SHARD_BYTES}")
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_3"
+    resumed = run(tmp_path, "fsdp2_tensor2", 4, *steps, "distributed.fsdp=2", "distributed.tensor=2", resume=checkpoint)
+    assert_resumed(resumed, whole, "fsdp2_tensor2")
+    assert_slices_only(tmp_path, "fsdp2_tensor2", 4)
+    overrides = [*BASE, f"data.cache_dir={tmp_path / 'cache'}", *steps[:2]]
+    jax_losses = resume_in_jax(tmp_path, checkpoint, overrides, 4, 2)
+    assert sorted(jax_losses) == [4, 5, 6]
+    for row in whole["rows"][3:]:
+        assert jax_losses[row["step"]] == pytest.approx(row["loss"], rel=1e-5), (row, jax_losses)
 
 
 # ---------------------------------------------------------------------- activation checkpointing

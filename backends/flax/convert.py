@@ -25,7 +25,7 @@ and AdamW moments, so the engine never needs the transpose rule itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -36,7 +36,8 @@ from backends.flax.model import DecoderModel, ExpertLinear, Linear
 from llm.spec import ModelSpec, SpecError, check_names, check_params, init_params
 
 __all__ = ["LINEAR_SUFFIXES", "flax_placement", "from_canonical", "from_spec", "grads_to_canonical",
-           "is_linear_weight", "load_canonical", "moments_from_canonical", "moments_to_canonical", "to_canonical"]
+           "is_linear_weight", "load_canonical", "moments_from_canonical", "moments_to_canonical", "read_flax_slice",
+           "to_canonical", "to_canonical_array"]
 
 LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
 
@@ -50,6 +51,18 @@ def flax_placement(name: str, where: tuple[Any, ...]) -> tuple[Any, ...]:
     """A per-dimension tuple of the canonical layout of ``name`` (``llm.sharding.placement``: one
     mesh axis or None per dimension) in the flax layout: the transpose rule applied to the tuple."""
     return (*where[:-2], where[-1], where[-2]) if is_linear_weight(name) else tuple(where)
+
+
+def to_canonical_array(name: str, value: Any) -> np.ndarray:
+    """One flax-layout array of parameter ``name`` (or of a moment of it) as a canonical float32
+    copy (owned: no device buffer shares it)."""
+    return _swap(np.array(value, np.float32, copy=True), is_linear_weight(name))
+
+
+def read_flax_slice(read: Callable[[tuple[Any, ...]], np.ndarray], name: str, index: tuple[Any, ...]) -> np.ndarray:
+    """The flax-layout ``index`` (one slice per dimension) of the canonical tensor ``name``, read as
+    ``read(canonical index)``: a device's shard straight from a checkpoint's slice."""
+    return _swap(np.asarray(read(flax_placement(name, tuple(index))), np.float32), is_linear_weight(name))
 
 
 def _name(path: tuple[Any, ...]) -> str:

@@ -38,9 +38,11 @@ parameter, everything else is replicated; batches split over ``data`` x ``fsdp``
 ``training.batch_size`` must divide by it). The step pins its outputs to these shardings and XLA's
 SPMD partitioner inserts the collectives (gradient all-reduce, FSDP all-gathers and
 reduce-scatters, tensor-parallel reductions). fsdp = tensor = 1 is plain data parallel: every
-parameter replicated, no other constraint. Checkpoints gather full tensors to the host; a resume
-places them with this run's shardings (sharded parameters across several processes are refused for
-now: saving would need every process to join the gather). With several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
+parameter replicated, no other constraint. Checkpoints hold whole canonical tensors: a sharded save
+brings them to the host one at a time (``_checkpoint_shards``), and a sharded resume builds each
+array with ``jax.make_array_from_callback``, every device's shard read from its checkpoint slice
+(sharded parameters across several processes are refused for now: saving would need every process
+to join the gather). With several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
 set; ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or the cluster's own variables give the rest) each
 process reads its rows of the global batch (``rank = jax.process_index()``) and
 ``jax.make_array_from_process_local_data`` assembles the global array; only process 0 writes files.
@@ -77,7 +79,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from backends.flax.convert import flax_placement, moments_from_canonical, moments_to_canonical
+from backends.flax.convert import (
+    flax_placement,
+    moments_from_canonical,
+    moments_to_canonical,
+    read_flax_slice,
+    to_canonical_array,
+)
 from backends.flax.model import set_moe_impl
 from backends.flax.optim import (
     AdamWState,
@@ -87,13 +95,13 @@ from backends.flax.optim import (
     global_norm_torch,
     update_loss_scale,
 )
-from llm.checkpoint import CheckpointError
+from llm.checkpoint import CheckpointError, ShardFile, TensorSlices
 from llm.config import ActivationCheckpointing, Config, ConfigError, DType
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.loop.tasks import TaskError, TrainingTask
 from llm.moe_dispatch import resolve_moe_impl
-from llm.run import MOMENTS, TrainResult, moment_name, size_after
+from llm.run import MOMENTS, TrainResult, moment_name, size_after, split_moment_name
 from llm.sharding import BATCH_AXES, MESH_AXES, placement
 from llm.spec import ModelSpec, SpecError
 
@@ -571,18 +579,55 @@ class TrainingEngine(BaseTrainingEngine):
                        for name, value in moments_to_canonical(self._model, getattr(adam, moment)).items())
         return out
 
+    @property
+    def _sharded_checkpoints(self) -> bool:
+        return self.mesh_shape.is_sharded and not self.task_optimizer
+
+    def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: flax_placement(name, tuple(self.params[name].shape)) for name in self._layout.names}
+
+    def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
+        """One process writes every file; each array comes to the host on its own (its device shards
+        assembled), never the whole tree in one transfer."""
+        adam = _adam(self.opt_state)[1]
+        out = {}
+        for name in (name for f in files for name in f.tensors):
+            moment, param = split_moment_name(name) if name not in self.params else (None, name)
+            value = self.params[param] if moment is None else getattr(adam, moment)[param]
+            out[name] = to_canonical_array(param, value)
+        return out
+
+    def _from_slices(self, name: str, source: TensorSlices) -> jax.Array:
+        """Parameter ``name`` (or a moment of it) placed as this run places it, each device's shard
+        read from its slice of the checkpoint tensor ``source``."""
+        shape, sharding = next((shape, sharding) for n, shape, sharding in self._cfg.placements if n == name)
+        return jax.make_array_from_callback(shape, sharding, lambda index: read_flax_slice(source.read, name, index))
+
     def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]],
                  step: int, grad_scaler: dict[str, Any] | None) -> None:
         model = self._model
-        self.impl.load_canonical(model, params)
-        param_state = nnx.state(model, nnx.Param)
-        self.params = self._place(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
+        if self._sharded_checkpoints:  # the module syncs from self.params when read (``model``)
+            self.params = {name: self._from_slices(name, params[name]) for name in self._layout.names}
+        else:
+            self.impl.load_canonical(model, params)
+            param_state = nnx.state(model, nnx.Param)
+            self.params = self._place(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
         scaler = grad_scaler if self._cfg.loss_scaling else None
         self._carry = self._place(self._fresh_carry(**({} if not scaler else
                                                            {"scale": float(scaler["scale"]),
                                                             "growth_tracker": int(scaler["growth_tracker"])})))
         if self.task_optimizer:
             return  # its state: _restore_task_optimizer
+        if self._sharded_checkpoints:
+            adam_at, adam = _adam(self.opt_state)
+            placed = {m: dict(getattr(adam, m)) for m in MOMENTS}  # the fresh zeros when none were saved
+            for moment in MOMENTS if moments else ():
+                placed[moment] = {name: self._from_slices(name, held[moment]) for name, held in moments.items()}
+            opt_state = list(self.opt_state)
+            opt_state[adam_at] = AdamWState(count=jax.device_put(np.asarray(step, np.int32), self._replicated),
+                                            exp_avg=placed["exp_avg"], exp_avg_sq=placed["exp_avg_sq"])
+            self.opt_state = tuple(opt_state)
+            return
         adam_at, adam = _adam(_host(self.opt_state))
         new = {m: dict(getattr(adam, m)) for m in MOMENTS}
         for moment in MOMENTS if moments else ():  # none saved (a step-0 checkpoint): the fresh zeros stay

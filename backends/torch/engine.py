@@ -34,8 +34,10 @@ Sharded (``distributed.fsdp`` or ``distributed.tensor`` > 1; ``backends.torch.pa
 parallel (DTensor) and FSDP2 placed from ``llm.sharding``, ``torch.compile`` per block. Each
 data-parallel rank (its index over data x fsdp; the tensor ranks of a group share a batch) reads
 its slice; gradients are clipped over every mesh at once (``parallel.clip_grad_norm``); a
-checkpoint holds whole canonical tensors, gathered on every rank, so it resumes on any mesh (and on
-the other backend). fsdp = tensor = 1 keeps the DDP path. ``training.activation_checkpointing``
+checkpoint holds whole canonical tensors, so it resumes on any mesh (and on the other backend):
+every rank takes part in gathering each tensor (``DTensor.full_tensor``, one at a time, the same
+order everywhere) and keeps only those of the files the plan gives it to write; a resume reads each
+rank's local shards alone (``TensorSlices`` at the DTensor's offsets) into ``DTensor.from_local``. fsdp = tensor = 1 keeps the DDP path. ``training.activation_checkpointing``
 works on every path. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and
 returns with ``stop_reason="interrupted"``; a second Ctrl-C aborts at once.
 
@@ -58,7 +60,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
@@ -66,7 +69,7 @@ from backends.torch import parallel
 from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
 from backends.torch.model import DecoderModel, set_moe_impl
-from llm.checkpoint import CheckpointError
+from llm.checkpoint import CheckpointError, ShardFile, TensorSlices
 from llm.config import Config, DType
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
 from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
@@ -363,9 +366,34 @@ class TrainingEngine(BaseTrainingEngine):
                        for name, value in moments_to_canonical(self.model, held).items())
         return out
 
+    @property
+    def _sharded_checkpoints(self) -> bool:
+        return self.mesh is not None and not self.task_optimizer
+
+    def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}  # a DTensor's: global
+
+    def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
+        """Each parameter and moment gathered whole in turn on every rank (a collective, the same
+        order everywhere); the host copy is kept only where this rank writes it: its peak host
+        memory is its files, not the model."""
+        wanted = {name for f in files for name in f.tensors}
+        sources = [(name, t, t) for name, t in self.model.state_dict().items()]
+        sources += [(moment_name(moment, name), self.optimizer.state.get(p, {}).get(moment), p)
+                    for moment in MOMENTS for name, p in self.model.named_parameters()]
+        out = {}
+        with torch.no_grad():
+            for name, value, like in sources:
+                whole = _whole(value)
+                if name in wanted:  # a copy: the array outlives this step's updates (async writes)
+                    out[name] = (np.zeros(tuple(like.shape), np.float32) if whole is None
+                                 else whole.detach().to("cpu", torch.float32, copy=True).numpy())
+        return out
+
     def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Sharded: every rank gathers (``get_model_state_dict`` full, offloaded to process 0's CPU).
-        Unsharded with ``async_save`` and the engine's AdamW: ``_staged_snapshot``."""
+        """Sharded with a task's own optimiser: every rank gathers (``get_model_state_dict`` full,
+        offloaded to process 0's CPU), process 0 writes. Unsharded with ``async_save`` and the
+        engine's AdamW: ``_staged_snapshot``."""
         if self.mesh is None:
             if self.is_main and self._async_save and not self.task_optimizer:
                 return self._staged_snapshot()
@@ -405,15 +433,21 @@ class TrainingEngine(BaseTrainingEngine):
                  step: int, grad_scaler: dict[str, Any] | None) -> None:
         if self.mesh is None:
             self.impl.load_canonical(self.model, params)
-        else:  # every rank holds the whole checkpoint and keeps its own shards: no communication
+        else:
             check_names({n: tuple(p.shape) for n, p in self.model.named_parameters()}, params,
                         where=f"parameters for {type(self.model).__name__}")
+        if self._sharded_checkpoints:  # each rank reads the slices of its own shards: no communication
+            set_model_state_dict(self.model, {n: _local_part(params[n], t) for n, t in self.model.state_dict().items()})
+        elif self.mesh is not None:  # a task's own optimiser: the whole tensors were read
             set_model_state_dict(self.model, {n: torch.from_numpy(np.asarray(a, np.float32)) for n, a in params.items()},
                                  options=StateDictOptions(full_state_dict=True))
         on_device = self.device.type == "cuda"  # fused AdamW keeps its step count on the device
         new = {}
         for moment in MOMENTS if moments else ():  # none saved (a step-0 checkpoint): the state stays fresh
             given = {name: held[moment] for name, held in moments.items() if moment in held}
+            if self._sharded_checkpoints:  # names and shapes checked by the loop; read below
+                new[moment] = given
+                continue
             try:
                 new[moment] = moments_from_canonical(self.model, given)
             except SpecError as err:
@@ -422,7 +456,8 @@ class TrainingEngine(BaseTrainingEngine):
             state = self.optimizer.state[p]
             state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
             for moment in MOMENTS:
-                state[moment] = _shard_like(new[moment][name], p)
+                held = new[moment][name]
+                state[moment] = _local_part(held, p) if isinstance(held, TensorSlices) else held
         if self.scaler is not None and grad_scaler:
             sd = self.scaler.state_dict()
             sd.update(scale=float(grad_scaler["scale"]), _growth_tracker=int(grad_scaler["growth_tracker"]))
@@ -565,11 +600,17 @@ def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` split as ``param`` is (this rank's shards, from its own copy: no communication)."""
-    if not isinstance(param, DTensor):
-        return full
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+def _local_part(source: TensorSlices, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the checkpoint tensor ``source``, placed as ``like``: a DTensor's local
+    shard read alone (its offsets over the mesh; an uneven split's smaller or empty shard too) into
+    ``DTensor.from_local``; a tensor this rank holds whole, read whole."""
+    if not isinstance(like, DTensor):
+        return torch.from_numpy(np.array(source.read(), np.float32)).to(like.device, like.dtype)
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    index = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
+    local = torch.from_numpy(np.array(source.read(index), np.float32)).to(like.device, like.dtype)
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
 
 
 @contextlib.contextmanager

@@ -38,6 +38,8 @@ A backend supplies only what differs between frameworks:
     _nonfinite_seen() -> bool                            the device-side nan/inf flag of any process
     moments(), _param_names(), _num_parameters()         AdamW moments (the checkpoint's names), parameter names
     _restore(path, params, moments, step, grad_scaler)   a checkpoint's numbers into the device state
+    _sharded_checkpoints, _canonical_shapes(),           sharded state: each process writes its files of the
+    _checkpoint_shards(files)                            plan and a resume reads slices (``TensorSlices``)
     _grad_scaler_state() -> dict | None                  the float16 loss scale for ``state.json``
     _on_gpu() -> bool                                    whether ``checkpoint.async_save`` null means on
     _barrier(name), _broadcast(text), _placement()       processes and devices
@@ -56,6 +58,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -65,18 +68,34 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
-from llm.checkpoint import Checkpoint, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from llm.checkpoint import (
+    MAX_SHARD_BYTES,
+    Checkpoint,
+    CheckpointError,
+    ShardFile,
+    TensorSlices,
+    begin_checkpoint,
+    commit,
+    list_checkpoints,
+    load_checkpoint,
+    plan_shards,
+    save_checkpoint,
+    wait_for_shards,
+    write_shard,
+)
 from llm.config import Config, DType
 from llm.loop.cadence import every
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, CallbackList, build_callbacks
 from llm.loop.tasks import TaskError, TrainingTask, get_task
 from llm.memory import estimate
 from llm.run import (
+    MOMENTS,
     STATE_FORMAT,
     DeviceOutOfMemoryError,
     NonFiniteLossError,
     RunDir,
     TrainResult,
+    moment_name,
     split_moment_name,
     write_json_atomic,
 )
@@ -311,6 +330,8 @@ class BaseTrainingEngine:
     rng_scheme: ClassVar[str]  # how dropout randomness derives from the seed (state.json's rng.scheme)
     model: Any  # the framework's module holding the current parameters
     clock: ClassVar[Callable[[], float]] = staticmethod(time.perf_counter)  # seconds, for throughput
+    max_shard_bytes: ClassVar[int] = MAX_SHARD_BYTES  # a checkpoint file's tensor bytes at most (llm.checkpoint)
+    shard_writers_timeout_s: ClassVar[float] = 3600.0  # how long process 0 waits for the other writers' files
 
     def __init__(self, config: Config, *, rank: int, world_size: int, task: str | TrainingTask | None,
                  callbacks: list[Callback] | None,
@@ -418,7 +439,8 @@ class BaseTrainingEngine:
     def _load(self, path: Path) -> None:
         """Restore params, AdamW moments, data cursor, counters, loss scale and callback state from
         ``path`` (a checkpoint of either backend)."""
-        ckpt = self._read_resumable(path)
+        lazy = self._sharded_checkpoints
+        ckpt = self._read_resumable(path, lazy=lazy)
         meta = ckpt.state_meta
         self.datamodule.load_state_dict(meta["data"])
         step = int(meta["step"])
@@ -426,6 +448,7 @@ class BaseTrainingEngine:
         tensors = dict(ckpt.state_tensors)
         own = {key[len(TASK_OPTIMIZER_PREFIX):]: tensors.pop(key) for key in list(tensors)
                if key.startswith(TASK_OPTIMIZER_PREFIX)}
+        own = {key: value.read() if isinstance(value, TensorSlices) else value for key, value in own.items()}
         moments: dict[str, dict[str, np.ndarray]] = {}
         for key, value in tensors.items():
             moment, name = split_moment_name(key)
@@ -437,6 +460,12 @@ class BaseTrainingEngine:
         unknown = sorted(set(moments) - set(names))
         if unknown:
             raise CheckpointError(f"{path}: state.safetensors has moments of unknown parameters {unknown[:5]}")
+        if lazy:  # whole arrays are checked by the backend's converters; slices only here
+            misshaped = sorted(f"{moment}.{name}" for name, held in moments.items() for moment, value in held.items()
+                               if tuple(value.shape) != tuple(ckpt.params[name].shape))
+            if misshaped:
+                raise CheckpointError(f"{path}: state.safetensors moments shaped unlike their parameters: "
+                                      f"{misshaped[:5]}")
         self._restore(path, ckpt.params, moments, step, meta.get("grad_scaler"))
         if saved_optimizer["name"] != ADAMW:
             self._restore_task_optimizer(path, own, saved_optimizer)
@@ -457,11 +486,11 @@ class BaseTrainingEngine:
         """``llm.checkpoint``'s kind for this task: canonical for a ModelSpec decoder, else named."""
         return "canonical" if self.task.canonical else "named"
 
-    def _read_resumable(self, path: Path) -> Checkpoint:
+    def _read_resumable(self, path: Path, *, lazy: bool = False) -> Checkpoint:
         """The checkpoint at ``path`` if this run can continue from it: the task's kind of checkpoint,
         the same model spec (canonical) or the same parameter names and shapes (named), and a
-        training state besides the weights."""
-        ckpt = load_checkpoint(path, allow_named=True)
+        training state besides the weights. ``lazy``: its tensors as ``TensorSlices`` (none read)."""
+        ckpt = load_checkpoint(path, allow_named=True, lazy=lazy)
         if ckpt.kind != self._checkpoint_kind:
             raise CheckpointError(f"{path} is a {ckpt.kind} checkpoint (task {ckpt.config.get('task', '?')!r}); "
                                   f"task {self.task.name!r} resumes only from {self._checkpoint_kind} ones")
@@ -580,8 +609,27 @@ class BaseTrainingEngine:
         self._check_finite("before saving a checkpoint")
         started = self.clock()
         path = self.run.checkpoint_path(self.step) if path is None else path
-        if self.is_main:
-            self._checkpoints.wait()  # one write at a time, in order (and snapshot buffers free again)
+        self._checkpoints.wait()  # one write at a time, in order (and snapshot buffers free again)
+        if self._sharded_checkpoints:
+            self._write_shards(path, reason, prune)
+        else:
+            self._write_whole(path, reason, prune)
+        self._barrier(f"checkpoint-{self.step}")
+        self._paused_seconds += self.clock() - started
+        self.callbacks.call("on_checkpoint", self, path)
+        return path
+
+    def _finish_write(self, path: Path, reason: str, prune: bool) -> None:
+        """After the rename (process 0): the newest checkpoint, and the older ones pruned."""
+        self.last_checkpoint = path
+        log.info("saved checkpoint %s (%s)", path, reason)
+        if prune and self.run is not None:
+            keep_last = self.config.checkpoint.keep_last
+            for old in self.run.prune(keep_last):
+                log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", old, keep_last)
+
+    def _write_whole(self, path: Path, reason: str, prune: bool) -> None:
+        """Process 0 holds every tensor (``_checkpoint_arrays``) and writes the checkpoint alone."""
         # the device-to-host snapshot: all the loop waits for when the write is asynchronous
         params, state = self._checkpoint_arrays()
         if self.is_main:
@@ -590,13 +638,9 @@ class BaseTrainingEngine:
 
             def write() -> None:
                 save_checkpoint(path, params, config, state_tensors=state, state_meta=meta,
-                                extra_files=self.artifacts, overwrite=True, kind=self._checkpoint_kind)
-                self.last_checkpoint = path
-                log.info("saved checkpoint %s (%s)", path, reason)
-                if prune and self.run is not None:
-                    keep_last = self.config.checkpoint.keep_last
-                    for old in self.run.prune(keep_last):
-                        log.debug("removed old checkpoint %s (checkpoint.keep_last=%s)", old, keep_last)
+                                extra_files=self.artifacts, overwrite=True, kind=self._checkpoint_kind,
+                                max_shard_bytes=self.max_shard_bytes)
+                self._finish_write(path, reason, prune)
 
             if self._async_save:
                 self._checkpoints.start(path, write)
@@ -604,10 +648,54 @@ class BaseTrainingEngine:
                 write()
         else:
             self.last_checkpoint = path
-        self._barrier(f"checkpoint-{self.step}")
-        self._paused_seconds += self.clock() - started
-        self.callbacks.call("on_checkpoint", self, path)
-        return path
+
+    def _write_shards(self, path: Path, reason: str, prune: bool) -> None:
+        """Every process writes its files of the plan (``_checkpoint_plan``) into one temporary
+        directory; process 0 commits once all are there. The snapshot is ``_checkpoint_shards``
+        (a collective: each process keeps only its files' host copies); with ``async_save`` each
+        process writes in the background and process 0's writer waits for the others' files
+        (``wait_for_shards``) before the commit; synchronously, a barrier does."""
+        plan = self._checkpoint_plan()
+        tmp = Path(self._broadcast(str(begin_checkpoint(path)) if self.is_main else None))
+        mine = tuple(f for f in plan if f.writer == self.rank)
+        tensors = self._checkpoint_shards(mine)
+        meta = json.loads(json.dumps(self.state_meta(reason))) if self.is_main else None
+        config = self.config.to_dict()
+
+        def write_mine() -> None:
+            for file in mine:
+                write_shard(tmp, file, {n: tensors[n] for n in file.tensors})
+
+        def finish() -> None:
+            try:
+                commit(tmp, path, plan, config, state_meta=meta, extra_files=self.artifacts, overwrite=True,
+                       kind=self._checkpoint_kind)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+            self._finish_write(path, reason, prune)
+
+        if self._async_save:
+            def job() -> None:
+                write_mine()
+                if self.is_main:
+                    wait_for_shards(tmp, plan, timeout_s=self.shard_writers_timeout_s)
+                    finish()
+
+            self._checkpoints.start(path, job)
+        else:
+            write_mine()
+            self._barrier(f"checkpoint-shards-{self.step}")
+            if self.is_main:
+                finish()
+        if not self.is_main:
+            self.last_checkpoint = path
+
+    def _checkpoint_plan(self) -> tuple[ShardFile, ...]:
+        """The files of a sharded checkpoint (``llm.checkpoint.plan_shards`` over this run's
+        processes): the parameters and both AdamW moments, float32, from their shapes alone."""
+        sizes = {name: 4 * math.prod(shape) for name, shape in self._canonical_shapes().items()}
+        state = {moment_name(moment, name): size for moment in MOMENTS for name, size in sizes.items()}
+        return plan_shards(sizes, self.world_size, state_sizes=state, max_shard_bytes=self.max_shard_bytes)
 
     def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The checkpoint's weights and ``state.safetensors`` arrays. Called on every process (a
@@ -911,7 +999,25 @@ class BaseTrainingEngine:
     def _restore(self, path: Path, params: dict[str, np.ndarray], moments: dict[str, dict[str, np.ndarray]], step: int,
                  grad_scaler: dict[str, Any] | None) -> None:
         """Load canonical ``params`` and ``moments`` (``{name: {moment: array}}``, canonical layout)
-        into the model and optimiser at Adam step ``step``, and the float16 loss scale if saved."""
+        into the model and optimiser at Adam step ``step``, and the float16 loss scale if saved.
+        With ``_sharded_checkpoints`` the values are ``TensorSlices``: read each device's slice only."""
+        raise NotImplementedError
+
+    @property
+    def _sharded_checkpoints(self) -> bool:
+        """Whether the state is split over devices (a sharded mesh, the engine's AdamW): checkpoints
+        are then written by every process (``_checkpoint_shards``) and resumed from slices."""
+        return False
+
+    def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> the whole (global) canonical shape of every parameter."""
+        raise NotImplementedError
+
+    def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
+        """Host copies (float32, canonical layout, owned) of the tensors of ``files`` (this process's
+        files of the plan: parameters and ``moment_name`` moments). Called on every process, in the
+        same order (a sharded tensor is gathered whole by a collective); the arrays are the snapshot
+        a background write reads."""
         raise NotImplementedError
 
     def _grad_scaler_state(self) -> dict[str, Any] | None:
