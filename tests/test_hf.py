@@ -75,6 +75,17 @@ CASES = {
                                     dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
                                          num_local_experts=3, num_experts_per_tok=1, sliding_window=7)),
+    "qwen2moe-e4-top2-shared-dense0": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                                       dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                            shared_expert_intermediate_size=40, mlp_only_layers=[0])),
+    "qwen2moe-e3-top1-noshared-norm-tied": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                                            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4,
+                                                 max_position_embeddings=64, num_experts=3, num_experts_per_tok=2,
+                                                 moe_intermediate_size=16, shared_expert_intermediate_size=0,
+                                                 norm_topk_prob=True, tie_word_embeddings=True)),
 }
 
 
