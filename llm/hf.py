@@ -2,7 +2,7 @@
 
 ```
 python -m llm.hf import HF_DIR OUT_DIR [--max-seq-len N] [--no-tokenizer] [--overwrite]
-python -m llm.hf export CKPT_DIR OUT_DIR [--family gpt2|llama|mistral|qwen2|mixtral]
+python -m llm.hf export CKPT_DIR OUT_DIR [--family gpt2|llama|mistral|qwen2|mixtral|qwen2_moe]
                                          [--drop-training-settings] [--overwrite]
 ```
 

@@ -1,7 +1,7 @@
 """Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
 
 One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
-``mixtral``) holds three things, each written once and used by import and export alike:
+``mixtral``, ``qwen2_moe``) holds three things, each written once and used by import and export alike:
 
 * ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
   is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
@@ -26,7 +26,11 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
   window lets query ``i`` see key ``j`` iff ``i - window < j <= i`` (``masking_utils``:
   ``kv_idx > q_idx - sliding_window``), exactly ``ModelSpec.sliding_window``: the value maps 1:1.
   Qwen2: q/k/v bias, no o_proj bias. Mixtral router: fp32 softmax over all experts, top-k,
-  always renormalised (``norm_topk_prob=True``), no capacity limit.
+  always renormalised (``norm_topk_prob=True``), no capacity limit. Qwen2-MoE: the same softmax
+  router with ``norm_topk_prob`` as configured (default false), experts of ``moe_intermediate_size``,
+  one shared expert of ``shared_expert_intermediate_size`` gated by ``sigmoid(x @ shared_expert_gate)``
+  (our ``num_shared_experts=1`` + ``shared_expert_gate``), dense ``mlp_only_layers`` = our
+  ``first_dense_layers`` when they are the first k layers; ``decoder_sparse_step`` must be 1.
 
 This module must not import torch, jax or transformers.
 """
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from llm.spec import Activation, ModelSpec, NormType, Position, SpecError
+from llm.spec import Activation, ModelSpec, NormType, Position, RouterScoring, SpecError
 
 __all__ = ["FAMILIES", "Family", "HFError", "WeightGroup", "family_for_config", "get_family",
            "GENERIC_IGNORED_KEYS"]
@@ -420,6 +424,7 @@ _LLAMA_DEFAULTS = {
     "mistral": (4096 * 32, 1e-6, 10000.0, 8, 32000, 14336),
     "qwen2": (32768, 1e-6, 10000.0, 32, 151936, 22016),
     "mixtral": (4096 * 32, 1e-5, 1e6, 8, 32000, 14336),
+    "qwen2_moe": (32768, 1e-6, 10000.0, 16, 151936, 5632),
 }
 
 
@@ -522,6 +527,43 @@ def _qwen2_spec(r: ConfigReader) -> dict[str, Any]:
     return fields
 
 
+def _qwen2_moe_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    layers = fields["num_layers"]
+    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
+    window = r.get("sliding_window", 4096)
+    window = window if use_window else None  # Qwen2MoeConfig stores 0 when the window is off
+    first = r.get("max_window_layers", 28)
+    # Qwen2MoeConfig's own default: a window on the even layers below max_window_layers
+    default = ["sliding_attention" if window is not None and i % 2 == 0 and i < first else "full_attention"
+               for i in range(layers)]
+    types = _layer_types(r, layers, default)
+    fields["sliding_window"] = _uniform_window(r, window, [t == "sliding_attention" for t in types])
+    r.check("decoder_sparse_step", lambda v: v == 1, 1,
+            "MoE on every decoder_sparse_step-th layer only is not supported (only 1: every layer after "
+            "first_dense_layers)")
+    dense = r.get("mlp_only_layers", None) or []
+    if dense != list(range(len(dense))):
+        r.problem(f"mlp_only_layers={dense!r}: dense MLPs on layers other than the first k (0..k-1, "
+                  "ModelSpec.first_dense_layers) are not supported")
+        dense = []
+    experts = r.check("num_experts", _positive_int, 60, "must be >= 1 (a model without experts is qwen2)")
+    shared = r.check("shared_expert_intermediate_size", lambda v: isinstance(v, int) and v >= 0, 5632,
+                     "must be an integer >= 0")
+    fields.update(attention_bias=bool(r.check("qkv_bias", lambda v: isinstance(v, bool), True,
+                                              "must be true or false")),
+                  attention_out_bias=False, mlp_bias=False, use_moe=True,
+                  num_experts=experts if _positive_int(experts) else 1,
+                  num_experts_per_token=r.get("num_experts_per_tok", 4),
+                  norm_topk_prob=bool(r.get("norm_topk_prob", False)), capacity_factor=None,
+                  moe_intermediate_size=r.get("moe_intermediate_size", 1408), first_dense_layers=len(dense),
+                  router_aux_loss_coef=float(r.get("router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
+    if isinstance(shared, int) and shared > 0:  # 0: no shared expert (its gate multiplies an empty MLP)
+        fields.update(num_shared_experts=1, shared_expert_intermediate_size=shared, shared_expert_gate=True)
+    r.get("output_router_logits")  # an output switch; the aux loss coefficient is mapped above
+    return fields
+
+
 def _llama_like_config(spec: ModelSpec, c: SpecChecker, family: str) -> dict[str, Any]:
     c.need(spec.position is Position.ROPE, "position", f"{family} uses RoPE")
     c.need(spec.norm_type is NormType.RMSNORM, "norm_type", f"{family} uses RMSNorm")
@@ -540,7 +582,15 @@ _LLAMA_ACT_NAMES = {Activation.SILU: "silu", Activation.GELU: "gelu", Activation
 
 
 def _dense_only(spec: ModelSpec, c: SpecChecker, family: str) -> None:
-    c.need(not spec.use_moe, "use_moe", f"{family} has dense MLPs (mixtral has experts)")
+    c.need(not spec.use_moe, "use_moe", f"{family} has dense MLPs (mixtral and qwen2_moe have experts)")
+
+
+def _softmax_routing(spec: ModelSpec, c: SpecChecker, family: str) -> None:
+    """The router both MoE families share: softmax top-k, unscaled, dropless."""
+    c.need(spec.router_scoring is RouterScoring.SOFTMAX, "router_scoring", f"{family} routes by softmax")
+    c.need(spec.routed_scaling_factor == 1.0, "routed_scaling_factor", f"{family} does not scale the routed output")
+    c.need(spec.capacity_factor is None, "capacity_factor",
+           f"{family} is dropless (capacity dropping changes the outputs)")
 
 
 def _llama_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
@@ -586,15 +636,44 @@ def _mixtral_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
     c.need(spec.use_moe, "use_moe", "mixtral's MLPs are mixtures of experts")
     if spec.use_moe:
         c.need(spec.norm_topk_prob, "norm_topk_prob", "mixtral always renormalises the top-k weights")
-        c.need(spec.capacity_factor is None, "capacity_factor",
-               "mixtral is dropless (capacity dropping changes the outputs)")
+        _softmax_routing(spec, c, "mixtral")
+        c.need(spec.first_dense_layers == 0, "first_dense_layers", "every mixtral layer is MoE (qwen2_moe has "
+               "mlp_only_layers)")
+        c.need(spec.num_shared_experts == 0, "num_shared_experts", "mixtral has no shared experts (qwen2_moe has one)")
+        c.need(spec.moe_intermediate_size in (None, spec.ffn_size), "moe_intermediate_size",
+               "mixtral's experts are intermediate_size wide")
     cfg.update(sliding_window=spec.sliding_window, num_local_experts=spec.num_experts,
                num_experts_per_tok=spec.num_experts_per_token, router_aux_loss_coef=spec.router_aux_loss_coef,
                router_jitter_noise=0.0, output_router_logits=False)
     return cfg
 
 
-def _llama_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+def _qwen2_moe_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "qwen2_moe")
+    c.need(spec.use_moe, "use_moe", "qwen2_moe's MLPs are mixtures of experts (a dense model is qwen2)")
+    c.need(not spec.out_bias, "attention_out_bias", "qwen2_moe has no o_proj bias")
+    c.need(not spec.mlp_bias, "mlp_bias", "qwen2_moe has no MLP biases")
+    c.need(spec.sliding_window is None, "sliding_window",
+           "qwen2_moe's window pattern (even layers only) has no uniform ModelSpec equivalent")
+    if spec.use_moe:
+        _softmax_routing(spec, c, "qwen2_moe")
+        c.need(spec.shared_expert_gate or not spec.num_shared_experts, "shared_expert_gate",
+               "qwen2_moe always gates its shared expert by sigmoid(shared_expert_gate(x))")
+    cfg.update(qkv_bias=spec.attention_bias, use_sliding_window=False, sliding_window=None,
+               max_window_layers=spec.num_layers, layer_types=["full_attention"] * spec.num_layers,
+               decoder_sparse_step=1, mlp_only_layers=list(range(spec.first_dense_layers)),
+               num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_token,
+               norm_topk_prob=spec.norm_topk_prob, moe_intermediate_size=spec.expert_ffn_size,
+               # the shared experts are one fused MLP, so one qwen2_moe shared expert of their width
+               shared_expert_intermediate_size=spec.shared_ffn_size,
+               router_aux_loss_coef=spec.router_aux_loss_coef, output_router_logits=False)
+    return cfg
+
+
+def _llama_weights(spec: ModelSpec, names: set[str] | None = None, *,
+                   experts: Callable[..., list[WeightGroup]] | None = None) -> list[WeightGroup]:
+    """The Llama-style names; an MoE layer's MLP by ``experts`` (default: mixtral's)."""
+    experts = _mixtral_expert_groups if experts is None else experts
     groups = [_rename("embed.weight", "model.embed_tokens.weight")]
     for i in range(spec.num_layers):
         h, p = f"model.layers.{i}", f"layers.{i}"
@@ -604,8 +683,8 @@ def _llama_weights(spec: ModelSpec, names: set[str] | None = None) -> list[Weigh
             groups.append(_rename(f"{p}.attn.{n}_proj.weight", f"{h}.self_attn.{n}_proj.weight"))
             if (spec.out_bias if n == "o" else spec.attention_bias):
                 groups.append(_rename(f"{p}.attn.{n}_proj.bias", f"{h}.self_attn.{n}_proj.bias"))
-        if spec.use_moe:
-            groups += _mixtral_expert_groups(spec, p, h, names)
+        if spec.is_moe_layer(i):
+            groups += experts(spec, p, h, names)
         else:
             for n in ("gate", "up", "down"):
                 groups.append(_rename(f"{p}.mlp.{n}_proj.weight", f"{h}.mlp.{n}_proj.weight"))
@@ -635,6 +714,38 @@ def _mixtral_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | No
             _stacked(f"{p}.mlp.experts.down_proj.weight", tuple(f"{m}.experts.{j}.w2.weight" for j in e))]
 
 
+def _qwen2_moe_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+    return _llama_weights(spec, names, experts=_qwen2_moe_expert_groups)
+
+
+def _qwen2_moe_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
+    """Qwen2-MoE experts: per-expert ``mlp.experts.{e}.{gate,up,down}_proj`` on disk, or the
+    transformers-5 in-memory ``mlp.experts.gate_up_proj`` (chosen by the names, as for mixtral); the
+    router ``mlp.gate``; the shared expert ``mlp.shared_expert.*`` and its gate ``mlp.shared_expert_gate``.
+    Without shared experts, qwen2_moe still holds them at width 0 (and a gate on nothing): exported as
+    such, ignored on import."""
+    m = f"{h}.mlp"
+    groups = [_rename(f"{p}.mlp.router.weight", f"{m}.gate.weight")]
+    if names is not None and f"{m}.experts.gate_up_proj" in names:
+        groups += [_concat((f"{p}.mlp.experts.gate_proj.weight", f"{p}.mlp.experts.up_proj.weight"),
+                           f"{m}.experts.gate_up_proj", axis=1),
+                   _rename(f"{p}.mlp.experts.down_proj.weight", f"{m}.experts.down_proj")]
+    else:
+        groups += [_stacked(f"{p}.mlp.experts.{n}_proj.weight",
+                            tuple(f"{m}.experts.{j}.{n}_proj.weight" for j in range(spec.num_experts)))
+                   for n in ("gate", "up", "down")]
+    shared = tuple(f"{m}.shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))
+    if spec.num_shared_experts:
+        groups += [_rename(f"{p}.mlp.shared.{n}_proj.weight", hf) for n, hf in zip(("gate", "up", "down"), shared)]
+        groups.append(_rename(f"{p}.mlp.shared_gate.weight", f"{m}.shared_expert_gate.weight"))
+    else:
+        d = spec.hidden_size
+        empty = [np.zeros((0, d), np.float32), np.zeros((0, d), np.float32), np.zeros((d, 0), np.float32),
+                 np.zeros((1, d), np.float32)]
+        groups.append(WeightGroup((), (*shared, f"{m}.shared_expert_gate.weight"), lambda xs: empty, lambda xs: []))
+    return groups
+
+
 def _llama_ignored(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")  # a buffer some older checkpoints saved
 
@@ -650,6 +761,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2", "qwen2", "Qwen2ForCausalLM", _qwen2_spec, _qwen2_config, _llama_weights, _llama_ignored),
         Family("mixtral", "mixtral", "MixtralForCausalLM", _mixtral_spec, _mixtral_config, _llama_weights,
                _llama_ignored),
+        Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", _qwen2_moe_spec, _qwen2_moe_config,
+               _qwen2_moe_weights, _llama_ignored),
     )
 }
 

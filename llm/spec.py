@@ -35,6 +35,7 @@ __all__ = [
     "NormPosition",
     "NormType",
     "Position",
+    "RouterScoring",
     "ParamInfo",
     "ModelSpec",
     "SpecError",
@@ -77,6 +78,11 @@ class Position(str, enum.Enum):
     SINUSOIDAL = "sinusoidal"  # fixed table added to the token embedding; no parameters
 
 
+class RouterScoring(str, enum.Enum):
+    SOFTMAX = "softmax"  # a distribution over all experts (Mixtral, Qwen2-MoE)
+    SIGMOID = "sigmoid"  # an independent score per expert (DeepSeek-V3)
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     """One row of the parameter table."""
@@ -109,7 +115,17 @@ class ModelSpec(Section):
     names ``model.<field>``, the value and the rule. ``None`` means "derive":
     ``num_kv_heads`` = ``num_heads``; ``head_dim`` = ``hidden_size // num_heads``;
     ``intermediate_size`` = ``4 * hidden`` (plain MLP) or ``8/3 * hidden`` rounded up to a multiple
-    of 8 (GLU, the same parameter count as the plain MLP); ``capacity_factor`` = dropless.
+    of 8 (GLU, the same parameter count as the plain MLP); ``capacity_factor`` = dropless;
+    ``moe_intermediate_size`` = ``intermediate_size`` (as derived); ``shared_expert_intermediate_size``
+    = the routed experts' size.
+
+    MoE variants (``docs/architecture.md``, MoE): ``first_dense_layers`` = k makes layers 0..k-1 dense
+    MLPs of ``intermediate_size`` (DeepSeek's ``first_k_dense_replace``); ``num_shared_experts`` = s
+    adds one dense MLP of width ``s * shared_expert_intermediate_size`` run on every token beside the
+    routed experts (the s shared experts fused, as DeepSeek stores them), scaled per token by
+    ``sigmoid(x @ shared_gate.weight.T)`` when ``shared_expert_gate`` (Qwen2-MoE);
+    ``router_scoring`` picks softmax or sigmoid scores (top-k on them, renormalised when
+    ``norm_topk_prob``); ``routed_scaling_factor`` multiplies the routed output.
     """
 
     SECTION = "model"
@@ -148,6 +164,13 @@ class ModelSpec(Section):
     num_experts_per_token: int = 2
     norm_topk_prob: bool = True
     capacity_factor: float | None = None
+    moe_intermediate_size: int | None = None
+    first_dense_layers: int = 0
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    router_scoring: RouterScoring = RouterScoring.SOFTMAX
+    routed_scaling_factor: float = 1.0
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     init_std: float = 0.02
@@ -160,7 +183,8 @@ class ModelSpec(Section):
         need = self._need
         for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("num_kv_heads", "head_dim", "intermediate_size", "sliding_window"):
+        for name in ("num_kv_heads", "head_dim", "intermediate_size", "sliding_window", "moe_intermediate_size",
+                     "shared_expert_intermediate_size"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 or null")
         if self.pad_token_id is not None:
             need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id",
@@ -207,6 +231,24 @@ class ModelSpec(Section):
                  f"exceeds num_experts={self.num_experts}")
             need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
                  "must be > 0 or null (dropless)")
+            need(0 <= self.first_dense_layers <= self.num_layers, "first_dense_layers",
+                 f"must be in [0, num_layers={self.num_layers}]")
+            need(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0 (0 = none)")
+            need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+        else:
+            # Each of these shapes an MoE layer; set without use_moe it would silently do nothing.
+            for name, off in (("first_dense_layers", 0), ("num_shared_experts", 0),
+                              ("moe_intermediate_size", None), ("shared_expert_intermediate_size", None),
+                              ("shared_expert_gate", False), ("router_scoring", RouterScoring.SOFTMAX),
+                              ("routed_scaling_factor", 1.0)):
+                value = getattr(self, name)
+                need(value == off, name, "needs use_moe=true (it configures the MoE layers)",
+                     value=value.value if isinstance(value, enum.Enum) else value)
+        if self.num_shared_experts == 0:
+            need(self.shared_expert_intermediate_size is None, "shared_expert_intermediate_size",
+                 "needs num_shared_experts >= 1 (there is no shared expert to size)")
+            need(not self.shared_expert_gate, "shared_expert_gate",
+                 "needs num_shared_experts >= 1 (there is no shared expert to gate)")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -224,6 +266,26 @@ class ModelSpec(Section):
         if self.use_glu:
             return 8 * ((8 * self.hidden_size // 3 + 7) // 8)
         return 4 * self.hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Each routed expert's intermediate size."""
+        return self.ffn_size if self.moe_intermediate_size is None else self.moe_intermediate_size
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """Width of the one dense MLP the shared experts form (0 without shared experts)."""
+        size = self.expert_ffn_size if self.shared_expert_intermediate_size is None \
+            else self.shared_expert_intermediate_size
+        return self.num_shared_experts * size
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` has an MoE MLP (else the dense MLP of ``intermediate_size``)."""
+        return self.use_moe and layer_idx >= self.first_dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers if self.use_moe else 0
 
     @property
     def out_bias(self) -> bool:
@@ -262,6 +324,12 @@ class ModelSpec(Section):
                 rows.append(ParamInfo(f"{prefix}.bias", (*lead, out_dim), "zeros",
                                       axes=(*lead_axes, axes[0])))
 
+        def ffn(prefix: str, width: int, experts: bool = False) -> None:
+            if self.use_glu:
+                linear(f"{prefix}.gate_proj", width, d, self.mlp_bias, std, ("mlp", "embed"), experts)
+            linear(f"{prefix}.up_proj", width, d, self.mlp_bias, std, ("mlp", "embed"), experts)
+            linear(f"{prefix}.down_proj", d, width, self.mlp_bias, out_std, ("embed", "mlp"), experts)
+
         def norm(prefix: str) -> None:
             rows.append(ParamInfo(f"{prefix}.weight", (d,), "ones", axes=("embed",)))
             if self.norm_has_bias:
@@ -279,15 +347,18 @@ class ModelSpec(Section):
             linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
             linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std, ("embed", "heads"))
             norm(f"{p}.mlp_norm")
-            moe = self.use_moe
-            if moe:
-                rows.append(ParamInfo(f"{p}.mlp.router.weight", (self.num_experts, d), "normal",
-                                      std, weight_decay=True, axes=("experts", "embed")))
-            mlp = f"{p}.mlp.experts" if moe else f"{p}.mlp"
-            if self.use_glu:
-                linear(f"{mlp}.gate_proj", f, d, self.mlp_bias, std, ("mlp", "embed"), moe)
-            linear(f"{mlp}.up_proj", f, d, self.mlp_bias, std, ("mlp", "embed"), moe)
-            linear(f"{mlp}.down_proj", d, f, self.mlp_bias, out_std, ("embed", "mlp"), moe)
+            if not self.is_moe_layer(i):
+                ffn(f"{p}.mlp", f)
+                continue
+            rows.append(ParamInfo(f"{p}.mlp.router.weight", (self.num_experts, d), "normal",
+                                  std, weight_decay=True, axes=("experts", "embed")))
+            ffn(f"{p}.mlp.experts", self.expert_ffn_size, experts=True)
+            if self.num_shared_experts:
+                ffn(f"{p}.mlp.shared", self.shared_ffn_size)
+            if self.shared_expert_gate:
+                # (1, D): a one-row router whose sigmoid scales the shared experts' output
+                rows.append(ParamInfo(f"{p}.mlp.shared_gate.weight", (1, d), "normal", std,
+                                      weight_decay=True, axes=("experts", "embed")))
         norm("final_norm")
         if not self.tie_embeddings:
             linear("lm_head", v, d, self.lm_head_bias, std, ("vocab", "embed"))
@@ -351,14 +422,22 @@ def machine_memory() -> int | None:
 def check_fits_memory(spec: ModelSpec, memory: int | None = None) -> None:
     """Raise SpecError when the float32 parameters alone exceed ``memory`` (default: this machine's).
 
-    Counted from the table of a 1- and a 2-layer model (every layer has the same shapes), in Python
+    Counted from the tables of 1- and 2-layer models (one per kind of layer: the first dense layers,
+    then the rest, each kind of one shape), in Python
     ints, so a huge ``num_layers`` or shape neither loops nor wraps around int64 on the way.
     """
     memory = machine_memory() if memory is None else memory
     if memory is None:
         return
-    one, two = (sum(math.prod(p.shape) for p in spec.replace(num_layers=n).param_table()) for n in (1, 2))
-    count = one + (spec.num_layers - 1) * (two - one)
+    def table_size(num_layers: int, first_dense: int) -> int:
+        rows = spec.replace(num_layers=num_layers, first_dense_layers=first_dense).param_table()
+        return sum(math.prod(p.shape) for p in rows)
+
+    one, two = table_size(1, 0), table_size(2, 0)
+    layer = two - one  # a layer of the kind after the first dense ones
+    outside = one - layer  # embeddings, final norm, head
+    dense = table_size(1, 1) - outside if spec.first_dense_layers else 0
+    count = outside + spec.first_dense_layers * dense + (spec.num_layers - spec.first_dense_layers) * layer
     need = 4 * count
     if need <= memory:
         return

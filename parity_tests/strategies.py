@@ -25,7 +25,9 @@ def examples(ci: int) -> int:
 @st.composite
 def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
           max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
-    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE.
+    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE and
+    its variants (dense first layers, routed expert size, shared experts and their gate, sigmoid
+    routing, routed scaling).
 
     ``max_seq_len`` is fixed (an int) or drawn from an inclusive (lo, hi) range; the position tables
     (RoPE cos/sin, learned, sinusoidal) are sized by it. Odd head sizes (3, 5, 7) are drawn only
@@ -49,11 +51,24 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
     k = draw(st.integers(1, num_experts))
     seq_len = max_seq_len if isinstance(max_seq_len, int) else draw(st.integers(*max_seq_len))
     tie = draw(st.booleans())
+    num_layers = draw(st.integers(1, max_layers))
+    # MoE variants (only with use_moe; the spec refuses them otherwise). At least one layer stays
+    # MoE, so layer 0 is the MoE the one-layer component draws compare.
+    shared = draw(st.sampled_from([0, 0, 1, 2])) if use_moe else 0
+    variants = dict(
+        moe_intermediate_size=draw(st.sampled_from([None, 4, 12])),
+        first_dense_layers=draw(st.integers(0, num_layers - 1)),
+        num_shared_experts=shared,
+        shared_expert_intermediate_size=draw(st.sampled_from([None, 6])) if shared else None,
+        shared_expert_gate=draw(st.booleans()) if shared else False,
+        router_scoring=draw(st.sampled_from(["softmax", "sigmoid"])),
+        routed_scaling_factor=draw(st.sampled_from([1.0, 1.0, 2.5])),
+    ) if use_moe else {}
     return ModelSpec(
         vocab_size=draw(st.integers(5, 48)),
         max_seq_len=seq_len,
         hidden_size=hidden_size,
-        num_layers=draw(st.integers(1, max_layers)),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=draw(st.sampled_from([None, num_kv_heads])) if num_kv_heads == num_heads else num_kv_heads,
         head_dim=explicit_head_dim,
@@ -81,6 +96,7 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
         router_z_loss_coef=draw(st.sampled_from([0.0, 0.001])),
         init_std=draw(st.sampled_from([0.02, 0.1, 0.3])),
         scale_residual_init=draw(st.booleans()),
+        **variants,
     )
 
 

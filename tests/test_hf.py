@@ -75,6 +75,17 @@ CASES = {
                                     dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
                                          num_local_experts=3, num_experts_per_tok=1, sliding_window=7)),
+    "qwen2moe-e4-top2-shared-dense0": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                                       dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                            shared_expert_intermediate_size=40, mlp_only_layers=[0])),
+    "qwen2moe-e3-top1-noshared-norm-tied": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                                            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4,
+                                                 max_position_embeddings=64, num_experts=3, num_experts_per_tok=2,
+                                                 moe_intermediate_size=16, shared_expert_intermediate_size=0,
+                                                 norm_topk_prob=True, tie_word_embeddings=True)),
 }
 
 
@@ -186,6 +197,24 @@ def test_spec_mapping_examples(imported):
     spec = llm.checkpoint.load_checkpoint(imported("mixtral-e3-top1-mqa-window7")[2]).spec
     assert (spec.use_moe, spec.num_experts, spec.num_experts_per_token, spec.norm_topk_prob,
             spec.router_aux_loss_coef) == (True, 3, 1, True, 0.001)
+
+
+def test_qwen2_moe_mapping(imported, tmp_path):
+    """The shared expert, its gate, the expert size and the dense first layer map to the variant fields;
+    what qwen2_moe (or mixtral) cannot express is refused by name."""
+    spec = llm.checkpoint.load_checkpoint(imported("qwen2moe-e4-top2-shared-dense0")[2]).spec
+    assert (spec.num_shared_experts, spec.shared_expert_intermediate_size, spec.shared_expert_gate,
+            spec.moe_intermediate_size, spec.first_dense_layers, spec.norm_topk_prob) == (1, 40, True, 24, 1, False)
+    spec = llm.checkpoint.load_checkpoint(imported("qwen2moe-e3-top1-noshared-norm-tied")[2]).spec
+    assert (spec.num_shared_experts, spec.shared_expert_gate, spec.norm_topk_prob) == (0, False, True)
+    fam = FAMILIES["qwen2_moe"]
+    base = spec.replace(num_shared_experts=2, shared_expert_intermediate_size=5, shared_expert_gate=True)
+    assert fam.to_config(base)["shared_expert_intermediate_size"] == 10  # two shared experts, fused
+    problems = fam.can_express(base.replace(shared_expert_gate=False, router_scoring="sigmoid",
+                                            routed_scaling_factor=2.0))
+    assert {p.split("=")[0] for p in problems} == {"router_scoring", "routed_scaling_factor", "shared_expert_gate"}
+    problems = FAMILIES["mixtral"].can_express(base.replace(first_dense_layers=1))
+    assert {"first_dense_layers", "num_shared_experts", "moe_intermediate_size"} <= {p.split("=")[0] for p in problems}
 
 
 def test_sliding_window_maps_one_to_one(imported):
@@ -364,6 +393,8 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("qwen2-gqa4-window6", {"layer_types": ["full_attention", "sliding_attention"]}, "some layers only"),
     ("mistral-mqa-window5", {"layer_types": ["full_attention", "sliding_attention"]}, "ministral"),
     ("llama-mqa-bias", {"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast'"),
+    ("qwen2moe-e4-top2-shared-dense0", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("qwen2moe-e4-top2-shared-dense0", {"mlp_only_layers": [1]}, "layers other than the first k"),
 ])
 def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_path):
     cfg = build_hf(case).config.to_dict()

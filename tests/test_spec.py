@@ -38,6 +38,24 @@ from llm.spec import (
         (dict(position="learned", rope_scaling={"rope_type": "llama3"}), "model.rope_scaling={'rope_type': 'llama3'} applies to position=rope only, not position=learned"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_scaling.rope_type='yarn'"),
         (dict(sliding_window=0), "sliding_window=0 must be >= 1"),
+        (dict(use_moe=True, first_dense_layers=3), "model.first_dense_layers=3 must be in [0, num_layers=2]"),
+        (dict(use_moe=True, first_dense_layers=-1), "model.first_dense_layers=-1 must be in [0, num_layers=2]"),
+        (dict(first_dense_layers=1), "model.first_dense_layers=1 needs use_moe=true"),
+        (dict(num_shared_experts=1), "model.num_shared_experts=1 needs use_moe=true"),
+        (dict(router_scoring="sigmoid"), "model.router_scoring='sigmoid' needs use_moe=true"),
+        (dict(moe_intermediate_size=16), "model.moe_intermediate_size=16 needs use_moe=true"),
+        (dict(routed_scaling_factor=2.5), "model.routed_scaling_factor=2.5 needs use_moe=true"),
+        (dict(use_moe=True, num_shared_experts=-1), "model.num_shared_experts=-1 must be >= 0"),
+        (dict(use_moe=True, shared_expert_gate=True),
+         "model.shared_expert_gate=True needs num_shared_experts >= 1"),
+        (dict(use_moe=True, shared_expert_intermediate_size=8),
+         "model.shared_expert_intermediate_size=8 needs num_shared_experts >= 1"),
+        (dict(use_moe=True, num_shared_experts=1, shared_expert_intermediate_size=0),
+         "model.shared_expert_intermediate_size=0 must be >= 1 or null"),
+        (dict(use_moe=True, moe_intermediate_size=0), "model.moe_intermediate_size=0 must be >= 1 or null"),
+        (dict(use_moe=True, routed_scaling_factor=0.0), "model.routed_scaling_factor=0.0 must be > 0"),
+        (dict(use_moe=True, router_scoring="tanh"),
+         "model.router_scoring: expected one of 'softmax', 'sigmoid', got 'tanh'"),
     ],
 )
 def test_invalid_specs_name_field_and_rule(fields, message):
@@ -113,6 +131,32 @@ def test_param_table_names_and_shapes():
     assert spec.no_decay_names() >= {"embed.weight", "embed.position.weight", "final_norm.weight",
                                      "layers.0.attn.q_proj.bias"}
     assert "layers.0.attn.q_proj.weight" not in spec.no_decay_names()
+
+
+def test_moe_variant_param_table():
+    """Dense first layers, routed experts of their own size, fused shared experts and their gate."""
+    spec = ModelSpec(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, use_moe=True, num_experts=4,
+                     use_glu=True, intermediate_size=40, moe_intermediate_size=12, first_dense_layers=1,
+                     num_shared_experts=2, shared_expert_gate=True, mlp_bias=True)
+    table = {p.name: p for p in spec.param_table()}
+    assert table["layers.0.mlp.gate_proj.weight"].shape == (40, 32)  # dense: intermediate_size
+    assert not any(n.startswith("layers.0.mlp.") and ("router" in n or "expert" in n or "shared" in n)
+                   for n in table)
+    assert table["layers.1.mlp.experts.up_proj.weight"].shape == (4, 12, 32)
+    assert table["layers.2.mlp.experts.down_proj.bias"].shape == (4, 32)
+    # two shared experts of the routed size (null shared_expert_intermediate_size), fused: width 24
+    assert table["layers.1.mlp.shared.gate_proj.weight"].shape == (24, 32)
+    assert table["layers.1.mlp.shared.down_proj.weight"].shape == (32, 24)
+    assert table["layers.1.mlp.shared.up_proj.bias"].shape == (24,)
+    assert table["layers.1.mlp.shared.up_proj.weight"].axes == ("mlp", "embed")
+    assert table["layers.1.mlp.shared.down_proj.weight"].axes == ("embed", "mlp")
+    gate = table["layers.2.mlp.shared_gate.weight"]
+    assert (gate.shape, gate.axes, gate.weight_decay) == ((1, 32), ("experts", "embed"), True)
+    assert [spec.is_moe_layer(i) for i in range(3)] == [False, True, True] and spec.num_moe_layers == 2
+    assert spec.replace(shared_expert_intermediate_size=7).shared_ffn_size == 14
+    # active parameters: top-k of the routed experts only; shared experts and dense layers in full
+    routed = 3 * 12 * 32 + 2 * 12 + 32  # gate + up + down weights and biases, one expert
+    assert spec.num_params() - spec.num_params(active=True) == 2 * (4 - 2) * routed
 
 
 def test_param_counts_gpt2_small():
@@ -229,6 +273,17 @@ def test_the_memory_check_counts_exactly_what_init_draws():
 
     check_fits_memory(spec, memory=need)  # exactly enough
     with pytest.raises(SpecError, match=rf"need {need:,} bytes .* has {need - 1:,} bytes.*model.num_experts"):
+        check_fits_memory(spec, memory=need - 1)
+
+
+def test_the_memory_check_counts_dense_first_layers_and_shared_experts():
+    spec = ModelSpec(vocab_size=32, hidden_size=16, num_layers=4, num_heads=2, use_moe=True, num_experts=4,
+                     first_dense_layers=2, num_shared_experts=1, shared_expert_gate=True, moe_intermediate_size=8)
+    need = 4 * sum(a.size for a in init_params(spec).values())
+    from llm.spec import check_fits_memory
+
+    check_fits_memory(spec, memory=need)
+    with pytest.raises(SpecError, match=rf"need {need:,} bytes"):
         check_fits_memory(spec, memory=need - 1)
 
 

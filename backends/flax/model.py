@@ -45,7 +45,16 @@ from jax.ad_checkpoint import checkpoint_name
 
 from backends.flax.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
-from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
+from llm.spec import (
+    Activation,
+    ModelSpec,
+    NormPosition,
+    NormType,
+    Position,
+    RouterScoring,
+    rope_cos_sin,
+    sinusoidal_table,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -486,11 +495,13 @@ class MultiHeadAttention(_SpecModule):
 
 # ---------------------------------------------------------------------- feed-forward
 class MLP(_SpecModule):
-    """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``."""
+    """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``.
+    ``width`` is the intermediate size (default ``spec.ffn_size``; the MoE's shared experts pass
+    ``spec.shared_ffn_size``)."""
 
-    def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
+    def __init__(self, spec: ModelSpec, width: int | None = None, *, dtype: Any = jnp.float32):
         self._set_spec(spec)
-        d, f, bias = spec.hidden_size, spec.ffn_size, spec.mlp_bias
+        d, f, bias = spec.hidden_size, spec.ffn_size if width is None else width, spec.mlp_bias
         if spec.use_glu:
             self.gate_proj = Linear(d, f, bias=bias, dtype=dtype)
         self.up_proj = Linear(d, f, bias=bias, dtype=dtype)
@@ -527,7 +538,7 @@ class Experts(_SpecModule):
 
     def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
         self._set_spec(spec)
-        e, d, f, bias = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias
+        e, d, f, bias = spec.num_experts, spec.hidden_size, spec.expert_ffn_size, spec.mlp_bias
         if spec.use_glu:
             self.gate_proj = ExpertLinear(e, d, f, bias, dtype=dtype)
         self.up_proj = ExpertLinear(e, d, f, bias, dtype=dtype)
@@ -687,6 +698,10 @@ class MoE(_SpecModule):
     (``Experts.mix_selected``) or ``"grouped"`` (``Experts.mix_grouped``, ``jax.lax.ragged_dot``) on
     the selected pairs only: the same function with k/E of the expert FLOPs. The engines set the
     impl that ``optimization.moe_impl`` resolves to.
+
+    The routed output is scaled by ``routed_scaling_factor``; the shared experts (``shared``, one
+    dense MLP, with ``num_shared_experts``) run on every token outside the dispatch, so every impl
+    adds them the same way, gated per token by ``sigmoid(shared_gate(x))`` with ``shared_expert_gate``.
     """
 
     def __init__(self, spec: ModelSpec, *, dtype: Any = jnp.float32):
@@ -695,18 +710,30 @@ class MoE(_SpecModule):
         # The router runs in float32 whatever the compute dtype: top-k choices flip on bf16 rounding.
         self.router = Linear(spec.hidden_size, spec.num_experts, dtype=jnp.float32)
         self.experts = Experts(spec, dtype=dtype)
+        if spec.num_shared_experts:
+            self.shared = MLP(spec, spec.shared_ffn_size, dtype=dtype)
+        if spec.shared_expert_gate:
+            self.shared_gate = Linear(spec.hidden_size, 1, dtype=jnp.float32)
         self.moe_impl = "dense"
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E)."""
+        """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E).
+
+        ``probs`` is each token's distribution over experts the balance loss averages: the softmax,
+        or the sigmoid scores divided by their sum (``router_scoring=sigmoid``, whose top-k and
+        weights use the scores themselves)."""
         spec = self.spec
         E, k = spec.num_experts, spec.num_experts_per_token
         N = x.shape[0]
         logits = self.router(x.astype(jnp.float32))  # (N, E)
-        probs = jax.nn.softmax(logits, axis=-1)
+        if spec.router_scoring is RouterScoring.SIGMOID:
+            scores = jax.nn.sigmoid(logits)
+            probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+        else:
+            scores = probs = jax.nn.softmax(logits, axis=-1)
         # lax.top_k returns equal values lower index first: ties go to the lower expert, as a
         # stable descending sort would.
-        w, idx = jax.lax.top_k(probs, k)  # (N, k)
+        w, idx = jax.lax.top_k(scores, k)  # (N, k)
         if spec.norm_topk_prob and k == 1:
             # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
             # (the division would hand the router rounding noise that AdamW amplifies to lr-sized steps).
@@ -739,6 +766,14 @@ class MoE(_SpecModule):
         else:
             expert_out = self.experts(xf)  # (E, N, D)
             y = jnp.einsum("NE,END->ND", combine.astype(expert_out.dtype), expert_out)
+        if self.spec.routed_scaling_factor != 1.0:
+            y = y * self.spec.routed_scaling_factor
+        if self.spec.num_shared_experts:
+            shared = self.shared(xf)  # (N, D)
+            if self.spec.shared_expert_gate:
+                gate = jax.nn.sigmoid(self.shared_gate(xf.astype(jnp.float32)))  # (N, 1)
+                shared = gate * shared.astype(jnp.float32)
+            y = y + shared
 
         # Load balance counts assignments before capacity drops; f carries no gradient, P does.
         f = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=(0, 1)) / (idx.shape[0] * k)  # (E,)
@@ -768,7 +803,7 @@ class TransformerBlock(_SpecModule):
         self.attn_norm = build_norm(spec)
         self.attn = MultiHeadAttention(spec, rngs=rngs, dtype=dtype)
         self.mlp_norm = build_norm(spec)
-        self.mlp = MoE(spec, dtype=dtype) if spec.use_moe else MLP(spec, dtype=dtype)
+        self.mlp = MoE(spec, dtype=dtype) if spec.is_moe_layer(layer_idx) else MLP(spec, dtype=dtype)
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
@@ -781,7 +816,7 @@ class TransformerBlock(_SpecModule):
         x = x + self.dropout(h, deterministic=deterministic)
         if post:
             x = self.attn_norm(x)
-        if self.spec.use_moe:
+        if isinstance(self.mlp, MoE):
             h, balance, z = self.mlp(x if post else self.mlp_norm(x))
         else:
             h = self.mlp(x if post else self.mlp_norm(x))
@@ -978,8 +1013,11 @@ class DecoderModel(_SpecModule):
         x = self.final_norm(x)
         hidden.append(x)
         zero = jnp.zeros((), jnp.float32)
-        aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances)) if spec.use_moe else zero
-        z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs)) if spec.use_moe else zero
+        # means over the MoE layers (the first dense layers have no router)
+        moe = spec.num_moe_layers > 0
+        first = spec.first_dense_layers
+        aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances[first:])) if moe else zero
+        z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs[first:])) if moe else zero
         if loss_chunk_tokens:  # the head's weight as stored: tied, the token table (V, D); lm_head (D, V)
             if self.lm_head is None:
                 weight, bias, layout = self.embed.weight[...], None, "VD"

@@ -30,7 +30,16 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from backends.torch.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
-from llm.spec import Activation, ModelSpec, NormPosition, NormType, Position, rope_cos_sin, sinusoidal_table
+from llm.spec import (
+    Activation,
+    ModelSpec,
+    NormPosition,
+    NormType,
+    Position,
+    RouterScoring,
+    rope_cos_sin,
+    sinusoidal_table,
+)
 
 __all__ = [
     "RMSNorm",
@@ -343,12 +352,14 @@ class MultiHeadAttention(nn.Module):
 
 # ---------------------------------------------------------------------- feed-forward
 class MLP(nn.Module):
-    """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``."""
+    """Dense feed-forward: ``down(act(gate(x)) * up(x))`` with GLU, else ``down(act(up(x)))``.
+    ``width`` is the intermediate size (default ``spec.ffn_size``; the MoE's shared experts pass
+    ``spec.shared_ffn_size``)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, width: int | None = None):
         super().__init__()
         self.spec = spec
-        d, f = spec.hidden_size, spec.ffn_size
+        d, f = spec.hidden_size, spec.ffn_size if width is None else width
         if spec.use_glu:
             self.gate_proj = _zeroed(nn.Linear, d, f, bias=spec.mlp_bias)
         self.up_proj = _zeroed(nn.Linear, d, f, bias=spec.mlp_bias)
@@ -385,7 +396,7 @@ class Experts(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        e, d, f, bias = spec.num_experts, spec.hidden_size, spec.ffn_size, spec.mlp_bias
+        e, d, f, bias = spec.num_experts, spec.hidden_size, spec.expert_ffn_size, spec.mlp_bias
         if spec.use_glu:
             self.gate_proj = ExpertLinear(e, d, f, bias)
         self.up_proj = ExpertLinear(e, d, f, bias)
@@ -512,6 +523,10 @@ class MoE(nn.Module):
     (``Experts.mix_selected``) or ``"grouped"`` (``Experts.mix_grouped``) on the selected pairs only:
     the same function with k/E of the expert FLOPs. The engines set the impl that
     ``optimization.moe_impl`` resolves to.
+
+    The routed output is scaled by ``routed_scaling_factor``; the shared experts (``shared``, one
+    dense MLP, with ``num_shared_experts``) run on every token outside the dispatch, so every impl
+    adds them the same way, gated per token by ``sigmoid(shared_gate(x))`` with ``shared_expert_gate``.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -519,19 +534,31 @@ class MoE(nn.Module):
         self.spec = spec
         self.router = _zeroed(nn.Linear, spec.hidden_size, spec.num_experts, bias=False)
         self.experts = Experts(spec)
+        if spec.num_shared_experts:
+            self.shared = MLP(spec, spec.shared_ffn_size)
+        if spec.shared_expert_gate:
+            self.shared_gate = _zeroed(nn.Linear, spec.hidden_size, 1, bias=False)
         self.moe_impl = "dense"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E)."""
+        """x (N, D) -> combine (N, E) float32 mixing weights, idx (N, k), logits and probs (N, E).
+
+        ``probs`` is each token's distribution over experts the balance loss averages: the softmax,
+        or the sigmoid scores divided by their sum (``router_scoring=sigmoid``, whose top-k and
+        weights use the scores themselves)."""
         spec = self.spec
         E, k = spec.num_experts, spec.num_experts_per_token
         N = x.shape[0]
         # The router stays in float32 even under autocast: top-k choices flip on bf16 rounding.
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
-        probs = torch.softmax(logits, dim=-1)
-        # A stable descending sort keeps equal probabilities in index order: ties go to the lower expert.
-        sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        if spec.router_scoring is RouterScoring.SIGMOID:
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        else:
+            scores = probs = torch.softmax(logits, dim=-1)
+        # A stable descending sort keeps equal scores in index order: ties go to the lower expert.
+        sorted_probs, sorted_idx = torch.sort(scores, dim=-1, descending=True, stable=True)
         w, idx = sorted_probs[:, :k], sorted_idx[:, :k]  # (N, k)
         if spec.norm_topk_prob and k == 1:
             # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
@@ -567,6 +594,15 @@ class MoE(nn.Module):
         else:
             expert_out = self.experts(xf)  # (E, N, D)
             y = torch.einsum("ne,end->nd", combine.to(expert_out.dtype), expert_out)  # (N, D)
+        if spec.routed_scaling_factor != 1.0:
+            y = y * spec.routed_scaling_factor
+        if spec.num_shared_experts:
+            shared = self.shared(xf)  # (N, D)
+            if spec.shared_expert_gate:
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    gate = torch.sigmoid(F.linear(xf.float(), self.shared_gate.weight.float()))  # (N, 1)
+                shared = gate * shared.float()
+            y = y + shared
 
         # Load balance counts assignments before capacity drops; f carries no gradient, P does.
         f = F.one_hot(idx, E).sum(dim=(0, 1)).float() / (idx.shape[0] * k)  # (E,)
@@ -597,7 +633,7 @@ class TransformerBlock(nn.Module):
         self.attn_norm = build_norm(spec)
         self.attn = MultiHeadAttention(spec)
         self.mlp_norm = build_norm(spec)
-        self.mlp = MoE(spec) if spec.use_moe else MLP(spec)
+        self.mlp = MoE(spec) if spec.is_moe_layer(layer_idx) else MLP(spec)
         self.dropout = nn.Dropout(spec.dropout)
         # Activation checkpointing (``backends.torch.parallel.apply_activation_checkpointing``): a
         # ``torch.utils.checkpoint.checkpoint``-like ``recompute(fn, *args, **kwargs)``, or None.
@@ -621,7 +657,7 @@ class TransformerBlock(nn.Module):
         x = x + self.dropout(h)
         if post:
             x = self.attn_norm(x)
-        if self.spec.use_moe:
+        if isinstance(self.mlp, MoE):
             h, balance, z = self.mlp(x if post else self.mlp_norm(x))
         else:
             h = self.mlp(x if post else self.mlp_norm(x))
@@ -734,8 +770,11 @@ class DecoderModel(nn.Module):
         x = self.final_norm(x)
         hidden.append(x)
         zero = torch.zeros((), device=x.device)
-        aux_loss = spec.router_aux_loss_coef * torch.stack(balances).mean() if spec.use_moe else zero
-        z_loss = spec.router_z_loss_coef * torch.stack(zs).mean() if spec.use_moe else zero
+        # means over the MoE layers (the first dense layers have no router)
+        moe = spec.num_moe_layers > 0
+        first = spec.first_dense_layers
+        aux_loss = spec.router_aux_loss_coef * torch.stack(balances[first:]).mean() if moe else zero
+        z_loss = spec.router_z_loss_coef * torch.stack(zs[first:]).mean() if moe else zero
         # the output projection (V, D), (V,) or None; tied: the token table, no bias
         head_weight, head_bias = ((self.embed.weight, None) if self.lm_head is None
                                   else (self.lm_head.weight, self.lm_head.bias))

@@ -68,8 +68,9 @@ def torch_pass(spec: ModelSpec, params: dict[str, np.ndarray], ids: np.ndarray,
             x = inputs[0].detach().reshape(-1, spec.hidden_size).float()
             router_logits.append((x @ moe.router.weight.detach().float().T).numpy())
 
-        for layer in model.layers:
-            hooks.append(layer.mlp.register_forward_hook(keep_router_logits))
+        for i, layer in enumerate(model.layers):
+            if spec.is_moe_layer(i):  # the first_dense_layers have no router
+                hooks.append(layer.mlp.register_forward_hook(keep_router_logits))
     extra = {k: torch.from_numpy(np.asarray(v)) for k, v in (model_inputs or {}).items()}
     out = model(torch.from_numpy(ids), torch.from_numpy(targets), return_hidden=True, **extra)
     for h in hooks:

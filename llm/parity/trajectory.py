@@ -168,7 +168,10 @@ def _routing(name: str, spec: ModelSpec, params: dict[str, np.ndarray], batches:
     model = backend(name).from_canonical(spec, params)
     k = spec.num_experts_per_token
     seen: list[tuple[np.ndarray, np.ndarray]] = []
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
+        if not spec.is_moe_layer(i):  # the first_dense_layers have no router
+            continue
+
         def keep(x, route=layer.mlp.route):
             combine, idx, logits, probs = route(x)
             p = np.sort(np.asarray(probs if name == "jax" else probs.detach(), np.float64), axis=-1)[:, ::-1]
