@@ -3,7 +3,7 @@
 The transpose rule
 ------------------
 A parameter is a *linear weight* iff its canonical name ends with ``_proj.weight``,
-``router.weight`` or ``lm_head.weight``. Canonical (PyTorch / Hugging Face) layout stores those
+``kv_a_proj_with_mqa.weight`` (MLA, transformers' name), ``router.weight`` or ``lm_head.weight``. Canonical (PyTorch / Hugging Face) layout stores those
 ``(out, in)`` -- ``(E, out, in)`` for stacked experts -- and the Flax modules store them
 ``(in, out)`` / ``(E, in, out)``, so converting either way swaps the last two axes. Every other
 parameter (embedding tables, norms, biases) has the same layout on both sides and is copied as is.
@@ -38,7 +38,7 @@ from llm.spec import ModelSpec, SpecError, check_names, check_params, init_param
 __all__ = ["LINEAR_SUFFIXES", "flax_placement", "from_canonical", "from_spec", "grads_to_canonical",
            "is_linear_weight", "load_canonical", "moments_from_canonical", "moments_to_canonical", "to_canonical"]
 
-LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "lm_head.weight")
+LINEAR_SUFFIXES = ("_proj.weight", "kv_a_proj_with_mqa.weight", "router.weight", "lm_head.weight")
 
 
 def is_linear_weight(name: str) -> bool:
