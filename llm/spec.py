@@ -205,7 +205,7 @@ class ModelSpec(Section):
             self._validate_mla()
         kv = self.kv_heads
         need(self.num_heads % kv == 0, "num_heads", f"is not divisible by num_kv_heads={kv}")
-        if self.head_dim is None:
+        if self.head_dim is None and not self.is_mla:
             need(self.hidden_size % self.num_heads == 0, "hidden_size",
                  f"is not divisible by num_heads={self.num_heads} "
                  "(set head_dim explicitly to use a head size that does not divide hidden_size)")
