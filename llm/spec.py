@@ -246,7 +246,8 @@ class ModelSpec(Section):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotate-half pairs)")
         need(self.position is Position.ROPE, "position",
-             "must be rope for attention=mla (the decoupled rope key is MLA's only position signal)")
+             "must be rope for attention=mla (the decoupled rope key is MLA's only position signal)",
+             value=self.position.value)
         need(self.num_kv_heads is None or self.num_kv_heads == self.num_heads, "num_kv_heads",
              f"must be null or num_heads={self.num_heads} for attention=mla (every head reads its own "
              "key and value from the shared latent)")
