@@ -207,7 +207,7 @@ def test_flops_count_query_key_and_value_head_sizes():
 @pytest.mark.parametrize(("overrides", "message"), [
     (dict(num_kv_heads=2), "model.num_kv_heads=2 must be null or num_heads=4 for attention=mla"),
     (dict(head_dim=8), "model.head_dim=8 must be null for attention=mla"),
-    (dict(position="learned"), "model.position=learned must be rope for attention=mla"),
+    (dict(position="learned"), "model.position='learned' must be rope for attention=mla"),
     (dict(qk_rope_head_dim=5), "model.qk_rope_head_dim=5 must be even"),
     (dict(kv_lora_rank=0), "model.kv_lora_rank=0 must be >= 1"),
     (dict(q_lora_rank=0), "model.q_lora_rank=0 must be >= 1 or null"),
