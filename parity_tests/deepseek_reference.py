@@ -11,7 +11,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from llm.spec import ModelSpec
 
-__all__ = ["hf_config", "hf_model", "hf_state_dict"]
+__all__ = ["hf_config", "hf_model", "hf_state_dict", "mla_spec"]
 
 
 def hf_config(spec: ModelSpec, *, rope_interleave: bool = False) -> DeepseekV3Config:
@@ -44,3 +44,14 @@ def hf_model(spec: ModelSpec, params: dict[str, np.ndarray], **config) -> Deepse
     model = DeepseekV3ForCausalLM(hf_config(spec, **config)).eval()
     model.load_state_dict(hf_state_dict(params), strict=True)
     return model
+
+
+def mla_spec(**overrides) -> ModelSpec:
+    """A tiny MLA spec in DeepseekV3's form (RMSNorm, SiLU-GLU, untied) with unequal head sizes and
+    weights large enough (init_std 0.2) for a wrong path to show in the logits."""
+    fields = dict(vocab_size=64, max_seq_len=24, hidden_size=32, num_layers=2, num_heads=4,
+                  attention="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6,
+                  v_head_dim=5, norm_type="rmsnorm", norm_eps=1e-6, activation="silu", use_glu=True,
+                  intermediate_size=40, init_std=0.2, rope_theta=500.0)
+    fields.update(overrides)
+    return ModelSpec(**fields)

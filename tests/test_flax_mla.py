@@ -11,19 +11,10 @@ from flax import nnx
 
 from backends.flax.convert import from_canonical
 from backends.flax.model import MultiHeadLatentAttention
-from llm.spec import ModelSpec, init_params
-from parity_tests.deepseek_reference import hf_model
+from llm.spec import init_params
+from parity_tests.deepseek_reference import hf_model, mla_spec
 
 VOCAB, SEQ = 64, 24
-
-
-def mla_spec(**overrides) -> ModelSpec:
-    fields = dict(vocab_size=VOCAB, max_seq_len=SEQ, hidden_size=32, num_layers=2, num_heads=4,
-                  attention="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6,
-                  v_head_dim=5, norm_type="rmsnorm", norm_eps=1e-6, activation="silu", use_glu=True,
-                  intermediate_size=40, init_std=0.2, rope_theta=500.0)
-    fields.update(overrides)
-    return ModelSpec(**fields)
 
 
 def ids_for(seed: int, batch: int = 2, length: int = 13) -> np.ndarray:

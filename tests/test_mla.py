@@ -12,18 +12,9 @@ from backends.torch.convert import from_canonical
 from backends.torch.inference import generate, generate_no_cache
 from backends.torch.model import MultiHeadLatentAttention
 from llm.spec import ModelSpec, SpecError, init_params
-from parity_tests.deepseek_reference import hf_model, hf_state_dict
+from parity_tests.deepseek_reference import hf_model, hf_state_dict, mla_spec
 
 VOCAB, SEQ = 64, 24
-
-
-def mla_spec(**overrides) -> ModelSpec:
-    fields = dict(vocab_size=VOCAB, max_seq_len=SEQ, hidden_size=32, num_layers=2, num_heads=4,
-                  attention="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6,
-                  v_head_dim=5, norm_type="rmsnorm", norm_eps=1e-6, activation="silu", use_glu=True,
-                  intermediate_size=40, init_std=0.2, rope_theta=500.0)
-    fields.update(overrides)
-    return ModelSpec(**fields)
 
 
 def ids_for(seed: int, batch: int = 2, length: int = 13) -> torch.Tensor:
