@@ -16,6 +16,8 @@ kv_heads    tensor    k and v split by kv head
 mlp         tensor    the MLP's intermediate dimension (column for gate/up, row for down)
 experts     --        stacked experts stay whole per device (no expert parallelism yet)
 positions   --        the learned position table is small
+q_lora      --        MLA's compressed query: small, every head reads all of it
+kv_lora     --        MLA's compressed key/value latent (and the shared rope key): the same
 ==========  ========  ==============================================================
 
 ``placement(info, mesh)`` applies the table to one parameter: a dimension takes its logical axis's
@@ -52,6 +54,8 @@ RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "experts": None,
     "positions": None,
+    "q_lora": None,
+    "kv_lora": None,
 }
 
 

@@ -32,6 +32,8 @@ from llm.fields import FieldError, Section
 
 __all__ = [
     "Activation",
+    "Attention",
+    "MLA_LATENT_NORM_EPS",
     "NormPosition",
     "NormType",
     "Position",
@@ -72,6 +74,16 @@ class NormPosition(str, enum.Enum):
     POST = "post"  # norm(x + f(x)) (the original Transformer, BERT; torch's norm_first=False)
 
 
+class Attention(str, enum.Enum):
+    MHA = "mha"  # q/k/v projections per head, grouped-query when num_kv_heads < num_heads
+    MLA = "mla"  # DeepSeek-V2/V3 multi-head latent attention: k and v from a compressed latent
+
+
+# DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) are RMSNorms built with their class's
+# default eps, not the config's rms_norm_eps (transformers' DeepseekV3Attention does the same).
+MLA_LATENT_NORM_EPS = 1e-6
+
+
 class Position(str, enum.Enum):
     ROPE = "rope"  # rotate-half (Llama / HF convention), applied to q and k
     LEARNED = "learned"  # a (max_seq_len, hidden) table added to the token embedding
@@ -93,7 +105,8 @@ class ParamInfo:
     std: float = 0.0  # for "normal"
     weight_decay: bool = False  # matrices decay; norms, biases and embeddings do not
     # One logical axis name per dimension (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
-    # ``experts``, ``positions``); ``llm.sharding.RULES`` maps them to mesh axes.
+    # ``experts``, ``positions``, MLA's ``q_lora`` and ``kv_lora``); ``llm.sharding.RULES`` maps them
+    # to mesh axes.
     axes: tuple[str, ...] = ()
 
     @property
@@ -126,6 +139,11 @@ class ModelSpec(Section):
     ``sigmoid(x @ shared_gate.weight.T)`` when ``shared_expert_gate`` (Qwen2-MoE);
     ``router_scoring`` picks softmax or sigmoid scores (top-k on them, renormalised when
     ``norm_topk_prob``); ``routed_scaling_factor`` multiplies the routed output.
+
+    ``attention=mla`` is DeepSeek-V2/V3 multi-head latent attention: the ``q_lora_rank``,
+    ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim`` and ``v_head_dim`` fields apply
+    (and only then); ``num_kv_heads`` and ``head_dim`` must stay null, RoPE rotates the
+    ``qk_rope_head_dim`` part of each query and the one shared rope key.
     """
 
     SECTION = "model"
@@ -154,7 +172,17 @@ class ModelSpec(Section):
     # The padding token: its embedding row gets no gradient from the lookup (torch
     # ``nn.Embedding(padding_idx=)``); with tie_embeddings the output projection still trains it.
     pad_token_id: int | None = None
-    attention_bias: bool = False  # bias on q/k/v projections
+    attention: Attention = Attention.MHA
+    # MLA only. Query: x -> q_a_proj (q_lora_rank) -> q_a_layernorm -> q_b_proj (H * (nope + rope));
+    # null q_lora_rank = one q_proj, no compression. Key/value: x -> kv_a_proj_with_mqa
+    # (kv_lora_rank + rope) -> latent through kv_a_layernorm -> kv_b_proj (H * (nope + v)); the
+    # rope part is one key shared by every head.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False  # bias on q/k/v projections (MLA: on q_a_proj and kv_a_proj_with_mqa)
     attention_out_bias: bool | None = None  # bias on o_proj; None = same as attention_bias
     sliding_window: int | None = None  # query i sees keys j with i - window < j <= i
     mlp_bias: bool = False
@@ -197,13 +225,15 @@ class ModelSpec(Section):
         need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0")
         need(self.router_z_loss_coef >= 0, "router_z_loss_coef", "must be >= 0")
 
+        if self.attention is Attention.MLA:
+            self._validate_mla()
         kv = self.kv_heads
         need(self.num_heads % kv == 0, "num_heads", f"is not divisible by num_kv_heads={kv}")
-        if self.head_dim is None:
+        if self.head_dim is None and not self.is_mla:
             need(self.hidden_size % self.num_heads == 0, "hidden_size",
                  f"is not divisible by num_heads={self.num_heads} "
                  "(set head_dim explicitly to use a head size that does not divide hidden_size)")
-        if self.position is Position.ROPE:
+        if self.position is Position.ROPE and self.attention is Attention.MHA:
             need(self.dim_head % 2 == 0, "head_dim", "must be even for position=rope (rotate-half pairs)",
                  value=self.dim_head)
         if self.position is Position.SINUSOIDAL:
@@ -250,7 +280,42 @@ class ModelSpec(Section):
             need(not self.shared_expert_gate, "shared_expert_gate",
                  "needs num_shared_experts >= 1 (there is no shared expert to gate)")
 
+    def _validate_mla(self) -> None:
+        need = self._need
+        need(self.q_lora_rank is None or self.q_lora_rank >= 1, "q_lora_rank",
+             "must be >= 1 or null (no query compression)")
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotate-half pairs)")
+        need(self.position is Position.ROPE, "position",
+             "must be rope for attention=mla (the decoupled rope key is MLA's only position signal)",
+             value=self.position.value)
+        need(self.num_kv_heads is None or self.num_kv_heads == self.num_heads, "num_kv_heads",
+             f"must be null or num_heads={self.num_heads} for attention=mla (every head reads its own "
+             "key and value from the shared latent)")
+        need(self.head_dim is None, "head_dim",
+             "must be null for attention=mla (qk_nope_head_dim, qk_rope_head_dim and v_head_dim size the heads)")
+
     # ------------------------------------------------------------------ derived values
+    @property
+    def is_mla(self) -> bool:
+        return self.attention is Attention.MLA
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Size of one query/key head: ``qk_nope_head_dim + qk_rope_head_dim`` (MLA), else head_dim."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.dim_head
+
+    @property
+    def value_head_dim(self) -> int:
+        """Size of one value head: ``v_head_dim`` (MLA), else head_dim."""
+        return self.v_head_dim if self.is_mla else self.dim_head
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of a query/key head RoPE rotates: the rope part (MLA), else all."""
+        return self.qk_rope_head_dim if self.is_mla else self.dim_head
+
     @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
@@ -342,10 +407,13 @@ class ModelSpec(Section):
         for i in range(self.num_layers):
             p = f"layers.{i}"
             norm(f"{p}.attn_norm")
-            linear(f"{p}.attn.q_proj", h * hd, d, self.attention_bias, std, ("heads", "embed"))
-            linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
-            linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
-            linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std, ("embed", "heads"))
+            if self.is_mla:
+                self._mla_rows(rows, f"{p}.attn", linear, std, out_std)
+            else:
+                linear(f"{p}.attn.q_proj", h * hd, d, self.attention_bias, std, ("heads", "embed"))
+                linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
+                linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
+                linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std, ("embed", "heads"))
             norm(f"{p}.mlp_norm")
             if not self.is_moe_layer(i):
                 ffn(f"{p}.mlp", f)
@@ -363,6 +431,25 @@ class ModelSpec(Section):
         if not self.tie_embeddings:
             linear("lm_head", v, d, self.lm_head_bias, std, ("vocab", "embed"))
         return rows
+
+    def _mla_rows(self, rows: list[ParamInfo], prefix: str, linear: Any, std: float, out_std: float) -> None:
+        """The MLA attention's rows, named and biased as transformers' DeepseekV3Attention: only the
+        projections from the hidden state (q_a_proj, kv_a_proj_with_mqa) and o_proj have biases;
+        the latent norms are RMSNorms (weight only) whatever ``norm_type`` says."""
+        d, h, bias = self.hidden_size, self.num_heads, self.attention_bias
+        q_out = h * self.qk_head_dim
+        if self.q_lora_rank is None:
+            linear(f"{prefix}.q_proj", q_out, d, False, std, ("heads", "embed"))
+        else:
+            linear(f"{prefix}.q_a_proj", self.q_lora_rank, d, bias, std, ("q_lora", "embed"))
+            rows.append(ParamInfo(f"{prefix}.q_a_layernorm.weight", (self.q_lora_rank,), "ones", axes=("q_lora",)))
+            linear(f"{prefix}.q_b_proj", q_out, self.q_lora_rank, False, std, ("heads", "q_lora"))
+        linear(f"{prefix}.kv_a_proj_with_mqa", self.kv_lora_rank + self.qk_rope_head_dim, d, bias, std,
+               ("kv_lora", "embed"))
+        rows.append(ParamInfo(f"{prefix}.kv_a_layernorm.weight", (self.kv_lora_rank,), "ones", axes=("kv_lora",)))
+        linear(f"{prefix}.kv_b_proj", h * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank, False,
+               std, ("heads", "kv_lora"))
+        linear(f"{prefix}.o_proj", d, h * self.v_head_dim, self.out_bias, out_std, ("embed", "heads"))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {p.name: p.shape for p in self.param_table()}
@@ -391,11 +478,12 @@ class ModelSpec(Section):
         """Training FLOPs per token (forward + backward), PaLM appendix B accounting.
 
         ``6 * N`` for every matmul parameter a token touches (active experts only; the lm_head
-        counted even when tied; the router included) plus ``12 * L * H * head_dim * T`` for the
-        attention score and value products. By default with no causal discount and no
+        counted even when tied; the router included) plus ``6 * L * H * (qk_head_dim + value_head_dim)
+        * T`` (``12 * L * H * head_dim * T`` when both are head_dim) for the attention score and value
+        products. By default with no causal discount and no
         sliding-window discount: the convention nanoGPT and most MFU reports use, which counts the
         masked upper triangle as work. ``causal=True`` counts only the lower triangle a causal
-        kernel computes, ``12 * L * H * head_dim * (T + 1) / 2`` (the figure torchtitan-style causal
+        kernel computes, ``T`` replaced by ``(T + 1) / 2`` (the figure torchtitan-style causal
         accounting reports); both are in the benchmark results.
         """
         t = self.max_seq_len if seq_len is None else seq_len
@@ -406,7 +494,8 @@ class ModelSpec(Section):
         if self.tie_embeddings:
             n += self.vocab_size * self.hidden_size  # the lm_head matmul still happens
         attended = (t + 1) / 2 if causal else t  # mean keys per query under the causal mask
-        attn = 12 * self.num_layers * self.num_heads * self.dim_head * attended
+        # scores over the query/key head size, the value product over the value head size
+        attn = 6 * self.num_layers * self.num_heads * (self.qk_head_dim + self.value_head_dim) * attended
         return float(6 * n + attn)
 
 
@@ -504,8 +593,8 @@ def check_params(spec: ModelSpec, params: dict[str, Any], *, where: str = "param
 
 # ---------------------------------------------------------------------- position tables
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
-    """Inverse frequencies (head_dim // 2,) as float32, with Llama-3 scaling when configured."""
-    hd = spec.dim_head
+    """Inverse frequencies (rope_dim // 2,) as float32, with Llama-3 scaling when configured."""
+    hd = spec.rope_dim
     inv = 1.0 / (spec.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     sc = spec.rope_scaling
     if sc is not None:
@@ -522,7 +611,7 @@ def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
 
 
 def rope_cos_sin(spec: ModelSpec, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables (T, head_dim) for rotate-half RoPE, float32.
+    """cos and sin tables (T, rope_dim) for rotate-half RoPE, float32.
 
     Angles are formed from the float32 inverse frequencies times float32 positions, which is what
     the reference implementations do, then cos/sin taken in float64 and rounded once.

@@ -23,10 +23,10 @@ def examples(ci: int) -> int:
 
 
 @st.composite
-def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
+def specs(draw, *, moe: bool | None = None, mla: bool | None = None, max_layers: int = 3,
           max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
-    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE and
-    its variants (dense first layers, routed expert size, shared experts and their gate, sigmoid
+    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MLA, MoE
+    and its variants (dense first layers, routed expert size, shared experts and their gate, sigmoid
     routing, routed scaling).
 
     ``max_seq_len`` is fixed (an int) or drawn from an inclusive (lo, hi) range; the position tables
@@ -34,7 +34,14 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
     without RoPE: rotate-half pairs dimension i with i + head_dim/2, so RoPE needs an even head_dim.
     Dropout is not drawn: the parity checks run in eval mode, where it is off, and the backends draw
     different masks in training, so a drawn rate would only pretend to be compared.
+
+    ``mla`` (None = drawn, about one spec in three) gives ``attention=mla`` (RoPE, one kv head per
+    head, no head_dim) with its own head sizes and query compression on or off (``mlas``).
     """
+    if mla is None:
+        mla = draw(st.sampled_from([False, False, True]))
+    if mla:
+        return draw(mlas(moe=moe, max_layers=max_layers, max_seq_len=max_seq_len))
     num_kv_heads = draw(st.sampled_from([1, 2, 3]))
     num_heads = num_kv_heads * draw(st.sampled_from([1, 2, 4]))
     position = draw(st.sampled_from(["rope", "learned", "sinusoidal"]))
@@ -100,14 +107,35 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
     )
 
 
+@st.composite
+def mlas(draw, *, moe: bool | None = None, max_layers: int = 3,
+         max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
+    """``attention=mla`` specs: every other field drawn as ``specs`` draws it for a RoPE model, the
+    latent ranks and head sizes small and unequal (odd nope and value sizes included), and
+    ``q_lora_rank`` null (one q_proj) or a rank (q_a_proj -> q_a_layernorm -> q_b_proj)."""
+    base = draw(specs(moe=moe, mla=False, max_layers=max_layers, max_seq_len=max_seq_len).filter(
+        lambda s: s.position.value == "rope"))
+    num_heads = draw(st.sampled_from([1, 2, 3, 4]))
+    return base.replace(
+        attention="mla", num_heads=num_heads, num_kv_heads=None, head_dim=None,
+        hidden_size=draw(st.sampled_from([8, 12, 20, 32])),  # MLA heads need not divide it
+        q_lora_rank=draw(st.sampled_from([None, 3, 8])),
+        kv_lora_rank=draw(st.sampled_from([2, 5, 8])),
+        qk_nope_head_dim=draw(st.sampled_from([1, 3, 4])),
+        qk_rope_head_dim=draw(st.sampled_from([2, 4, 6])),
+        v_head_dim=draw(st.sampled_from([2, 3, 5])),
+    )
+
+
 def batch_shapes(max_seq_len: int = 16):
     """(batch, seq) including 1 in both."""
     return st.tuples(st.integers(1, 3), st.integers(1, max_seq_len))
 
 
 @st.composite
-def cases(draw, *, moe: bool | None = None, max_layers: int = 3) -> tuple[ModelSpec, tuple[int, int], str]:
+def cases(draw, *, moe: bool | None = None, mla: bool | None = None,
+          max_layers: int = 3) -> tuple[ModelSpec, tuple[int, int], str]:
     """(spec, (batch, seq), weights): a spec with a drawn max_seq_len (1..24), a batch shape that fits
     it, and where to compare (``WEIGHTS``)."""
-    spec = draw(specs(moe=moe, max_layers=max_layers, max_seq_len=(1, 24)))
+    spec = draw(specs(moe=moe, mla=mla, max_layers=max_layers, max_seq_len=(1, 24)))
     return spec, draw(batch_shapes(spec.max_seq_len)), draw(st.sampled_from(WEIGHTS))

@@ -36,7 +36,7 @@ ROUTER_MARGIN = 1e-4
 COMPONENTS = {
     "norm": (lambda s: tm.build_norm(s), lambda s: fm.build_norm(s), "layers.0.attn_norm.", "x"),
     "embedding": (lambda s: tm.EmbeddingLayer(s), lambda s: fm.EmbeddingLayer(s, rngs=nnx.Rngs(0)), "embed.", "ids"),
-    "attention": (lambda s: tm.MultiHeadAttention(s), lambda s: fm.MultiHeadAttention(s, rngs=nnx.Rngs(0)),
+    "attention": (lambda s: tm.build_attention(s), lambda s: fm.build_attention(s, rngs=nnx.Rngs(0)),
                   "layers.0.attn.", "x"),
     "mlp": (lambda s: tm.MLP(s), lambda s: fm.MLP(s), "layers.0.mlp.", "x"),
     "moe": (lambda s: tm.MoE(s), lambda s: fm.MoE(s), "layers.0.mlp.", "x"),

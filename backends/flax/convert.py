@@ -3,7 +3,7 @@
 The transpose rule
 ------------------
 A parameter is a *linear weight* iff its canonical name ends with ``_proj.weight``,
-``router.weight``, ``shared_gate.weight`` or ``lm_head.weight``. Canonical (PyTorch / Hugging Face) layout stores those
+``kv_a_proj_with_mqa.weight`` (MLA, transformers' name), ``router.weight``, ``shared_gate.weight`` or ``lm_head.weight``. Canonical (PyTorch / Hugging Face) layout stores those
 ``(out, in)`` -- ``(E, out, in)`` for stacked experts -- and the Flax modules store them
 ``(in, out)`` / ``(E, in, out)``, so converting either way swaps the last two axes. Every other
 parameter (embedding tables, norms, biases) has the same layout on both sides and is copied as is.
@@ -39,7 +39,7 @@ __all__ = ["LINEAR_SUFFIXES", "flax_placement", "from_canonical", "from_spec", "
            "is_linear_weight", "load_canonical", "moments_from_canonical", "moments_to_canonical", "read_flax_slice",
            "to_canonical", "to_canonical_array"]
 
-LINEAR_SUFFIXES = ("_proj.weight", "router.weight", "shared_gate.weight", "lm_head.weight")
+LINEAR_SUFFIXES = ("_proj.weight", "kv_a_proj_with_mqa.weight", "router.weight", "shared_gate.weight", "lm_head.weight")
 
 
 def is_linear_weight(name: str) -> bool:

@@ -46,6 +46,7 @@ from jax.ad_checkpoint import checkpoint_name
 from backends.flax.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import (
+    MLA_LATENT_NORM_EPS,
     Activation,
     ModelSpec,
     NormPosition,
@@ -68,6 +69,8 @@ __all__ = [
     "LayerKVCache",
     "KVCache",
     "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "build_attention",
     "positions_from_mask",
     "attention_rule",
     "MLP",
@@ -273,13 +276,18 @@ class LayerKVCache(nnx.Module):
 
     Held in ``nnx.Cache`` variables and written in place with ``dynamic_update_slice``, so a decode
     step has static shapes and compiles once whatever ``start_pos`` is.
+
+    With MLA (``MultiHeadLatentAttention``) the two slots hold what that attention caches instead
+    of full keys and values: ``k`` the normed compressed latent (B, S_max, 1, kv_lora_rank), ``v``
+    the one rotated rope key (B, S_max, 1, qk_rope_head_dim); ``value_dim`` sizes ``v`` when it
+    differs from ``head_dim``.
     """
 
     def __init__(self, batch_size: int, max_seq_len: int, kv_heads: int, head_dim: int,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, *, value_dim: int | None = None):
         shape = (batch_size, max_seq_len, kv_heads, head_dim)
         self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+        self.v = nnx.Cache(jnp.zeros((*shape[:-1], head_dim if value_dim is None else value_dim), dtype))
 
     @property
     def max_seq_len(self) -> int:
@@ -315,8 +323,13 @@ class KVCache(nnx.Module):
     def __init__(self, spec: ModelSpec, batch_size: int, *, max_seq_len: int | None = None,
                  dtype: Any = jnp.float32):
         length = spec.max_seq_len if max_seq_len is None else max_seq_len
-        self.layers = nnx.List([LayerKVCache(batch_size, length, spec.kv_heads, spec.dim_head, dtype)
-                                for _ in range(spec.num_layers)])
+        if spec.is_mla:
+            layers = [LayerKVCache(batch_size, length, 1, spec.kv_lora_rank, dtype, value_dim=spec.qk_rope_head_dim)
+                      for _ in range(spec.num_layers)]
+        else:
+            layers = [LayerKVCache(batch_size, length, spec.kv_heads, spec.dim_head, dtype)
+                      for _ in range(spec.num_layers)]
+        self.layers = nnx.List(layers)
 
     def __getitem__(self, layer_idx: int) -> LayerKVCache:
         return self.layers[layer_idx]
@@ -329,6 +342,48 @@ class KVCache(nnx.Module):
 def _rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def _apply_rope(x: jax.Array, rope_cos: jax.Array, rope_sin: jax.Array, start_pos: Any,
+                positions: jax.Array | None) -> jax.Array:
+    """Rotate-half RoPE on x (B, T, heads, r) with tables (max_seq_len, r), in float32."""
+    T = x.shape[1]
+    if positions is None:
+        cos = jax.lax.dynamic_slice_in_dim(rope_cos, start_pos, T, axis=0)[None, :, None, :]  # (1, T, 1, r)
+        sin = jax.lax.dynamic_slice_in_dim(rope_sin, start_pos, T, axis=0)[None, :, None, :]
+    else:
+        cos = jnp.take(rope_cos, positions, axis=0)[:, :, None, :]  # (B, T, 1, r)
+        sin = jnp.take(rope_sin, positions, axis=0)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)  # (B, T, heads, r)
+
+
+def _check_attention_call(causal: bool, cache: LayerKVCache | None, segment_ids: jax.Array | None) -> None:
+    if cache is not None and not causal:
+        raise ValueError("a KV cache needs causal attention (this layer has causal=False)")
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
+
+
+def _layer_mask(spec: ModelSpec, causal: bool, start_pos: Any, T: int, cache: LayerKVCache | None,
+                attention_mask: jax.Array | None, segment_ids: jax.Array | None) -> jax.Array:
+    """Which keys T queries at ``start_pos..`` may attend: bool (B|1, T, S), True = may attend.
+
+    Keys cover slots 0..S_max-1 when caching (unwritten slots lie in the future of every query, so
+    the causal rule hides them), else the T slots of this call.
+    """
+    q_slot = start_pos + jnp.arange(T)
+    k_slot = q_slot
+    key_valid = query_valid = None
+    if attention_mask is not None:
+        query_valid = jax.lax.dynamic_slice_in_dim(attention_mask, start_pos, T, axis=1)  # (B, T)
+        key_valid = query_valid
+    if cache is not None:
+        k_slot = jnp.arange(cache.max_seq_len)
+        key_valid = attention_mask  # (B, S_max) or None
+    return attention_rule(q_slot, k_slot, causal=causal, window=spec.sliding_window,
+                          query_valid=query_valid, key_valid=key_valid, q_segment=segment_ids,
+                          k_segment=segment_ids)
 
 
 def positions_from_mask(attention_mask: jax.Array, start_pos: Any, length: int) -> jax.Array:
@@ -427,15 +482,7 @@ class MultiHeadAttention(_SpecModule):
         return not why_not
 
     def _rope(self, x: jax.Array, start_pos: Any, positions: jax.Array | None) -> jax.Array:
-        T = x.shape[1]
-        if positions is None:
-            cos = jax.lax.dynamic_slice_in_dim(self.rope_cos[...], start_pos, T, axis=0)[None, :, None, :]
-            sin = jax.lax.dynamic_slice_in_dim(self.rope_sin[...], start_pos, T, axis=0)[None, :, None, :]
-        else:
-            cos = jnp.take(self.rope_cos[...], positions, axis=0)[:, :, None, :]  # (B, T, 1, hd)
-            sin = jnp.take(self.rope_sin[...], positions, axis=0)[:, :, None, :]
-        x32 = x.astype(jnp.float32)
-        return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)  # (B, T, heads, hd)
+        return _apply_rope(x, self.rope_cos[...], self.rope_sin[...], start_pos, positions)  # (B, T, heads, hd)
 
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -444,10 +491,7 @@ class MultiHeadAttention(_SpecModule):
         B, T, _ = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
         _check_positions(start_pos, T, spec.max_seq_len, "max_seq_len")
-        if cache is not None and not self.causal:
-            raise ValueError("a KV cache needs causal attention (this layer has causal=False)")
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
+        _check_attention_call(self.causal, cache, segment_ids)
         if positions is None and attention_mask is not None:
             positions = positions_from_mask(attention_mask, start_pos, T)
         q = self.q_proj(x).reshape(B, T, H, hd)
@@ -456,20 +500,7 @@ class MultiHeadAttention(_SpecModule):
         if spec.position is Position.ROPE:
             q, k = self._rope(q, start_pos, positions), self._rope(k, start_pos, positions)
 
-        # Keys cover slots 0..S_max-1 when caching (unwritten slots lie in the future of every
-        # query, so the causal rule hides them), else the T slots of this call.
-        q_slot = start_pos + jnp.arange(T)
-        k_slot = q_slot
-        key_valid = query_valid = None
-        if attention_mask is not None:
-            query_valid = jax.lax.dynamic_slice_in_dim(attention_mask, start_pos, T, axis=1)  # (B, T)
-            key_valid = query_valid
-        if cache is not None:
-            k_slot = jnp.arange(cache.max_seq_len)
-            key_valid = attention_mask  # (B, S_max) or None
-        mask = attention_rule(q_slot, k_slot, causal=self.causal, window=spec.sliding_window,
-                              query_valid=query_valid, key_valid=key_valid, q_segment=segment_ids,
-                              k_segment=segment_ids)  # (B|1, T, S); True = may attend
+        mask = _layer_mask(spec, self.causal, start_pos, T, cache, attention_mask, segment_ids)  # (B|1, T, S)
 
         if self._cudnn_applies(cache, deterministic):
             # Flash attention: no (T, S) scores in memory, float32 softmax statistics inside the
@@ -491,6 +522,91 @@ class MultiHeadAttention(_SpecModule):
         probs = self.attn_dropout(probs, deterministic=deterministic)
         y = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), v.astype(self.dtype))
         return self.o_proj(checkpoint_name(y.reshape(B, T, H * hd), ATTENTION_OUTPUT))  # (B, T, D)
+
+
+class MultiHeadLatentAttention(_SpecModule):
+    """DeepSeek-V2/V3 multi-head latent attention (MLA), as transformers' ``DeepseekV3Attention``.
+
+    The mirror of ``backends.torch.model.MultiHeadLatentAttention`` (its docstring has the maths
+    and the RoPE convention: rotate-half over the rope part). Shapes: r = kv_lora_rank,
+    n = qk_nope_head_dim, p = qk_rope_head_dim, dv = v_head_dim. The KV cache holds the normed
+    latent and the rotated rope key (``LayerKVCache``'s two slots, one "head" each), not full keys
+    and values. Attention runs on the einsum path only: ``attention_impl`` accepts ``auto`` and
+    ``xla``; ``cudnn`` is refused (query/key and value heads differ in size).
+    """
+
+    def __init__(self, spec: ModelSpec, causal: bool = True, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self._set_spec(spec)
+        self.causal = causal
+        self.dtype = jnp.dtype(dtype)
+        d, h = spec.hidden_size, spec.num_heads
+        self.num_heads, self.qk_head_dim = h, spec.qk_head_dim
+        if spec.q_lora_rank is None:
+            self.q_proj = Linear(d, h * spec.qk_head_dim, bias=False, dtype=dtype)
+        else:
+            self.q_a_proj = Linear(d, spec.q_lora_rank, bias=spec.attention_bias, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, MLA_LATENT_NORM_EPS)
+            self.q_b_proj = Linear(spec.q_lora_rank, h * spec.qk_head_dim, bias=False, dtype=dtype)
+        self.kv_a_proj_with_mqa = Linear(d, spec.kv_lora_rank + spec.qk_rope_head_dim, bias=spec.attention_bias,
+                                         dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, MLA_LATENT_NORM_EPS)
+        self.kv_b_proj = Linear(spec.kv_lora_rank, h * (spec.qk_nope_head_dim + spec.v_head_dim), bias=False,
+                                dtype=dtype)
+        self.o_proj = Linear(h * spec.v_head_dim, d, bias=spec.out_bias, dtype=dtype)
+        cos, sin = rope_cos_sin(spec)  # (max_seq_len, p) each
+        self.rope_cos = Buffer(jnp.asarray(cos))
+        self.rope_sin = Buffer(jnp.asarray(sin))
+        self.attn_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+        self.attention_impl = "auto"
+
+    def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
+                 attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        spec = self.spec
+        n, p, r, dv = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.kv_lora_rank, spec.v_head_dim
+        B, T, _ = x.shape
+        H = self.num_heads
+        if self.attention_impl not in ("auto", "xla"):
+            raise ValueError(f"attention_impl={self.attention_impl!r} does not apply to attention=mla "
+                             "(one of: auto, xla; cuDNN needs equal query/key and value head sizes)")
+        _check_positions(start_pos, T, spec.max_seq_len, "max_seq_len")
+        _check_attention_call(self.causal, cache, segment_ids)
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask, start_pos, T)
+        if spec.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, T, H, n + p)
+        rope_cos, rope_sin = self.rope_cos[...], self.rope_sin[...]
+        q_rope = _apply_rope(q[..., n:], rope_cos, rope_sin, start_pos, positions)
+        q = jnp.concatenate([q[..., :n], q_rope], axis=-1)  # (B, T, H, n + p)
+        compressed = self.kv_a_proj_with_mqa(x)  # (B, T, r + p)
+        latent = self.kv_a_layernorm(compressed[..., :r])[:, :, None, :]  # (B, T, 1, r)
+        k_rope = _apply_rope(compressed[..., None, r:], rope_cos, rope_sin, start_pos, positions)  # (B, T, 1, p)
+        mask = _layer_mask(spec, self.causal, start_pos, T, cache, attention_mask, segment_ids)  # (B|1, T, S)
+
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, start_pos)  # (B, S_max, 1, r), (B, S_max, 1, p)
+        S = latent.shape[1]
+        kv = self.kv_b_proj(latent[:, :, 0]).reshape(B, S, H, n + dv)
+        k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope.astype(kv.dtype), (B, S, H, p))], axis=-1)
+        v = kv[..., n:]  # (B, S, H, dv)
+        scores = jnp.einsum("BTHD,BSHD->BHTS", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (1.0 / math.sqrt(n + p))
+        scores = jnp.where(mask[:, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1)  # float32
+        probs = self.attn_dropout(probs, deterministic=deterministic)
+        y = jnp.einsum("BHTS,BSHD->BTHD", probs.astype(self.dtype), v.astype(self.dtype))
+        return self.o_proj(checkpoint_name(y.reshape(B, T, H * dv), ATTENTION_OUTPUT))  # (B, T, D)
+
+
+def build_attention(spec: ModelSpec, causal: bool = True, *, rngs: nnx.Rngs,
+                    dtype: Any = jnp.float32) -> MultiHeadAttention | MultiHeadLatentAttention:
+    """The attention the spec asks for (``attention: mha | mla``)."""
+    if spec.is_mla:
+        return MultiHeadLatentAttention(spec, causal, rngs=rngs, dtype=dtype)
+    return MultiHeadAttention(spec, causal, rngs=rngs, dtype=dtype)
 
 
 # ---------------------------------------------------------------------- feed-forward
@@ -801,7 +917,7 @@ class TransformerBlock(_SpecModule):
         self._set_spec(spec)
         self.layer_idx = layer_idx
         self.attn_norm = build_norm(spec)
-        self.attn = MultiHeadAttention(spec, rngs=rngs, dtype=dtype)
+        self.attn = build_attention(spec, rngs=rngs, dtype=dtype)
         self.mlp_norm = build_norm(spec)
         self.mlp = MoE(spec, dtype=dtype) if spec.is_moe_layer(layer_idx) else MLP(spec, dtype=dtype)
         self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from backends.torch.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import (
+    MLA_LATENT_NORM_EPS,
     Activation,
     ModelSpec,
     NormPosition,
@@ -49,6 +50,8 @@ __all__ = [
     "LayerKVCache",
     "KVCache",
     "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "build_attention",
     "positions_from_mask",
     "attention_rule",
     "MLP",
@@ -172,7 +175,12 @@ class EmbeddingLayer(nn.Module):
 
 # ---------------------------------------------------------------------- attention
 class LayerKVCache:
-    """Preallocated keys and values of one layer, (B, KV, max_seq_len, hd), keys already rotated."""
+    """Preallocated keys and values of one layer, (B, KV, max_seq_len, hd), keys already rotated.
+
+    With MLA (``MultiHeadLatentAttention``) the two slots hold what that attention caches instead
+    of full keys and values: ``k`` the normed compressed latent (B, 1, max_seq_len, kv_lora_rank),
+    ``v`` the one rotated rope key (B, 1, max_seq_len, qk_rope_head_dim).
+    """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k = k
@@ -207,10 +215,14 @@ class KVCache:
     def __init__(self, spec: ModelSpec, batch_size: int, *, max_seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         length = spec.max_seq_len if max_seq_len is None else max_seq_len
-        shape = (batch_size, spec.kv_heads, length, spec.dim_head)
+        if spec.is_mla:
+            k_shape = (batch_size, 1, length, spec.kv_lora_rank)
+            v_shape = (batch_size, 1, length, spec.qk_rope_head_dim)
+        else:
+            k_shape = v_shape = (batch_size, spec.kv_heads, length, spec.dim_head)
         self.layers = [
-            LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
-                         torch.zeros(shape, dtype=dtype, device=device))
+            LayerKVCache(torch.zeros(k_shape, dtype=dtype, device=device),
+                         torch.zeros(v_shape, dtype=dtype, device=device))
             for _ in range(spec.num_layers)
         ]
 
@@ -224,6 +236,44 @@ class KVCache:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, start_pos: int,
+                positions: torch.Tensor | None) -> torch.Tensor:
+    """Rotate-half RoPE on x (B, T, heads, r) with tables (max_seq_len, r) at the given positions."""
+    T = x.shape[1]
+    if positions is None:
+        cos = rope_cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, r)
+        sin = rope_sin[start_pos:start_pos + T, None, :].to(x.dtype)
+    else:
+        cos = rope_cos[positions][:, :, None, :].to(x.dtype)  # (B, T, 1, r)
+        sin = rope_sin[positions][:, :, None, :].to(x.dtype)
+    return x * cos + _rotate_half(x) * sin  # (B, T, heads, r)
+
+
+def _check_attention_call(causal: bool, cache: LayerKVCache | None, segment_ids: torch.Tensor | None) -> None:
+    if cache is not None and not causal:
+        raise ValueError("a KV cache needs causal attention (this layer has causal=False)")
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
+
+
+def _layer_mask(spec: ModelSpec, causal: bool, start_pos: int, key_start: int, T: int, S: int,
+                attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                device: torch.device) -> torch.Tensor | None:
+    """SDPA's boolean ``attn_mask`` (B|1, 1, T, S) for T queries at ``start_pos..`` and S keys at
+    ``key_start..``; None when the plain causal triangle (``is_causal``) is the whole rule."""
+    if spec.sliding_window is None and S == T and attention_mask is None and segment_ids is None:
+        return None
+    key_valid = query_valid = None
+    if attention_mask is not None:
+        key_valid = attention_mask[:, key_start:key_start + S]  # (B, S)
+        query_valid = attention_mask[:, start_pos:start_pos + T]  # (B, T)
+    return attention_rule(
+        torch.arange(start_pos, start_pos + T, device=device),
+        torch.arange(key_start, key_start + S, device=device),
+        causal=causal, window=spec.sliding_window, query_valid=query_valid,
+        key_valid=key_valid, q_segment=segment_ids, k_segment=segment_ids)[:, None]  # (B|1, 1, T, S)
 
 
 def positions_from_mask(attention_mask: torch.Tensor, start_pos: int, length: int) -> torch.Tensor:
@@ -293,23 +343,13 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
 
     def _rope(self, x: torch.Tensor, start_pos: int, positions: torch.Tensor | None) -> torch.Tensor:
-        T = x.shape[1]
-        if positions is None:
-            cos = self.rope_cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, hd)
-            sin = self.rope_sin[start_pos:start_pos + T, None, :].to(x.dtype)
-        else:
-            cos = self.rope_cos[positions][:, :, None, :].to(x.dtype)  # (B, T, 1, hd)
-            sin = self.rope_sin[positions][:, :, None, :].to(x.dtype)
-        return x * cos + _rotate_half(x) * sin  # (B, T, heads, hd)
+        return _apply_rope(x, self.rope_cos, self.rope_sin, start_pos, positions)  # (B, T, heads, hd)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None, *,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if cache is not None and not self.causal:
-            raise ValueError("a KV cache needs causal attention (this layer has causal=False)")
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids cannot be used with a KV cache (decode one document per row)")
+        _check_attention_call(self.causal, cache, segment_ids)
         if positions is None and attention_mask is not None:
             positions = positions_from_mask(attention_mask, start_pos, T)
         # -1: tensor parallel leaves H / tensor query and KV / tensor kv heads on this rank.
@@ -326,21 +366,8 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(k, v, start_pos)  # (B, KV, S, hd), S = start_pos + T
             key_start = 0
         S = k.shape[2]
-
-        mask = None
-        plain = (self.spec.sliding_window is None and S == T and attention_mask is None
-                 and segment_ids is None)
-        if not plain:
-            # An explicit mask when the plain lower triangle is not the rule.
-            key_valid = query_valid = None
-            if attention_mask is not None:
-                key_valid = attention_mask[:, key_start:key_start + S]  # (B, S)
-                query_valid = attention_mask[:, start_pos:start_pos + T]  # (B, T)
-            mask = attention_rule(
-                torch.arange(start_pos, start_pos + T, device=x.device),
-                torch.arange(key_start, key_start + S, device=x.device),
-                causal=self.causal, window=self.spec.sliding_window, query_valid=query_valid,
-                key_valid=key_valid, q_segment=segment_ids, k_segment=segment_ids)[:, None]  # (B|1, 1, T, S)
+        mask = _layer_mask(self.spec, self.causal, start_pos, key_start, T, S, attention_mask, segment_ids,
+                           x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
             dropout_p=self.spec.dropout if self.training else 0.0,
@@ -348,6 +375,94 @@ class MultiHeadAttention(nn.Module):
         )  # (B, H, T, hd); query head h reads kv head h // (H/KV)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
         return self.o_proj(y)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention (MLA), as transformers' ``DeepseekV3Attention``.
+
+    Shapes: r = kv_lora_rank, n = qk_nope_head_dim, p = qk_rope_head_dim, dv = v_head_dim.
+    Query: ``q_b_proj(q_a_layernorm(q_a_proj(x)))`` (or ``q_proj(x)`` with ``q_lora_rank`` null)
+    -> (B, T, H, n + p), split into a pass part (n) and a rope part (p). Key/value:
+    ``kv_a_proj_with_mqa(x)`` -> (B, T, r + p): the latent (r) goes through ``kv_a_layernorm`` and
+    ``kv_b_proj`` to per-head (k_nope (n), v (dv)); the rope part (p) is one key shared by every head
+    (the decoupled rope key). Keys are ``[k_nope, rope(k_rope)]``, queries ``[q_nope, rope(q_rope)]``,
+    the softmax scale ``1 / sqrt(n + p)``.
+
+    RoPE is rotate-half over the p rope dimensions (transformers' ``rope_interleave=False``).
+    DeepSeek's released weights rotate interleaved pairs (``rope_interleave=True``, transformers'
+    default); that is the same function after permuting the rope rows of the query projection and of
+    ``kv_a_proj_with_mqa`` (even dimensions first, then odd), which a checkpoint converter applies.
+
+    The KV cache holds the normed latent and the rotated rope key (``LayerKVCache``'s two slots),
+    not full keys and values: every step re-expands the cached latents through ``kv_b_proj``.
+    Masks, padding, segments and positions follow ``MultiHeadAttention``.
+    """
+
+    def __init__(self, spec: ModelSpec, causal: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.causal = causal
+        d, h = spec.hidden_size, spec.num_heads
+        self.num_heads, self.qk_head_dim = h, spec.qk_head_dim
+        if spec.q_lora_rank is None:
+            self.q_proj = _zeroed(nn.Linear, d, h * spec.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = _zeroed(nn.Linear, d, spec.q_lora_rank, bias=spec.attention_bias)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, MLA_LATENT_NORM_EPS)
+            self.q_b_proj = _zeroed(nn.Linear, spec.q_lora_rank, h * spec.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = _zeroed(nn.Linear, d, spec.kv_lora_rank + spec.qk_rope_head_dim,
+                                          bias=spec.attention_bias)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, MLA_LATENT_NORM_EPS)
+        self.kv_b_proj = _zeroed(nn.Linear, spec.kv_lora_rank, h * (spec.qk_nope_head_dim + spec.v_head_dim),
+                                 bias=False)
+        self.o_proj = _zeroed(nn.Linear, h * spec.v_head_dim, d, bias=spec.out_bias)
+        cos, sin = rope_cos_sin(spec)  # (max_seq_len, p) each
+        self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
+        self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        spec = self.spec
+        n, p, r, dv = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.kv_lora_rank, spec.v_head_dim
+        B, T, _ = x.shape
+        _check_attention_call(self.causal, cache, segment_ids)
+        if positions is None and attention_mask is not None:
+            positions = positions_from_mask(attention_mask, start_pos, T)
+        if spec.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, -1, n + p)  # (B, T, H, n + p); -1: tensor parallel leaves H / tensor heads
+        q_nope, q_rope = q.split([n, p], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([r, p], dim=-1)  # (B, T, r), (B, T, p)
+        latent = self.kv_a_layernorm(latent)
+        q_rope = _apply_rope(q_rope, self.rope_cos, self.rope_sin, start_pos, positions)
+        k_rope = _apply_rope(k_rope[:, :, None, :], self.rope_cos, self.rope_sin, start_pos, positions)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # (B, H, T, n + p)
+        latent, k_rope = latent[:, None], k_rope.transpose(1, 2)  # (B, 1, T, r), (B, 1, T, p)
+
+        key_start = start_pos
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, start_pos)  # (B, 1, S, r), (B, 1, S, p)
+            key_start = 0
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, -1, n + dv).transpose(1, 2)  # (B, H, S, n + dv)
+        k_nope, v = kv.split([n, dv], dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # (B, H, S, n + p)
+        mask = _layer_mask(spec, self.causal, start_pos, key_start, T, S, attention_mask, segment_ids, x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
+            dropout_p=spec.dropout if self.training else 0.0, scale=1.0 / math.sqrt(n + p),
+        )  # (B, H, T, dv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def build_attention(spec: ModelSpec, causal: bool = True) -> MultiHeadAttention | MultiHeadLatentAttention:
+    """The attention the spec asks for (``attention: mha | mla``)."""
+    if spec.is_mla:
+        return MultiHeadLatentAttention(spec, causal)
+    return MultiHeadAttention(spec, causal)
 
 
 # ---------------------------------------------------------------------- feed-forward
@@ -631,7 +746,7 @@ class TransformerBlock(nn.Module):
         self.spec = spec
         self.layer_idx = layer_idx
         self.attn_norm = build_norm(spec)
-        self.attn = MultiHeadAttention(spec)
+        self.attn = build_attention(spec)
         self.mlp_norm = build_norm(spec)
         self.mlp = MoE(spec) if spec.is_moe_layer(layer_idx) else MLP(spec)
         self.dropout = nn.Dropout(spec.dropout)
