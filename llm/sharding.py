@@ -16,6 +16,7 @@ kv_heads    tensor    k and v split by kv head
 mlp         tensor    the MLP's intermediate dimension (column for gate/up, row for down)
 experts     --        stacked experts stay whole per device (no expert parallelism yet)
 positions   --        the learned position table is small
+head_dim    --        the per-head q/k norm scales (qk_norm): one small vector every head uses
 ==========  ========  ==============================================================
 
 ``placement(info, mesh)`` applies the table to one parameter: a dimension takes its logical axis's
@@ -52,6 +53,7 @@ RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "experts": None,
     "positions": None,
+    "head_dim": None,
 }
 
 

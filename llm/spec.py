@@ -87,7 +87,7 @@ class ParamInfo:
     std: float = 0.0  # for "normal"
     weight_decay: bool = False  # matrices decay; norms, biases and embeddings do not
     # One logical axis name per dimension (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
-    # ``experts``, ``positions``); ``llm.sharding.RULES`` maps them to mesh axes.
+    # ``experts``, ``positions``, ``head_dim``); ``llm.sharding.RULES`` maps them to mesh axes.
     axes: tuple[str, ...] = ()
 
     @property
@@ -140,6 +140,9 @@ class ModelSpec(Section):
     pad_token_id: int | None = None
     attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool | None = None  # bias on o_proj; None = same as attention_bias
+    # RMSNorm (weight only, norm_eps) over each query and key head after the projection and before
+    # RoPE (Qwen3); whatever norm_type the blocks use.
+    qk_norm: bool = False
     sliding_window: int | None = None  # query i sees keys j with i - window < j <= i
     mlp_bias: bool = False
     dropout: float = 0.0
@@ -278,6 +281,10 @@ class ModelSpec(Section):
             linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
             linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
             linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std, ("embed", "heads"))
+            if self.qk_norm:
+                # one (hd,) scale shared by every head: whole on every tensor-parallel rank
+                rows.append(ParamInfo(f"{p}.attn.q_norm.weight", (hd,), "ones", axes=("head_dim",)))
+                rows.append(ParamInfo(f"{p}.attn.k_norm.weight", (hd,), "ones", axes=("head_dim",)))
             norm(f"{p}.mlp_norm")
             moe = self.use_moe
             if moe:
