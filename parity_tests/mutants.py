@@ -116,6 +116,38 @@ def qk_bias_after_rope(mp, backend):
     _wrap(mp, MODEL[backend].MultiHeadAttention, "_rope", make)
 
 
+def k_norm_after_rope(mp, backend):
+    """The key norm runs on the rotated keys: norm(rope(k)) instead of rope(norm(k)). The rotation
+    keeps each head's mean square, so only a norm weight away from 1 shows it."""
+    cls, norm_cls = MODEL[backend].MultiHeadAttention, MODEL[backend].RMSNorm
+    norm = getattr(norm_cls, CALL[backend])  # the real norm, kept before the patch below
+    held: dict[str, object] = {}
+    turn = itertools.cycle(["q", "k"])  # forward rotates q, then k
+
+    def make_attention(orig):
+        def call(self, x, *args, **kwargs):
+            held.update(k_norm=getattr(self, "k_norm", None))
+            try:
+                return orig(self, x, *args, **kwargs)
+            finally:
+                held.clear()
+        return call
+
+    def make_norm(orig):
+        def call(self, x):
+            return x if self is held.get("k_norm") else orig(self, x)  # skipped before the rotation
+        return call
+
+    def make_rope(orig):
+        def rope(self, x, start_pos, *rest):
+            y = orig(self, x, start_pos, *rest)
+            return norm(held["k_norm"], y) if next(turn) == "k" and held.get("k_norm") is not None else y
+        return rope
+    _wrap(mp, cls, CALL[backend], make_attention)
+    _wrap(mp, norm_cls, CALL[backend], make_norm)
+    _wrap(mp, cls, "_rope", make_rope)
+
+
 def gqa_head_grouping(mp, backend):
     """Query head h reads kv head h % KV instead of h // G: the attention runs on query heads
     reordered so that slot s (which reads kv s // G) holds head (s % G) * KV + s // G, and o_proj
@@ -251,6 +283,8 @@ MUTANTS = (
            ("component:attention_rope",), attention_scale),
     Mutant("qk_bias_after_rope", "q/k biases added after the rotation instead of before it",
            ("component:attention_rope",), qk_bias_after_rope, fast=True),
+    Mutant("k_norm_after_rope", "the key norm (qk_norm) applied after the rotation instead of before it",
+           ("component:attention_qk_norm",), k_norm_after_rope, fast=True),
     Mutant("gqa_head_grouping", "query head h reads kv head h % num_kv_heads instead of h // group",
            ("component:attention_gqa",), gqa_head_grouping, fast=True),
     Mutant("sliding_window_off_by_one", "the window admits window + 1 keys (j >= i - window)",

@@ -25,7 +25,7 @@ def examples(ci: int) -> int:
 @st.composite
 def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
           max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
-    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MoE.
+    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, q/k norms, positions, MoE.
 
     ``max_seq_len`` is fixed (an int) or drawn from an inclusive (lo, hi) range; the position tables
     (RoPE cos/sin, learned, sinusoidal) are sized by it. Odd head sizes (3, 5, 7) are drawn only
@@ -70,6 +70,7 @@ def specs(draw, *, moe: bool | None = None, max_layers: int = 3,
         lm_head_bias=False if tie else draw(st.booleans()),  # a tied head has no bias of its own
         attention_bias=draw(st.booleans()),
         attention_out_bias=draw(st.sampled_from([None, True, False])),
+        qk_norm=draw(st.booleans()),
         sliding_window=draw(st.sampled_from([None, None, 1, 3, 8])),
         mlp_bias=draw(st.booleans()),
         use_moe=use_moe,
