@@ -100,6 +100,18 @@ def test_fsdp_over_two_processes_follows_the_single_process_run(tmp_path):
     assert_same_trajectory(sharded, single)
 
 
+def test_tensor_parallel_refuses_qk_norm():
+    """Per-head q/k norm gradients would be partial sums over each rank's heads: refused, not wrong."""
+    from backends.torch.model import DecoderModel
+    from backends.torch.parallel import apply_tensor_parallel
+    from llm.sharding import MeshShape
+    from llm.spec import ModelSpec
+
+    model = DecoderModel(ModelSpec(hidden_size=16, num_heads=2, norm_type="rmsnorm", qk_norm=True))
+    with pytest.raises(NotImplementedError, match="model.qk_norm"):
+        apply_tensor_parallel(model, MeshShape(tensor=2), mesh=None)
+
+
 # ---------------------------------------------------------------------- the sweep (make test-dist)
 MESHES = [(2, ["distributed.fsdp=2"]), (4, ["distributed.fsdp=4"]), (2, ["distributed.tensor=2"]),
           (4, ["distributed.fsdp=2", "distributed.tensor=2"]), (4, ["distributed.tensor=2"])]  # last: data 2 x tensor 2
