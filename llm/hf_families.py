@@ -1,7 +1,7 @@
 """Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
 
 One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
-``mixtral``, ``qwen2_moe``) holds three things, each written once and used by import and export alike:
+``mixtral``, ``qwen2_moe``, ``qwen3``) holds three things, each written once and used by import and export alike:
 
 * ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
   is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
@@ -21,11 +21,14 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
 * GPT-2: pre-norm LayerNorm (``layer_norm_epsilon``), learned positions (``wpe``), ``gelu_new`` =
   our ``gelu_tanh``, biases everywhere, scale ``1/sqrt(head_dim)``, tied ``wte``; Conv1D weights
   are stored ``(in, out)`` and transposed here; ``c_attn`` is q|k|v concatenated on the out axis.
-* Llama / Mistral / Qwen2 / Mixtral: RMSNorm (fp32 statistics, ``weight * x.to(dtype)``), GLU MLP,
+* Llama / Mistral / Qwen2 / Mixtral / Qwen3: RMSNorm (fp32 statistics, ``weight * x.to(dtype)``), GLU MLP,
   rotate-half RoPE with ``rope_theta`` (Llama-3 scaling supported), GQA. transformers' sliding
   window lets query ``i`` see key ``j`` iff ``i - window < j <= i`` (``masking_utils``:
   ``kv_idx > q_idx - sliding_window``), exactly ``ModelSpec.sliding_window``: the value maps 1:1.
-  Qwen2: q/k/v bias, no o_proj bias. Mixtral router: fp32 softmax over all experts, top-k,
+  Qwen2: q/k/v bias, no o_proj bias. Qwen3: ``qk_norm`` (an RMSNorm of ``rms_norm_eps`` over each
+  query and key head, after the projection, before RoPE), ``attention_bias`` on q/k/v and o_proj
+  alike (as Llama), an explicit ``head_dim`` (default 128, not hidden/heads), Qwen2's sliding-window
+  keys. Mixtral router: fp32 softmax over all experts, top-k,
   always renormalised (``norm_topk_prob=True``), no capacity limit. Qwen2-MoE: the same softmax
   router with ``norm_topk_prob`` as configured (default false), experts of ``moe_intermediate_size``,
   one shared expert of ``shared_expert_intermediate_size`` gated by ``sigmoid(x @ shared_expert_gate)``
@@ -365,6 +368,7 @@ def _gpt2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
            "GPT-2's head size is n_embd / n_head")
     c.need(spec.sliding_window is None, "sliding_window", "GPT-2 attends to the whole prefix")
     c.need(spec.rope_scaling is None, "rope_scaling", "GPT-2 has no RoPE")
+    c.need(not spec.qk_norm, "qk_norm", "GPT-2 has no q/k norms")
     return {"vocab_size": spec.vocab_size, "n_positions": spec.max_seq_len, "n_embd": spec.hidden_size,
             "n_layer": spec.num_layers, "n_head": spec.num_heads,
             "n_inner": None if spec.ffn_size == 4 * spec.hidden_size else spec.ffn_size,
@@ -425,7 +429,10 @@ _LLAMA_DEFAULTS = {
     "qwen2": (32768, 1e-6, 10000.0, 32, 151936, 22016),
     "mixtral": (4096 * 32, 1e-5, 1e6, 8, 32000, 14336),
     "qwen2_moe": (32768, 1e-6, 10000.0, 16, 151936, 5632),
+    "qwen3": (32768, 1e-6, 10000.0, 32, 151936, 22016),
 }
+# transformers' head_dim for an absent key where it is not hidden_size // num_attention_heads
+_HEAD_DIM_DEFAULTS = {"qwen3": 128}
 
 
 def _llama_like_spec(r: ConfigReader) -> dict[str, Any]:
@@ -441,7 +448,7 @@ def _llama_like_spec(r: ConfigReader) -> dict[str, Any]:
         vocab_size=r.get("vocab_size", vocab), max_seq_len=max_pos,
         hidden_size=d, num_layers=r.get("num_hidden_layers", 32), num_heads=heads,
         num_kv_heads=None if kv is None or kv == heads else kv,
-        head_dim=_head_dim(d, heads, r.get("head_dim")),
+        head_dim=_head_dim(d, heads, r.get("head_dim", _HEAD_DIM_DEFAULTS.get(r.family))),
         intermediate_size=r.get("intermediate_size", ffn),
         activation=_activation(r, "hidden_act", "silu") or Activation.SILU, use_glu=True,
         norm_type=NormType.RMSNORM, norm_eps=float(r.get("rms_norm_eps", eps)), position=Position.ROPE,
@@ -512,17 +519,22 @@ def _mixtral_spec(r: ConfigReader) -> dict[str, Any]:
     return fields
 
 
-def _qwen2_spec(r: ConfigReader) -> dict[str, Any]:
-    fields = _llama_like_spec(r)
-    layers = fields["num_layers"]
+def _qwen_window(r: ConfigReader, layers: int) -> int | None:
+    """Qwen2 / Qwen3 windows: ``use_sliding_window``, ``sliding_window`` from layer
+    ``max_window_layers`` on, or per-layer ``layer_types``."""
     use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
     window = r.get("sliding_window", 4096)
     first = r.get("max_window_layers", 28)
-    window = window if use_window else None  # what transformers' Qwen2Config does
+    window = window if use_window else None  # what transformers' Qwen2Config / Qwen3Config do
     default = ["sliding_attention" if window is not None and i >= first else "full_attention"
                for i in range(layers)]
     types = _layer_types(r, layers, default)
-    fields["sliding_window"] = _uniform_window(r, window, [t == "sliding_attention" for t in types])
+    return _uniform_window(r, window, [t == "sliding_attention" for t in types])
+
+
+def _qwen2_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    fields["sliding_window"] = _qwen_window(r, fields["num_layers"])
     fields.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
     return fields
 
@@ -564,8 +576,18 @@ def _qwen2_moe_spec(r: ConfigReader) -> dict[str, Any]:
     return fields
 
 
-def _llama_like_config(spec: ModelSpec, c: SpecChecker, family: str) -> dict[str, Any]:
+def _qwen3_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _llama_like_spec(r)
+    fields["sliding_window"] = _qwen_window(r, fields["num_layers"])
+    bias = r.check("attention_bias", lambda v: isinstance(v, bool), False, "must be true or false")
+    fields.update(attention_bias=bool(bias), attention_out_bias=None, mlp_bias=False, qk_norm=True)
+    return fields
+
+
+def _llama_like_config(spec: ModelSpec, c: SpecChecker, family: str, *, qk_norm: bool = False) -> dict[str, Any]:
     c.need(spec.position is Position.ROPE, "position", f"{family} uses RoPE")
+    c.need(spec.qk_norm == qk_norm, "qk_norm", f"{family} always normalises q and k per head" if qk_norm
+           else f"{family} has no q/k norms (qwen3 has)")
     c.need(spec.norm_type is NormType.RMSNORM, "norm_type", f"{family} uses RMSNorm")
     c.need(spec.use_glu, "use_glu", f"{family}'s MLP is gated (down(act(gate(x)) * up(x)))")
     c.need(spec.activation in _LLAMA_ACT_NAMES, "activation", "no transformers activation name")
@@ -623,10 +645,25 @@ def _qwen2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
     c.need(spec.attention_bias, "attention_bias", "qwen2 always has q/k/v biases")
     c.need(not spec.out_bias, "attention_out_bias", "qwen2 has no o_proj bias")
     c.need(not spec.mlp_bias, "mlp_bias", "qwen2 has no MLP biases")
+    cfg.update(_qwen_window_config(spec))
+    return cfg
+
+
+def _qwen_window_config(spec: ModelSpec) -> dict[str, Any]:
+    """``sliding_window`` as Qwen2 / Qwen3 write it: on every layer or none."""
     window = spec.sliding_window
-    cfg.update(use_sliding_window=window is not None, sliding_window=window,
-               max_window_layers=0 if window is not None else spec.num_layers,
-               layer_types=["sliding_attention" if window is not None else "full_attention"] * spec.num_layers)
+    return dict(use_sliding_window=window is not None, sliding_window=window,
+                max_window_layers=0 if window is not None else spec.num_layers,
+                layer_types=["sliding_attention" if window is not None else "full_attention"] * spec.num_layers)
+
+
+def _qwen3_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "qwen3", qk_norm=True)
+    _dense_only(spec, c, "qwen3")
+    c.need(spec.out_bias == spec.attention_bias, "attention_out_bias",
+           "qwen3's attention_bias covers q/k/v and o_proj alike")
+    c.need(not spec.mlp_bias, "mlp_bias", "qwen3 has no MLP biases")
+    cfg.update(attention_bias=spec.attention_bias, **_qwen_window_config(spec))
     return cfg
 
 
@@ -683,6 +720,8 @@ def _llama_weights(spec: ModelSpec, names: set[str] | None = None, *,
             groups.append(_rename(f"{p}.attn.{n}_proj.weight", f"{h}.self_attn.{n}_proj.weight"))
             if (spec.out_bias if n == "o" else spec.attention_bias):
                 groups.append(_rename(f"{p}.attn.{n}_proj.bias", f"{h}.self_attn.{n}_proj.bias"))
+        if spec.qk_norm:
+            groups += [_rename(f"{p}.attn.{n}_norm.weight", f"{h}.self_attn.{n}_norm.weight") for n in "qk"]
         if spec.is_moe_layer(i):
             groups += experts(spec, p, h, names)
         else:
@@ -763,6 +802,7 @@ FAMILIES: dict[str, Family] = {
                _llama_ignored),
         Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", _qwen2_moe_spec, _qwen2_moe_config,
                _qwen2_moe_weights, _llama_ignored),
+        Family("qwen3", "qwen3", "Qwen3ForCausalLM", _qwen3_spec, _qwen3_config, _llama_weights, _llama_ignored),
     )
 }
 
@@ -788,7 +828,7 @@ def family_for_config(cfg: dict[str, Any]) -> Family:
 
 
 def infer_family(spec: ModelSpec, preferred: Iterable[str] = ()) -> Family:
-    """The first family (``preferred`` first, then gpt2, llama, mistral, qwen2, mixtral) that can
+    """The first family (``preferred`` first, then gpt2, llama, mistral, qwen2, mixtral, qwen3) that can
     express ``spec``; one HFError with every family's reasons when none can."""
     order = [*preferred, *FAMILIES]
     reasons = []

@@ -18,6 +18,7 @@ experts     --        stacked experts stay whole per device (no expert paralleli
 positions   --        the learned position table is small
 q_lora      --        MLA's compressed query: small, every head reads all of it
 kv_lora     --        MLA's compressed key/value latent (and the shared rope key): the same
+head_dim    --        the per-head q/k norm scales (qk_norm): one small vector every head uses
 ==========  ========  ==============================================================
 
 ``placement(info, mesh)`` applies the table to one parameter: a dimension takes its logical axis's
@@ -56,6 +57,7 @@ RULES: dict[str, str | None] = {
     "positions": None,
     "q_lora": None,
     "kv_lora": None,
+    "head_dim": None,
 }
 
 

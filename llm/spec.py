@@ -105,8 +105,8 @@ class ParamInfo:
     std: float = 0.0  # for "normal"
     weight_decay: bool = False  # matrices decay; norms, biases and embeddings do not
     # One logical axis name per dimension (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
-    # ``experts``, ``positions``, MLA's ``q_lora`` and ``kv_lora``); ``llm.sharding.RULES`` maps them
-    # to mesh axes.
+    # ``experts``, ``positions``, ``head_dim``, MLA's ``q_lora`` and ``kv_lora``); ``llm.sharding.RULES``
+    # maps them to mesh axes.
     axes: tuple[str, ...] = ()
 
     @property
@@ -184,6 +184,9 @@ class ModelSpec(Section):
     v_head_dim: int = 128
     attention_bias: bool = False  # bias on q/k/v projections (MLA: on q_a_proj and kv_a_proj_with_mqa)
     attention_out_bias: bool | None = None  # bias on o_proj; None = same as attention_bias
+    # RMSNorm (weight only, norm_eps) over each query and key head after the projection and before
+    # RoPE (Qwen3); whatever norm_type the blocks use.
+    qk_norm: bool = False
     sliding_window: int | None = None  # query i sees keys j with i - window < j <= i
     mlp_bias: bool = False
     dropout: float = 0.0
@@ -227,6 +230,7 @@ class ModelSpec(Section):
 
         if self.attention is Attention.MLA:
             self._validate_mla()
+            need(not self.qk_norm, "qk_norm", "applies to attention=mha only (MLA normalises its latents instead)")
         kv = self.kv_heads
         need(self.num_heads % kv == 0, "num_heads", f"is not divisible by num_kv_heads={kv}")
         if self.head_dim is None and not self.is_mla:
@@ -414,6 +418,10 @@ class ModelSpec(Section):
                 linear(f"{p}.attn.k_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
                 linear(f"{p}.attn.v_proj", kv * hd, d, self.attention_bias, std, ("kv_heads", "embed"))
                 linear(f"{p}.attn.o_proj", d, h * hd, self.out_bias, out_std, ("embed", "heads"))
+                if self.qk_norm:
+                    # one (hd,) scale shared by every head: whole on every tensor-parallel rank
+                    rows.append(ParamInfo(f"{p}.attn.q_norm.weight", (hd,), "ones", axes=("head_dim",)))
+                    rows.append(ParamInfo(f"{p}.attn.k_norm.weight", (hd,), "ones", axes=("head_dim",)))
             norm(f"{p}.mlp_norm")
             if not self.is_moe_layer(i):
                 ffn(f"{p}.mlp", f)

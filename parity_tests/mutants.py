@@ -53,6 +53,20 @@ def _wrap(mp: pytest.MonkeyPatch, cls: type, method: str, make: Callable[[Callab
     mp.setattr(cls, method, make(getattr(cls, method)))
 
 
+def _hold_while_attending(mp: pytest.MonkeyPatch, backend: str, held: dict,
+                          what: Callable[[object], dict]) -> None:
+    """While a ``MultiHeadAttention`` runs, ``held`` holds ``what(layer)``; it is cleared after."""
+    def make(orig):
+        def call(self, x, *args, **kwargs):
+            held.update(what(self))
+            try:
+                return orig(self, x, *args, **kwargs)
+            finally:
+                held.clear()
+        return call
+    _wrap(mp, MODEL[backend].MultiHeadAttention, CALL[backend], make)
+
+
 def _patch_spec(mp: pytest.MonkeyPatch, cls: type, backend: str, change: Callable[[ModelSpec], ModelSpec]) -> None:
     """Every ``cls`` module sees ``change(spec)`` as its spec; the rest of the model sees the real one."""
     if backend == "torch":  # the torch modules assign self.spec in __init__: keep it aside
@@ -116,28 +130,45 @@ def qk_bias_after_rope(mp, backend):
     _wrap(mp, MODEL[backend].MultiHeadAttention, "_rope", make)
 
 
+def k_norm_after_rope(mp, backend):
+    """The key norm runs on the rotated keys: norm(rope(k)) instead of rope(norm(k)). The rotation
+    keeps each head's mean square, so only a norm weight away from 1 shows it."""
+    cls, norm_cls = MODEL[backend].MultiHeadAttention, MODEL[backend].RMSNorm
+    norm = getattr(norm_cls, CALL[backend])  # the real norm, kept before the patch below
+    held: dict[str, object] = {}
+    turn = itertools.cycle(["q", "k"])  # forward rotates q, then k
+
+    def make_norm(orig):
+        def call(self, x):
+            return x if self is held.get("k_norm") else orig(self, x)  # skipped before the rotation
+        return call
+
+    def make_rope(orig):
+        def rope(self, x, start_pos, *rest):
+            y = orig(self, x, start_pos, *rest)
+            return norm(held["k_norm"], y) if next(turn) == "k" and held.get("k_norm") is not None else y
+        return rope
+    _hold_while_attending(mp, backend, held, lambda layer: {"k_norm": getattr(layer, "k_norm", None)})
+    _wrap(mp, norm_cls, CALL[backend], make_norm)
+    _wrap(mp, cls, "_rope", make_rope)
+
+
 def gqa_head_grouping(mp, backend):
     """Query head h reads kv head h % KV instead of h // G: the attention runs on query heads
     reordered so that slot s (which reads kv s // G) holds head (s % G) * KV + s // G, and o_proj
     gets the heads back in order."""
     active: dict[str, object] = {}
-    cls, linear = MODEL[backend].MultiHeadAttention, LINEAR[backend]
+    linear = LINEAR[backend]
 
     def columns(heads: list[int], hd: int) -> list[int]:
         return [h * hd + j for h in heads for j in range(hd)]
 
-    def make_attention(orig):
-        def call(self, x, *args, **kwargs):
-            H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-            G = H // K
-            perm = [(s % G) * K + s // G for s in range(H)]
-            active.update(q=self.q_proj, o=self.o_proj, q_cols=columns(perm, hd),
-                          o_cols=columns(sorted(range(H), key=perm.__getitem__), hd))
-            try:
-                return orig(self, x, *args, **kwargs)
-            finally:
-                active.clear()
-        return call
+    def hold(layer) -> dict:
+        H, K, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        G = H // K
+        perm = [(s % G) * K + s // G for s in range(H)]
+        return dict(q=layer.q_proj, o=layer.o_proj, q_cols=columns(perm, hd),
+                    o_cols=columns(sorted(range(H), key=perm.__getitem__), hd))
 
     def make_linear(orig):
         def call(self, x):
@@ -146,7 +177,7 @@ def gqa_head_grouping(mp, backend):
             y = orig(self, x)
             return y[..., active["q_cols"]] if self is active.get("q") else y
         return call
-    _wrap(mp, cls, CALL[backend], make_attention)
+    _hold_while_attending(mp, backend, active, hold)
     _wrap(mp, linear, CALL[backend], make_linear)
 
 
@@ -251,6 +282,8 @@ MUTANTS = (
            ("component:attention_rope",), attention_scale),
     Mutant("qk_bias_after_rope", "q/k biases added after the rotation instead of before it",
            ("component:attention_rope",), qk_bias_after_rope, fast=True),
+    Mutant("k_norm_after_rope", "the key norm (qk_norm) applied after the rotation instead of before it",
+           ("component:attention_qk_norm",), k_norm_after_rope, fast=True),
     Mutant("gqa_head_grouping", "query head h reads kv head h % num_kv_heads instead of h // group",
            ("component:attention_gqa",), gqa_head_grouping, fast=True),
     Mutant("sliding_window_off_by_one", "the window admits window + 1 keys (j >= i - window)",

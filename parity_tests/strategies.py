@@ -25,7 +25,7 @@ def examples(ci: int) -> int:
 @st.composite
 def specs(draw, *, moe: bool | None = None, mla: bool | None = None, max_layers: int = 3,
           max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
-    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, positions, MLA, MoE
+    """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, q/k norms, positions, MLA, MoE
     and its variants (dense first layers, routed expert size, shared experts and their gate, sigmoid
     routing, routed scaling).
 
@@ -92,6 +92,7 @@ def specs(draw, *, moe: bool | None = None, mla: bool | None = None, max_layers:
         lm_head_bias=False if tie else draw(st.booleans()),  # a tied head has no bias of its own
         attention_bias=draw(st.booleans()),
         attention_out_bias=draw(st.sampled_from([None, True, False])),
+        qk_norm=draw(st.booleans()),
         sliding_window=draw(st.sampled_from([None, None, 1, 3, 8])),
         mlp_bias=draw(st.booleans()),
         use_moe=use_moe,
@@ -117,7 +118,7 @@ def mlas(draw, *, moe: bool | None = None, max_layers: int = 3,
         lambda s: s.position.value == "rope"))
     num_heads = draw(st.sampled_from([1, 2, 3, 4]))
     return base.replace(
-        attention="mla", num_heads=num_heads, num_kv_heads=None, head_dim=None,
+        attention="mla", num_heads=num_heads, num_kv_heads=None, head_dim=None, qk_norm=False,
         hidden_size=draw(st.sampled_from([8, 12, 20, 32])),  # MLA heads need not divide it
         q_lora_rank=draw(st.sampled_from([None, 3, 8])),
         kv_lora_rank=draw(st.sampled_from([2, 5, 8])),

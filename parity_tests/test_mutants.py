@@ -53,6 +53,7 @@ def _moe_ties(_dir):
 CHECKS = {
     "component:norm": _component("norm", **BASE, norm_type="layernorm"),
     "component:attention_rope": _component("attention", **BASE, position="rope", attention_bias=True),
+    "component:attention_qk_norm": _component("attention", **BASE, position="rope", qk_norm=True),
     "component:attention_gqa": _component("attention", **dict(BASE, num_heads=4), num_kv_heads=2,
                                           position="learned"),
     "component:attention_window": _component("attention", **BASE, sliding_window=2),

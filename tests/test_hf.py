@@ -1,7 +1,8 @@
 """Hugging Face interop (``llm.hf``): tiny random transformers models built here, saved, imported.
 
 For every family and several shapes (GQA ratios, MQA, tied/untied, a head_dim that is not
-hidden/heads, sliding windows, biases, Llama-3 RoPE scaling, MoE top-1/top-2), in float32 on CPU:
+hidden/heads, sliding windows, biases, Llama-3 RoPE scaling, MoE top-1/top-2, Qwen3's per-head q/k
+norms), in float32 on CPU:
 
 * our torch and flax logits against transformers': max-abs <= 1e-4 and mean KL <= 1e-8;
 * greedy generation of 32 tokens identical to transformers' ``generate`` (both backends);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +88,18 @@ CASES = {
                                                  max_position_embeddings=64, num_experts=3, num_experts_per_tok=2,
                                                  moe_intermediate_size=16, shared_expert_intermediate_size=0,
                                                  norm_topk_prob=True, tie_word_embeddings=True)),
+    # Qwen3's head_dim is its own field (default 128, not hidden / heads)
+    "qwen3-gqa2-untied-hd12": ("Qwen3Config", "Qwen3ForCausalLM",
+                               dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=12, max_position_embeddings=64)),
+    "qwen3-mqa-tied-hd12-bias": ("Qwen3Config", "Qwen3ForCausalLM",
+                                dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                                     num_key_value_heads=1, head_dim=12, max_position_embeddings=64,
+                                     tie_word_embeddings=True, attention_bias=True, rms_norm_eps=1e-5)),
+    "qwen3-gqa4-window6": ("Qwen3Config", "Qwen3ForCausalLM",
+                           dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                num_key_value_heads=2, head_dim=4, max_position_embeddings=64, use_sliding_window=True,
+                                sliding_window=6, max_window_layers=0)),
 }
 
 
@@ -96,7 +110,12 @@ def build_hf(case: str, seed: int = 0):
     cfg_name, model_name, kwargs = CASES[case]
     cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, initializer_range=0.2, **NO_SPECIALS, **kwargs)
     torch.manual_seed(seed)
-    return getattr(transformers, model_name)(cfg).eval()
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():  # transformers starts q_norm / k_norm at ones: drawn scales make a swap show
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +216,41 @@ def test_spec_mapping_examples(imported):
     spec = llm.checkpoint.load_checkpoint(imported("mixtral-e3-top1-mqa-window7")[2]).spec
     assert (spec.use_moe, spec.num_experts, spec.num_experts_per_token, spec.norm_topk_prob,
             spec.router_aux_loss_coef) == (True, 3, 1, True, 0.001)
+    spec = llm.checkpoint.load_checkpoint(imported("qwen3-mqa-tied-hd12-bias")[2]).spec
+    assert (spec.qk_norm, spec.head_dim, spec.kv_heads, spec.attention_bias, spec.out_bias, spec.tie_embeddings,
+            spec.norm_eps) == (True, 12, 1, True, True, True, 1e-5)
+    spec = llm.checkpoint.load_checkpoint(imported("qwen3-gqa4-window6")[2]).spec
+    assert (spec.qk_norm, spec.sliding_window, spec.attention_bias, spec.out_bias) == (True, 6, False, False)
+
+
+def test_qwen3_head_dim_defaults_to_128():
+    """An absent ``head_dim`` is transformers' Qwen3 default 128, not hidden / heads (a llama reads 8)."""
+    cfg = build_hf("qwen3-gqa2-untied-hd12").config.to_dict()
+    cfg.update(hidden_size=64, num_attention_heads=8)
+    del cfg["head_dim"]
+    assert FAMILIES["qwen3"].to_spec(cfg).dim_head == 128
+    llama = build_hf("llama-mqa-bias").config.to_dict()
+    del llama["head_dim"]
+    assert FAMILIES["llama"].to_spec(llama).dim_head == 48 // 6
+
+
+def test_qk_norm_exports_as_qwen3_only(imported, tmp_path):
+    """A qk_norm spec goes to qwen3 by default; naming another family fails on qk_norm; a qwen3
+    checkpoint without qk_norm is refused by qwen3."""
+    from llm.checkpoint import save_checkpoint
+    from llm.spec import init_params
+
+    spec = llm.checkpoint.load_checkpoint(imported("qwen3-gqa2-untied-hd12")[2]).spec
+    save_checkpoint(tmp_path / "c", init_params(spec), {"model": spec.to_dict()})
+    assert export_hf(tmp_path / "c", tmp_path / "out").family == "qwen3"
+    for family in ("llama", "qwen2", "gpt2"):
+        with pytest.raises(HFError, match="qk_norm=True"):
+            export_hf(tmp_path / "c", tmp_path / "x", family=family)
+    plain = spec.replace(qk_norm=False)
+    save_checkpoint(tmp_path / "d", init_params(plain), {"model": plain.to_dict()})
+    with pytest.raises(HFError, match="qk_norm=False: qwen3 always normalises q and k per head"):
+        export_hf(tmp_path / "d", tmp_path / "y", family="qwen3")
+    assert export_hf(tmp_path / "d", tmp_path / "z").family == "llama"
 
 
 def test_qwen2_moe_mapping(imported, tmp_path):
@@ -391,6 +445,8 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("gpt2-tied", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
     ("gpt2-tied", {"attn_pdrop": 0.0}, "one dropout rate"),
     ("qwen2-gqa4-window6", {"layer_types": ["full_attention", "sliding_attention"]}, "some layers only"),
+    ("qwen3-gqa4-window6", {"layer_types": ["full_attention", "sliding_attention"]}, "some layers only"),
+    ("qwen3-gqa2-untied-hd12", {"attention_bias": "yes"}, "attention_bias='yes': must be true or false"),
     ("mistral-mqa-window5", {"layer_types": ["full_attention", "sliding_attention"]}, "ministral"),
     ("llama-mqa-bias", {"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast'"),
     ("qwen2moe-e4-top2-shared-dense0", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
@@ -403,18 +459,21 @@ def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_pat
         import_hf(_write_config(tmp_path / "a", cfg), tmp_path / "out")
 
 
-def test_weight_names_are_checked_strictly(imported, tmp_path):
+@pytest.mark.parametrize("case,drop,add", [
+    ("qwen2-gqa2-tied", "model.layers.1.self_attn.k_proj.bias", "model.layers.0.self_attn.o_proj.bias"),
+    ("qwen3-gqa2-untied-hd12", "model.layers.1.self_attn.k_norm.weight", "model.layers.0.self_attn.v_norm.weight"),
+])
+def test_weight_names_are_checked_strictly(case, drop, add, imported, tmp_path):
     from safetensors.numpy import save_file
 
-    _, hf_dir, _ = imported("qwen2-gqa2-tied")
+    _, hf_dir, _ = imported(case)
     weights = read_hf_weights(hf_dir)
-    weights.pop("model.layers.1.self_attn.k_proj.bias")
-    weights["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+    weights.pop(drop)
+    weights[add] = np.zeros(32, np.float32)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text((hf_dir / "config.json").read_text())
     save_file(weights, str(tmp_path / "bad" / "model.safetensors"))
-    with pytest.raises(HFError, match=r"missing 1: model.layers.1.self_attn.k_proj.bias \| unexpected 1: "
-                                      r"model.layers.0.self_attn.o_proj.bias"):
+    with pytest.raises(HFError, match=rf"missing 1: {re.escape(drop)} \| unexpected 1: {re.escape(add)}"):
         import_hf(tmp_path / "bad", tmp_path / "out")
 
 

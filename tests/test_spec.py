@@ -33,6 +33,7 @@ from llm.spec import (
         (dict(vocab_size=0), "vocab_size=0 must be >= 1"),
         (dict(num_layers=2.5), "model.num_layers: expected int, got 2.5"),
         (dict(use_glu="yes"), "model.use_glu: expected bool, got 'yes'"),
+        (dict(qk_norm="maybe"), "model.qk_norm: expected bool, got 'maybe'"),
         (dict(norm_eps=0.0), "norm_eps=0.0 must be > 0"),
         (dict(init_std=float("nan")), "model.init_std: expected a finite float, got nan"),
         (dict(position="learned", rope_scaling={"rope_type": "llama3"}), "model.rope_scaling={'rope_type': 'llama3'} applies to position=rope only, not position=learned"),
@@ -157,6 +158,29 @@ def test_moe_variant_param_table():
     # active parameters: top-k of the routed experts only; shared experts and dense layers in full
     routed = 3 * 12 * 32 + 2 * 12 + 32  # gate + up + down weights and biases, one expert
     assert spec.num_params() - spec.num_params(active=True) == 2 * (4 - 2) * routed
+
+
+def test_qk_norm_rows():
+    """Two (head_dim,) scales per layer, after o_proj, starting at 1, not decayed, whole on every
+    device (logical axis head_dim: no mesh axis), and counted as norms, not matmuls, by the FLOPs."""
+    from llm.sharding import MeshShape, param_placements
+
+    base = ModelSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, norm_type="rmsnorm")
+    spec = base.replace(qk_norm=True)
+    table = {p.name: p for p in spec.param_table()}
+    added = [n for n in table if n not in base.param_shapes()]
+    assert added == [f"layers.{i}.attn.{n}_norm.weight" for i in range(2) for n in "qk"]
+    names = list(table)
+    assert names.index("layers.0.attn.q_norm.weight") == names.index("layers.0.attn.o_proj.weight") + 1
+    for name in added:
+        info = table[name]
+        assert (info.shape, info.init, info.weight_decay, info.axes) == ((12,), "ones", False, ("head_dim",))
+    assert spec.num_params() == base.num_params() + 2 * 2 * 12
+    assert spec.flops_per_token() == base.flops_per_token()
+    assert set(added) <= spec.no_decay_names()
+    np.testing.assert_array_equal(init_params(spec)["layers.1.attn.k_norm.weight"], np.ones(12, np.float32))
+    where = param_placements(spec, MeshShape(data=1, fsdp=1, tensor=2))
+    assert where["layers.0.attn.q_norm.weight"] == (None,) and where["layers.0.attn.q_proj.weight"][0] == "tensor"
 
 
 def test_param_counts_gpt2_small():

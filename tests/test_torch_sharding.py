@@ -149,6 +149,18 @@ def test_two_ranks_write_a_multi_file_checkpoint_that_resumes_from_slices_and_on
     assert_resumed(run(tmp_path, "one", 1, *steps, resume=checkpoint), whole, "one")
 
 
+def test_tensor_parallel_refuses_qk_norm():
+    """Per-head q/k norm gradients would be partial sums over each rank's heads: refused, not wrong."""
+    from backends.torch.model import DecoderModel
+    from backends.torch.parallel import apply_tensor_parallel
+    from llm.sharding import MeshShape
+    from llm.spec import ModelSpec
+
+    model = DecoderModel(ModelSpec(hidden_size=16, num_heads=2, norm_type="rmsnorm", qk_norm=True))
+    with pytest.raises(NotImplementedError, match="model.qk_norm"):
+        apply_tensor_parallel(model, MeshShape(tensor=2), mesh=None)
+
+
 # ---------------------------------------------------------------------- the sweep (make test-dist)
 MESHES = [(2, ["distributed.fsdp=2"]), (4, ["distributed.fsdp=4"]), (2, ["distributed.tensor=2"]),
           (4, ["distributed.fsdp=2", "distributed.tensor=2"]), (4, ["distributed.tensor=2"])]  # last: data 2 x tensor 2

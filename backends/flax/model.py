@@ -424,7 +424,8 @@ def attention_rule(q_slot: jax.Array, k_slot: jax.Array, *, causal: bool, window
 
 
 class MultiHeadAttention(_SpecModule):
-    """Self-attention with grouped-query heads, optional RoPE and sliding window; causal by default.
+    """Self-attention with grouped-query heads, optional RoPE, sliding window and per-head q/k RMSNorm
+    (``qk_norm``); causal by default.
 
     ``causal=False`` drops the triangle (an encoder-style layer): a sliding window then keeps keys
     with ``|i - j| < window``; a KV cache needs ``causal=True``. ``__call__``'s ``attention_mask``
@@ -455,6 +456,9 @@ class MultiHeadAttention(_SpecModule):
         self.k_proj = Linear(d, kv * hd, bias=bias, dtype=dtype)
         self.v_proj = Linear(d, kv * hd, bias=bias, dtype=dtype)
         self.o_proj = Linear(h * hd, d, bias=spec.out_bias, dtype=dtype)
+        if spec.qk_norm:  # one (hd,) scale per projection, shared by its heads
+            self.q_norm = RMSNorm(hd, spec.norm_eps)
+            self.k_norm = RMSNorm(hd, spec.norm_eps)
         if spec.position is Position.ROPE:
             cos, sin = rope_cos_sin(spec)  # (max_seq_len, hd) each
             self.rope_cos = Buffer(jnp.asarray(cos))
@@ -497,6 +501,8 @@ class MultiHeadAttention(_SpecModule):
         q = self.q_proj(x).reshape(B, T, H, hd)
         k = self.k_proj(x).reshape(B, T, K, hd)
         v = self.v_proj(x).reshape(B, T, K, hd)
+        if spec.qk_norm:  # per head, before the rotation (HF Qwen3Attention)
+            q, k = self.q_norm(q), self.k_norm(k)
         if spec.position is Position.ROPE:
             q, k = self._rope(q, start_pos, positions), self._rope(k, start_pos, positions)
 

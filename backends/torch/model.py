@@ -315,7 +315,8 @@ def attention_rule(q_slot: torch.Tensor, k_slot: torch.Tensor, *, causal: bool, 
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention with grouped-query heads, optional RoPE and sliding window; causal by default.
+    """Self-attention with grouped-query heads, optional RoPE, sliding window and per-head q/k RMSNorm
+    (``qk_norm``); causal by default.
 
     The RoPE tables come from ``llm.spec.rope_cos_sin`` (rows = absolute positions) and are kept as
     non-persistent buffers so both backends rotate with the very same float32 numbers.
@@ -337,6 +338,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = _zeroed(nn.Linear, d, kv * hd, bias=spec.attention_bias)
         self.v_proj = _zeroed(nn.Linear, d, kv * hd, bias=spec.attention_bias)
         self.o_proj = _zeroed(nn.Linear, h * hd, d, bias=spec.out_bias)
+        if spec.qk_norm:  # one (hd,) scale per projection, shared by its heads
+            self.q_norm = RMSNorm(hd, spec.norm_eps)
+            self.k_norm = RMSNorm(hd, spec.norm_eps)
         if spec.position is Position.ROPE:
             cos, sin = rope_cos_sin(spec)  # (max_seq_len, hd) each
             self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
@@ -356,6 +360,8 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, KV, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.spec.qk_norm:  # per head, before the rotation (HF Qwen3Attention)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.spec.position is Position.ROPE:
             q, k = self._rope(q, start_pos, positions), self._rope(k, start_pos, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)

@@ -79,6 +79,11 @@ def _tensor_dim(where: tuple[str | None, ...]) -> int | None:
 
 def apply_tensor_parallel(model: DecoderModel, shape: MeshShape, mesh: DeviceMesh) -> None:
     """Split ``model`` over the ``tensor`` dim as ``llm.sharding`` places each parameter (in place)."""
+    if model.spec.qk_norm:
+        # each rank holds some heads, so its q/k norm gradient is a partial sum over heads that
+        # nothing here all-reduces over the tensor group
+        raise NotImplementedError("tensor parallel in the torch backend does not support model.qk_norm "
+                                  "(its per-head norm gradients would stay partial); use distributed.tensor=1")
     tp_mesh = mesh["tensor"]
     where = param_placements(model.spec, shape)
     plan = {}
