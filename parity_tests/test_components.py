@@ -38,6 +38,9 @@ COMPONENTS = {
     "embedding": (lambda s: tm.EmbeddingLayer(s), lambda s: fm.EmbeddingLayer(s, rngs=nnx.Rngs(0)), "embed.", "ids"),
     "attention": (lambda s: tm.build_attention(s), lambda s: fm.build_attention(s, rngs=nnx.Rngs(0)),
                   "layers.0.attn.", "x"),
+    # causal=False: the component-level encoder-style layer (no triangle; a window keeps |i - j| < w)
+    "attention_noncausal": (lambda s: tm.build_attention(s, causal=False),
+                            lambda s: fm.build_attention(s, causal=False, rngs=nnx.Rngs(0)), "layers.0.attn.", "x"),
     "mlp": (lambda s: tm.MLP(s), lambda s: fm.MLP(s), "layers.0.mlp.", "x"),
     "moe": (lambda s: tm.MoE(s), lambda s: fm.MoE(s), "layers.0.mlp.", "x"),
     "block": (lambda s: tm.TransformerBlock(s, 0), lambda s: fm.TransformerBlock(s, 0, rngs=nnx.Rngs(0)),
@@ -153,6 +156,11 @@ def test_embedding(case, seed):
 @_given()
 def test_attention(case, seed):
     run_component("attention", *case, seed)
+
+
+@_given()
+def test_attention_noncausal(case, seed):
+    run_component("attention_noncausal", *case, seed)
 
 
 @_given()
