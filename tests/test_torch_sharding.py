@@ -74,7 +74,9 @@ def assert_same_trajectory(sharded: dict, single: dict, rel: float = 1e-5) -> No
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for a, b in zip(got, want, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=rel), (a, b)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rel), (a, b)
+        # the clip's norm is sqrt of a float32 sum of squares taken per shard and then across
+        # shards: another summation order than one process's (measured: 1.0e-5 at step 16, tensor 2)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=3 * rel), (a, b)
     for name, value in single["final"].items():
         np.testing.assert_allclose(sharded["final"][name], value, rtol=1e-3, atol=1e-4, err_msg=name)
 
