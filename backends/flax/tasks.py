@@ -28,7 +28,6 @@ from flax import nnx
 
 from backends.flax.convert import from_spec, load_canonical, to_canonical
 from backends.flax.inference import generate
-from llm.config import OptimizationConfig
 from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["COMPUTE_DTYPES", "FlaxLMTask", "FlaxRegressionTask", "FlaxTask", "RegressionMLP",
@@ -101,12 +100,6 @@ class FlaxLMTask(LMTaskHalfBase, FlaxTask):
     """Causal LM: ``from_spec(config.model, seed)`` in the compute dtype (or the ``training.init_from``
     checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``. The loss is
     chunked as ``optimization.loss_chunk_tokens`` says (``OptimizationConfig.loss_chunk``)."""
-
-    optimization = OptimizationConfig()  # the run's section, from build_model; the defaults before
-
-    def build_model(self, config: Any, datamodule: Any) -> nnx.Module:
-        self.optimization = config.optimization
-        return super().build_model(config, datamodule)
 
     def new_model(self, config: Any) -> nnx.Module:
         return from_spec(config.model, seed=config.training.seed, dtype=compute_dtype(config))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from backends.torch.convert import from_spec, load_canonical, to_canonical
 from backends.torch.inference import generate
-from llm.config import OptimizationConfig
 from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask"]
@@ -71,12 +70,6 @@ class TorchLMTask(LMTaskHalfBase, TorchTask):
     """Causal LM: ``from_spec(config.model, seed)`` (or the ``training.init_from``
     checkpoint's weights, ``LMTaskHalfBase.build_model``); objective ``loss + aux + z``. The loss is
     chunked as ``optimization.loss_chunk_tokens`` says (``OptimizationConfig.loss_chunk``)."""
-
-    optimization = OptimizationConfig()  # the run's section, from build_model; the defaults before
-
-    def build_model(self, config: Any, datamodule: Any) -> nn.Module:
-        self.optimization = config.optimization
-        return super().build_model(config, datamodule)
 
     def new_model(self, config: Any) -> nn.Module:
         return from_spec(config.model, seed=config.training.seed)

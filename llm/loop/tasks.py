@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from llm.backend import backend as get_backend
-from llm.config import ConfigError
+from llm.config import ConfigError, OptimizationConfig
 from llm.data import BaseDataModule, SyntheticDataModule, build_datamodule
 from llm.loop.registry import Registry
 
@@ -175,7 +175,11 @@ class LMTaskHalfBase:
     """What the LM task's backend halves share, written once (``backends/*/tasks.py`` mix it in):
     the model is ``new_model(config)`` with the ``training.init_from`` checkpoint's weights loaded when
     there is one (``llm.init_from``), and the sample is ``llm.sampling.sample_text`` with the backend's
-    ``generate``. A half supplies ``new_model``, ``generate`` and ``load_canonical``."""
+    ``generate``. A half supplies ``new_model``, ``generate`` and ``load_canonical``.
+    ``optimization`` is the run's section once ``build_model`` has run (the defaults before): the
+    halves' loss reads its ``loss_chunk``."""
+
+    optimization = OptimizationConfig()
 
     def new_model(self, config: Any) -> Any:
         """A freshly initialised ``DecoderModel`` of ``config.model`` (seeded by ``training.seed``)."""
@@ -198,6 +202,7 @@ class LMTaskHalfBase:
         return batch[0], batch[1], dict(zip(BATCH_FIELDS[2:], batch[2:]))
 
     def build_model(self, config: Any, datamodule: Any) -> Any:
+        self.optimization = config.optimization
         model = self.new_model(config)
         from llm.init_from import init_from_params
 
