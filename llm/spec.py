@@ -37,6 +37,7 @@ __all__ = [
     "NormPosition",
     "NormType",
     "Position",
+    "GroupScore",
     "RouterScoring",
     "ParamInfo",
     "ModelSpec",
@@ -95,6 +96,13 @@ class RouterScoring(str, enum.Enum):
     SIGMOID = "sigmoid"  # an independent score per expert (DeepSeek-V3)
 
 
+class GroupScore(str, enum.Enum):
+    """How group-limited routing scores a group of experts (``num_expert_groups`` > 1)."""
+
+    MAX = "max"  # its best expert's score (DeepSeek-V2 ``group_limited_greedy``)
+    TOP2_SUM = "top2_sum"  # the sum of its two best selection scores, bias included (DeepSeek-V3 ``noaux_tc``)
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     """One row of the parameter table."""
@@ -108,6 +116,9 @@ class ParamInfo:
     # ``experts``, ``positions``, ``head_dim``, MLA's ``q_lora`` and ``kv_lora``); ``llm.sharding.RULES``
     # maps them to mesh axes.
     axes: tuple[str, ...] = ()
+    # False: state the model reads but no gradient updates (the router's selection bias, moved by
+    # the engines' balancing rule after each optimizer step); still converted, sharded and saved.
+    trainable: bool = True
 
     @property
     def size(self) -> int:
@@ -139,6 +150,15 @@ class ModelSpec(Section):
     ``sigmoid(x @ shared_gate.weight.T)`` when ``shared_expert_gate`` (Qwen2-MoE);
     ``router_scoring`` picks softmax or sigmoid scores (top-k on them, renormalised when
     ``norm_topk_prob``); ``routed_scaling_factor`` multiplies the routed output.
+
+    Group-limited routing (DeepSeek-V2/V3): ``num_expert_groups`` = g splits the experts into g equal
+    groups, each scored by ``router_group_score``; a token picks among the experts of its
+    ``topk_groups`` best groups only. ``router_selection_bias`` adds a per-expert (E,) bias
+    (``mlp.router.selection_bias``, not trained by the gradient) to the scores for choosing the top-k
+    and for scoring groups, never to the weights the chosen experts get (DeepSeek-V3's
+    ``e_score_correction_bias``); ``router_bias_update_rate`` = u > 0 is DeepSeek-V3's aux-loss-free
+    balancing: after each optimizer step the engines move each layer's bias by ``u * sign(mean load -
+    load)`` from the step's expert loads (tokens routed to each expert over the whole global batch).
 
     ``attention=mla`` is DeepSeek-V2/V3 multi-head latent attention: the ``q_lora_rank``,
     ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim`` and ``v_head_dim`` fields apply
@@ -202,6 +222,11 @@ class ModelSpec(Section):
     shared_expert_gate: bool = False
     router_scoring: RouterScoring = RouterScoring.SOFTMAX
     routed_scaling_factor: float = 1.0
+    num_expert_groups: int = 1  # 1 = no group limit
+    topk_groups: int = 1
+    router_group_score: GroupScore = GroupScore.MAX
+    router_selection_bias: bool = False
+    router_bias_update_rate: float = 0.0
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
     init_std: float = 0.02
@@ -269,12 +294,15 @@ class ModelSpec(Section):
                  f"must be in [0, num_layers={self.num_layers}]")
             need(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0 (0 = none)")
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+            self._validate_routing_groups()
         else:
             # Each of these shapes an MoE layer; set without use_moe it would silently do nothing.
             for name, off in (("first_dense_layers", 0), ("num_shared_experts", 0),
                               ("moe_intermediate_size", None), ("shared_expert_intermediate_size", None),
                               ("shared_expert_gate", False), ("router_scoring", RouterScoring.SOFTMAX),
-                              ("routed_scaling_factor", 1.0)):
+                              ("routed_scaling_factor", 1.0), ("num_expert_groups", 1), ("topk_groups", 1),
+                              ("router_group_score", GroupScore.MAX), ("router_selection_bias", False),
+                              ("router_bias_update_rate", 0.0)):
                 value = getattr(self, name)
                 need(value == off, name, "needs use_moe=true (it configures the MoE layers)",
                      value=value.value if isinstance(value, enum.Enum) else value)
@@ -283,6 +311,26 @@ class ModelSpec(Section):
                  "needs num_shared_experts >= 1 (there is no shared expert to size)")
             need(not self.shared_expert_gate, "shared_expert_gate",
                  "needs num_shared_experts >= 1 (there is no shared expert to gate)")
+
+    def _validate_routing_groups(self) -> None:
+        need, g = self._need, self.num_expert_groups
+        need(g >= 1, "num_expert_groups", "must be >= 1 (1 = no group limit)")
+        need(self.num_experts % g == 0, "num_expert_groups", f"must divide num_experts={self.num_experts}")
+        need(1 <= self.topk_groups <= g, "topk_groups", f"must be in [1, num_expert_groups={g}]")
+        per_group = self.num_experts // g
+        need(self.num_experts_per_token <= self.topk_groups * per_group, "num_experts_per_token",
+             f"exceeds the {self.topk_groups * per_group} experts of topk_groups={self.topk_groups} groups of "
+             f"{per_group}")
+        if g == 1:
+            need(self.router_group_score is GroupScore.MAX, "router_group_score",
+                 "needs num_expert_groups > 1 (there are no groups to score)", value=self.router_group_score.value)
+        else:
+            need(self.router_group_score is not GroupScore.TOP2_SUM or per_group >= 2, "router_group_score",
+                 f"top2_sum needs groups of >= 2 experts (num_experts / num_expert_groups = {per_group})",
+                 value=self.router_group_score.value)
+        need(self.router_bias_update_rate >= 0, "router_bias_update_rate", "must be >= 0 (0 = the bias stays fixed)")
+        need(self.router_bias_update_rate == 0 or self.router_selection_bias, "router_bias_update_rate",
+             "needs router_selection_bias=true (there is no bias to update)")
 
     def _validate_mla(self) -> None:
         need = self._need
@@ -428,6 +476,9 @@ class ModelSpec(Section):
                 continue
             rows.append(ParamInfo(f"{p}.mlp.router.weight", (self.num_experts, d), "normal",
                                   std, weight_decay=True, axes=("experts", "embed")))
+            if self.router_selection_bias:
+                rows.append(ParamInfo(f"{p}.mlp.router.selection_bias", (self.num_experts,), "zeros",
+                                      axes=("experts",), trainable=False))
             ffn(f"{p}.mlp.experts", self.expert_ffn_size, experts=True)
             if self.num_shared_experts:
                 ffn(f"{p}.mlp.shared", self.shared_ffn_size)
@@ -467,14 +518,15 @@ class ModelSpec(Section):
         return {p.name for p in self.param_table() if not p.weight_decay}
 
     def num_params(self, *, active: bool = False, embedding: bool = True) -> int:
-        """Parameter count. ``active=True`` counts only the experts a token uses (top-k of E).
+        """Trainable parameter count (the router's selection bias is state, not counted).
+        ``active=True`` counts only the experts a token uses (top-k of E).
 
         ``embedding=False`` leaves out the token/position tables (a tied lm_head is not counted
         twice either way).
         """
         total = 0
         for p in self.param_table():
-            if not embedding and p.name.startswith("embed."):
+            if not p.trainable or (not embedding and p.name.startswith("embed.")):
                 continue
             n = p.size
             if active and ".mlp.experts." in p.name:

@@ -57,6 +57,20 @@ from llm.spec import (
         (dict(use_moe=True, routed_scaling_factor=0.0), "model.routed_scaling_factor=0.0 must be > 0"),
         (dict(use_moe=True, router_scoring="tanh"),
          "model.router_scoring: expected one of 'softmax', 'sigmoid', got 'tanh'"),
+        (dict(num_expert_groups=2), "model.num_expert_groups=2 needs use_moe=true"),
+        (dict(router_selection_bias=True), "model.router_selection_bias=True needs use_moe=true"),
+        (dict(use_moe=True, num_expert_groups=3), "model.num_expert_groups=3 must divide num_experts=8"),
+        (dict(use_moe=True, num_expert_groups=0), "model.num_expert_groups=0 must be >= 1"),
+        (dict(use_moe=True, num_expert_groups=4, topk_groups=5), "model.topk_groups=5 must be in [1, num_expert_groups=4]"),
+        (dict(use_moe=True, num_expert_groups=4, topk_groups=1, num_experts_per_token=3),
+         "model.num_experts_per_token=3 exceeds the 2 experts of topk_groups=1 groups of 2"),
+        (dict(use_moe=True, router_group_score="top2_sum"), "model.router_group_score='top2_sum' needs num_expert_groups > 1"),
+        (dict(use_moe=True, num_experts=4, num_experts_per_token=1, num_expert_groups=4, router_group_score="top2_sum"),
+         "top2_sum needs groups of >= 2 experts"),
+        (dict(use_moe=True, router_bias_update_rate=1e-3),
+         "model.router_bias_update_rate=0.001 needs router_selection_bias=true"),
+        (dict(use_moe=True, router_selection_bias=True, router_bias_update_rate=-1.0),
+         "model.router_bias_update_rate=-1.0 must be >= 0"),
     ],
 )
 def test_invalid_specs_name_field_and_rule(fields, message):
@@ -320,3 +334,15 @@ def test_norm_position_and_lm_head_bias_fields():
         ModelSpec(lm_head_bias=True, tie_embeddings=True)
     with pytest.raises(SpecError, match=r"model.norm_position: expected one of 'pre', 'post'"):
         ModelSpec(norm_position="middle")
+
+
+def test_selection_bias_is_untrained_state_in_the_table():
+    spec = ModelSpec(use_moe=True, num_experts=4, num_expert_groups=2, topk_groups=1, num_experts_per_token=2,
+                     router_group_score="top2_sum", router_selection_bias=True, router_bias_update_rate=1e-3)
+    rows = {p.name: p for p in spec.param_table()}
+    bias = rows["layers.0.mlp.router.selection_bias"]
+    assert (bias.shape, bias.init, bias.trainable, bias.axes) == ((4,), "zeros", False, ("experts",))
+    assert all(p.trainable for name, p in rows.items() if not name.endswith("selection_bias"))
+    plain = spec.replace(router_selection_bias=False, router_bias_update_rate=0.0)
+    assert spec.num_params() == plain.num_params()  # state, not a trained parameter
+    assert len(rows) == len(plain.param_table()) + spec.num_layers
