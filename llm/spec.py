@@ -20,6 +20,7 @@ This module must not import torch or jax.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import math
 import os
@@ -604,22 +605,29 @@ def init_params(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
 
     Each parameter draws from its own stream keyed by (seed, its index in the table), so a weight's
     value does not depend on which other parameters exist before it only through the table order.
-    A model whose parameters cannot fit in memory is refused before anything is allocated
-    (``check_fits_memory``).
+    The streams are independent, so the rows are drawn on a thread pool (numpy's generators release
+    the GIL while filling an array): the same values as drawing them one by one, in a fraction of
+    the time for a billion-parameter model. A model whose parameters cannot fit in memory is
+    refused before anything is allocated (``check_fits_memory``).
     """
     check_fits_memory(spec)
-    out: dict[str, np.ndarray] = {}
-    root = np.random.SeedSequence(seed)
-    streams = root.spawn(len(spec.param_table()))
-    for info, ss in zip(spec.param_table(), streams, strict=True):
-        if info.init == "zeros":
-            out[info.name] = np.zeros(info.shape, np.float32)
-        elif info.init == "ones":
-            out[info.name] = np.ones(info.shape, np.float32)
-        else:
-            rng = np.random.default_rng(ss)
-            out[info.name] = (rng.standard_normal(info.shape) * info.std).astype(np.float32)
-    return out
+    table = spec.param_table()
+    streams = np.random.SeedSequence(seed).spawn(len(table))
+    workers = min(len(table), os.cpu_count() or 1, 16)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        drawn = list(pool.map(_draw_param, table, streams))
+    return {info.name: value for info, value in zip(table, drawn, strict=True)}
+
+
+def _draw_param(info: ParamInfo, stream: np.random.SeedSequence) -> np.ndarray:
+    """One row's starting value from its own stream (float64 draws scaled, then float32)."""
+    if info.init == "zeros":
+        return np.zeros(info.shape, np.float32)
+    if info.init == "ones":
+        return np.ones(info.shape, np.float32)
+    value = np.random.default_rng(stream).standard_normal(info.shape)
+    value *= info.std
+    return value.astype(np.float32)
 
 
 def check_names(expected: dict[str, tuple[int, ...]], params: dict[str, Any], *,

@@ -234,6 +234,18 @@ def test_init_is_seeded_and_follows_table():
     assert abs(o_std - 0.02 / math.sqrt(6)) < 0.001
 
 
+def test_threaded_init_draws_what_one_stream_per_row_draws():
+    # the thread pool must not change a value: row i is stream i of SeedSequence(seed), drawn in float64
+    spec = ModelSpec(num_layers=2, use_moe=True, num_experts=4)
+    table = spec.param_table()
+    drawn = init_params(spec, 7)
+    for info, ss in zip(table, np.random.SeedSequence(7).spawn(len(table)), strict=True):
+        if info.init == "normal":
+            expected = (np.random.default_rng(ss).standard_normal(info.shape) * info.std).astype(np.float32)
+            np.testing.assert_array_equal(drawn[info.name], expected, err_msg=info.name)
+    assert list(drawn) == [info.name for info in table]
+
+
 def test_check_params_lists_every_problem():
     spec = ModelSpec(num_layers=1)
     params = init_params(spec)
