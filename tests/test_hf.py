@@ -316,6 +316,95 @@ def test_qwen2_moe_mapping(imported, tmp_path):
     assert {"first_dense_layers", "num_shared_experts", "moe_intermediate_size"} <= {p.split("=")[0] for p in problems}
 
 
+def test_qwen3_moe_and_deepseek_v2_mapping(imported):
+    """The layer rule, experts, shared experts and MLA sizes map to the documented spec fields."""
+    load = lambda case: llm.checkpoint.load_checkpoint(imported(case)[2]).spec  # noqa: E731
+    spec = load("qwen3moe-gqa2-e4-top2-dense1-hd12")
+    assert (spec.qk_norm, spec.head_dim, spec.kv_heads, spec.first_dense_layers, spec.moe_intermediate_size,
+            spec.num_shared_experts, spec.norm_topk_prob) == (True, 12, 2, 1, 16, 0, False)
+    assert load("qwen3moe-gqa4-step2-hd4").first_dense_layers == 1  # decoder_sparse_step=2 on 2 layers
+    spec = load("qwen3moe-mqa-e3-top2-norm-tied-bias-window6")
+    assert (spec.sliding_window, spec.out_bias, spec.norm_topk_prob, spec.tie_embeddings) == (6, True, True, True)
+    spec = load("deepseekv2-lite-noqlora-shared2-dense1")
+    assert (spec.attention.value, spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim,
+            spec.v_head_dim, spec.first_dense_layers, spec.num_shared_experts, spec.shared_ffn_size,
+            spec.norm_topk_prob, spec.router_aux_loss_coef) == ("mla", None, 8, 4, 6, 5, 1, 2, 16, False, 0.001)
+    spec = load("deepseekv2-qlora-noshared-tied-bias-scaled")
+    assert (spec.q_lora_rank, spec.num_shared_experts, spec.routed_scaling_factor, spec.attention_bias,
+            spec.out_bias) == (12, 0, 1.7, True, True)
+    assert load("deepseekv2-qlora-shared1-onegroup-llama3rope").rope_scaling["rope_type"] == "llama3"
+
+
+def test_deepseek_rope_rows_are_reordered_from_interleaved_pairs(imported):
+    """DeepSeek stores each rope pair (2i, 2i+1) side by side; our rotate-half pairs (i, i + p/2)."""
+    from llm.checkpoint import load_checkpoint
+
+    model, _, ckpt = imported("deepseekv2-lite-noqlora-shared2-dense1")
+    params = load_checkpoint(ckpt).params
+    attn = model.model.layers[0].self_attn
+    nope, rope, rank = 4, 6, 8
+    hf_q = attn.q_proj.weight.detach().numpy().reshape(4, nope + rope, -1)
+    ours_q = params["layers.0.attn.q_proj.weight"].reshape(4, nope + rope, -1)
+    np.testing.assert_array_equal(ours_q[:, :nope], hf_q[:, :nope])
+    np.testing.assert_array_equal(ours_q[:, nope:], hf_q[:, nope + np.array([0, 2, 4, 1, 3, 5])])
+    hf_kv = attn.kv_a_proj_with_mqa.weight.detach().numpy()
+    np.testing.assert_array_equal(params["layers.0.attn.kv_a_proj_with_mqa.weight"],
+                                  hf_kv[np.r_[0:rank, rank + np.array([0, 2, 4, 1, 3, 5])]])
+
+
+# field -> (the families that hold it, the spec change); an MoE field is tried on the MoE families
+# (a dense family refuses use_moe itself, tested below). A family without shared experts may refuse
+# the shared expert's gate and size through num_shared_experts, the field they depend on.
+_HOLDERS = {
+    "attention": ({"deepseek_v2"}, dict(attention="mla", num_kv_heads=None, head_dim=None, qk_norm=False,
+                                         position="rope", sliding_window=None)),
+    "qk_norm": ({"qwen3", "qwen3_moe"}, dict(qk_norm=True)),
+    "norm_position": (set(), dict(norm_position="post")),
+    "lm_head_bias": (set(), dict(lm_head_bias=True, tie_embeddings=False)),
+    "num_shared_experts": ({"qwen2_moe", "deepseek_v2"}, dict(num_shared_experts=1)),
+    "shared_expert_gate": ({"qwen2_moe"}, dict(num_shared_experts=1, shared_expert_gate=True)),
+    "shared_expert_intermediate_size": ({"qwen2_moe"}, dict(num_shared_experts=1, shared_expert_gate=True,
+                                                            shared_expert_intermediate_size=3)),
+    "first_dense_layers": ({"qwen2_moe", "qwen3_moe", "deepseek_v2"}, dict(first_dense_layers=1)),
+    "router_scoring": (set(), dict(router_scoring="sigmoid")),
+    "routed_scaling_factor": ({"deepseek_v2"}, dict(routed_scaling_factor=2.5)),
+    "moe_intermediate_size": ({"qwen2_moe", "qwen3_moe", "deepseek_v2"}, dict(moe_intermediate_size=7)),
+}
+_MOE_FIELDS = {"num_shared_experts", "shared_expert_gate", "shared_expert_intermediate_size", "first_dense_layers",
+               "router_scoring", "routed_scaling_factor", "moe_intermediate_size"}
+_FAMILY_CASE = {"gpt2": "gpt2-tied", "llama": "llama-mqa-bias", "mistral": "mistral-mqa-window5",
+                "qwen2": "qwen2-gqa2-tied", "mixtral": "mixtral-e4-top2", "qwen2_moe": "qwen2moe-e4-top2-shared-dense0",
+                "qwen3": "qwen3-gqa2-untied-hd12", "qwen3_moe": "qwen3moe-gqa2-e4-top2-dense1-hd12",
+                "deepseek_v2": "deepseekv2-lite-noqlora-shared2-dense1"}
+
+
+def _case_spec(case: str) -> ModelSpec:
+    cfg_name, _, kwargs = CASES[case]
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, initializer_range=0.2, **NO_SPECIALS, **kwargs)
+    return FAMILIES[cfg.model_type].to_spec(cfg.to_dict())
+
+
+def test_every_family_refuses_each_field_it_cannot_hold():
+    assert set(_FAMILY_CASE) == set(FAMILIES)
+    for family, case in _FAMILY_CASE.items():
+        base = _case_spec(case)
+        assert FAMILIES[family].can_express(base) == [], family
+        if not base.use_moe:
+            problems = FAMILIES[family].can_express(base.replace(use_moe=True))
+            assert any(p.startswith("use_moe=True") for p in problems), family
+        for field, (holders, change) in _HOLDERS.items():
+            if field in _MOE_FIELDS and not base.use_moe:
+                continue
+            if field == "qk_norm" and base.is_mla:
+                continue  # the spec itself refuses qk_norm with MLA
+            names = {p.split("=")[0] for p in FAMILIES[family].can_express(base.replace(**change))}
+            if family in holders:
+                assert field not in names, (family, field, names)
+            else:
+                via = {"num_shared_experts"} if field.startswith("shared_expert") else set()
+                assert names & ({field} | via), (family, field, names)
+
+
 def test_sliding_window_maps_one_to_one(imported):
     """transformers' window W is our sliding_window W: W - 1 or W + 1 would not match its logits."""
     from llm.api import from_params
@@ -496,6 +585,22 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("llama-mqa-bias", {"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast'"),
     ("qwen2moe-e4-top2-shared-dense0", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
     ("qwen2moe-e4-top2-shared-dense0", {"mlp_only_layers": [1]}, "layers other than the first k"),
+    ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"mlp_only_layers": [0, 2]}, "layers other than the first k"),
+    ("qwen3moe-mqa-e3-top2-norm-tied-bias-window6", {"max_window_layers": 1}, "max_window_layers=1"),
+    ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"num_experts": 5}, "num_experts=5: differs from num_local_experts=4"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy"},
+     "n_group=2: group-limited routing"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"norm_topk_prob": True}, "norm_topk_prob=True"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"num_key_value_heads": 2}, "num_key_value_heads=2"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_interleave": False}, "rope_interleave=False: not a"),
+    # DeepSeek-V2-Lite's released config: YaRN scaling
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_parameters": None, "rope_scaling": {
+        "type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+        "original_max_position_embeddings": 4096}}, "rope_type='yarn'"),
 ])
 def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_path):
     cfg = build_hf(case).config.to_dict()
