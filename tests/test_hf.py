@@ -660,38 +660,59 @@ def test_export_errors_name_the_fields(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- --init-from
-@pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_init_from_an_imported_model_continues_training(backend, llama_with_tokenizer, tmp_path):
-    """3 steps of ``python -m llm.train --init-from``: the step-1 loss is the imported model's loss on
-    that batch (computed by transformers), and the run uses the imported tokenizer."""
-
+def _train_from(backend: str, ckpt: Path, source: Path, tmp_path: Path):
+    """3 steps of ``python -m llm.train --init-from ckpt`` on ``source``: (config, datamodule, metric rows)."""
     from llm.loop.tasks import get_task
-    from llm.tokenization import load_tokenizer
     from llm.train import build_parser, main, resolve_config
 
-    model, _, root = llama_with_tokenizer
-    corpus = tmp_path / "mine.txt"
-    corpus.write_text("the quick brown fox says hello to the lazy dog.\n" * 40, encoding="utf-8")
-    argv = ["--backend", backend, "--init-from", str(root / "ckpt"), "--run-dir", str(tmp_path / "run"), "--max-steps", "3",
+    argv = ["--backend", backend, "--init-from", str(ckpt), "--run-dir", str(tmp_path / "run"), "--max-steps", "3",
             "--batch-size", "2", "--lr", "1e-3", "--sample-tokens", "0",
-            "--set", f"data.source={corpus}", "--set", "data.seq_len=16", "--set", f"data.cache_dir={tmp_path}/cache",
+            "--set", f"data.source={source}", "--set", "data.seq_len=16", "--set", f"data.cache_dir={tmp_path}/cache",
             "--set", "training.eval_every=0", "--set", "training.warmup_steps=0",
             "--set", "logging.every_steps=1", "--set", "logging.progress=false"]
     assert main(argv) == 0
-
     config = resolve_config(build_parser().parse_args(argv))
-    assert config.model == llm.checkpoint.load_checkpoint(root / "ckpt").spec
     dm = get_task("lm").build_datamodule(config)
     dm.prepare_data()
     dm.setup()
-    assert dm.tokenizer == load_tokenizer(root / "ckpt" / "tokenizer.json")
-    assert load_tokenizer(tmp_path / "run" / "tokenizer.json") == dm.tokenizer
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return config, dm, rows
+
+
+def _check_first_step_loss_and_training(model, dm, rows, vocab: int) -> None:
+    """The step-1 loss is ``model``'s (transformers') cross-entropy on batch 0; the loss then moves."""
     inputs, targets = dm.batch_at(0)
     with torch.no_grad():
         logits = model(torch.from_numpy(inputs)).logits
-        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, TOK_VOCAB), torch.from_numpy(targets).reshape(-1))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), torch.from_numpy(targets).reshape(-1))
     first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
     assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
     last = next(r for r in reversed(rows) if "loss" in r)
     assert last["step"] == 3 and last["loss"] != first["loss"]  # it trained
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_init_from_an_imported_model_continues_training(backend, llama_with_tokenizer, tmp_path):
+    """3 steps of ``python -m llm.train --init-from``: the step-1 loss is the imported model's loss on
+    that batch (computed by transformers), and the run uses the imported tokenizer."""
+    from llm.tokenization import load_tokenizer
+
+    model, _, root = llama_with_tokenizer
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("the quick brown fox says hello to the lazy dog.\n" * 40, encoding="utf-8")
+    config, dm, rows = _train_from(backend, root / "ckpt", corpus, tmp_path)
+    assert config.model == llm.checkpoint.load_checkpoint(root / "ckpt").spec
+    assert dm.tokenizer == load_tokenizer(root / "ckpt" / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "run" / "tokenizer.json") == dm.tokenizer
+    _check_first_step_loss_and_training(model, dm, rows, TOK_VOCAB)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("case", ["qwen3moe-gqa2-e4-top2-dense1-hd12", "deepseekv2-lite-noqlora-shared2-dense1"])
+def test_init_from_an_imported_moe_model_trains(case, backend, imported, tmp_path):
+    """The MoE families train from their import in both engines (a token file: they carry no tokenizer)."""
+    model, _, ckpt = imported(case)
+    np.save(tmp_path / "train.npy", np.random.default_rng(8).integers(0, VOCAB, 4000).astype(np.int32))
+    config, dm, rows = _train_from(backend, ckpt, tmp_path / "train.npy", tmp_path)
+    assert config.model == llm.checkpoint.load_checkpoint(ckpt).spec
+    _check_first_step_loss_and_training(model, dm, rows, VOCAB)
