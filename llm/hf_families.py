@@ -1,7 +1,7 @@
 """Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
 
 One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
-``mixtral``, ``qwen2_moe``, ``qwen3``) holds three things, each written once and used by import and export alike:
+``mixtral``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``deepseek_v2``) holds three things, each written once and used by import and export alike:
 
 * ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
   is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
@@ -33,7 +33,18 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
   router with ``norm_topk_prob`` as configured (default false), experts of ``moe_intermediate_size``,
   one shared expert of ``shared_expert_intermediate_size`` gated by ``sigmoid(x @ shared_expert_gate)``
   (our ``num_shared_experts=1`` + ``shared_expert_gate``), dense ``mlp_only_layers`` = our
-  ``first_dense_layers`` when they are the first k layers; ``decoder_sparse_step`` must be 1.
+  ``first_dense_layers`` when they are the first k layers (with ``decoder_sparse_step``: layer i
+  is dense iff listed or ``(i + 1) % step != 0``; only a prefix of dense layers is expressible).
+  Qwen3-MoE: Qwen3's attention and Qwen2-MoE's experts and layer rule, no shared expert, a window
+  on every layer or none.
+* DeepSeek-V2 / V2-Lite: our ``attention: mla`` (``q_lora_rank`` null = V2-Lite's single
+  ``q_proj``); transformers rotates interleaved rope pairs, so the rope rows of the query
+  projection and of ``kv_a_proj_with_mqa`` are reordered to rotate-half here (``_mla_groups``).
+  Router: float32 softmax, greedy top-k, never renormalised (transformers ignores
+  ``norm_topk_prob``; true is refused), times ``routed_scaling_factor``; ``n_shared_experts``
+  ungated experts of ``moe_intermediate_size``, fused; ``first_k_dense_replace`` =
+  ``first_dense_layers``. Group-limited routing (``n_group`` > 1) is refused.
+* Every family refuses post-norm blocks, an ``lm_head`` bias and an attention kind it does not have.
 
 This module must not import torch, jax or transformers.
 """
@@ -541,12 +552,18 @@ def _qwen2_spec(r: ConfigReader) -> dict[str, Any]:
     return fields
 
 
+def _switched_window(r: ConfigReader) -> Any:
+    """``sliding_window`` when ``use_sliding_window`` is on, else None (what the Qwen-MoE configs
+    do; Qwen2MoeConfig stores 0 when the window is off)."""
+    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
+    window = r.get("sliding_window", 4096)
+    return window if use_window else None
+
+
 def _qwen2_moe_spec(r: ConfigReader) -> dict[str, Any]:
     fields = _llama_like_spec(r)
     layers = fields["num_layers"]
-    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
-    window = r.get("sliding_window", 4096)
-    window = window if use_window else None  # Qwen2MoeConfig stores 0 when the window is off
+    window = _switched_window(r)
     first = r.get("max_window_layers", 28)
     # Qwen2MoeConfig's own default: a window on the even layers below max_window_layers
     default = ["sliding_attention" if window is not None and i % 2 == 0 and i < first else "full_attention"
@@ -601,9 +618,7 @@ def _qwen3_spec(r: ConfigReader) -> dict[str, Any]:
 def _qwen3_moe_spec(r: ConfigReader) -> dict[str, Any]:
     fields = _qwen3_spec_attention(r)
     layers = fields["num_layers"]
-    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
-    window = r.get("sliding_window", 4096)
-    window = window if use_window else None  # what Qwen3MoeConfig does
+    window = _switched_window(r)
     first = r.get("max_window_layers", None)
     if window is not None and first not in (None, 0):
         # transformers 5's Qwen3-MoE windows every layer and never reads max_window_layers
@@ -1106,7 +1121,7 @@ def family_for_config(cfg: dict[str, Any]) -> Family:
 
 
 def infer_family(spec: ModelSpec, preferred: Iterable[str] = ()) -> Family:
-    """The first family (``preferred`` first, then gpt2, llama, mistral, qwen2, mixtral, qwen3) that can
+    """The first family (``preferred`` first, then the ``FAMILIES`` order) that can
     express ``spec``; one HFError with every family's reasons when none can."""
     order = [*preferred, *FAMILIES]
     reasons = []

@@ -42,6 +42,9 @@ LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fac
               original_max_position_embeddings=16)
 NO_SPECIALS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no early stop in generate
 
+# what the DeepSeek-V2 shapes share
+_DEEPSEEK = dict(hidden_size=32, num_hidden_layers=2, max_position_embeddings=64)
+
 # id -> (transformers config class name, model class name, config kwargs)
 CASES = {
     "gpt2-tied": ("GPT2Config", "GPT2LMHeadModel",
@@ -101,11 +104,10 @@ CASES = {
                                 num_key_value_heads=2, head_dim=4, max_position_embeddings=64, use_sliding_window=True,
                                 sliding_window=6, max_window_layers=0)),
     # Qwen3-MoE: Qwen3's attention, Qwen2-MoE's router without the shared expert
-    "qwen3moe-gqa2-e4-top2-dense1-hd12": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                                          dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                               num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                                               max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
-                                               moe_intermediate_size=16, mlp_only_layers=[0])),
+    "qwen3moe-gqa2-e4-top2-dense1-hd12": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[0], hidden_size=32,
+        intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+        max_position_embeddings=64)),
     "qwen3moe-mqa-e3-top2-norm-tied-bias-window6": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                                                     dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                                          num_attention_heads=6, num_key_value_heads=1, head_dim=8,
@@ -120,31 +122,20 @@ CASES = {
                                      num_key_value_heads=2, head_dim=4, max_position_embeddings=64, num_experts=4,
                                      num_experts_per_tok=1, moe_intermediate_size=16, decoder_sparse_step=2)),
     # DeepSeek-V2: MLA (rope rows stored interleaved), shared experts, dense first layers, scaled routing
-    "deepseekv2-lite-noqlora-shared2-dense1": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                                               dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                                    num_attention_heads=4, q_lora_rank=None, kv_lora_rank=8,
-                                                    qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5,
-                                                    max_position_embeddings=64, n_routed_experts=4,
-                                                    num_experts_per_tok=2, moe_intermediate_size=8,
-                                                    n_shared_experts=2, first_k_dense_replace=1)),
-    "deepseekv2-qlora-noshared-tied-bias-scaled": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                                                   dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                                        num_attention_heads=2, q_lora_rank=12, kv_lora_rank=10,
-                                                        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8,
-                                                        max_position_embeddings=64, n_routed_experts=3,
-                                                        num_experts_per_tok=2, moe_intermediate_size=12,
-                                                        n_shared_experts=0, tie_word_embeddings=True,
-                                                        attention_bias=True, routed_scaling_factor=1.7,
-                                                        rope_theta=500.0)),
-    "deepseekv2-qlora-shared1-onegroup-llama3rope": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                                                     dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                          num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8,
-                                                          qk_nope_head_dim=4, qk_rope_head_dim=8, v_head_dim=4,
-                                                          max_position_embeddings=64, n_routed_experts=4,
-                                                          num_experts_per_tok=1, moe_intermediate_size=8,
-                                                          n_shared_experts=1, topk_method="group_limited_greedy",
-                                                          n_group=1, topk_group=1,
-                                                          rope_parameters=dict(rope_theta=10000.0, **LLAMA3))),
+    "deepseekv2-lite-noqlora-shared2-dense1": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None,
+        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=2, first_k_dense_replace=1)),
+    "deepseekv2-qlora-noshared-tied-bias-scaled": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=40, num_attention_heads=2, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6,
+        qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=12,
+        n_shared_experts=0, tie_word_embeddings=True, attention_bias=True, routed_scaling_factor=1.7,
+        rope_theta=500.0)),
+    "deepseekv2-qlora-shared1-onegroup-llama3rope": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=8, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
+        n_shared_experts=1, topk_method="group_limited_greedy", n_group=1, topk_group=1,
+        rope_parameters=dict(rope_theta=10000.0, **LLAMA3))),
 }
 
 
