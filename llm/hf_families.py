@@ -57,7 +57,16 @@ from typing import Any
 
 import numpy as np
 
-from llm.spec import Activation, Attention, ModelSpec, NormPosition, NormType, Position, RouterScoring, SpecError
+from llm.spec import (
+    Activation,
+    Attention,
+    ModelSpec,
+    NormPosition,
+    NormType,
+    Position,
+    RouterScoring,
+    SpecError,
+)
 
 __all__ = ["FAMILIES", "Family", "HFError", "WeightGroup", "family_for_config", "get_family",
            "GENERIC_IGNORED_KEYS"]
@@ -1036,7 +1045,8 @@ def _shared_mlp_groups(spec: ModelSpec, p: str, shared: str, *, gate: str | None
     such, ignored on import."""
     hf = tuple(f"{shared}.{n}_proj.weight" for n in ("gate", "up", "down"))
     if spec.num_shared_experts:
-        groups = [_rename(f"{p}.mlp.shared.{n}_proj.weight", name) for n, name in zip(("gate", "up", "down"), hf)]
+        groups = [_rename(f"{p}.mlp.shared.{n}_proj.weight", name)
+                  for n, name in zip(("gate", "up", "down"), hf, strict=True)]
         return groups + ([_rename(f"{p}.mlp.shared_gate.weight", gate)] if gate else [])
     d = spec.hidden_size
     empty = [np.zeros((0, d), np.float32), np.zeros((0, d), np.float32), np.zeros((d, 0), np.float32)]
