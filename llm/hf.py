@@ -2,7 +2,8 @@
 
 ```
 python -m llm.hf import HF_DIR OUT_DIR [--max-seq-len N] [--no-tokenizer] [--overwrite]
-python -m llm.hf export CKPT_DIR OUT_DIR [--family gpt2|llama|mistral|qwen2|mixtral|qwen2_moe|qwen3]
+python -m llm.hf export CKPT_DIR OUT_DIR [--family gpt2|llama|mistral|qwen2|mixtral|qwen2_moe|qwen3|
+                                                  qwen3_moe|deepseek_v2]
                                          [--drop-training-settings] [--overwrite]
 ```
 
@@ -28,7 +29,8 @@ needs, in transformers-5 form plus the older ``rope_theta``/``rope_scaling`` key
 ``tokenizer_config.json`` when the checkpoint's tokenizer is an imported (``hf``) or byte-level
 BPE one. ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads it with no missing or
 unexpected keys. The family defaults to the one the checkpoint was imported from, else the first
-of gpt2, llama, mistral, qwen2, mixtral, qwen3 that can express the spec; a spec no family expresses is
+of gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, deepseek_v2 that can express
+the spec; a spec no family expresses is
 an ``HFError`` naming every field per family. Training-only settings without a faithful target
 field (``dropout`` outside GPT-2, ``router_z_loss_coef``) are errors too unless
 ``--drop-training-settings`` is given (they never change the logits).

@@ -1,7 +1,7 @@
 """Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
 
 One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
-``mixtral``, ``qwen2_moe``, ``qwen3``) holds three things, each written once and used by import and export alike:
+``mixtral``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``deepseek_v2``) holds three things, each written once and used by import and export alike:
 
 * ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
   is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
@@ -33,7 +33,18 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
   router with ``norm_topk_prob`` as configured (default false), experts of ``moe_intermediate_size``,
   one shared expert of ``shared_expert_intermediate_size`` gated by ``sigmoid(x @ shared_expert_gate)``
   (our ``num_shared_experts=1`` + ``shared_expert_gate``), dense ``mlp_only_layers`` = our
-  ``first_dense_layers`` when they are the first k layers; ``decoder_sparse_step`` must be 1.
+  ``first_dense_layers`` when they are the first k layers (with ``decoder_sparse_step``: layer i
+  is dense iff listed or ``(i + 1) % step != 0``; only a prefix of dense layers is expressible).
+  Qwen3-MoE: Qwen3's attention and Qwen2-MoE's experts and layer rule, no shared expert, a window
+  on every layer or none.
+* DeepSeek-V2 / V2-Lite: our ``attention: mla`` (``q_lora_rank`` null = V2-Lite's single
+  ``q_proj``); transformers rotates interleaved rope pairs, so the rope rows of the query
+  projection and of ``kv_a_proj_with_mqa`` are reordered to rotate-half here (``_mla_groups``).
+  Router: float32 softmax, greedy top-k, never renormalised (transformers ignores
+  ``norm_topk_prob``; true is refused), times ``routed_scaling_factor``; ``n_shared_experts``
+  ungated experts of ``moe_intermediate_size``, fused; ``first_k_dense_replace`` =
+  ``first_dense_layers``. Group-limited routing (``n_group`` > 1) is refused.
+* Every family refuses post-norm blocks, an ``lm_head`` bias and an attention kind it does not have.
 
 This module must not import torch, jax or transformers.
 """
@@ -46,7 +57,16 @@ from typing import Any
 
 import numpy as np
 
-from llm.spec import Activation, ModelSpec, NormType, Position, RouterScoring, SpecError
+from llm.spec import (
+    Activation,
+    Attention,
+    ModelSpec,
+    NormPosition,
+    NormType,
+    Position,
+    RouterScoring,
+    SpecError,
+)
 
 __all__ = ["FAMILIES", "Family", "HFError", "WeightGroup", "family_for_config", "get_family",
            "GENERIC_IGNORED_KEYS"]
@@ -356,6 +376,7 @@ _GPT2_ACT_NAMES = {Activation.GELU_TANH: "gelu_new", Activation.GELU: "gelu", Ac
 
 
 def _gpt2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    _standard_block(spec, c, "gpt2")
     c.need(spec.position is Position.LEARNED, "position", "GPT-2 uses a learned position table (wpe)")
     c.need(spec.norm_type is NormType.LAYERNORM, "norm_type", "GPT-2 uses LayerNorm with bias")
     c.need(not spec.use_glu, "use_glu", "GPT-2's MLP is c_fc -> act -> c_proj (no gate)")
@@ -430,6 +451,7 @@ _LLAMA_DEFAULTS = {
     "mixtral": (4096 * 32, 1e-5, 1e6, 8, 32000, 14336),
     "qwen2_moe": (32768, 1e-6, 10000.0, 16, 151936, 5632),
     "qwen3": (32768, 1e-6, 10000.0, 32, 151936, 22016),
+    "qwen3_moe": (32768, 1e-6, 10000.0, 4, 151936, 6144),
 }
 # transformers' head_dim for an absent key where it is not hidden_size // num_attention_heads
 _HEAD_DIM_DEFAULTS = {"qwen3": 128}
@@ -539,26 +561,24 @@ def _qwen2_spec(r: ConfigReader) -> dict[str, Any]:
     return fields
 
 
+def _switched_window(r: ConfigReader) -> Any:
+    """``sliding_window`` when ``use_sliding_window`` is on, else None (what the Qwen-MoE configs
+    do; Qwen2MoeConfig stores 0 when the window is off)."""
+    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
+    window = r.get("sliding_window", 4096)
+    return window if use_window else None
+
+
 def _qwen2_moe_spec(r: ConfigReader) -> dict[str, Any]:
     fields = _llama_like_spec(r)
     layers = fields["num_layers"]
-    use_window = r.check("use_sliding_window", lambda v: isinstance(v, bool), False, "must be true or false")
-    window = r.get("sliding_window", 4096)
-    window = window if use_window else None  # Qwen2MoeConfig stores 0 when the window is off
+    window = _switched_window(r)
     first = r.get("max_window_layers", 28)
     # Qwen2MoeConfig's own default: a window on the even layers below max_window_layers
     default = ["sliding_attention" if window is not None and i % 2 == 0 and i < first else "full_attention"
                for i in range(layers)]
     types = _layer_types(r, layers, default)
     fields["sliding_window"] = _uniform_window(r, window, [t == "sliding_attention" for t in types])
-    r.check("decoder_sparse_step", lambda v: v == 1, 1,
-            "MoE on every decoder_sparse_step-th layer only is not supported (only 1: every layer after "
-            "first_dense_layers)")
-    dense = r.get("mlp_only_layers", None) or []
-    if dense != list(range(len(dense))):
-        r.problem(f"mlp_only_layers={dense!r}: dense MLPs on layers other than the first k (0..k-1, "
-                  "ModelSpec.first_dense_layers) are not supported")
-        dense = []
     experts = r.check("num_experts", _positive_int, 60, "must be >= 1 (a model without experts is qwen2)")
     shared = r.check("shared_expert_intermediate_size", lambda v: isinstance(v, int) and v >= 0, 5632,
                      "must be an integer >= 0")
@@ -568,26 +588,169 @@ def _qwen2_moe_spec(r: ConfigReader) -> dict[str, Any]:
                   num_experts=experts if _positive_int(experts) else 1,
                   num_experts_per_token=r.get("num_experts_per_tok", 4),
                   norm_topk_prob=bool(r.get("norm_topk_prob", False)), capacity_factor=None,
-                  moe_intermediate_size=r.get("moe_intermediate_size", 1408), first_dense_layers=len(dense),
-                  router_aux_loss_coef=float(r.get("router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
+                  moe_intermediate_size=r.get("moe_intermediate_size", 1408),
+                  first_dense_layers=_qwen_moe_dense_layers(r, layers), router_aux_loss_coef=float(r.get("router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
     if isinstance(shared, int) and shared > 0:  # 0: no shared expert (its gate multiplies an empty MLP)
         fields.update(num_shared_experts=1, shared_expert_intermediate_size=shared, shared_expert_gate=True)
     r.get("output_router_logits")  # an output switch; the aux loss coefficient is mapped above
     return fields
 
 
+def _qwen_moe_dense_layers(r: ConfigReader, layers: int) -> int:
+    """``first_dense_layers`` from the Qwen-MoE layer rule (layer i is dense iff it is in
+    ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0``): the dense layers must be the first k."""
+    step = r.check("decoder_sparse_step", _positive_int, 1, "must be an integer >= 1")
+    step = step if _positive_int(step) else 1
+    only = r.get("mlp_only_layers", None) or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        r.problem(f"mlp_only_layers={only!r}: must be a list of layer indices")
+        return 0
+    by_step = [i for i in range(layers) if (i + 1) % step]
+    dense = sorted(set(by_step) | {i for i in only if 0 <= i < layers})
+    if dense == list(range(len(dense))):
+        return len(dense)
+    if by_step != list(range(len(by_step))):
+        r.problem(f"decoder_sparse_step={step!r}: MoE on every {step}-th layer makes layers {dense} dense; "
+                  "ModelSpec.first_dense_layers makes only the first k layers dense")
+    else:
+        r.problem(f"mlp_only_layers={only!r}: dense MLPs on layers other than the first k (0..k-1, "
+                  "ModelSpec.first_dense_layers) are not supported")
+    return 0
+
+
 def _qwen3_spec(r: ConfigReader) -> dict[str, Any]:
-    fields = _llama_like_spec(r)
+    fields = _qwen3_spec_attention(r)
     fields["sliding_window"] = _qwen_window(r, fields["num_layers"])
+    return fields
+
+
+def _qwen3_moe_spec(r: ConfigReader) -> dict[str, Any]:
+    fields = _qwen3_spec_attention(r)
+    layers = fields["num_layers"]
+    window = _switched_window(r)
+    first = r.get("max_window_layers", None)
+    if window is not None and first not in (None, 0):
+        # transformers 5's Qwen3-MoE windows every layer and never reads max_window_layers
+        r.problem(f"max_window_layers={first!r}: with use_sliding_window, transformers' qwen3_moe windows every "
+                  "layer; a window from layer max_window_layers on is ambiguous (set 0)")
+    fields["sliding_window"] = _uniform_window(r, window, [True] * layers)
+    experts = _qwen3_moe_experts(r)
+    fields.update(use_moe=True, num_experts=experts if _positive_int(experts) else 1,
+                  num_experts_per_token=r.get("num_experts_per_tok", 8),
+                  norm_topk_prob=bool(r.check("norm_topk_prob", lambda v: isinstance(v, bool), False,
+                                              "must be true or false")),
+                  capacity_factor=None, moe_intermediate_size=r.get("moe_intermediate_size", 768),
+                  first_dense_layers=_qwen_moe_dense_layers(r, layers),
+                  router_aux_loss_coef=float(r.get("router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
+    r.get("output_router_logits")  # an output switch; the aux loss coefficient is mapped above
+    return fields
+
+
+def _qwen3_spec_attention(r: ConfigReader) -> dict[str, Any]:
+    """The Llama-style fields with Qwen3's attention: per-head q/k norms, attention_bias on q/k/v/o."""
+    fields = _llama_like_spec(r)
     bias = r.check("attention_bias", lambda v: isinstance(v, bool), False, "must be true or false")
     fields.update(attention_bias=bool(bias), attention_out_bias=None, mlp_bias=False, qk_norm=True)
     return fields
 
 
+def _qwen3_moe_experts(r: ConfigReader) -> Any:
+    """``num_experts`` (the released configs) or ``num_local_experts`` (transformers 5 writes its
+    attribute_map target); both present must agree."""
+    why = "must be >= 1 (a model without experts is qwen3)"
+    if r.has("num_local_experts"):
+        local = r.check("num_local_experts", _positive_int, 128, why)
+        if r.has("num_experts") and r.get("num_experts") != local:
+            r.problem(f"num_experts={r.get('num_experts')!r}: differs from num_local_experts={local!r} "
+                      "(one is an alias of the other)")
+        return local
+    return r.check("num_experts", _positive_int, 128, why)
+
+
+def _deepseek_v2_spec(r: ConfigReader) -> dict[str, Any]:
+    """DeepSeek-V2 / V2-Lite as transformers' DeepseekV2 computes them (see the module docstring)."""
+    heads, layers = r.get("num_attention_heads", 32), r.get("num_hidden_layers", 32)
+    max_pos = r.get("max_position_embeddings", 2048)
+    rope_theta, rope_scaling = _read_rope(r, 10000.0, max_pos)
+    nope, rope = r.get("qk_nope_head_dim", 128), r.get("qk_rope_head_dim", 64)
+    r.check("num_key_value_heads", lambda v: v is None or v == heads, None,
+            f"MLA reads every head's key and value from the shared latent (must be num_attention_heads={heads})")
+    r.check("head_dim", lambda v: v is None or v == rope, rope, f"DeepseekV2Config sets it to qk_rope_head_dim={rope}")
+    r.check("qk_head_dim", lambda v: v is None or v == nope + rope, nope + rope,
+            f"must be qk_nope_head_dim + qk_rope_head_dim = {nope + rope}")
+    r.check("attention_dropout", _is_zero, 0.0, "attention-only dropout is not implemented")
+    r.check("mlp_bias", lambda v: v is False, False, "MLP biases are not mapped for deepseek_v2 (its experts have none)")
+    r.get("pretraining_tp")  # split matmuls of the original code: the same function
+    r.get("ep_size")  # the original code's expert-parallel degree: placement, not the function
+    dense = r.check("first_k_dense_replace", lambda v: isinstance(v, int) and v >= 0, 0, "must be an integer >= 0")
+    dense = dense if isinstance(dense, int) and dense >= 0 else 0
+    fields = dict(
+        vocab_size=r.get("vocab_size", 102400), max_seq_len=max_pos, hidden_size=r.get("hidden_size", 4096),
+        num_layers=layers, num_heads=heads, attention=Attention.MLA, q_lora_rank=r.get("q_lora_rank", 1536),
+        kv_lora_rank=r.get("kv_lora_rank", 512), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+        v_head_dim=r.get("v_head_dim", 128), intermediate_size=r.get("intermediate_size", 11008),
+        activation=_activation(r, "hidden_act", "silu") or Activation.SILU, use_glu=True,
+        norm_type=NormType.RMSNORM, norm_eps=float(r.get("rms_norm_eps", 1e-6)), position=Position.ROPE,
+        rope_theta=rope_theta, rope_scaling=rope_scaling,
+        attention_bias=bool(r.check("attention_bias", lambda v: isinstance(v, bool), False, "must be true or false")),
+        attention_out_bias=None, mlp_bias=False, tie_embeddings=bool(r.get("tie_word_embeddings", False)),
+        dropout=0.0, init_std=float(r.get("initializer_range", 0.02)), scale_residual_init=False)
+    moe = _deepseek_v2_routing(r)
+    if dense < layers:  # first_k_dense_replace >= num_hidden_layers: every layer dense, no expert is built
+        fields.update(use_moe=True, first_dense_layers=dense, capacity_factor=None, router_z_loss_coef=0.0, **moe)
+    return fields
+
+
+def _deepseek_v2_routing(r: ConfigReader) -> dict[str, Any]:
+    """The MoE fields of a DeepSeek-V2 config; transformers' router is a float32 softmax, greedy top-k
+    (``group_limited_greedy`` with one group is the same), never renormalised, times
+    ``routed_scaling_factor``; ``n_shared_experts`` experts of ``moe_intermediate_size`` fused."""
+    r.check("moe_layer_freq", lambda v: v == 1, 1,
+            "MoE on every moe_layer_freq-th layer only is not supported (only 1: every layer after "
+            "first_k_dense_replace)")
+    r.check("scoring_func", lambda v: v == "softmax", "softmax",
+            "transformers' deepseek_v2 routes by softmax (sigmoid scoring is DeepSeek-V3)")
+    groups = r.check("n_group", lambda v: v is None or v == 1, None,
+                     "group-limited routing over several expert groups is not in ModelSpec yet "
+                     "(only n_group=1 or null, plain greedy top-k)")
+    method = r.check("topk_method", lambda v: v in ("greedy", "group_limited_greedy"), "greedy",
+                     "only 'greedy' (and 'group_limited_greedy' with n_group=1, the same routing) is implemented")
+    if method == "group_limited_greedy" and groups is None:
+        r.problem("topk_method='group_limited_greedy': needs n_group (transformers cannot route without it)")
+    r.check("topk_group", lambda v: v is None or _positive_int(v), None, "must be an integer >= 1 or null")
+    r.check("norm_topk_prob", lambda v: v is False or v is None, False,
+            "transformers' deepseek_v2 never renormalises the top-k weights (the original code did when "
+            "true); refusing to guess")
+    shared = r.check("n_shared_experts", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, 2,
+                     "must be an integer >= 0")
+    scaling = r.check("routed_scaling_factor", lambda v: isinstance(v, (int, float)) and v > 0, 1.0, "must be > 0")
+    fields = dict(num_experts=r.get("n_routed_experts", 64), num_experts_per_token=r.get("num_experts_per_tok", 6),
+                  norm_topk_prob=False, moe_intermediate_size=r.get("moe_intermediate_size", 1407),
+                  routed_scaling_factor=float(scaling) if isinstance(scaling, (int, float)) else 1.0,
+                  # the original code's router_aux_loss_coef; seq_aux (its per-sequence variant) and
+                  # output_router_logits only change the training loss, never the logits
+                  router_aux_loss_coef=float(r.get("aux_loss_alpha", 0.001)))
+    r.get("seq_aux")
+    r.get("output_router_logits")
+    if isinstance(shared, int) and shared > 0:  # 0: transformers still builds the shared MLP, 0 wide
+        fields["num_shared_experts"] = shared
+    return fields
+
+
+def _standard_block(spec: ModelSpec, c: SpecChecker, family: str, *, attention: Attention = Attention.MHA) -> None:
+    """What every family shares: pre-norm blocks, an lm_head without bias, and one attention kind."""
+    c.need(spec.norm_position is NormPosition.PRE, "norm_position", f"{family} normalises before each sublayer")
+    c.need(not spec.lm_head_bias, "lm_head_bias", f"{family}'s lm_head has no bias")
+    c.need(spec.attention is attention, "attention",
+           f"{family} attends by multi-head latent attention (attention=mla)" if attention is Attention.MLA
+           else f"{family} has q/k/v projections per head (multi-head latent attention is deepseek_v2)")
+
+
 def _llama_like_config(spec: ModelSpec, c: SpecChecker, family: str, *, qk_norm: bool = False) -> dict[str, Any]:
+    _standard_block(spec, c, family)
     c.need(spec.position is Position.ROPE, "position", f"{family} uses RoPE")
     c.need(spec.qk_norm == qk_norm, "qk_norm", f"{family} always normalises q and k per head" if qk_norm
-           else f"{family} has no q/k norms (qwen3 has)")
+           else f"{family} has no q/k norms (qwen3 and qwen3_moe have)")
     c.need(spec.norm_type is NormType.RMSNORM, "norm_type", f"{family} uses RMSNorm")
     c.need(spec.use_glu, "use_glu", f"{family}'s MLP is gated (down(act(gate(x)) * up(x)))")
     c.need(spec.activation in _LLAMA_ACT_NAMES, "activation", "no transformers activation name")
@@ -604,13 +767,16 @@ _LLAMA_ACT_NAMES = {Activation.SILU: "silu", Activation.GELU: "gelu", Activation
 
 
 def _dense_only(spec: ModelSpec, c: SpecChecker, family: str) -> None:
-    c.need(not spec.use_moe, "use_moe", f"{family} has dense MLPs (mixtral and qwen2_moe have experts)")
+    c.need(not spec.use_moe, "use_moe", f"{family} has dense MLPs (mixtral, qwen2_moe, qwen3_moe and "
+           "deepseek_v2 have experts)")
 
 
-def _softmax_routing(spec: ModelSpec, c: SpecChecker, family: str) -> None:
-    """The router both MoE families share: softmax top-k, unscaled, dropless."""
+def _softmax_routing(spec: ModelSpec, c: SpecChecker, family: str, *, scaled: bool = False) -> None:
+    """The router every MoE family shares: softmax top-k, dropless; unscaled unless ``scaled``."""
     c.need(spec.router_scoring is RouterScoring.SOFTMAX, "router_scoring", f"{family} routes by softmax")
-    c.need(spec.routed_scaling_factor == 1.0, "routed_scaling_factor", f"{family} does not scale the routed output")
+    if not scaled:
+        c.need(spec.routed_scaling_factor == 1.0, "routed_scaling_factor",
+               f"{family} does not scale the routed output (deepseek_v2 does)")
     c.need(spec.capacity_factor is None, "capacity_factor",
            f"{family} is dropless (capacity dropping changes the outputs)")
 
@@ -707,21 +873,74 @@ def _qwen2_moe_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
     return cfg
 
 
+def _qwen3_moe_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    cfg = _llama_like_config(spec, c, "qwen3_moe", qk_norm=True)
+    c.need(spec.use_moe, "use_moe", "qwen3_moe's MLPs are mixtures of experts (a dense model is qwen3)")
+    c.need(spec.out_bias == spec.attention_bias, "attention_out_bias",
+           "qwen3_moe's attention_bias covers q/k/v and o_proj alike")
+    c.need(not spec.mlp_bias, "mlp_bias", "qwen3_moe has no MLP biases")
+    if spec.use_moe:
+        _softmax_routing(spec, c, "qwen3_moe")
+        c.need(spec.num_shared_experts == 0, "num_shared_experts",
+               "qwen3_moe has no shared experts (qwen2_moe and deepseek_v2 have)")
+    cfg.update(attention_bias=spec.attention_bias, use_sliding_window=spec.sliding_window is not None,
+               sliding_window=spec.sliding_window, decoder_sparse_step=1,
+               mlp_only_layers=list(range(spec.first_dense_layers)), num_experts=spec.num_experts,
+               num_experts_per_tok=spec.num_experts_per_token, norm_topk_prob=spec.norm_topk_prob,
+               moe_intermediate_size=spec.expert_ffn_size, router_aux_loss_coef=spec.router_aux_loss_coef,
+               output_router_logits=False)
+    return cfg
+
+
+def _deepseek_v2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    f = "deepseek_v2"
+    _standard_block(spec, c, f, attention=Attention.MLA)
+    c.need(spec.norm_type is NormType.RMSNORM, "norm_type", f"{f} uses RMSNorm")
+    c.need(spec.use_glu, "use_glu", f"{f}'s MLP is gated (down(act(gate(x)) * up(x)))")
+    c.need(spec.activation in _LLAMA_ACT_NAMES, "activation", "no transformers activation name")
+    c.need(spec.out_bias == spec.attention_bias, "attention_out_bias",
+           f"{f}'s attention_bias covers q_a_proj, kv_a_proj_with_mqa and o_proj alike")
+    c.need(not spec.mlp_bias, "mlp_bias", f"{f} has no MLP biases")
+    c.need(spec.sliding_window is None, "sliding_window", f"{f} attends to the whole prefix")
+    shared = 0
+    if spec.use_moe:
+        _softmax_routing(spec, c, f, scaled=True)
+        c.need(not spec.norm_topk_prob, "norm_topk_prob", f"{f} never renormalises the top-k weights")
+        c.need(not spec.shared_expert_gate, "shared_expert_gate", f"{f}'s shared experts are ungated (qwen2_moe gates)")
+        shared, rest = divmod(spec.shared_ffn_size, spec.expert_ffn_size)
+        c.need(rest == 0, "shared_expert_intermediate_size",
+               f"{f}'s shared experts are n_shared_experts * moe_intermediate_size={spec.expert_ffn_size} wide")
+    return {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_size,
+            "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_heads, "hidden_act": _LLAMA_ACT_NAMES.get(spec.activation, "silu"),
+            "max_position_embeddings": spec.max_seq_len, "rms_norm_eps": spec.norm_eps,
+            "tie_word_embeddings": spec.tie_embeddings, **_write_rope(spec), "attention_bias": spec.attention_bias,
+            "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "q_lora_rank": spec.q_lora_rank,
+            "kv_lora_rank": spec.kv_lora_rank, "qk_nope_head_dim": spec.qk_nope_head_dim,
+            "qk_rope_head_dim": spec.qk_rope_head_dim, "v_head_dim": spec.v_head_dim,
+            "head_dim": spec.qk_rope_head_dim,
+            # a dense spec: every layer dense (no expert is built; the expert fields are inert)
+            "first_k_dense_replace": spec.first_dense_layers if spec.use_moe else spec.num_layers,
+            "n_routed_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_token,
+            "n_shared_experts": shared, "moe_intermediate_size": spec.expert_ffn_size,
+            "routed_scaling_factor": spec.routed_scaling_factor, "topk_method": "greedy", "n_group": 1,
+            "topk_group": 1, "norm_topk_prob": False, "scoring_func": "softmax", "moe_layer_freq": 1,
+            "aux_loss_alpha": spec.router_aux_loss_coef, "output_router_logits": False}
+
+
 def _llama_weights(spec: ModelSpec, names: set[str] | None = None, *,
-                   experts: Callable[..., list[WeightGroup]] | None = None) -> list[WeightGroup]:
-    """The Llama-style names; an MoE layer's MLP by ``experts`` (default: mixtral's)."""
+                   experts: Callable[..., list[WeightGroup]] | None = None,
+                   attention: Callable[[ModelSpec, str, str], list[WeightGroup]] | None = None) -> list[WeightGroup]:
+    """The Llama-style names; an MoE layer's MLP by ``experts`` (default: mixtral's), the attention
+    by ``attention`` (default: q/k/v/o projections)."""
     experts = _mixtral_expert_groups if experts is None else experts
+    attention = _mha_groups if attention is None else attention
     groups = [_rename("embed.weight", "model.embed_tokens.weight")]
     for i in range(spec.num_layers):
         h, p = f"model.layers.{i}", f"layers.{i}"
         groups += [_rename(f"{p}.attn_norm.weight", f"{h}.input_layernorm.weight"),
                    _rename(f"{p}.mlp_norm.weight", f"{h}.post_attention_layernorm.weight")]
-        for n in "qkvo":
-            groups.append(_rename(f"{p}.attn.{n}_proj.weight", f"{h}.self_attn.{n}_proj.weight"))
-            if (spec.out_bias if n == "o" else spec.attention_bias):
-                groups.append(_rename(f"{p}.attn.{n}_proj.bias", f"{h}.self_attn.{n}_proj.bias"))
-        if spec.qk_norm:
-            groups += [_rename(f"{p}.attn.{n}_norm.weight", f"{h}.self_attn.{n}_norm.weight") for n in "qk"]
+        groups += attention(spec, f"{p}.attn", f"{h}.self_attn")
         if spec.is_moe_layer(i):
             groups += experts(spec, p, h, names)
         else:
@@ -732,6 +951,58 @@ def _llama_weights(spec: ModelSpec, names: set[str] | None = None, *,
     groups.append(_rename("final_norm.weight", "model.norm.weight"))
     if not spec.tie_embeddings:
         groups.append(_rename("lm_head.weight", "lm_head.weight"))
+    return groups
+
+
+def _mha_groups(spec: ModelSpec, p: str, h: str) -> list[WeightGroup]:
+    """q/k/v/o projections (biases as the spec has them) and Qwen3's per-head q/k norms."""
+    groups = []
+    for n in "qkvo":
+        groups.append(_rename(f"{p}.{n}_proj.weight", f"{h}.{n}_proj.weight"))
+        if (spec.out_bias if n == "o" else spec.attention_bias):
+            groups.append(_rename(f"{p}.{n}_proj.bias", f"{h}.{n}_proj.bias"))
+    if spec.qk_norm:
+        groups += [_rename(f"{p}.{n}_norm.weight", f"{h}.{n}_norm.weight") for n in "qk"]
+    return groups
+
+
+def _interleaved_rope_order(spec: ModelSpec, rows_before: int, block: int, blocks: int) -> np.ndarray:
+    """Row order taking DeepSeek-V2's interleaved rope rows to our rotate-half layout: in each of
+    ``blocks`` blocks of ``block`` rows, the ``qk_rope_head_dim`` rows after ``rows_before`` go from
+    pairs (2i, 2i+1) to halves (i, i + p/2), i.e. rows 0, 2, 4, ..., 1, 3, 5, ... of the rope part."""
+    rope = spec.qk_rope_head_dim
+    within = np.concatenate([np.arange(rows_before), rows_before + np.arange(0, rope, 2),
+                             rows_before + np.arange(1, rope, 2), np.arange(rows_before + rope, block)])
+    return np.concatenate([b * block + within for b in range(blocks)])
+
+
+def _reordered_rows(canonical: str, hf: str, order: np.ndarray) -> WeightGroup:
+    """A tensor whose canonical rows are the HF rows taken in ``order`` (weights and biases alike)."""
+    inverse = np.argsort(order)
+    return WeightGroup((canonical,), (hf,), lambda xs: [xs[0][inverse]], lambda xs: [xs[0][order]])
+
+
+def _mla_groups(spec: ModelSpec, p: str, h: str) -> list[WeightGroup]:
+    """DeepSeek-V2's MLA names (ours are the same); the rope rows of the query projection and of
+    ``kv_a_proj_with_mqa`` reordered from interleaved pairs to rotate-half (the q.k products, so the
+    logits, are unchanged: queries and keys get the same order)."""
+    heads, n, r = spec.num_heads, spec.qk_nope_head_dim, spec.kv_lora_rank
+    q_order = _interleaved_rope_order(spec, n, spec.qk_head_dim, heads)
+    if spec.q_lora_rank is None:
+        groups = [_reordered_rows(f"{p}.q_proj.weight", f"{h}.q_proj.weight", q_order)]
+    else:
+        groups = [_rename(f"{p}.q_a_proj.weight", f"{h}.q_a_proj.weight"),
+                  _rename(f"{p}.q_a_layernorm.weight", f"{h}.q_a_layernorm.weight"),
+                  _reordered_rows(f"{p}.q_b_proj.weight", f"{h}.q_b_proj.weight", q_order)]
+        if spec.attention_bias:
+            groups.append(_rename(f"{p}.q_a_proj.bias", f"{h}.q_a_proj.bias"))
+    kv_order = _interleaved_rope_order(spec, r, r + spec.qk_rope_head_dim, 1)
+    groups += [_reordered_rows(f"{p}.kv_a_proj_with_mqa.{w}", f"{h}.kv_a_proj_with_mqa.{w}", kv_order)
+               for w in ("weight", "bias")[:1 + spec.attention_bias]]
+    groups += [_rename(f"{p}.{name}.weight", f"{h}.{name}.weight")
+               for name in ("kv_a_layernorm", "kv_b_proj", "o_proj")]
+    if spec.out_bias:
+        groups.append(_rename(f"{p}.o_proj.bias", f"{h}.o_proj.bias"))
     return groups
 
 
@@ -753,36 +1024,64 @@ def _mixtral_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | No
             _stacked(f"{p}.mlp.experts.down_proj.weight", tuple(f"{m}.experts.{j}.w2.weight" for j in e))]
 
 
+def _routed_expert_groups(spec: ModelSpec, p: str, m: str, names: set[str] | None) -> list[WeightGroup]:
+    """The router ``{m}.gate`` and the experts of the Qwen-MoE and DeepSeek files: per-expert
+    ``{m}.experts.{e}.{gate,up,down}_proj`` on disk, or the transformers-5 in-memory
+    ``{m}.experts.gate_up_proj`` (E, 2F, D; gate rows first) + ``down_proj`` (chosen by the names,
+    as for mixtral). Export writes the per-expert format."""
+    groups = [_rename(f"{p}.mlp.router.weight", f"{m}.gate.weight")]
+    if names is not None and f"{m}.experts.gate_up_proj" in names:
+        return groups + [_concat((f"{p}.mlp.experts.gate_proj.weight", f"{p}.mlp.experts.up_proj.weight"),
+                                 f"{m}.experts.gate_up_proj", axis=1),
+                         _rename(f"{p}.mlp.experts.down_proj.weight", f"{m}.experts.down_proj")]
+    return groups + [_stacked(f"{p}.mlp.experts.{n}_proj.weight",
+                              tuple(f"{m}.experts.{j}.{n}_proj.weight" for j in range(spec.num_experts)))
+                     for n in ("gate", "up", "down")]
+
+
+def _shared_mlp_groups(spec: ModelSpec, p: str, shared: str, *, gate: str | None = None) -> list[WeightGroup]:
+    """The fused shared experts ``{shared}.{gate,up,down}_proj`` (and a sigmoid gate ``gate``). A file
+    without shared experts still holds them at width 0 (and the gate on nothing): exported as
+    such, ignored on import."""
+    hf = tuple(f"{shared}.{n}_proj.weight" for n in ("gate", "up", "down"))
+    if spec.num_shared_experts:
+        groups = [_rename(f"{p}.mlp.shared.{n}_proj.weight", name)
+                  for n, name in zip(("gate", "up", "down"), hf, strict=True)]
+        return groups + ([_rename(f"{p}.mlp.shared_gate.weight", gate)] if gate else [])
+    d = spec.hidden_size
+    empty = [np.zeros((0, d), np.float32), np.zeros((0, d), np.float32), np.zeros((d, 0), np.float32)]
+    if gate:
+        hf, empty = (*hf, gate), [*empty, np.zeros((1, d), np.float32)]
+    return [WeightGroup((), hf, lambda xs: empty, lambda xs: [])]
+
+
+def _qwen2_moe_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
+    """Qwen2-MoE: the routed experts, one shared expert ``mlp.shared_expert.*`` gated by
+    ``mlp.shared_expert_gate``."""
+    m = f"{h}.mlp"
+    return (_routed_expert_groups(spec, p, m, names)
+            + _shared_mlp_groups(spec, p, f"{m}.shared_expert", gate=f"{m}.shared_expert_gate.weight"))
+
+
+def _qwen3_moe_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
+    return _routed_expert_groups(spec, p, f"{h}.mlp", names)
+
+
+def _deepseek_v2_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
+    """DeepSeek-V2: the routed experts and the ungated fused ``mlp.shared_experts.*``."""
+    return _routed_expert_groups(spec, p, f"{h}.mlp", names) + _shared_mlp_groups(spec, p, f"{h}.mlp.shared_experts")
+
+
 def _qwen2_moe_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
     return _llama_weights(spec, names, experts=_qwen2_moe_expert_groups)
 
 
-def _qwen2_moe_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
-    """Qwen2-MoE experts: per-expert ``mlp.experts.{e}.{gate,up,down}_proj`` on disk, or the
-    transformers-5 in-memory ``mlp.experts.gate_up_proj`` (chosen by the names, as for mixtral); the
-    router ``mlp.gate``; the shared expert ``mlp.shared_expert.*`` and its gate ``mlp.shared_expert_gate``.
-    Without shared experts, qwen2_moe still holds them at width 0 (and a gate on nothing): exported as
-    such, ignored on import."""
-    m = f"{h}.mlp"
-    groups = [_rename(f"{p}.mlp.router.weight", f"{m}.gate.weight")]
-    if names is not None and f"{m}.experts.gate_up_proj" in names:
-        groups += [_concat((f"{p}.mlp.experts.gate_proj.weight", f"{p}.mlp.experts.up_proj.weight"),
-                           f"{m}.experts.gate_up_proj", axis=1),
-                   _rename(f"{p}.mlp.experts.down_proj.weight", f"{m}.experts.down_proj")]
-    else:
-        groups += [_stacked(f"{p}.mlp.experts.{n}_proj.weight",
-                            tuple(f"{m}.experts.{j}.{n}_proj.weight" for j in range(spec.num_experts)))
-                   for n in ("gate", "up", "down")]
-    shared = tuple(f"{m}.shared_expert.{n}_proj.weight" for n in ("gate", "up", "down"))
-    if spec.num_shared_experts:
-        groups += [_rename(f"{p}.mlp.shared.{n}_proj.weight", hf) for n, hf in zip(("gate", "up", "down"), shared)]
-        groups.append(_rename(f"{p}.mlp.shared_gate.weight", f"{m}.shared_expert_gate.weight"))
-    else:
-        d = spec.hidden_size
-        empty = [np.zeros((0, d), np.float32), np.zeros((0, d), np.float32), np.zeros((d, 0), np.float32),
-                 np.zeros((1, d), np.float32)]
-        groups.append(WeightGroup((), (*shared, f"{m}.shared_expert_gate.weight"), lambda xs: empty, lambda xs: []))
-    return groups
+def _qwen3_moe_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+    return _llama_weights(spec, names, experts=_qwen3_moe_expert_groups)
+
+
+def _deepseek_v2_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+    return _llama_weights(spec, names, experts=_deepseek_v2_expert_groups, attention=_mla_groups)
 
 
 def _llama_ignored(name: str) -> bool:
@@ -803,6 +1102,10 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", _qwen2_moe_spec, _qwen2_moe_config,
                _qwen2_moe_weights, _llama_ignored),
         Family("qwen3", "qwen3", "Qwen3ForCausalLM", _qwen3_spec, _qwen3_config, _llama_weights, _llama_ignored),
+        Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_spec, _qwen3_moe_config,
+               _qwen3_moe_weights, _llama_ignored),
+        Family("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", _deepseek_v2_spec, _deepseek_v2_config,
+               _deepseek_v2_weights, _llama_ignored),
     )
 }
 
@@ -828,7 +1131,7 @@ def family_for_config(cfg: dict[str, Any]) -> Family:
 
 
 def infer_family(spec: ModelSpec, preferred: Iterable[str] = ()) -> Family:
-    """The first family (``preferred`` first, then gpt2, llama, mistral, qwen2, mixtral, qwen3) that can
+    """The first family (``preferred`` first, then the ``FAMILIES`` order) that can
     express ``spec``; one HFError with every family's reasons when none can."""
     order = [*preferred, *FAMILIES]
     reasons = []

@@ -42,6 +42,9 @@ LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fac
               original_max_position_embeddings=16)
 NO_SPECIALS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no early stop in generate
 
+# what the DeepSeek-V2 shapes share
+_DEEPSEEK = dict(hidden_size=32, num_hidden_layers=2, max_position_embeddings=64)
+
 # id -> (transformers config class name, model class name, config kwargs)
 CASES = {
     "gpt2-tied": ("GPT2Config", "GPT2LMHeadModel",
@@ -100,6 +103,39 @@ CASES = {
                            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
                                 num_key_value_heads=2, head_dim=4, max_position_embeddings=64, use_sliding_window=True,
                                 sliding_window=6, max_window_layers=0)),
+    # Qwen3-MoE: Qwen3's attention, Qwen2-MoE's router without the shared expert
+    "qwen3moe-gqa2-e4-top2-dense1-hd12": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[0], hidden_size=32,
+        intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+        max_position_embeddings=64)),
+    "qwen3moe-mqa-e3-top2-norm-tied-bias-window6": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                                    dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=6, num_key_value_heads=1, head_dim=8,
+                                                         max_position_embeddings=64, num_experts=3,
+                                                         num_experts_per_tok=2, moe_intermediate_size=24,
+                                                         norm_topk_prob=True, tie_word_embeddings=True,
+                                                         attention_bias=True, use_sliding_window=True,
+                                                         sliding_window=6)),
+    # decoder_sparse_step=2 on 2 layers: layer 0 dense, layer 1 MoE (first_dense_layers=1)
+    "qwen3moe-gqa4-step2-hd4": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                     num_key_value_heads=2, head_dim=4, max_position_embeddings=64, num_experts=4,
+                                     num_experts_per_tok=1, moe_intermediate_size=16, decoder_sparse_step=2)),
+    # DeepSeek-V2: MLA (rope rows stored interleaved), shared experts, dense first layers, scaled routing
+    "deepseekv2-lite-noqlora-shared2-dense1": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None,
+        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=2, first_k_dense_replace=1)),
+    "deepseekv2-qlora-noshared-tied-bias-scaled": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=40, num_attention_heads=2, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6,
+        qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=12,
+        n_shared_experts=0, tie_word_embeddings=True, attention_bias=True, routed_scaling_factor=1.7,
+        rope_theta=500.0)),
+    "deepseekv2-qlora-shared1-onegroup-llama3rope": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=8, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
+        n_shared_experts=1, topk_method="group_limited_greedy", n_group=1, topk_group=1,
+        rope_parameters=dict(rope_theta=10000.0, **LLAMA3))),
 }
 
 
@@ -269,6 +305,95 @@ def test_qwen2_moe_mapping(imported, tmp_path):
     assert {p.split("=")[0] for p in problems} == {"router_scoring", "routed_scaling_factor", "shared_expert_gate"}
     problems = FAMILIES["mixtral"].can_express(base.replace(first_dense_layers=1))
     assert {"first_dense_layers", "num_shared_experts", "moe_intermediate_size"} <= {p.split("=")[0] for p in problems}
+
+
+def test_qwen3_moe_and_deepseek_v2_mapping(imported):
+    """The layer rule, experts, shared experts and MLA sizes map to the documented spec fields."""
+    load = lambda case: llm.checkpoint.load_checkpoint(imported(case)[2]).spec  # noqa: E731
+    spec = load("qwen3moe-gqa2-e4-top2-dense1-hd12")
+    assert (spec.qk_norm, spec.head_dim, spec.kv_heads, spec.first_dense_layers, spec.moe_intermediate_size,
+            spec.num_shared_experts, spec.norm_topk_prob) == (True, 12, 2, 1, 16, 0, False)
+    assert load("qwen3moe-gqa4-step2-hd4").first_dense_layers == 1  # decoder_sparse_step=2 on 2 layers
+    spec = load("qwen3moe-mqa-e3-top2-norm-tied-bias-window6")
+    assert (spec.sliding_window, spec.out_bias, spec.norm_topk_prob, spec.tie_embeddings) == (6, True, True, True)
+    spec = load("deepseekv2-lite-noqlora-shared2-dense1")
+    assert (spec.attention.value, spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim,
+            spec.v_head_dim, spec.first_dense_layers, spec.num_shared_experts, spec.shared_ffn_size,
+            spec.norm_topk_prob, spec.router_aux_loss_coef) == ("mla", None, 8, 4, 6, 5, 1, 2, 16, False, 0.001)
+    spec = load("deepseekv2-qlora-noshared-tied-bias-scaled")
+    assert (spec.q_lora_rank, spec.num_shared_experts, spec.routed_scaling_factor, spec.attention_bias,
+            spec.out_bias) == (12, 0, 1.7, True, True)
+    assert load("deepseekv2-qlora-shared1-onegroup-llama3rope").rope_scaling["rope_type"] == "llama3"
+
+
+def test_deepseek_rope_rows_are_reordered_from_interleaved_pairs(imported):
+    """DeepSeek stores each rope pair (2i, 2i+1) side by side; our rotate-half pairs (i, i + p/2)."""
+    from llm.checkpoint import load_checkpoint
+
+    model, _, ckpt = imported("deepseekv2-lite-noqlora-shared2-dense1")
+    params = load_checkpoint(ckpt).params
+    attn = model.model.layers[0].self_attn
+    nope, rope, rank = 4, 6, 8
+    hf_q = attn.q_proj.weight.detach().numpy().reshape(4, nope + rope, -1)
+    ours_q = params["layers.0.attn.q_proj.weight"].reshape(4, nope + rope, -1)
+    np.testing.assert_array_equal(ours_q[:, :nope], hf_q[:, :nope])
+    np.testing.assert_array_equal(ours_q[:, nope:], hf_q[:, nope + np.array([0, 2, 4, 1, 3, 5])])
+    hf_kv = attn.kv_a_proj_with_mqa.weight.detach().numpy()
+    np.testing.assert_array_equal(params["layers.0.attn.kv_a_proj_with_mqa.weight"],
+                                  hf_kv[np.r_[0:rank, rank + np.array([0, 2, 4, 1, 3, 5])]])
+
+
+# field -> (the families that hold it, the spec change); an MoE field is tried on the MoE families
+# (a dense family refuses use_moe itself, tested below). A family without shared experts may refuse
+# the shared expert's gate and size through num_shared_experts, the field they depend on.
+_HOLDERS = {
+    "attention": ({"deepseek_v2"}, dict(attention="mla", num_kv_heads=None, head_dim=None, qk_norm=False,
+                                         position="rope", sliding_window=None)),
+    "qk_norm": ({"qwen3", "qwen3_moe"}, dict(qk_norm=True)),
+    "norm_position": (set(), dict(norm_position="post")),
+    "lm_head_bias": (set(), dict(lm_head_bias=True, tie_embeddings=False)),
+    "num_shared_experts": ({"qwen2_moe", "deepseek_v2"}, dict(num_shared_experts=1)),
+    "shared_expert_gate": ({"qwen2_moe"}, dict(num_shared_experts=1, shared_expert_gate=True)),
+    "shared_expert_intermediate_size": ({"qwen2_moe"}, dict(num_shared_experts=1, shared_expert_gate=True,
+                                                            shared_expert_intermediate_size=3)),
+    "first_dense_layers": ({"qwen2_moe", "qwen3_moe", "deepseek_v2"}, dict(first_dense_layers=1)),
+    "router_scoring": (set(), dict(router_scoring="sigmoid")),
+    "routed_scaling_factor": ({"deepseek_v2"}, dict(routed_scaling_factor=2.5)),
+    "moe_intermediate_size": ({"qwen2_moe", "qwen3_moe", "deepseek_v2"}, dict(moe_intermediate_size=7)),
+}
+_MOE_FIELDS = {"num_shared_experts", "shared_expert_gate", "shared_expert_intermediate_size", "first_dense_layers",
+               "router_scoring", "routed_scaling_factor", "moe_intermediate_size"}
+_FAMILY_CASE = {"gpt2": "gpt2-tied", "llama": "llama-mqa-bias", "mistral": "mistral-mqa-window5",
+                "qwen2": "qwen2-gqa2-tied", "mixtral": "mixtral-e4-top2", "qwen2_moe": "qwen2moe-e4-top2-shared-dense0",
+                "qwen3": "qwen3-gqa2-untied-hd12", "qwen3_moe": "qwen3moe-gqa2-e4-top2-dense1-hd12",
+                "deepseek_v2": "deepseekv2-lite-noqlora-shared2-dense1"}
+
+
+def _case_spec(case: str) -> ModelSpec:
+    cfg_name, _, kwargs = CASES[case]
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, initializer_range=0.2, **NO_SPECIALS, **kwargs)
+    return FAMILIES[cfg.model_type].to_spec(cfg.to_dict())
+
+
+def test_every_family_refuses_each_field_it_cannot_hold():
+    assert set(_FAMILY_CASE) == set(FAMILIES)
+    for family, case in _FAMILY_CASE.items():
+        base = _case_spec(case)
+        assert FAMILIES[family].can_express(base) == [], family
+        if not base.use_moe:
+            problems = FAMILIES[family].can_express(base.replace(use_moe=True))
+            assert any(p.startswith("use_moe=True") for p in problems), family
+        for field, (holders, change) in _HOLDERS.items():
+            if field in _MOE_FIELDS and not base.use_moe:
+                continue
+            if field == "qk_norm" and base.is_mla:
+                continue  # the spec itself refuses qk_norm with MLA
+            names = {p.split("=")[0] for p in FAMILIES[family].can_express(base.replace(**change))}
+            if family in holders:
+                assert field not in names, (family, field, names)
+            else:
+                via = {"num_shared_experts"} if field.startswith("shared_expert") else set()
+                assert names & ({field} | via), (family, field, names)
 
 
 def test_sliding_window_maps_one_to_one(imported):
@@ -451,6 +576,22 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("llama-mqa-bias", {"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast'"),
     ("qwen2moe-e4-top2-shared-dense0", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
     ("qwen2moe-e4-top2-shared-dense0", {"mlp_only_layers": [1]}, "layers other than the first k"),
+    ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"mlp_only_layers": [0, 2]}, "layers other than the first k"),
+    ("qwen3moe-mqa-e3-top2-norm-tied-bias-window6", {"max_window_layers": 1}, "max_window_layers=1"),
+    ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"num_experts": 5}, "num_experts=5: differs from num_local_experts=4"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy"},
+     "n_group=2: group-limited routing"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"norm_topk_prob": True}, "norm_topk_prob=True"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"num_key_value_heads": 2}, "num_key_value_heads=2"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_interleave": False}, "rope_interleave=False: not a"),
+    # DeepSeek-V2-Lite's released config: YaRN scaling
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_parameters": None, "rope_scaling": {
+        "type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+        "original_max_position_embeddings": 4096}}, "rope_type='yarn'"),
 ])
 def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_path):
     cfg = build_hf(case).config.to_dict()
@@ -510,38 +651,59 @@ def test_export_errors_name_the_fields(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- --init-from
-@pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_init_from_an_imported_model_continues_training(backend, llama_with_tokenizer, tmp_path):
-    """3 steps of ``python -m llm.train --init-from``: the step-1 loss is the imported model's loss on
-    that batch (computed by transformers), and the run uses the imported tokenizer."""
-
+def _train_from(backend: str, ckpt: Path, source: Path, tmp_path: Path):
+    """3 steps of ``python -m llm.train --init-from ckpt`` on ``source``: (config, datamodule, metric rows)."""
     from llm.loop.tasks import get_task
-    from llm.tokenization import load_tokenizer
     from llm.train import build_parser, main, resolve_config
 
-    model, _, root = llama_with_tokenizer
-    corpus = tmp_path / "mine.txt"
-    corpus.write_text("the quick brown fox says hello to the lazy dog.\n" * 40, encoding="utf-8")
-    argv = ["--backend", backend, "--init-from", str(root / "ckpt"), "--run-dir", str(tmp_path / "run"), "--max-steps", "3",
+    argv = ["--backend", backend, "--init-from", str(ckpt), "--run-dir", str(tmp_path / "run"), "--max-steps", "3",
             "--batch-size", "2", "--lr", "1e-3", "--sample-tokens", "0",
-            "--set", f"data.source={corpus}", "--set", "data.seq_len=16", "--set", f"data.cache_dir={tmp_path}/cache",
+            "--set", f"data.source={source}", "--set", "data.seq_len=16", "--set", f"data.cache_dir={tmp_path}/cache",
             "--set", "training.eval_every=0", "--set", "training.warmup_steps=0",
             "--set", "logging.every_steps=1", "--set", "logging.progress=false"]
     assert main(argv) == 0
-
     config = resolve_config(build_parser().parse_args(argv))
-    assert config.model == llm.checkpoint.load_checkpoint(root / "ckpt").spec
     dm = get_task("lm").build_datamodule(config)
     dm.prepare_data()
     dm.setup()
-    assert dm.tokenizer == load_tokenizer(root / "ckpt" / "tokenizer.json")
-    assert load_tokenizer(tmp_path / "run" / "tokenizer.json") == dm.tokenizer
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return config, dm, rows
+
+
+def _check_first_step_loss_and_training(model, dm, rows, vocab: int) -> None:
+    """The step-1 loss is ``model``'s (transformers') cross-entropy on batch 0; the loss then moves."""
     inputs, targets = dm.batch_at(0)
     with torch.no_grad():
         logits = model(torch.from_numpy(inputs)).logits
-        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, TOK_VOCAB), torch.from_numpy(targets).reshape(-1))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), torch.from_numpy(targets).reshape(-1))
     first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
     assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
     last = next(r for r in reversed(rows) if "loss" in r)
     assert last["step"] == 3 and last["loss"] != first["loss"]  # it trained
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_init_from_an_imported_model_continues_training(backend, llama_with_tokenizer, tmp_path):
+    """3 steps of ``python -m llm.train --init-from``: the step-1 loss is the imported model's loss on
+    that batch (computed by transformers), and the run uses the imported tokenizer."""
+    from llm.tokenization import load_tokenizer
+
+    model, _, root = llama_with_tokenizer
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("the quick brown fox says hello to the lazy dog.\n" * 40, encoding="utf-8")
+    config, dm, rows = _train_from(backend, root / "ckpt", corpus, tmp_path)
+    assert config.model == llm.checkpoint.load_checkpoint(root / "ckpt").spec
+    assert dm.tokenizer == load_tokenizer(root / "ckpt" / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "run" / "tokenizer.json") == dm.tokenizer
+    _check_first_step_loss_and_training(model, dm, rows, TOK_VOCAB)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("case", ["qwen3moe-gqa2-e4-top2-dense1-hd12", "deepseekv2-lite-noqlora-shared2-dense1"])
+def test_init_from_an_imported_moe_model_trains(case, backend, imported, tmp_path):
+    """The MoE families train from their import in both engines (a token file: they carry no tokenizer)."""
+    model, _, ckpt = imported(case)
+    np.save(tmp_path / "train.npy", np.random.default_rng(8).integers(0, VOCAB, 4000).astype(np.int32))
+    config, dm, rows = _train_from(backend, ckpt, tmp_path / "train.npy", tmp_path)
+    assert config.model == llm.checkpoint.load_checkpoint(ckpt).spec
+    _check_first_step_loss_and_training(model, dm, rows, VOCAB)
