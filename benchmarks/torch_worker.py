@@ -107,8 +107,7 @@ def _run(job: dict) -> dict:
         model = DecoderModel(spec)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in load_weights(job["weights_dir"]).items()})
     model.to(device).train()
-    opts["moe"] = resolve_moe_impl(opts["moe"], "torch", device.type, job["dtype"],
-                                   grouped_kernel=hasattr(torch, "_grouped_mm"))
+    opts["moe"] = resolve_moe_impl(opts["moe"], "torch", device.type, job["dtype"])
     set_moe_impl(model, opts["moe"])
     no_decay = spec.no_decay_names()
     named = list(model.named_parameters())
