@@ -105,10 +105,10 @@ def jax_run(preset: str, layers: int, batch: int | None, warmup: int, steps: int
 
         holder: list = []
 
-        def step(fn=grads):
+        def step(fn=grads, holder=holder):
             holder[:] = [fn(params)]
 
-        ms = _time(step, warmup, steps, lambda: jax.block_until_ready(holder))
+        ms = _time(step, warmup, steps, lambda holder=holder: jax.block_until_ready(holder))
         out.append({"framework": "jax", "preset": preset, "case": case, "layers": layers,
                     "batch": B, "seq": T, "ms": round(ms, 3)})
     return out

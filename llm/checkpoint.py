@@ -338,7 +338,7 @@ def commit(
             raise CheckpointError(f"{path}: shard {file.name} does not hold the tensors the plan assigns it")
     model = {n: _Shape(shape) for f in plan if f.part == "model" for n, (shape, _) in headers[f.name].items()}
     _check_model(kind, config, model, where=f"parameters for checkpoint {path}")
-    for part, (single, index) in PARTS.items():
+    for part, (_, index) in PARTS.items():
         files = [f for f in plan if f.part == part]
         if len(files) > 1:
             total = sum(size for f in files for _, size in headers[f.name].values())

@@ -199,7 +199,7 @@ class LMTaskHalfBase:
         if not 2 <= len(batch) <= len(BATCH_FIELDS):
             raise ValueError(f"an LM batch has {', '.join(BATCH_FIELDS[:2])} and optionally "
                              f"{', '.join(BATCH_FIELDS[2:])}; got {len(batch)} arrays")
-        return batch[0], batch[1], dict(zip(BATCH_FIELDS[2:], batch[2:]))
+        return batch[0], batch[1], dict(zip(BATCH_FIELDS[2:], batch[2:], strict=False))
 
     def build_model(self, config: Any, datamodule: Any) -> Any:
         self.optimization = config.optimization

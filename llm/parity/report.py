@@ -129,8 +129,11 @@ def nothing_to_compare(ref: BackendResult) -> str | None:
     return None
 
 
+DEFAULT_TOLERANCES = Tolerances()  # frozen: one shared default
+
+
 def compare(spec: ModelSpec, ref: BackendResult, other: BackendResult,
-            tol: Tolerances = Tolerances()) -> dict[str, Any]:
+            tol: Tolerances = DEFAULT_TOLERANCES) -> dict[str, Any]:
     """The report: every quantity's error, per-layer rows, and ``ok``.
 
     ``ok`` is False, with the reason in ``nothing_to_compare``, when the reference pass has nothing
@@ -197,7 +200,7 @@ def make_batch(spec: ModelSpec, batch_size: int, seq_len: int, seed: int) -> tup
 
 
 def run_parity(spec: ModelSpec, *, seed: int = 0, batch_size: int = 2, seq_len: int | None = None,
-               tol: Tolerances = Tolerances()) -> dict[str, Any]:
+               tol: Tolerances = DEFAULT_TOLERANCES) -> dict[str, Any]:
     """Forward/backward parity of one spec on one random batch."""
     from llm.spec import init_params
 
