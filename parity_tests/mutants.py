@@ -218,8 +218,8 @@ def capacity_drop_order(mp, backend):
 def aux_loss_without_num_experts(mp, backend):
     def make(orig):
         def call(self, x):
-            y, balance, z = orig(self, x)
-            return y, balance / self.spec.num_experts, z  # sum_e f_e P_e, missing the factor E
+            y, balance, z, load = orig(self, x)
+            return y, balance / self.spec.num_experts, z, load  # sum_e f_e P_e, missing the factor E
         return call
     _wrap(mp, MODEL[backend].MoE, CALL[backend], make)
 
@@ -227,8 +227,8 @@ def aux_loss_without_num_experts(mp, backend):
 def z_loss_summed(mp, backend):
     def make(orig):
         def call(self, x):
-            y, balance, z = orig(self, x)
-            return y, balance, z * (x.shape[0] * x.shape[1])  # sum over tokens instead of the mean
+            y, balance, z, load = orig(self, x)
+            return y, balance, z * (x.shape[0] * x.shape[1]), load  # sum over tokens instead of the mean
         return call
     _wrap(mp, MODEL[backend].MoE, CALL[backend], make)
 
