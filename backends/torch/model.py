@@ -693,7 +693,8 @@ class MoE(nn.Module):
         if spec.num_expert_groups > 1:
             choice = self._limit_to_groups(choice)
         # A stable descending sort keeps equal scores in index order: ties go to the lower expert.
-        idx = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :k]  # (N, k)
+        _, order = torch.sort(choice, dim=-1, descending=True, stable=True)
+        idx = order[:, :k]  # (N, k)
         w = scores.gather(1, idx)  # (N, k)
         if spec.norm_topk_prob and k == 1:
             # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
@@ -725,7 +726,8 @@ class MoE(nn.Module):
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, g)
         else:
             group_scores = grouped.amax(dim=-1)  # (N, g)
-        kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :spec.topk_groups]
+        _, group_order = torch.sort(group_scores, dim=-1, descending=True, stable=True)
+        kept = group_order[:, :spec.topk_groups]  # (N, topk_groups)
         group_mask = torch.zeros(N, g, dtype=torch.bool, device=choice.device).scatter(1, kept, True)
         return choice.masked_fill(~group_mask.repeat_interleave(E // g, dim=1), float("-inf"))
 
