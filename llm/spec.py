@@ -515,8 +515,9 @@ class ModelSpec(Section):
         return {p.name: p.shape for p in self.param_table()}
 
     def no_decay_names(self) -> set[str]:
-        """Parameters excluded from weight decay: norms, biases, embeddings."""
-        return {p.name for p in self.param_table() if not p.weight_decay}
+        """Trained parameters excluded from weight decay: norms, biases, embeddings (untrained state,
+        ``trainable=False``, is in no optimiser group at all)."""
+        return {p.name for p in self.param_table() if not p.weight_decay and p.trainable}
 
     def num_params(self, *, active: bool = False, embedding: bool = True) -> int:
         """Trainable parameter count (the router's selection bias is state, not counted).

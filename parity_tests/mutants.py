@@ -22,7 +22,7 @@ import torch
 
 import backends.flax.model as fm
 import backends.torch.model as tm
-from llm.spec import ModelSpec
+from llm.spec import GroupScore, ModelSpec
 
 MODEL = {"torch": tm, "jax": fm}
 CALL = {"torch": "forward", "jax": "__call__"}  # the method a module runs when called
@@ -206,6 +206,25 @@ def moe_ties_to_higher_index(mp, backend):
         mp.setattr(fm, "jax", _Shim(jax, lax=_Shim(jax.lax, top_k=top_k)))
 
 
+def group_score_max_for_top2_sum(mp, backend):
+    """``router_group_score=top2_sum`` scores each group by its best expert alone (the ``max`` rule)."""
+    mp.setattr(MODEL[backend], "GroupScore", _Shim(GroupScore, TOP2_SUM=object()))  # no spec is top2_sum
+
+
+def selection_bias_in_weights(mp, backend):
+    """The selection bias is added to the chosen experts' weights too, not only to their choice."""
+    def make(orig):
+        def route(self, x):
+            combine, idx, logits, probs = orig(self, x)
+            if backend == "torch":
+                chosen = torch.nn.functional.one_hot(idx, combine.shape[-1]).sum(1).to(combine.dtype)
+                return combine + chosen * self.router.selection_bias, idx, logits, probs
+            chosen = jax.nn.one_hot(idx, combine.shape[-1], dtype=combine.dtype).sum(1)
+            return combine + chosen * self.router.selection_bias[...], idx, logits, probs
+        return route
+    _wrap(mp, MODEL[backend].MoE, "route", make)
+
+
 def capacity_drop_order(mp, backend):
     """Capacity keeps the LAST tokens routed to a full expert, not the first (ranks counted from the end)."""
     def make(orig):
@@ -218,8 +237,8 @@ def capacity_drop_order(mp, backend):
 def aux_loss_without_num_experts(mp, backend):
     def make(orig):
         def call(self, x):
-            y, balance, z = orig(self, x)
-            return y, balance / self.spec.num_experts, z  # sum_e f_e P_e, missing the factor E
+            y, balance, z, load = orig(self, x)
+            return y, balance / self.spec.num_experts, z, load  # sum_e f_e P_e, missing the factor E
         return call
     _wrap(mp, MODEL[backend].MoE, CALL[backend], make)
 
@@ -227,8 +246,8 @@ def aux_loss_without_num_experts(mp, backend):
 def z_loss_summed(mp, backend):
     def make(orig):
         def call(self, x):
-            y, balance, z = orig(self, x)
-            return y, balance, z * (x.shape[0] * x.shape[1])  # sum over tokens instead of the mean
+            y, balance, z, load = orig(self, x)
+            return y, balance, z * (x.shape[0] * x.shape[1]), load  # sum over tokens instead of the mean
         return call
     _wrap(mp, MODEL[backend].MoE, CALL[backend], make)
 
@@ -294,6 +313,12 @@ MUTANTS = (
            ("moe_ties",), moe_ties_to_higher_index),
     Mutant("capacity_drop_order", "a full expert keeps the last tokens routed to it, not the first",
            ("component:moe_capacity",), capacity_drop_order),
+    Mutant("group_score_max_for_top2_sum", "group-limited routing scores a group by its best expert where "
+           "top2_sum (its two best, DeepSeek-V3) is configured", ("component:moe_routing", "model:moe_routing"),
+           group_score_max_for_top2_sum, fast=True),
+    Mutant("selection_bias_in_weights", "the router's selection bias added to the chosen experts' weights "
+           "as well as to their choice", ("component:moe_routing", "model:moe_routing"),
+           selection_bias_in_weights, fast=True),
     Mutant("aux_loss_without_num_experts", "balance loss sum_e f_e P_e, missing the factor E",
            ("model:moe",), aux_loss_without_num_experts),
     Mutant("z_loss_summed", "router z-loss summed over tokens instead of averaged",

@@ -27,7 +27,7 @@ def specs(draw, *, moe: bool | None = None, mla: bool | None = None, max_layers:
           max_seq_len: int | tuple[int, int] = (12, 24)) -> ModelSpec:
     """Every field and every choice: GQA/MQA ratios, odd head_dim, GLU, norms, q/k norms, positions, MLA, MoE
     and its variants (dense first layers, routed expert size, shared experts and their gate, sigmoid
-    routing, routed scaling).
+    routing, routed scaling, group-limited routing and the selection bias: ``routings``).
 
     ``max_seq_len`` is fixed (an int) or drawn from an inclusive (lo, hi) range; the position tables
     (RoPE cos/sin, learned, sinusoidal) are sized by it. Odd head sizes (3, 5, 7) are drawn only
@@ -70,6 +70,7 @@ def specs(draw, *, moe: bool | None = None, mla: bool | None = None, max_layers:
         shared_expert_gate=draw(st.booleans()) if shared else False,
         router_scoring=draw(st.sampled_from(["softmax", "sigmoid"])),
         routed_scaling_factor=draw(st.sampled_from([1.0, 1.0, 2.5])),
+        **draw(routings(num_experts, k)),
     ) if use_moe else {}
     return ModelSpec(
         vocab_size=draw(st.integers(5, 48)),
@@ -106,6 +107,21 @@ def specs(draw, *, moe: bool | None = None, mla: bool | None = None, max_layers:
         scale_residual_init=draw(st.booleans()),
         **variants,
     )
+
+
+@st.composite
+def routings(draw, num_experts: int, k: int) -> dict:
+    """Group-limited routing and the selection bias for ``num_experts`` experts, top-``k``: a group
+    count dividing E (1 = none), enough kept groups to hold k experts, the group score (top2_sum
+    needs groups of two), the bias (perturbed weights make it nonzero) and its update rate."""
+    groups = draw(st.sampled_from([g for g in range(1, num_experts + 1) if num_experts % g == 0]))
+    per_group = num_experts // groups
+    kept = draw(st.integers(-(-k // per_group), groups))  # ceil(k / per_group) .. groups
+    score = draw(st.sampled_from(["max", "top2_sum"] if groups > 1 and per_group >= 2 else ["max"]))
+    bias = draw(st.booleans())
+    return dict(num_expert_groups=groups, topk_groups=kept, router_group_score=score,
+                router_selection_bias=bias,
+                router_bias_update_rate=draw(st.sampled_from([0.0, 1e-2])) if bias else 0.0)
 
 
 @st.composite

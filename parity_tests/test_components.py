@@ -49,8 +49,9 @@ COMPONENTS = {
 
 
 def _split(out):
-    """(main output, balance, z) for components that return a tuple, else (out, 0, 0)."""
-    return out if isinstance(out, tuple) else (out, 0.0, 0.0)
+    """(main output, balance, z) for components that return a tuple (the MoE's expert load left
+    out), else (out, 0, 0)."""
+    return out[:3] if isinstance(out, tuple) else (out, 0.0, 0.0)
 
 
 def _router_margin(moe, t_in, tmod, spec: ModelSpec) -> float:

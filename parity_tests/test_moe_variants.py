@@ -37,6 +37,12 @@ VARIANTS = {
     "sigmoid-raw-scaled": dict(router_scoring="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.5),
     "deepseek-like": dict(router_scoring="sigmoid", routed_scaling_factor=2.5, first_dense_layers=1,
                           moe_intermediate_size=8, num_shared_experts=2, capacity_factor=1.0),
+    # group-limited routing (DeepSeek-V2: the best expert scores a group) and DeepSeek-V3's: sigmoid
+    # scores, the selection bias (nonzero at the perturbed weights), groups scored by their top two
+    "groups-max": dict(num_expert_groups=2, topk_groups=1),
+    "deepseek-v3-routing": dict(router_scoring="sigmoid", num_expert_groups=2, topk_groups=1,
+                                router_group_score="top2_sum", router_selection_bias=True,
+                                router_bias_update_rate=1e-3, routed_scaling_factor=2.5, num_shared_experts=1),
 }
 PLAIN = ModelSpec(**BASE)
 

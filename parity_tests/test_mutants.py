@@ -29,6 +29,10 @@ from parity_tests.test_model_parity import check_model
 BASE = dict(vocab_size=32, max_seq_len=8, hidden_size=16, num_layers=1, num_heads=2)
 MOE = dict(BASE, use_moe=True, num_experts=4, num_experts_per_token=2, norm_topk_prob=True, use_glu=True,
            activation="silu", router_aux_loss_coef=0.01, router_z_loss_coef=1e-3, init_std=0.1)
+# DeepSeek-V3 routing: sigmoid scores, 4 groups of 2 scored by their top two, 2 kept, the selection
+# bias (nonzero at the perturbed weights)
+MOE_ROUTING = dict(MOE, num_experts=8, router_scoring="sigmoid", num_expert_groups=4, topk_groups=2,
+                   router_group_score="top2_sum", router_selection_bias=True)
 SHAPE = (2, 6)
 DECODE_TOKENS = 8
 
@@ -62,6 +66,8 @@ CHECKS = {
     "model:layernorm": _model(**dict(BASE, num_layers=2), norm_type="layernorm", attention_bias=True),
     "model:rmsnorm": _model(**dict(BASE, num_layers=2), norm_type="rmsnorm"),
     "model:moe": _model(**dict(MOE, num_layers=2)),
+    "component:moe_routing": _component("moe", **MOE_ROUTING),
+    "model:moe_routing": _model(**dict(MOE_ROUTING, num_layers=2)),
     "model:tied": _model(**dict(BASE, num_layers=2), tie_embeddings=True),
     "decode:rope": _decode("rope_gqa_glu_rms"),
     "decode:learned": _decode("learned_tied_layernorm"),

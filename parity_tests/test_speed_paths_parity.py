@@ -66,7 +66,7 @@ def test_grouped_moe_layer_agrees_across_backends_in_float32():
     torch_load(tlayer, params)
     tlayer.moe_impl = "grouped"
     xt = torch.tensor(x, requires_grad=True)
-    y, balance, z = tlayer(xt)
+    y, balance, z, _ = tlayer(xt)
     ((y * torch.from_numpy(g)).sum() + balance + z).backward()
     t_grads = {"x": xt.grad.numpy(), **{n: p.grad.numpy() for n, p in tlayer.named_parameters()}}
 
@@ -76,7 +76,7 @@ def test_grouped_moe_layer_agrees_across_backends_in_float32():
     graphdef, state, rest = nnx.split(flayer, nnx.Param, ...)
 
     def objective(state, x):
-        y, balance, z = nnx.merge(graphdef, state, rest)(x)
+        y, balance, z, _ = nnx.merge(graphdef, state, rest)(x)
         return jnp.sum(y * g) + balance + z, y
 
     (g_state, g_x), fy = jax.grad(objective, argnums=(0, 1), has_aux=True)(state, jnp.asarray(x))

@@ -11,7 +11,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 
 def test_the_required_presets_exist():
     names = {p.stem for p in CONFIGS}
-    assert {"tiny", "default", "gpt2_124m", "llama_1b", "moe"} <= names
+    assert {"tiny", "default", "gpt2_124m", "llama_1b", "moe", "deepseek_tiny", "deepseek_1b"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -31,3 +31,13 @@ def test_presets_have_the_issue_shapes():
     assert 0.9e9 < llama.num_params() < 1.3e9
     moe = load_config(CONFIGS[0].parent / "moe.yaml", env={}).model
     assert moe.use_moe and moe.num_experts == 8 and moe.num_experts_per_token == 2 and moe.capacity_factor is None
+
+
+def test_deepseek_presets_route_like_deepseek_v3():
+    for name in ("deepseek_tiny", "deepseek_1b"):
+        spec = load_config(CONFIGS[0].parent / f"{name}.yaml", env={}).model
+        assert spec.attention.value == "mla" and spec.num_shared_experts == 1, name
+        assert spec.router_scoring.value == "sigmoid" and spec.router_group_score.value == "top2_sum", name
+        assert spec.num_expert_groups > 1 and spec.router_selection_bias and spec.router_bias_update_rate > 0, name
+    big = load_config(CONFIGS[0].parent / "deepseek_1b.yaml", env={}).model
+    assert 0.9e9 < big.num_params(active=True) < 1.2e9 and big.num_params() > 4 * big.num_params(active=True)

@@ -351,7 +351,7 @@ def test_moe_ties_go_to_the_lower_expert_and_outputs_mix_the_chosen_experts():
     np.testing.assert_allclose(np.asarray(combine)[0], [0, w[0], w[1], 0], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(combine)[1:], [[0.5, 0.5, 0, 0]] * 2, rtol=1e-6)
 
-    y, balance, z = moe(jnp.asarray(x)[None])
+    y, balance, z, _ = moe(jnp.asarray(x)[None])
     want0 = w[0] * _np_expert(p, 1, x[0]) + w[1] * _np_expert(p, 2, x[0])
     np.testing.assert_allclose(np.asarray(y)[0, 0], want0, rtol=1e-5, atol=1e-6)
     want1 = 0.5 * _np_expert(p, 0, x[1]) + 0.5 * _np_expert(p, 1, x[1])
@@ -377,7 +377,7 @@ def test_moe_capacity_drops_later_tokens():
     load_canonical(moe, p)
     x = np.random.default_rng(9).standard_normal((1, 4, 16)).astype(np.float32)
     x[0, :, :2] = [[3, 0], [3, 0], [0, 3], [3, 0]]  # tokens route to experts 0, 0, 1, 0
-    y, balance, _ = moe(jnp.asarray(x))
+    y, balance, _, _ = moe(jnp.asarray(x))
     y = np.asarray(y)[0]
     norms = np.abs(y).max(axis=-1)
     assert norms[0] > 1e-3 and norms[2] > 1e-3  # first token at each expert is kept
@@ -454,7 +454,7 @@ def test_aux_and_z_loss_are_scaled_layer_means_and_hidden_states_are_the_layer_o
     hidden = [x]
     balances, zs = [], []
     for layer in model.layers:
-        x, b, z = layer(x)
+        x, b, z, _ = layer(x)
         hidden.append(x)
         balances.append(float(b))
         zs.append(float(z))
@@ -478,7 +478,8 @@ def test_jit_forward_and_jit_decode_step_match_eager():
         return nnx.merge(graphdef, state)(ids, targets)
 
     jitted = forward(state, ids, targets)
-    assert isinstance(jitted, ModelOutput) and len(jax.tree.leaves(jitted)) == 4
+    # logits, loss, aux_loss, z_loss, expert_load (an MoE model)
+    assert isinstance(jitted, ModelOutput) and len(jax.tree.leaves(jitted)) == 5
     for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 

@@ -166,7 +166,7 @@ def _moe_layer_gradient(spec, params, impl):
     graphdef, state, rest = nnx.split(layer, nnx.Param, ...)
 
     def objective(state, x, g):
-        y, balance, z = nnx.merge(graphdef, state, rest)(x)
+        y, balance, z, _ = nnx.merge(graphdef, state, rest)(x)
         return jnp.sum(y * g) + balance + z, y
 
     return jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True)), state

@@ -326,7 +326,7 @@ def test_moe_matches_per_token_loop_and_loss_formulas(norm_topk_prob):
     x = torch.randn(2, 5, 16)
     xf = x.reshape(10, 16)
     with torch.no_grad():
-        y, balance, z = moe(x)
+        y, balance, z, _ = moe(x)
         torch.testing.assert_close(y.reshape(10, 16), naive_moe(moe, xf, spec), rtol=1e-5, atol=1e-6)
         logits = (xf @ moe.router.weight.T).double().numpy()
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -353,7 +353,7 @@ def test_moe_capacity_drops_later_tokens():
     spec = tiny(use_moe=True, num_experts=2, num_experts_per_token=1, capacity_factor=0.25)
     assert spec.capacity(8) == 1
     moe, x = _all_to_expert_zero(spec)
-    y, balance, _ = moe(x)
+    y, balance, _, _ = moe(x)
     y = y.reshape(8, 16)
     assert y[0].abs().max() > 1e-4  # the first token (batch 0, position 0) gets the one slot
     assert torch.all(y[1:] == 0)  # the rest pass through the residual untouched

@@ -91,7 +91,7 @@ def _moe_layer(spec, x, params, impl):
     load_canonical(layer, params)
     layer.moe_impl = impl
     xt = torch.tensor(x[None], requires_grad=True)
-    y, balance, z = layer(xt)
+    y, balance, z, _ = layer(xt)
     g = torch.from_numpy(np.random.default_rng(5).standard_normal(tuple(y.shape)).astype(np.float32))
     ((y * g).sum() + balance + z).backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in layer.named_parameters()}

@@ -21,6 +21,10 @@ of the input (canonical for ``load_canonical`` / ``moments_from_canonical``, fla
 ``moments_to_canonical``), and a load writes nothing unless all match. Values round-trip bitwise
 (float32 in, float32 out; transposes are exact). The same functions serve parameters, gradients
 and AdamW moments, so the engine never needs the transpose rule itself.
+
+Weights (``to_canonical``, ``load_canonical``) are every ``nnx.Param`` and the untrained state
+(``SelectionBias``, the rows ``ParamInfo.trainable=False`` marks); gradients and moments are the
+Params alone: nothing differentiates or optimises that state.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from backends.flax.model import DecoderModel, ExpertLinear, Linear
+from backends.flax.model import DecoderModel, ExpertLinear, Linear, SelectionBias
 from llm.spec import ModelSpec, SpecError, check_names, check_params, init_params
 
-__all__ = ["LINEAR_SUFFIXES", "flax_placement", "from_canonical", "from_spec", "grads_to_canonical",
+__all__ = ["LINEAR_SUFFIXES", "WEIGHTS", "flax_placement", "from_canonical", "from_spec", "grads_to_canonical",
            "is_linear_weight", "load_canonical", "moments_from_canonical", "moments_to_canonical", "read_flax_slice",
            "to_canonical", "to_canonical_array"]
 
@@ -74,12 +78,17 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def _params(module: nnx.Module) -> dict[str, tuple[nnx.Param, bool]]:
-    """Canonical name -> (the Param, whether it is a linear weight), in natural name order."""
+# What a checkpoint's weights hold: the trained Params and the untrained state beside them.
+WEIGHTS = (nnx.Param, SelectionBias)
+
+
+def _params(module: nnx.Module, kinds: Any = nnx.Param) -> dict[str, tuple[nnx.Variable, bool]]:
+    """Canonical name -> (the variable, whether it is a linear weight), in natural name order:
+    ``kinds`` of variable (the Params, or ``WEIGHTS``)."""
     nodes = dict(nnx.iter_graph(module))
-    found: dict[str, tuple[nnx.Param, bool]] = {}
+    found: dict[str, tuple[nnx.Variable, bool]] = {}
     for path, node in nodes.items():
-        if not isinstance(node, nnx.Param):
+        if not isinstance(node, kinds):
             continue
         name = _name(path)
         by_type = path[-1] == "weight" and isinstance(nodes[path[:-1]], (Linear, ExpertLinear))
@@ -120,19 +129,21 @@ def _to_canonical_layout(module: nnx.Module, values: Mapping[str, Any], what: st
     return {name: _swap(arrays[name], linear) for name, (_, linear) in params.items()}
 
 
-def _to_flax_layout(module: nnx.Module, values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+def _to_flax_layout(module: nnx.Module, values: Mapping[str, Any], what: str, kinds: Any = nnx.Param
+                    ) -> dict[str, np.ndarray]:
     """Canonical ``values`` (name -> ``(out, in)`` arrays) in the flax layout as float32 numpy;
-    strict about names and (canonical) shapes."""
-    params = _params(module)
+    strict about names and (canonical) shapes of ``module``'s ``kinds`` of variable."""
+    params = _params(module, kinds)
     arrays = {k: np.asarray(v, np.float32) for k, v in values.items()}
     check_names(_canonical_shapes(params), arrays, where=f"{what} for {type(module).__name__}")
     return {name: _swap(arrays[name], linear) for name, (_, linear) in params.items()}
 
 
 def to_canonical(module: nnx.Module) -> dict[str, np.ndarray]:
-    """Every ``nnx.Param`` of ``module`` as canonical float32 numpy, linears ``(out, in)``."""
+    """Every ``nnx.Param`` and ``SelectionBias`` of ``module`` as canonical float32 numpy, linears
+    ``(out, in)``."""
     return {name: _swap(np.asarray(param[...], np.float32), linear)
-            for name, (param, linear) in _params(module).items()}
+            for name, (param, linear) in _params(module, WEIGHTS).items()}
 
 
 def grads_to_canonical(module: nnx.Module, grads: nnx.State) -> dict[str, np.ndarray]:
@@ -150,8 +161,8 @@ def load_canonical(module: nnx.Module, params: Mapping[str, Any]) -> None:
     Raises ``SpecError`` (a ``ValueError``) listing every missing, unexpected and mis-shaped name
     before anything is written, so a failed load leaves the module untouched.
     """
-    values = _to_flax_layout(module, params, "parameters")
-    for name, (param, _) in _params(module).items():
+    values = _to_flax_layout(module, params, "parameters", WEIGHTS)
+    for name, (param, _) in _params(module, WEIGHTS).items():
         param[...] = jnp.asarray(values[name], dtype=param[...].dtype)
 
 

@@ -19,6 +19,8 @@ flags donated, so XLA updates them in place)::
     [float16: unscale, skip the update on inf/nan, update the scale]        torch.amp.GradScaler
     torch clip_grad_norm_ -> torch AdamW                 backends/flax/optim.py
                           (or the task's transformation: FlaxTask.build_optimizer, its schedule inside)
+    selection biases += u * sign(mean load - load)       the micro-batches' expert loads (the global
+                                                         batch; ``router_bias_update_rate`` = u > 0 only)
 
 The math is torch's operation by operation (see ``backends/flax/optim.py``): decoupled decay
 ``p *= 1 - lr*wd`` before the Adam step, on the names ``spec.param_table()`` marks; bias-corrected
@@ -86,7 +88,7 @@ from backends.flax.convert import (
     read_flax_slice,
     to_canonical_array,
 )
-from backends.flax.model import set_moe_impl
+from backends.flax.model import SelectionBias, balanced_selection_bias, set_moe_impl
 from backends.flax.optim import (
     AdamWState,
     LossScale,
@@ -98,7 +100,7 @@ from backends.flax.optim import (
 from llm.checkpoint import CheckpointError, ShardFile, TensorSlices
 from llm.config import ActivationCheckpointing, Config, ConfigError, DType
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback
-from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
+from llm.loop.engine import EXPERT_LOAD, TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.loop.tasks import TaskError, TrainingTask
 from llm.moe_dispatch import resolve_moe_impl
 from llm.run import MOMENTS, TrainResult, moment_name, size_after, split_moment_name
@@ -139,22 +141,28 @@ class _Layout:
     """How flat arrays become the model again inside a traced function (a static jit argument).
 
     ``params`` travel as ``{name: array}`` (dotted ``nnx.Param`` paths = canonical names for the
-    decoder); the remaining state (position tables, dropout RNG streams) as a leaf list in which
-    the RNG keys are placeholders: the step derives fresh keys from the micro-batch position.
+    decoder), the untrained ``SelectionBias`` state as ``biases`` the same way; the remaining state (position tables, dropout RNG streams) as a
+    leaf list in which the RNG keys are placeholders: the step derives fresh keys from the
+    micro-batch position.
     """
 
     graphdef: Any
     param_def: Any
     names: tuple[str, ...]
+    bias_def: Any
+    bias_names: tuple[str, ...]
+    bias_rows: tuple[int, ...]  # each bias's row of EXPERT_LOAD
     rest_def: Any
     key_slots: tuple[int, ...]
 
-    def model(self, params: dict[str, jax.Array], rest: list[jax.Array], key: jax.Array | None = None):
+    def model(self, params: dict[str, jax.Array], biases: dict[str, jax.Array], rest: list[jax.Array],
+              key: jax.Array | None = None):
         state = jax.tree.unflatten(self.param_def, [params[n] for n in self.names])
+        bias_state = jax.tree.unflatten(self.bias_def, [biases[n] for n in self.bias_names])
         leaves = list(rest)
         for i, slot in enumerate(self.key_slots):
             leaves[slot] = jax.random.key(0) if key is None else jax.random.fold_in(key, i)
-        return nnx.merge(self.graphdef, state, jax.tree.unflatten(self.rest_def, leaves))
+        return nnx.merge(self.graphdef, state, bias_state, jax.tree.unflatten(self.rest_def, leaves))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +182,7 @@ class _StepConfig:
     # (name, flax-layout shape, sharding) per parameter; empty on a plain data-parallel mesh
     placements: tuple[tuple[str, tuple[int, ...], NamedSharding], ...] = ()
     task_optimizer: optax.GradientTransformation | None = None  # FlaxTask.build_optimizer's, if any
+    bias_update_rate: float = 0.0  # model.router_bias_update_rate (the selection biases' step)
 
     def shardings_like(self, tree: Any) -> Any:
         """A sharding per leaf of ``tree``: a leaf under a dict key naming a parameter, with that
@@ -233,11 +242,13 @@ def _adam(opt_state: tuple) -> tuple[int, AdamWState]:
     raise TypeError("optimizer state without an AdamWState")
 
 
-@partial(jax.jit, static_argnames=("impl", "layout", "cfg"), donate_argnames=("params", "opt_state", "carry"))
-def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carry, rest, batch,
+@partial(jax.jit, static_argnames=("impl", "layout", "cfg"),
+         donate_argnames=("params", "biases", "opt_state", "carry"))
+def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, biases, opt_state, carry, rest, batch,
                 lr, micro_step):
     """One optimiser step over ``batch``, a tuple of (accum, B, ...) arrays. Returns the new params,
-    optimiser state and carry (non-finite flag, loss scale) and ``out`` (summed loss parts, grad norm)."""
+    selection biases, optimiser state and carry (non-finite flag, loss scale) and ``out`` (summed
+    loss parts, grad norm)."""
     root = jax.random.key(cfg.dropout_seed)
     scale = carry["loss_scale"].scale
 
@@ -246,7 +257,7 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
         key = jax.random.fold_in(root, micro_step + i)
 
         def objective(p):
-            obj, parts = impl.loss(layout.model(p, rest, key), micro_batch, deterministic=False)
+            obj, parts = impl.loss(layout.model(p, biases, rest, key), micro_batch, deterministic=False)
             obj = obj / cfg.accum  # torch: (objective / accum).backward(), summed over micro-batches
             if cfg.loss_scaling:
                 obj = obj * scale
@@ -262,6 +273,10 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
         zeros = jax.lax.with_sharding_constraint(zeros, cfg.shardings_like(zeros))
     grads, parts = jax.lax.scan(micro, zeros, (tuple(batch), jnp.arange(cfg.accum, dtype=jnp.int32)))
     sums = {k: jnp.sum(v, axis=0) for k, v in parts.items()}
+    loads = sums.pop(EXPERT_LOAD, None)  # (MoE layers, E) over the global batch
+    new_biases = biases if loads is None else {
+        name: balanced_selection_bias(biases[name], loads[row], cfg.bias_update_rate)
+        for name, row in zip(layout.bias_names, layout.bias_rows, strict=True)}
 
     found_inf = jnp.zeros((), jnp.bool_)
     if cfg.loss_scaling:
@@ -287,13 +302,18 @@ def _train_step(impl, layout: _Layout, cfg: _StepConfig, params, opt_state, carr
     def pin(tree):
         return jax.lax.with_sharding_constraint(tree, cfg.shardings_like(tree))
 
-    return pin(new_params), pin(new_opt), pin(new_carry), out
+    return pin(new_params), pin(new_biases), pin(new_opt), pin(new_carry), out
 
 
 @partial(jax.jit, static_argnames=("impl", "layout"))
-def _eval_loss(impl, layout: _Layout, params, rest, batch):
-    _, parts = impl.loss(layout.model(params, rest), tuple(batch), deterministic=True)
+def _eval_loss(impl, layout: _Layout, params, biases, rest, batch):
+    _, parts = impl.loss(layout.model(params, biases, rest), tuple(batch), deterministic=True)
     return parts["loss"].astype(jnp.float32)
+
+
+def _flat_names(state: nnx.State) -> tuple[str, ...]:
+    """The dotted paths of ``state``'s variables, in its leaf order (canonical names for the decoder)."""
+    return tuple(".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(state))
 
 
 def _local(x: Any) -> Any:
@@ -355,21 +375,28 @@ class TrainingEngine(BaseTrainingEngine):
         set_moe_impl(self._model, resolve_moe_impl(config.optimization.moe_impl, "jax", self.devices[0].platform,
                                                    config.optimization.dtype.value))
         self._set_activation_checkpointing()
-        graphdef, param_state, rest = nnx.split(self._model, nnx.Param, ...)
-        names = tuple(".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(param_state))
+        graphdef, param_state, bias_state, rest = nnx.split(self._model, nnx.Param, SelectionBias, ...)
+        names, bias_names = _flat_names(param_state), _flat_names(bias_state)
+        # each bias's row of EXPERT_LOAD: the MoE layers in order, as the parameter table lists them
+        table = [p.name for p in self._model.spec.param_table() if not p.trainable] if bias_names else []
         rest_leaves, rest_def = jax.tree.flatten(rest)
         key_slots = tuple(i for i, x in enumerate(rest_leaves) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
-        self._layout = _Layout(graphdef, jax.tree.structure(param_state), names, rest_def, key_slots)
+        self._layout = _Layout(graphdef, jax.tree.structure(param_state), names, jax.tree.structure(bias_state),
+                               bias_names, tuple(table.index(n) for n in bias_names), rest_def, key_slots)
         self._setup_weight_decay(names, self.impl.no_decay_names(config, self._model))
         task_optimizer = self._task_optimizer()
         self._cfg = _StepConfig(
             accum=t.grad_accum_steps, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
             weight_decay=t.weight_decay, decay=frozenset(self.decay_names),
             loss_scaling=config.optimization.dtype is DType.FLOAT16, dropout_seed=_dropout_seed(t.seed),
-            replicated=self._replicated, placements=self._param_placements(names, jax.tree.leaves(param_state)),
-            task_optimizer=task_optimizer)
+            replicated=self._replicated,
+            placements=self._param_placements(names + bias_names, jax.tree.leaves(param_state) + jax.tree.leaves(bias_state)),
+            task_optimizer=task_optimizer,
+            bias_update_rate=config.model.router_bias_update_rate if bias_names else 0.0)
         leaves = jax.tree.leaves(param_state)
         self.params: dict[str, jax.Array] = self._place(dict(zip(names, leaves, strict=True)))
+        # the untrained state (``SelectionBias``), placed by the table like a parameter; no moments
+        self.biases: dict[str, jax.Array] = self._place(dict(zip(bias_names, jax.tree.leaves(bias_state), strict=True)))
         self.rest = self._place([np.zeros((), np.uint32) if i in key_slots else x
                                  for i, x in enumerate(rest_leaves)])
         # zeros built on the host: no tiny per-shape programs to compile
@@ -556,9 +583,10 @@ class TrainingEngine(BaseTrainingEngine):
     def model(self) -> nnx.Module:
         """The flax module holding the current parameters (synced on every access; the training
         step donates its buffers, so take it again after training rather than keeping it)."""
-        state = jax.tree.unflatten(self._layout.param_def,
-                                   [_local(self.params[n]) for n in self._layout.names])
-        nnx.update(self._model, state)
+        layout = self._layout
+        state = jax.tree.unflatten(layout.param_def, [_local(self.params[n]) for n in layout.names])
+        biases = jax.tree.unflatten(layout.bias_def, [_local(self.biases[n]) for n in layout.bias_names])
+        nnx.update(self._model, state, biases)
         return self._model
 
     def _param_names(self) -> list[str]:
@@ -584,16 +612,18 @@ class TrainingEngine(BaseTrainingEngine):
         return self.mesh_shape.is_sharded and not self.task_optimizer
 
     def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: flax_placement(name, tuple(self.params[name].shape)) for name in self._layout.names}
+        weights = {**self.params, **self.biases}
+        return {name: flax_placement(name, tuple(weights[name].shape)) for name in weights}
 
     def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
         """One process writes every file; each array comes to the host on its own (its device shards
         assembled), never the whole tree in one transfer."""
         adam = _adam(self.opt_state)[1]
+        weights = {**self.params, **self.biases}
         out = {}
         for name in (name for f in files for name in f.tensors):
-            moment, param = split_moment_name(name) if name not in self.params else (None, name)
-            value = self.params[param] if moment is None else getattr(adam, moment)[param]
+            moment, param = split_moment_name(name) if name not in weights else (None, name)
+            value = weights[param] if moment is None else getattr(adam, moment)[param]
             out[name] = to_canonical_array(param, value)
         return out
 
@@ -608,10 +638,12 @@ class TrainingEngine(BaseTrainingEngine):
         model = self._model
         if self._sharded_checkpoints:  # the module syncs from self.params when read (``model``)
             self.params = {name: self._from_slices(name, params[name]) for name in self._layout.names}
+            self.biases = {name: self._from_slices(name, params[name]) for name in self._layout.bias_names}
         else:
             self.impl.load_canonical(model, params)
-            param_state = nnx.state(model, nnx.Param)
+            param_state, bias_state = nnx.state(model, nnx.Param, SelectionBias)
             self.params = self._place(dict(zip(self._layout.names, jax.tree.leaves(param_state), strict=True)))
+            self.biases = self._place(dict(zip(self._layout.bias_names, jax.tree.leaves(bias_state), strict=True)))
         scaler = grad_scaler if self._cfg.loss_scaling else None
         self._carry = self._place(self._fresh_carry(**({} if not scaler else
                                                            {"scale": float(scaler["scale"]),
@@ -654,8 +686,8 @@ class TrainingEngine(BaseTrainingEngine):
         ``out``)."""
         stacked = tuple(self._shard(np.stack([b[j] for b in batches]), 1)  # (accum, B, ...) per field
                         for j in range(len(batches[0])))
-        self.params, self.opt_state, self._carry, out = _train_step(
-            self.impl, self._layout, self._cfg, self.params, self.opt_state, self._carry, self.rest,
+        self.params, self.biases, self.opt_state, self._carry, out = _train_step(
+            self.impl, self._layout, self._cfg, self.params, self.biases, self.opt_state, self._carry, self.rest,
             stacked, np.float32(lr), np.int32(micro_step))
         return out
 
@@ -687,7 +719,8 @@ class TrainingEngine(BaseTrainingEngine):
         return bool(_host(self._carry["nonfinite"]))
 
     def _val_loss(self, num_batches: int) -> float:
-        losses = [_eval_loss(self.impl, self._layout, self.params, self.rest, tuple(self._shard(a, 0) for a in batch))
+        losses = [_eval_loss(self.impl, self._layout, self.params, self.biases, self.rest,
+                             tuple(self._shard(a, 0) for a in batch))
                   for batch in self.datamodule.val_dataloader(num_batches)]
         values = [float(v) for v in _host(losses)]
         return float(np.sum(np.asarray(values, np.float64)) / max(1, len(values)))

@@ -48,6 +48,7 @@ from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import (
     MLA_LATENT_NORM_EPS,
     Activation,
+    GroupScore,
     ModelSpec,
     NormPosition,
     NormType,
@@ -60,6 +61,7 @@ from llm.spec import (
 __all__ = [
     "IGNORE_INDEX",
     "Buffer",
+    "SelectionBias",
     "Linear",
     "Embedding",
     "RMSNorm",
@@ -77,6 +79,7 @@ __all__ = [
     "ExpertLinear",
     "Experts",
     "MoE",
+    "balanced_selection_bias",
     "set_moe_impl",
     "TransformerBlock",
     "ModelOutput",
@@ -102,6 +105,12 @@ REMAT_POLICIES: dict[str, Any] = {
 
 class Buffer(nnx.Variable):
     """A constant array held in module state (position tables): not a Param, not trained, not saved."""
+
+
+class SelectionBias(nnx.Variable):
+    """The router's per-expert selection bias (``mlp.router.selection_bias``): untrained state, not a
+    Param (``nnx.grad`` and the optimiser never see it), but converted, sharded and saved like one;
+    the engines move it with ``balanced_selection_bias``."""
 
 
 class _SpecRef:
@@ -812,8 +821,9 @@ class MoE(_SpecModule):
     Static shapes and no Python loops over tokens, so it runs under ``jax.jit``: every expert is
     evaluated on every token and the outputs are mixed by a dense (N, E) weight matrix that is zero
     off the selected experts, which gives the same values and gradients as a sparse dispatch.
-    ``__call__`` returns ``(y, balance, z)`` with the losses unscaled; the model applies the
-    coefficients.
+    ``__call__`` returns ``(y, balance, z, load)`` with the losses unscaled (the model applies the
+    coefficients) and ``load`` (E,) the tokens routed to each expert (the count
+    ``balanced_selection_bias`` reads).
 
     ``moe_impl`` (``set_moe_impl(model, impl)``; the spec does not change) picks how the experts run
     (``llm.moe_dispatch``): ``"dense"`` as above (the reference), ``"blocked"``
@@ -831,6 +841,8 @@ class MoE(_SpecModule):
         self.dtype = jnp.dtype(dtype)
         # The router runs in float32 whatever the compute dtype: top-k choices flip on bf16 rounding.
         self.router = Linear(spec.hidden_size, spec.num_experts, dtype=jnp.float32)
+        if spec.router_selection_bias:
+            self.router.selection_bias = SelectionBias(jnp.zeros((spec.num_experts,), jnp.float32))
         self.experts = Experts(spec, dtype=dtype)
         if spec.num_shared_experts:
             self.shared = MLP(spec, spec.shared_ffn_size, dtype=dtype)
@@ -843,7 +855,9 @@ class MoE(_SpecModule):
 
         ``probs`` is each token's distribution over experts the balance loss averages: the softmax,
         or the sigmoid scores divided by their sum (``router_scoring=sigmoid``, whose top-k and
-        weights use the scores themselves)."""
+        weights use the scores themselves). The experts are chosen on the selection scores (the
+        scores plus ``selection_bias``, limited to the ``topk_groups`` best groups); the chosen
+        experts weigh their un-biased scores."""
         spec = self.spec
         E, k = spec.num_experts, spec.num_experts_per_token
         N = x.shape[0]
@@ -853,9 +867,15 @@ class MoE(_SpecModule):
             probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
         else:
             scores = probs = jax.nn.softmax(logits, axis=-1)
+        choice = jax.lax.stop_gradient(scores)  # (N, E); indices only, no gradient
+        if spec.router_selection_bias:
+            choice = choice + self.router.selection_bias[...].astype(jnp.float32)
+        if spec.num_expert_groups > 1:
+            choice = self._limit_to_groups(choice)
         # lax.top_k returns equal values lower index first: ties go to the lower expert, as a
         # stable descending sort would.
-        w, idx = jax.lax.top_k(scores, k)  # (N, k)
+        _, idx = jax.lax.top_k(choice, k)  # (N, k)
+        w = jnp.take_along_axis(scores, idx, axis=-1)  # (N, k)
         if spec.norm_topk_prob and k == 1:
             # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
             # (the division would hand the router rounding noise that AdamW amplifies to lr-sized steps).
@@ -873,7 +893,23 @@ class MoE(_SpecModule):
         combine = jnp.sum(w[..., None] * onehot, axis=1)  # (N, E); top-k experts are distinct
         return combine, idx, logits, probs
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _limit_to_groups(self, choice: jax.Array) -> jax.Array:
+        """choice (N, E) with every expert outside each token's ``topk_groups`` best groups at -inf.
+
+        A group scores its best selection score (``max``) or the sum of its two best (``top2_sum``);
+        equal group scores keep the lower group (``lax.top_k``), as equal experts do."""
+        spec = self.spec
+        N, E, g = choice.shape[0], spec.num_experts, spec.num_expert_groups
+        grouped = choice.reshape(N, g, E // g)  # (N, g, E/g)
+        if spec.router_group_score is GroupScore.TOP2_SUM:
+            group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # (N, g)
+        else:
+            group_scores = jnp.max(grouped, axis=-1)  # (N, g)
+        _, kept = jax.lax.top_k(group_scores, spec.topk_groups)  # (N, topk_groups)
+        group_mask = jnp.any(jax.nn.one_hot(kept, g, dtype=jnp.bool_), axis=1)  # (N, g)
+        return jnp.where(jnp.repeat(group_mask, E // g, axis=1), choice, -jnp.inf)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         B, T, D = x.shape
         E, k = self.spec.num_experts, self.spec.num_experts_per_token
         xf = x.reshape(B * T, D)  # (N, D)
@@ -898,10 +934,20 @@ class MoE(_SpecModule):
             y = y + shared
 
         # Load balance counts assignments before capacity drops; f carries no gradient, P does.
-        f = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=(0, 1)) / (idx.shape[0] * k)  # (E,)
+        load = jnp.sum(jax.nn.one_hot(idx, E, dtype=jnp.float32), axis=(0, 1))  # (E,) tokens routed to each expert
+        f = load / (idx.shape[0] * k)  # (E,)
         balance = E * jnp.sum(f * jnp.mean(probs, axis=0))
         z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
-        return y.reshape(B, T, D).astype(x.dtype), balance, z
+        return y.reshape(B, T, D).astype(x.dtype), balance, z, jax.lax.stop_gradient(load)
+
+
+def balanced_selection_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """DeepSeek-V3's aux-loss-free balancing step: ``bias + rate * sign(mean(load) - load)``.
+
+    bias, load (E,) float32 (``load``: a step's tokens per expert over the global batch); an
+    overloaded expert's bias goes down by ``rate``, an underloaded one's up, an even one's stays.
+    A positive factor on ``load`` changes nothing."""
+    return bias + rate * jnp.sign(jnp.mean(load) - load)
 
 
 def set_moe_impl(model: nnx.Module, impl: str) -> None:
@@ -931,7 +977,8 @@ class TransformerBlock(_SpecModule):
     def __call__(self, x: jax.Array, start_pos: Any = 0, cache: LayerKVCache | None = None, *,
                  attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, deterministic: bool = True
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """(x, balance, z, load): the MoE's losses and (E,) expert load, zeros and None in a dense block."""
         post = self.spec.norm_position is NormPosition.POST
         h = self.attn(x if post else self.attn_norm(x), start_pos, cache, attention_mask=attention_mask,
                       segment_ids=segment_ids, positions=positions, deterministic=deterministic)
@@ -939,14 +986,15 @@ class TransformerBlock(_SpecModule):
         if post:
             x = self.attn_norm(x)
         if isinstance(self.mlp, MoE):
-            h, balance, z = self.mlp(x if post else self.mlp_norm(x))
+            h, balance, z, load = self.mlp(x if post else self.mlp_norm(x))
         else:
             h = self.mlp(x if post else self.mlp_norm(x))
             balance = z = jnp.zeros((), jnp.float32)
+            load = None
         x = x + self.dropout(h, deterministic=deterministic)
         if post:
             x = self.mlp_norm(x)
-        return x, balance, z
+        return x, balance, z, load
 
 
 @jax.tree_util.register_dataclass
@@ -956,7 +1004,9 @@ class ModelOutput:
 
     ``logits`` (B, T, V) float32 (None with ``return_logits=False``); ``loss`` mean cross-entropy
     over targets != -100 (None without targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the coefficient-scaled layer means of
-    the MoE balance and z losses (scalar zeros without MoE). ``hidden_states`` (only with
+    the MoE balance and z losses (scalar zeros without MoE); ``expert_load`` (MoE layers, E) float32,
+    the tokens each MoE layer routed to each expert (None without MoE), what the engines'
+    selection-bias update reads. ``hidden_states`` (only with
     ``return_hidden=True``, for layer-by-layer parity) is the embedding output, every block's
     output and the final norm's output: ``num_layers + 2`` arrays (B, T, D).
     """
@@ -966,6 +1016,7 @@ class ModelOutput:
     aux_loss: jax.Array
     z_loss: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
+    expert_load: jax.Array | None = None
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -1048,7 +1099,8 @@ class DecoderModel(_SpecModule):
         self.remat = "none"  # or a key of REMAT_POLICIES: each block recomputed in the backward
 
     def _remat_block(self, layer: TransformerBlock, x: jax.Array, start_pos: Any, attention_mask: Any,
-                     segment_ids: Any, positions: Any, deterministic: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     segment_ids: Any, positions: Any, deterministic: bool
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """``layer`` under ``jax.checkpoint`` with ``REMAT_POLICIES[self.remat]`` (the same values and
         gradients as a plain call; only what the backward keeps changes)."""
         if self.remat not in REMAT_POLICIES:
@@ -1120,18 +1172,19 @@ class DecoderModel(_SpecModule):
 
         x = self.embed(input_ids, start_pos, positions, deterministic=deterministic)  # (B, T, D)
         hidden = [x]
-        balances, zs = [], []
+        balances, zs, loads = [], [], []
         for i, layer in enumerate(self.layers):
             if self.remat != "none" and cache is None:
-                x, balance, z = self._remat_block(layer, x, start_pos, attention_mask, segment_ids, positions,
+                x, balance, z, load = self._remat_block(layer, x, start_pos, attention_mask, segment_ids, positions,
                                                   deterministic)
             else:
-                x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
-                                      attention_mask=attention_mask, segment_ids=segment_ids,
-                                      positions=positions, deterministic=deterministic)
+                x, balance, z, load = layer(x, start_pos, None if cache is None else cache[i],
+                                            attention_mask=attention_mask, segment_ids=segment_ids,
+                                            positions=positions, deterministic=deterministic)
             hidden.append(x)
             balances.append(balance)
             zs.append(z)
+            loads.append(load)
         x = self.final_norm(x)
         hidden.append(x)
         zero = jnp.zeros((), jnp.float32)
@@ -1140,6 +1193,7 @@ class DecoderModel(_SpecModule):
         first = spec.first_dense_layers
         aux_loss = spec.router_aux_loss_coef * jnp.mean(jnp.stack(balances[first:])) if moe else zero
         z_loss = spec.router_z_loss_coef * jnp.mean(jnp.stack(zs[first:])) if moe else zero
+        expert_load = jnp.stack(loads[first:]) if moe else None  # (MoE layers, E)
         if loss_chunk_tokens:  # the head's weight as stored: tied, the token table (V, D); lm_head (D, V)
             if self.lm_head is None:
                 weight, bias, layout = self.embed.weight[...], None, "VD"
@@ -1149,13 +1203,13 @@ class DecoderModel(_SpecModule):
             loss = chunked_cross_entropy(x.astype(self.dtype), weight, bias, targets, loss_chunk_tokens,
                                          weight_layout=layout)
             return ModelOutput(logits=None, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
-                               hidden_states=tuple(hidden) if return_hidden else None)
+                               hidden_states=tuple(hidden) if return_hidden else None, expert_load=expert_load)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
         if not return_logits:
             return ModelOutput(logits=None, loss=lean_cross_entropy(logits, targets, impl=self.loss_impl),
-                               aux_loss=aux_loss,
-                               z_loss=z_loss, hidden_states=tuple(hidden) if return_hidden else None)
+                               aux_loss=aux_loss, z_loss=z_loss,
+                               hidden_states=tuple(hidden) if return_hidden else None, expert_load=expert_load)
         logits = logits.astype(jnp.float32)
         loss = None if targets is None else cross_entropy(logits, targets)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
-                           hidden_states=tuple(hidden) if return_hidden else None)
+                           hidden_states=tuple(hidden) if return_hidden else None, expert_load=expert_load)

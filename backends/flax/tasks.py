@@ -28,6 +28,7 @@ from flax import nnx
 
 from backends.flax.convert import from_spec, load_canonical, to_canonical
 from backends.flax.inference import generate
+from llm.loop.engine import EXPERT_LOAD
 from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["COMPUTE_DTYPES", "FlaxLMTask", "FlaxRegressionTask", "FlaxTask", "RegressionMLP",
@@ -117,6 +118,8 @@ class FlaxLMTask(LMTaskHalfBase, FlaxTask):
         parts = {"loss": out.loss}
         if model.spec.use_moe:
             parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)
+        if model.spec.router_bias_update_rate:  # the engine's selection-bias update reads it
+            parts[EXPERT_LOAD] = out.expert_load
         return out.loss + out.aux_loss + out.z_loss, parts
 
     def no_decay_names(self, config: Any, model: nnx.Module) -> set[str]:

@@ -16,6 +16,8 @@ One optimiser step::
         with autocast(dtype): objective, parts = task.loss(model, batch)
         (scaler.scale(objective / accum)).backward()
     unscale (fp16) -> clip_grad_norm_ -> AdamW step -> scaler.update()
+    selection biases += u * sign(mean load - load)     the micro-batches' expert loads, all-reduced
+                                                       (``router_bias_update_rate`` = u > 0 only)
 
 A task half's own optimiser (``TorchTask.build_optimizer``) takes AdamW's place in that step, its
 rate left to its own scheduler (``build_scheduler``, stepped once after the optimiser step, and the
@@ -68,11 +70,11 @@ from torch.nn.parallel import DistributedDataParallel
 from backends.torch import parallel
 from backends.torch.convert import moments_from_canonical, moments_to_canonical
 from backends.torch.ddp import bucket_cap_mb
-from backends.torch.model import DecoderModel, set_moe_impl
+from backends.torch.model import DecoderModel, MoE, balanced_selection_bias, set_moe_impl
 from llm.checkpoint import CheckpointError, ShardFile, TensorSlices
 from llm.config import Config, DType
 from llm.loop.callbacks import DEFAULT_CALLBACKS, Callback, TensorBoard
-from llm.loop.engine import TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
+from llm.loop.engine import EXPERT_LOAD, TASK, TASK_OPTIMIZER_PREFIX, BaseTrainingEngine, StepReadout
 from llm.loop.tasks import TaskError, TrainingTask
 from llm.moe_dispatch import resolve_moe_impl
 from llm.run import MOMENTS, TrainResult, moment_name, size_after
@@ -433,8 +435,7 @@ class TrainingEngine(BaseTrainingEngine):
         if self.mesh is None:
             self.impl.load_canonical(self.model, params)
         else:
-            check_names({n: tuple(p.shape) for n, p in self.model.named_parameters()}, params,
-                        where=f"parameters for {type(self.model).__name__}")
+            check_names(self._canonical_shapes(), params, where=f"parameters for {type(self.model).__name__}")
         if self._sharded_checkpoints:  # each rank reads the slices of its own shards: no communication
             set_model_state_dict(self.model, {n: _local_part(params[n], t) for n, t in self.model.state_dict().items()})
         elif self.mesh is not None:  # a task's own optimiser: the whole tensors were read
@@ -500,6 +501,7 @@ class TrainingEngine(BaseTrainingEngine):
         for group in self.optimizer.param_groups if not self.task_optimizer else ():
             group["lr"] = lr  # the engine's AdamW; a task's optimiser has its own scheduler
         sums: dict[str, torch.Tensor] = {}
+        loads: torch.Tensor | None = None  # (MoE layers, E) summed over the micro-batches
         for micro, batch in enumerate(batches):
             torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.data_rank))
             last = micro == accum - 1
@@ -509,6 +511,9 @@ class TrainingEngine(BaseTrainingEngine):
                     objective, parts = self.impl.loss(self.train_model, self._to_device(batch))
                 objective = objective / accum
                 (self.scaler.scale(objective) if self.scaler else objective).backward()
+            load = parts.pop(EXPERT_LOAD, None)
+            if load is not None:
+                loads = load.detach() if loads is None else loads + load.detach()
             for k, v in parts.items():
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v
@@ -523,9 +528,23 @@ class TrainingEngine(BaseTrainingEngine):
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        if loads is not None:
+            self._balance_selection_biases(loads)
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite |= ~torch.isfinite(sums["loss"])
         return sums, grad_norm
+
+    @torch.no_grad()
+    def _balance_selection_biases(self, loads: torch.Tensor) -> None:
+        """Each MoE layer's selection bias moved by its step's load (``llm.loop.engine.EXPERT_LOAD``)
+        over the global batch: every rank sums all ranks' counts (the tensor ranks of a group count
+        their shared batch again, a common factor the sign ignores) and applies the same update."""
+        if self.world_size > 1:
+            dist.all_reduce(loads)
+        routers = [m.router for m in self.model.modules() if isinstance(m, MoE)]
+        rate = self.config.model.router_bias_update_rate
+        for router, load in zip(routers, loads, strict=True):
+            router.selection_bias.copy_(balanced_selection_bias(router.selection_bias, load, rate))
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         """Gradient sync off for a micro-batch that is not the last (DDP's ``no_sync``, FSDP2's

@@ -33,6 +33,7 @@ from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
 from llm.spec import (
     MLA_LATENT_NORM_EPS,
     Activation,
+    GroupScore,
     ModelSpec,
     NormPosition,
     NormType,
@@ -56,6 +57,7 @@ __all__ = [
     "attention_rule",
     "MLP",
     "MoE",
+    "balanced_selection_bias",
     "set_moe_impl",
     "TransformerBlock",
     "ModelOutput",
@@ -636,8 +638,9 @@ class MoE(nn.Module):
     Vectorised with static shapes (no ``.item()``, no boolean indexing) so it runs under
     ``torch.compile(fullgraph=True)``: every expert is evaluated on every token and the outputs are
     mixed by a dense (N, E) weight matrix that is zero off the selected experts, which gives the
-    same values and gradients as a sparse dispatch. ``forward`` returns ``(y, balance, z)`` with the
-    losses unscaled; the model applies the coefficients.
+    same values and gradients as a sparse dispatch. ``forward`` returns ``(y, balance, z, load)``
+    with the losses unscaled (the model applies the coefficients) and ``load`` (E,) the tokens
+    routed to each expert (the count ``balanced_selection_bias`` reads).
 
     ``moe_impl`` (``set_moe_impl(model, impl)``; the spec does not change) picks how the experts run
     (``llm.moe_dispatch``): ``"dense"`` as above (the reference), ``"blocked"``
@@ -654,6 +657,10 @@ class MoE(nn.Module):
         super().__init__()
         self.spec = spec
         self.router = _zeroed(nn.Linear, spec.hidden_size, spec.num_experts, bias=False)
+        if spec.router_selection_bias:
+            # Untrained state (a buffer: no gradient, no optimiser, in the state_dict under its
+            # canonical name); the engines move it with ``balanced_selection_bias``.
+            self.router.register_buffer("selection_bias", torch.zeros(spec.num_experts))
         self.experts = Experts(spec)
         if spec.num_shared_experts:
             self.shared = MLP(spec, spec.shared_ffn_size)
@@ -666,7 +673,9 @@ class MoE(nn.Module):
 
         ``probs`` is each token's distribution over experts the balance loss averages: the softmax,
         or the sigmoid scores divided by their sum (``router_scoring=sigmoid``, whose top-k and
-        weights use the scores themselves)."""
+        weights use the scores themselves). The experts are chosen on the selection scores (the
+        scores plus ``selection_bias``, limited to the ``topk_groups`` best groups); the chosen
+        experts weigh their un-biased scores."""
         spec = self.spec
         E, k = spec.num_experts, spec.num_experts_per_token
         N = x.shape[0]
@@ -678,9 +687,15 @@ class MoE(nn.Module):
             probs = scores / scores.sum(dim=-1, keepdim=True)
         else:
             scores = probs = torch.softmax(logits, dim=-1)
+        choice = scores.detach()  # (N, E); indices only, no gradient
+        if spec.router_selection_bias:
+            choice = choice + self.router.selection_bias.float()
+        if spec.num_expert_groups > 1:
+            choice = self._limit_to_groups(choice)
         # A stable descending sort keeps equal scores in index order: ties go to the lower expert.
-        sorted_probs, sorted_idx = torch.sort(scores, dim=-1, descending=True, stable=True)
-        w, idx = sorted_probs[:, :k], sorted_idx[:, :k]  # (N, k)
+        _, order = torch.sort(choice, dim=-1, descending=True, stable=True)
+        idx = order[:, :k]  # (N, k)
+        w = scores.gather(1, idx)  # (N, k)
         if spec.norm_topk_prob and k == 1:
             # w / w is the constant 1: no gradient in exact arithmetic, so none in float32 either
             # (the division would hand the router rounding noise that AdamW amplifies to lr-sized steps).
@@ -699,7 +714,24 @@ class MoE(nn.Module):
         combine = (w.unsqueeze(-1) * onehot.to(w.dtype)).sum(dim=1)  # (N, E); top-k experts are distinct
         return combine, idx, logits, probs
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice (N, E) with every expert outside each token's ``topk_groups`` best groups at -inf.
+
+        A group scores its best selection score (``max``) or the sum of its two best (``top2_sum``);
+        equal group scores keep the lower group (a stable sort), as equal experts do."""
+        spec = self.spec
+        N, E, g = choice.shape[0], spec.num_experts, spec.num_expert_groups
+        grouped = choice.reshape(N, g, E // g)  # (N, g, E/g)
+        if spec.router_group_score is GroupScore.TOP2_SUM:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, g)
+        else:
+            group_scores = grouped.amax(dim=-1)  # (N, g)
+        _, group_order = torch.sort(group_scores, dim=-1, descending=True, stable=True)
+        kept = group_order[:, :spec.topk_groups]  # (N, topk_groups)
+        group_mask = torch.zeros(N, g, dtype=torch.bool, device=choice.device).scatter(1, kept, True)
+        return choice.masked_fill(~group_mask.repeat_interleave(E // g, dim=1), float("-inf"))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, D = x.shape
         spec = self.spec
         E, k = spec.num_experts, spec.num_experts_per_token
@@ -726,10 +758,20 @@ class MoE(nn.Module):
             y = y + shared
 
         # Load balance counts assignments before capacity drops; f carries no gradient, P does.
-        f = F.one_hot(idx, E).sum(dim=(0, 1)).float() / (idx.shape[0] * k)  # (E,)
+        load = F.one_hot(idx, E).sum(dim=(0, 1)).float()  # (E,) tokens routed to each expert
+        f = load / (idx.shape[0] * k)  # (E,)
         balance = E * (f * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return y.reshape(B, T, D).to(x.dtype), balance, z
+        return y.reshape(B, T, D).to(x.dtype), balance, z, load
+
+
+def balanced_selection_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's aux-loss-free balancing step: ``bias + rate * sign(mean(load) - load)``.
+
+    bias, load (E,) float32 (``load``: a step's tokens per expert over the global batch); an
+    overloaded expert's bias goes down by ``rate``, an underloaded one's up, an even one's stays.
+    A positive factor on ``load`` (a count repeated on every tensor rank) changes nothing."""
+    return bias + rate * torch.sign(load.mean() - load)
 
 
 def set_moe_impl(model: nn.Module, impl: str) -> None:
@@ -762,7 +804,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: LayerKVCache | None = None, *,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x, balance, z, load): the MoE's losses and (E,) expert load, zeros and None in a dense block."""
         if self.recompute is not None and cache is None and torch.is_grad_enabled():
             return self.recompute(self._forward, x, start_pos, None, attention_mask=attention_mask,
                                   segment_ids=segment_ids, positions=positions)
@@ -771,7 +815,8 @@ class TransformerBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor, start_pos: int, cache: LayerKVCache | None, *,
                  attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
-                 positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 positions: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         post = self.spec.norm_position is NormPosition.POST
         h = self.attn(x if post else self.attn_norm(x), start_pos, cache, attention_mask=attention_mask,
                       segment_ids=segment_ids, positions=positions)
@@ -779,14 +824,15 @@ class TransformerBlock(nn.Module):
         if post:
             x = self.attn_norm(x)
         if isinstance(self.mlp, MoE):
-            h, balance, z = self.mlp(x if post else self.mlp_norm(x))
+            h, balance, z, load = self.mlp(x if post else self.mlp_norm(x))
         else:
             h = self.mlp(x if post else self.mlp_norm(x))
             balance = z = torch.zeros((), device=x.device)
+            load = None
         x = x + self.dropout(h)
         if post:
             x = self.mlp_norm(x)
-        return x, balance, z
+        return x, balance, z, load
 
 
 @dataclass
@@ -795,7 +841,9 @@ class ModelOutput:
 
     ``logits`` (B, T, V) float32 (None with ``return_logits=False``); ``loss`` mean cross-entropy
     over targets != -100 (None without targets, 0 when none is valid); ``aux_loss`` / ``z_loss`` the
-    coefficient-scaled layer means of the MoE balance and z losses (scalar zeros without MoE).
+    coefficient-scaled layer means of the MoE balance and z losses (scalar zeros without MoE);
+    ``expert_load`` (MoE layers, E) float32, the tokens each MoE layer routed to each expert (None
+    without MoE), what the engines' selection-bias update reads.
     """
 
     logits: torch.Tensor | None
@@ -803,6 +851,7 @@ class ModelOutput:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     hidden_states: list[torch.Tensor] | None = None  # embed, each block, final_norm (return_hidden)
+    expert_load: torch.Tensor | None = None
 
 
 class DecoderModel(nn.Module):
@@ -880,13 +929,14 @@ class DecoderModel(nn.Module):
 
         x = self.embed(input_ids, start_pos, positions)  # (B, T, D)
         hidden = [x]
-        balances, zs = [], []
+        balances, zs, loads = [], [], []
         for i, layer in enumerate(self.layers):
-            x, balance, z = layer(x, start_pos, None if cache is None else cache[i],
-                                  attention_mask=attention_mask, segment_ids=segment_ids,
-                                  positions=positions)
+            x, balance, z, load = layer(x, start_pos, None if cache is None else cache[i],
+                                        attention_mask=attention_mask, segment_ids=segment_ids,
+                                        positions=positions)
             balances.append(balance)
             zs.append(z)
+            loads.append(load)
             hidden.append(x)
         x = self.final_norm(x)
         hidden.append(x)
@@ -896,6 +946,7 @@ class DecoderModel(nn.Module):
         first = spec.first_dense_layers
         aux_loss = spec.router_aux_loss_coef * torch.stack(balances[first:]).mean() if moe else zero
         z_loss = spec.router_z_loss_coef * torch.stack(zs[first:]).mean() if moe else zero
+        expert_load = torch.stack(loads[first:]).detach() if moe else None  # (MoE layers, E)
         # the output projection (V, D), (V,) or None; tied: the token table, no bias
         head_weight, head_bias = ((self.embed.weight, None) if self.lm_head is None
                                   else (self.lm_head.weight, self.lm_head.bias))
@@ -903,7 +954,7 @@ class DecoderModel(nn.Module):
         if loss_chunk_tokens and not isinstance(head_weight, DTensor):
             loss = chunked_cross_entropy(x, head_weight, head_bias, targets, loss_chunk_tokens)
             return ModelOutput(logits=None, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
-                               hidden_states=hidden if return_hidden else None)
+                               hidden_states=hidden if return_hidden else None, expert_load=expert_load)
         if self.lm_head is None:
             logits = _whole(F.linear(_like(x, head_weight), head_weight))  # (B, T, V), the autocast dtype
         else:
@@ -919,4 +970,4 @@ class DecoderModel(nn.Module):
             loss = per_token.sum() / n_valid.clamp(min=1)  # 0, not nan, when nothing is valid
         return ModelOutput(logits=logits if return_logits else None, loss=loss,
                            aux_loss=aux_loss, z_loss=z_loss,
-                           hidden_states=hidden if return_hidden else None)
+                           hidden_states=hidden if return_hidden else None, expert_load=expert_load)

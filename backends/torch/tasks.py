@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from backends.torch.convert import from_spec, load_canonical, to_canonical
 from backends.torch.inference import generate
+from llm.loop.engine import EXPERT_LOAD
 from llm.loop.tasks import LMTaskHalfBase
 
 __all__ = ["TorchLMTask", "TorchRegressionTask", "TorchTask"]
@@ -86,6 +87,8 @@ class TorchLMTask(LMTaskHalfBase, TorchTask):
         parts = {"loss": out.loss}
         if _spec_of(model).use_moe:
             parts.update(aux_loss=out.aux_loss, z_loss=out.z_loss)
+        if _spec_of(model).router_bias_update_rate:  # the engine's selection-bias update reads it
+            parts[EXPERT_LOAD] = out.expert_load
         return out.loss + out.aux_loss + out.z_loss, parts
 
     def no_decay_names(self, config: Any, model: nn.Module) -> set[str]:

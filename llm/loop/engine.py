@@ -102,7 +102,7 @@ from llm.run import (
 from llm.schedule import schedule_for
 from llm.spec import SpecError, check_names
 
-__all__ = ["ADAMW", "STATE_VERSION", "TASK_OPTIMIZER_PREFIX", "BaseTrainingEngine", "EarlyStopping",
+__all__ = ["ADAMW", "EXPERT_LOAD", "STATE_VERSION", "TASK_OPTIMIZER_PREFIX", "BaseTrainingEngine", "EarlyStopping",
            "StepReadout"]
 
 log = logging.getLogger("llm.train")
@@ -113,6 +113,12 @@ TASK = "task"  # ... of a task's own optimiser (build_optimizer of its backend h
 # state.safetensors prefix of a task optimiser's arrays: never a moment name (llm.run.MOMENTS)
 TASK_OPTIMIZER_PREFIX = "task_optimizer."
 _OPTIMIZER_KIND = ("name", "backend", "class", "scheduler")  # what a resume must find unchanged
+# The loss part an LM task half adds when ``model.router_bias_update_rate`` > 0: the micro-batch's
+# (MoE layers, E) tokens per expert. The engines take it out of the logged parts, sum it over the
+# micro-batches and the data-parallel ranks (the global batch) and, after the optimiser step, move
+# each MoE layer's selection bias by the backend's ``balanced_selection_bias`` (DeepSeek-V3's
+# aux-loss-free balancing): no gradient, no second forward.
+EXPERT_LOAD = "expert_load"
 
 
 def _describe_optimizer(meta: dict[str, Any]) -> str:
@@ -694,7 +700,8 @@ class BaseTrainingEngine:
         """The files of a sharded checkpoint (``llm.checkpoint.plan_shards`` over this run's
         processes): the parameters and both AdamW moments, float32, from their shapes alone."""
         sizes = {name: 4 * math.prod(shape) for name, shape in self._canonical_shapes().items()}
-        state = {moment_name(moment, name): size for moment in MOMENTS for name, size in sizes.items()}
+        # moments of the trained parameters only (untrained state such as a selection bias has none)
+        state = {moment_name(moment, name): sizes[name] for moment in MOMENTS for name in self._param_names()}
         return plan_shards(sizes, self.world_size, state_sizes=state, max_shard_bytes=self.max_shard_bytes)
 
     def _checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -1010,7 +1017,8 @@ class BaseTrainingEngine:
         return False
 
     def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Canonical name -> the whole (global) canonical shape of every parameter."""
+        """Canonical name -> the whole (global) canonical shape of every weight a checkpoint holds
+        (the parameters and any untrained state, such as the routers' selection biases)."""
         raise NotImplementedError
 
     def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
