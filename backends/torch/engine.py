@@ -505,7 +505,7 @@ class TrainingEngine(BaseTrainingEngine):
             torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.data_rank))
             last = micro == accum - 1
             no_sync = self._no_sync() if not last else contextlib.nullcontext()
-            with no_sync, self._attention_kernels():
+            with no_sync, self._attention_kernels(), parallel.vocab_split_loss(self.model):
                 with self._autocast():
                     objective, parts = self.impl.loss(self.train_model, self._to_device(batch))
                 objective = objective / accum

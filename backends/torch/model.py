@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate
 
 from backends.torch.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
@@ -79,17 +79,23 @@ def _zeroed(layer_cls: type[nn.Module], *args, **kwargs) -> nn.Module:
 
 # ---------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale and no bias, computed in float32."""
+    """Root-mean-square norm with a learned scale and no bias, computed in float32.
+
+    ``heads_split_over``: the tensor-parallel mesh when this is a per-head norm (``qk_norm``) whose
+    input holds only this rank's heads (set by ``backends.torch.parallel``); the weight then sums
+    its gradient over that mesh, each rank's being the partial sum over its own heads."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.heads_split_over: DeviceMesh | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
+        weight = self.weight if self.heads_split_over is None else _grad_summed_over(self.weight, self.heads_split_over)
+        return (weight.float() * normed).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -133,6 +139,13 @@ def _like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, DTensor):
         return DTensor.from_local(x, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim)
     return x
+
+
+def _grad_summed_over(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``x`` itself in the forward; in the backward its gradient summed over ``mesh``'s ranks (each
+    computed a partial one): the local gradient is declared ``Partial`` and DTensor reduces it to
+    the ``Replicate`` placement ``x`` had."""
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
 
 
 def _whole(x: torch.Tensor) -> torch.Tensor:
@@ -905,16 +918,27 @@ class DecoderModel(nn.Module):
             return ModelOutput(logits=None, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
                                hidden_states=hidden if return_hidden else None)
         if self.lm_head is None:
-            logits = _whole(F.linear(_like(x, head_weight), head_weight))  # (B, T, V), the autocast dtype
+            logits = F.linear(_like(x, head_weight), head_weight)  # (B, T, V), the autocast dtype
         else:
             logits = self.lm_head(x)
+        # Vocab-split (a DTensor, V on tensor): the training loss runs on the shards, which is
+        # loss_parallel's sharded cross entropy when the caller holds
+        # backends.torch.parallel.vocab_split_loss over forward and backward (the training step
+        # does; outside it DTensor gathers the logits for the loss); returned logits are gathered whole.
+        vocab_split = isinstance(logits, DTensor) and targets is not None and not return_logits
+        if not vocab_split:
+            logits = _whole(logits)
         if return_logits:
             logits = logits.float()
 
         loss = None
         if targets is not None:
-            per_token = F.cross_entropy(logits.reshape(-1, spec.vocab_size).float(), targets.reshape(-1),
+            flat_logits, flat_targets = logits.reshape(-1, spec.vocab_size).float(), targets.reshape(-1)
+            if vocab_split:  # the backward wants the targets a DTensor too (replicated)
+                flat_targets = DTensor.from_local(flat_targets, logits.device_mesh, [Replicate()], run_check=False)
+            per_token = F.cross_entropy(flat_logits, flat_targets,
                                         ignore_index=IGNORE_INDEX, reduction="none")  # ignored -> 0
+            per_token = _whole(per_token)  # vocab-split: replicated, its local copy
             n_valid = (targets != IGNORE_INDEX).sum()
             loss = per_token.sum() / n_valid.clamp(min=1)  # 0, not nan, when nothing is valid
         return ModelOutput(logits=logits if return_logits else None, loss=loss,
