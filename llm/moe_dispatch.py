@@ -44,15 +44,14 @@ MOE_IMPLS = ("dense", "blocked", "grouped")  # what an MoE module's ``moe_impl``
 
 
 def resolve_moe_impl(requested: str | MoEImpl, backend: str, device_kind: str, dtype: str, *,
-                     grouped_kernel: bool = True, tensor_parallel: bool = False) -> str:
+                     grouped_kernel: bool = True) -> str:
     """The implementation (one of ``MOE_IMPLS``) an engine builds for ``optimization.moe_impl``.
 
     ``backend`` is ``"torch"`` or ``"jax"``; ``device_kind`` the device platform (``"cuda"``,
     ``"gpu"``, ``"cpu"``, ``"tpu"``, ...); ``dtype`` the compute dtype's name (``"bfloat16"``...);
     ``grouped_kernel`` whether the backend has a grouped GEMM at all (torch: ``torch._grouped_mm``
-    exists); ``tensor_parallel`` whether torch splits the experts' mlp dimension as DTensors, which
-    only the dense path computes with (``auto`` then means ``dense``; another explicit impl is
-    refused). An explicit impl is returned as it is. ``auto``:
+    exists). Every impl runs under tensor parallel too (torch splits each expert's mlp dimension).
+    An explicit impl is returned as it is. ``auto``:
 
     * torch on CUDA in bfloat16: ``grouped`` (``torch._grouped_mm``) when the kernel exists, else
       ``blocked``; on CUDA in another dtype: ``blocked`` (the grouped kernel is bf16 only).
@@ -72,11 +71,6 @@ def resolve_moe_impl(requested: str | MoEImpl, backend: str, device_kind: str, d
     except ValueError:
         raise ValueError(f"moe_impl={requested!r} is not one of: "
                          f"{', '.join(m.value for m in MoEImpl)}") from None
-    if backend == "torch" and tensor_parallel:
-        if impl in (MoEImpl.AUTO, MoEImpl.DENSE):
-            return MoEImpl.DENSE.value
-        raise ValueError(f"optimization.moe_impl={impl.value} does not run under distributed.tensor > 1 in "
-                         "torch (the experts are split DTensors): use dense or auto")
     if impl is not MoEImpl.AUTO:
         return impl.value
     if backend == "torch":

@@ -3,7 +3,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_torch_tp_worker.py OUT.json SPEC_JSON
 
-Builds ``ModelSpec(**SPEC_JSON)`` from ``from_spec(spec, seed=0)`` on every rank, splits a copy
+Builds ``ModelSpec(**SPEC_JSON)`` from ``from_spec(spec, seed=0)`` on every rank (its MoE layers run
+``SPEC_JSON["moe_impl"]``, default dense, which is not a spec field), splits a copy
 over ``distributed.tensor = 2`` (``apply_tensor_parallel``) and runs one batch through it twice:
 the training path (``return_logits=False``: a vocab-split head's loss runs under ``loss_parallel``,
 held over the backward by ``vocab_split_loss``) and the gathered path (``return_logits=True``:
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.torch.convert import from_spec  # noqa: E402
+from backends.torch.model import set_moe_impl  # noqa: E402
 from backends.torch.parallel import apply_tensor_parallel, build_mesh, vocab_split_loss  # noqa: E402
 from llm.sharding import MeshShape  # noqa: E402
 from llm.spec import ModelSpec  # noqa: E402
@@ -46,9 +48,12 @@ def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, gathered: bool) ->
 
 def main(out: str, spec_json: str) -> None:
     dist.init_process_group("gloo")
-    spec = ModelSpec(**json.loads(spec_json))
+    fields = json.loads(spec_json)
+    moe_impl = fields.pop("moe_impl", "dense")
+    spec = ModelSpec(**fields)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, spec.vocab_size, (2, 9)))
     whole = from_spec(spec, seed=0)
+    set_moe_impl(whole, moe_impl)
     split = copy.deepcopy(whole)
     shape = MeshShape(tensor=2)
     apply_tensor_parallel(split, shape, build_mesh(shape, "cpu"))

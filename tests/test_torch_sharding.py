@@ -158,12 +158,20 @@ TP_SPEC = {"vocab_size": 64, "max_seq_len": 16, "hidden_size": 32, "num_layers":
            "num_kv_heads": 2, "norm_type": "rmsnorm", "use_glu": True, "activation": "silu"}
 
 
-@pytest.mark.parametrize("extra", [{"qk_norm": True}, {"tie_embeddings": True, "qk_norm": True}],
-                         ids=["qk_norm-untied", "qk_norm-tied"])
-def test_tensor_parallel_loss_parallel_and_qk_norm_equal_the_whole_model_over_two_processes(tmp_path, extra):
+# MoE with biases (the down projection's is added once, after the partial sums), a shared expert
+# and a first dense layer, on each sparse dispatch.
+TP_MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_token": 2, "moe_intermediate_size": 16,
+          "num_shared_experts": 1, "first_dense_layers": 1, "mlp_bias": True}
+
+
+@pytest.mark.parametrize("extra", [{"qk_norm": True}, {"tie_embeddings": True, "qk_norm": True},
+                                   {**TP_MOE, "moe_impl": "blocked"}, {**TP_MOE, "moe_impl": "grouped"}],
+                         ids=["qk_norm-untied", "qk_norm-tied", "moe-blocked", "moe-grouped"])
+def test_tensor_parallel_loss_parallel_qk_norm_and_moe_equal_the_whole_model_over_two_processes(tmp_path, extra):
     """Over tensor=2 the training path's cross entropy runs on vocab-split logits (loss_parallel) and
-    the gathered path's on whole ones; both have the unsplit model's loss and gradients, the per-head
-    q/k norm weights' (summed over the ranks' heads) among them."""
+    the gathered path's on whole ones; both have the unsplit model's loss and gradients: the per-head
+    q/k norm weights' (summed over the ranks' heads), and the experts' split on their mlp dimension
+    under the blocked and grouped dispatches, among them."""
     out = tmp_path / "tp.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(TP_WORKER), str(out), json.dumps({**TP_SPEC, **extra})],
@@ -173,15 +181,15 @@ def test_tensor_parallel_loss_parallel_and_qk_norm_equal_the_whole_model_over_tw
     assert result["vocab_split"] == [False, True, False]
     want_loss, want_grads = result["whole"]
     assert result["unheld_loss"] == pytest.approx(want_loss, rel=1e-6)
-    assert set(want_grads) >= {"layers.0.attn.q_norm.weight", "layers.1.attn.k_norm.weight"}
     for path in ("training", "gathered"):
         loss, grads = result[path]
         assert loss == pytest.approx(want_loss, rel=1e-6), path
         assert grads.keys() == want_grads.keys()
         for name, g in want_grads.items():
             np.testing.assert_allclose(grads[name], g, rtol=1e-5, atol=1e-7, err_msg=f"{path}: {name}")
-    # the norm gradients are not already equal per rank's heads: halving one would fail above
-    assert np.abs(np.array(want_grads["layers.0.attn.q_norm.weight"])).max() > 1e-4
+    # the gradients checked are not zeros (a missing sum over the ranks would fail above)
+    checked = "layers.0.attn.q_norm.weight" if extra.get("qk_norm") else "layers.1.mlp.experts.down_proj.bias"
+    assert np.abs(np.array(want_grads[checked])).max() > 1e-4
 
 
 # ---------------------------------------------------------------------- the sweep (make test-dist)

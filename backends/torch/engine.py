@@ -205,8 +205,7 @@ class TrainingEngine(BaseTrainingEngine):
         self.model = self.impl.build_model(config, self.datamodule).to(self.device)  # the raw module
         set_moe_impl(self.model, resolve_moe_impl(config.optimization.moe_impl, "torch", self.device.type,
                                                   config.optimization.dtype.value,
-                                                  grouped_kernel=hasattr(torch, "_grouped_mm"),
-                                                  tensor_parallel=self.mesh_shape.tensor > 1))
+                                                  grouped_kernel=hasattr(torch, "_grouped_mm")))
         parallel.apply_activation_checkpointing(self.model, config.training.activation_checkpointing)
         if self.mesh is not None:
             self._shard_model()

@@ -153,6 +153,12 @@ def _whole(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
+def _partial_sums_added(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The sum over ``mesh``'s ranks of their partial ``x`` (a row-parallel matmul's outputs), on every
+    rank; its gradient is the whole result's, unchanged, on each rank."""
+    return DTensor.from_local(x, mesh, [Partial()], run_check=False).full_tensor()
+
+
 # ---------------------------------------------------------------------- embedding
 class EmbeddingLayer(nn.Module):
     """Token table plus the absolute position signal (learned or sinusoidal); RoPE adds nothing here.
@@ -525,7 +531,13 @@ class ExpertLinear(nn.Module):
 
 
 class Experts(nn.Module):
-    """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul."""
+    """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul.
+
+    Tensor parallel (``backends.torch.parallel``) makes the weights DTensors split on F. The dense
+    ``forward`` computes in DTensor; the sparse dispatches (``mix_selected``, ``mix_grouped``) run
+    on each rank's local F slice (``local_projections``): the input's gradient is summed over the tensor mesh,
+    the down projection's partial outputs are summed before its bias is added and the tokens mixed.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -545,6 +557,18 @@ class Experts(nn.Module):
             h = _activation(self.spec, self.up_proj(x))
         return _whole(self.down_proj(h))
 
+    def local_projections(self) -> tuple[DeviceMesh | None, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+        """The tensor mesh the experts are split over (None: whole) and each projection's (weight,
+        bias) as plain tensors: this rank's F slice, whose gradient flows back to the DTensor shard."""
+        mesh = self.up_proj.weight.device_mesh if isinstance(self.up_proj.weight, DTensor) else None
+        names = ("gate_proj", "up_proj", "down_proj") if self.spec.use_glu else ("up_proj", "down_proj")
+        out = {}
+        for name in names:
+            layer = getattr(self, name)
+            out[name] = tuple(None if t is None else t.to_local() if isinstance(t, DTensor) else t
+                              for t in (layer.weight, layer.bias))
+        return mesh, out
+
     def mix_selected(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum_slot w[n, slot] * expert_{idx[n, slot]}(x[n])`` on the selected pairs only, (N, D).
 
@@ -553,9 +577,9 @@ class Experts(nn.Module):
         expert, and the experts run as one batched matmul over blocks with gathered weights.
         """
         spec = self.spec
-        if isinstance(self.up_proj.weight, DTensor):
-            raise NotImplementedError("moe_impl='blocked' gathers expert weights per block, which tensor "
-                                      "parallel does not split yet; use the dense dispatch")
+        mesh, proj = self.local_projections()
+        if mesh is not None:  # each rank's F slice adds to x's gradient
+            x = _grad_summed_over(x, mesh)
         N, D = x.shape
         E, k = spec.num_experts, spec.num_experts_per_token
         A = N * k
@@ -575,17 +599,22 @@ class Experts(nn.Module):
         rows = x.new_zeros(P, D, dtype=dt).index_copy(0, pos, x.to(dt).repeat_interleave(k, dim=0))
         h = rows.view(P // b, b, D)  # (nb, b, D), block i belongs to expert block_expert[i]
 
-        def linear(layer: ExpertLinear, h: torch.Tensor) -> torch.Tensor:
-            y = torch.bmm(h, layer.weight.to(dt)[block_expert].transpose(1, 2))  # (nb, b, out)
-            if layer.bias is not None:
-                y = y + layer.bias.to(dt)[block_expert][:, None, :]
-            return y
+        def linear(name: str, h: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+            weight, bias = proj[name]
+            y = torch.bmm(h, weight.to(dt)[block_expert].transpose(1, 2))  # (nb, b, out)
+            return y + bias.to(dt)[block_expert][:, None, :] if with_bias and bias is not None else y
 
         if spec.use_glu:
-            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (nb, b, F)
+            h = _activation(spec, linear("gate_proj", h)) * linear("up_proj", h)  # (nb, b, F)
         else:
-            h = _activation(spec, linear(self.up_proj, h))
-        out = linear(self.down_proj, h).reshape(P, D)
+            h = _activation(spec, linear("up_proj", h))
+        out = linear("down_proj", h, with_bias=False)  # (nb, b, D), a partial sum over F when split
+        if mesh is not None:
+            out = _partial_sums_added(out, mesh)
+        down_bias = proj["down_proj"][1]
+        if down_bias is not None:
+            out = out + down_bias.to(dt)[block_expert][:, None, :]
+        out = out.reshape(P, D)
         acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
         return (out[pos].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
 
@@ -597,6 +626,9 @@ class Experts(nn.Module):
         projection on each run with its expert's weight, and the inverse permutation un-sorts.
         """
         spec = self.spec
+        mesh, proj = self.local_projections()
+        if mesh is not None:  # each rank's F slice adds to x's gradient
+            x = _grad_summed_over(x, mesh)
         N, D = x.shape
         E, k = spec.num_experts, spec.num_experts_per_token
         A = N * k
@@ -609,17 +641,21 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(A, device=dev))  # sorted row of a
         h = x.to(dt)[order // k]  # (A, D), row j is the token of the j-th sorted assignment
 
-        def linear(layer: ExpertLinear, h: torch.Tensor) -> torch.Tensor:
-            y = grouped_mm(h, layer.weight.to(dt), offsets)  # (A, out)
-            if layer.bias is not None:
-                y = y + layer.bias.to(dt)[sorted_e]
-            return y
+        def linear(name: str, h: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+            weight, bias = proj[name]
+            y = grouped_mm(h, weight.to(dt), offsets)  # (A, out)
+            return y + bias.to(dt)[sorted_e] if with_bias and bias is not None else y
 
         if spec.use_glu:
-            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (A, F)
+            h = _activation(spec, linear("gate_proj", h)) * linear("up_proj", h)  # (A, F)
         else:
-            h = _activation(spec, linear(self.up_proj, h))
-        out = linear(self.down_proj, h)  # (A, D) in sorted order
+            h = _activation(spec, linear("up_proj", h))
+        out = linear("down_proj", h, with_bias=False)  # (A, D) in sorted order, a partial sum over F when split
+        if mesh is not None:
+            out = _partial_sums_added(out, mesh)
+        down_bias = proj["down_proj"][1]
+        if down_bias is not None:
+            out = out + down_bias.to(dt)[sorted_e]
         acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
         return (out[inverse].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
 

@@ -10,15 +10,23 @@ are neighbours (one host) and share a batch: a rank reads the data slice of its 
 ``("data", "fsdp")`` (``data_shard``).
 
 ``apply_tensor_parallel``: a ``DecoderModel``'s ``nn.Linear`` whose weight has its out dim on
-``tensor`` gets ``ColwiseParallel`` (q/k/v, gate/up, the untied lm_head, whose logits are gathered
-whole over the vocabulary), one with its in dim on ``tensor`` ``RowwiseParallel`` (o, down); the
-token table's vocab rows on ``tensor`` become a ``Shard(0)`` DTensor, which
-``backends.torch.model`` looks up (and, tied, projects onto) in DTensor; the stacked MoE experts
-(``ExpertLinear``) become DTensors split on their ``mlp`` dim and compute in DTensor too (the
-``down`` projection's partial sums are reduced at the end of ``Experts.forward``). A module the
-table leaves whole (a dim not divisible) is left alone. Attention then holds ``heads / tensor`` local heads and
-reads that count from its projections' output. Every parameter's TP placement is checked against
-the table afterwards: a parameter with no plan fails loudly.
+``tensor`` gets ``ColwiseParallel`` (q/k/v, gate/up, the untied lm_head, whose logits stay a
+vocab-split DTensor), one with its in dim on ``tensor`` ``RowwiseParallel`` (o, down); the token
+table's vocab rows on ``tensor`` become a ``Shard(0)`` DTensor, which ``backends.torch.model``
+looks up (and, tied, projects onto) in DTensor; the stacked MoE experts (``ExpertLinear``) become
+DTensors split on their ``mlp`` dim: the dense dispatch computes in DTensor (the ``down``
+projection's partial sums are reduced at the end of ``Experts.forward``), the blocked and grouped
+ones on each rank's local slice (``Experts.local``). A module the table leaves whole (a dim not
+divisible) is left alone. Attention then holds ``heads / tensor`` local heads and reads that count
+from its projections' output; the per-head q/k norms (``qk_norm``) keep whole, replicated weights
+whose gradients (each rank's a partial sum over its heads) are summed over the tensor mesh in the
+backward (``RMSNorm.heads_split_over``). Every parameter's TP placement is checked against the
+table afterwards: a parameter with no plan fails loudly.
+
+``vocab_split_loss``: ``loss_parallel()`` while the head is vocab-split: the cross entropy runs on
+the logits' shards (the vocab-wise max, sum and target logit are all-reduced; no rank holds the
+whole (tokens, V) logits), and the training step holds it over the backward, where torch needs it.
+Returned logits (``return_logits=True``) are gathered whole.
 
 ``apply_fsdp``: ``fully_shard`` on each ``TransformerBlock`` and then on the root, over the
 ``fsdp`` dim (``("data", "fsdp")`` when data > 1: HSDP, replicated over ``data``).
@@ -51,10 +59,21 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from backends.torch.model import DecoderModel, EmbeddingLayer, ExpertLinear, MultiHeadAttention, TransformerBlock
+from backends.torch.model import (
+    DecoderModel,
+    EmbeddingLayer,
+    ExpertLinear,
+    MultiHeadAttention,
+    TransformerBlock,
+)
 from llm.config import ActivationCheckpointing, DType
 from llm.sharding import MESH_AXES, MeshShape, param_placements
 
