@@ -535,8 +535,9 @@ class Experts(nn.Module):
 
     Tensor parallel (``backends.torch.parallel``) makes the weights DTensors split on F. The dense
     ``forward`` computes in DTensor; the sparse dispatches (``mix_selected``, ``mix_grouped``) run
-    on each rank's local F slice (``local_projections``): the input's gradient is summed over the tensor mesh,
-    the down projection's partial outputs are summed before its bias is added and the tokens mixed.
+    on each rank's local F slice (``local_projections``): the input's gradient is summed over the
+    tensor mesh, the down projection's partial outputs are summed before its bias is added and the
+    tokens mixed.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -650,7 +651,7 @@ class Experts(nn.Module):
             h = _activation(spec, linear("gate_proj", h)) * linear("up_proj", h)  # (A, F)
         else:
             h = _activation(spec, linear("up_proj", h))
-        out = linear("down_proj", h, with_bias=False)  # (A, D) in sorted order, a partial sum over F when split
+        out = linear("down_proj", h, with_bias=False)  # (A, D), sorted; a partial sum over F when split
         if mesh is not None:
             out = _partial_sums_added(out, mesh)
         down_bias = proj["down_proj"][1]
