@@ -182,7 +182,8 @@ def workload(config, batch: int, seq_len: int) -> dict:
         # The dense reference dispatch (``moe: dense``) evaluates every expert on every token: the
         # work of a top-E model. The workers default to ``auto`` (a sparse dispatch); each result's
         # options say which impl ran, and the report counts executed work from that.
-        dense = spec.replace(num_experts_per_token=spec.num_experts)
+        dense = spec.replace(num_experts_per_token=spec.num_experts, num_expert_groups=1, topk_groups=1,
+                             router_group_score="max")  # every expert: no group limit to honour
         w["executed_flops_per_token"] = dense.flops_per_token(seq_len)
         w["moe_dispatch"] = "per result: options.moe (auto resolves per backend, device and dtype)"
     return w

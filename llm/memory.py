@@ -25,26 +25,42 @@ of the compute dtype (``optimization.dtype``: float32 4, bfloat16 / float16 2)::
 ``data.seq_len``, ``V'`` = the vocabulary rows of the output projection on one device (split over
 ``tensor`` when the placement splits it: the loss runs vocab-parallel).
 
-Activations per token of one block, in elements, with ``D`` = hidden, ``H`` / ``KV`` = heads / kv
-heads, ``hd`` = head size, ``F`` = MLP size, ``t`` = tensor degree (it divides the head and MLP
-tensors; the residual stream and the norm outputs are whole on every device: no sequence
-parallelism), ``k`` = experts a token uses (1 for a dense MLP)::
+Activations per token of one block, in elements, with ``D`` = hidden, ``t`` = tensor degree (it
+divides the head and MLP tensors; the residual stream and the norm outputs are whole on every
+device: no sequence parallelism), ``a`` = the attention's and ``m`` = the MLP's::
 
-    none       4 D + (H + 2 KV) hd / t + H hd / t + k m_none F / t     m_none = 4 GLU, 2 plain
-    selective  2 D + (H + 2 KV) hd / t + H hd / t + k m_sel F / t      m_sel  = 2 GLU, 1 plain
+    none       4 D + a_none + m_none          selective  2 D + a_sel + m_sel
 
-``none`` keeps the block input, its norm output, q / k / v, the attention output, the residual
-after attention, the MLP norm output and the MLP's gate / up / activation / product (plain: up and
-activation). ``selective`` keeps the block input, q / k / v, the attention output, the o_proj output
-and the gate / up matmul outputs, and recomputes norms, activations and residual adds. Both add, in
-bytes, the attention kernel's float32 log-sum-exp (``4 H / t``), for MoE the float32 router logits
-and probabilities (``8 E``), and with ``model.dropout > 0`` (``none`` only) a one-byte mask per
-residual dropout (``2 D``). Attention is counted as a fused kernel (torch SDPA, cuDNN): no
-``T x T`` score matrix is kept. ``full`` keeps each block's input (``D`` per block) and, during the
-backward, one block's ``none`` activations as it is recomputed. Every policy adds the final norm's
-input and output (``2 D``). So for ``L`` blocks::
+Attention, ``H`` / ``KV`` = heads / kv heads, ``hd`` = head size: ``a_none = a_sel = (H + 2 KV) hd
+/ t + H hd / t`` (q / k / v and the attention output). MLA (``attention: mla``; ``n`` / ``p`` /
+``dv`` = ``qk_nope_head_dim`` / ``qk_rope_head_dim`` / ``v_head_dim``, ``r`` = ``kv_lora_rank``,
+``q_r`` = ``q_lora_rank`` or 0): ``a_sel = q_r + H (n + p) / t + (r + p) + H (n + dv) / t + H dv /
+t`` (the query projections, the latent with the rope key, its expansion, the attention output: the
+matmul outputs), ``a_none = a_sel + q_r + r + 2 H (n + p) / t`` (the latent norms' outputs and the
+rotated query and key the kernel reads).
 
-    none = L a_none + 2 D      selective = L a_sel + 2 D      full = L D + a_none + 2 D
+MLP: ``m_none = 4 W / t`` with GLU (gate / up / activation / product), ``2 W / t`` plain (up and
+activation); ``m_sel = 2 W / t`` with GLU, ``W / t`` plain (the gate / up matmul outputs). ``W`` is
+the width a token runs through: ``F`` (``intermediate_size``) in a dense block (the
+``first_dense_layers`` too); in an MoE block ``k`` routed experts of ``moe_intermediate_size`` plus
+the shared experts' one MLP (``num_shared_experts`` times its size; 0 without).
+
+``none`` keeps the block input, its norm output, the attention's tensors, the residual after
+attention, the MLP norm output and the MLP's. ``selective`` keeps the block input, the matmul
+outputs and the attention output, the o_proj output, and recomputes norms, activations and
+residual adds. Both add, in bytes, the attention kernel's float32 log-sum-exp (``4 H / t``), for an
+MoE block the float32 router logits and probabilities (``8 E``), and with ``model.dropout > 0``
+(``none`` only) a one-byte mask per residual dropout (``2 D``). Attention is counted as a fused
+kernel (torch SDPA, cuDNN): no ``T x T`` score matrix is kept. ``full`` keeps each block's input
+(``D`` per block) and, during the backward, one block's ``none`` activations (the larger kind's) as
+it is recomputed. Every policy adds the final norm's input and output (``2 D``). So for ``L``
+blocks, ``L_d`` dense and ``L_m`` MoE::
+
+    none = L_d a_none(dense) + L_m a_none(moe) + 2 D        (selective alike)
+    full = L D + max(a_none(dense), a_none(moe)) + 2 D
+
+The weights count every canonical tensor of ``param_table()`` (a dense and an MoE block read once
+each, times their counts): with one device, the weights' elements are ``spec.num_params()``.
 
 This is a planning figure: it leaves out the framework's own memory (CUDA context, kernels'
 workspaces, the allocator's fragmentation) and transient buffers of the backward, so a run close to
@@ -153,21 +169,59 @@ class MemoryEstimate:
                 "bytes": dict(self.parts), "total": self.total}
 
 
-def _local_elements(spec: ModelSpec, mesh: MeshShape) -> tuple[int, int]:
-    """Local elements per device of (one block, everything outside the blocks), read from the
-    table of a one-block model: every block has the same shapes, so a huge ``num_layers`` costs
-    nothing here."""
-    block = root = 0
-    for info, where in zip(spec.replace(num_layers=1).param_table(),
-                           param_placements(spec.replace(num_layers=1), mesh).values(), strict=True):
+def _short(spec: ModelSpec) -> ModelSpec:
+    """``spec`` cut to its first ``first_dense_layers + 1`` blocks: one of each kind it has."""
+    return spec.replace(num_layers=min(spec.num_layers, spec.first_dense_layers + 1))
+
+
+def _local_elements(spec: ModelSpec, mesh: MeshShape) -> tuple[int, int, int]:
+    """Local elements per device of (one dense block, one MoE block, everything outside the blocks),
+    read from the table of a model of at most ``first_dense_layers + 1`` blocks: blocks of one kind
+    have the same shapes, so a huge ``num_layers`` costs nothing here. A kind the spec has no block
+    of counts 0."""
+    short = _short(spec)
+    dense_prefix, moe_prefix = "layers.0.", f"layers.{short.num_layers - 1}."
+    dense = moe = root = 0
+    for info, where in zip(short.param_table(), param_placements(short, mesh).values(), strict=True):
         size = 1
         for n in local_shape(info.shape, where, mesh):
             size *= n
-        if info.name.startswith("layers.0."):
-            block += size
-        else:
+        if not info.name.startswith("layers."):
             root += size
-    return block, root
+        elif info.name.startswith(moe_prefix) and short.is_moe_layer(short.num_layers - 1):
+            moe += size
+        elif info.name.startswith(dense_prefix) and not short.is_moe_layer(0):
+            dense += size
+    return dense, moe, root
+
+
+def _attention_elements(spec: ModelSpec, t: int) -> tuple[int, int]:
+    """Elements per token the attention keeps, (none, selective), ``t`` dividing what is split by head.
+
+    MHA / GQA (both policies): q, k, v and the attention output, ``(H + 2 KV) hd / t + H hd / t``.
+    MLA (n, p, dv, r, q_r: ``llm.spec``'s head and rank sizes): selective keeps the matmul outputs,
+    the query ``H (n + p) / t`` (and its compressed ``q_r`` with ``q_lora_rank``), the latent with
+    the rope key ``r + p``, its expansion ``H (n + dv) / t`` and the attention output ``H dv / t``;
+    none adds the latent norms' outputs (``r``, and ``q_r``) and the rotated, concatenated query
+    and key the kernel reads (``2 H (n + p) / t``)."""
+    h = spec.num_heads
+    if not spec.is_mla:
+        both = (h + 2 * spec.kv_heads) * spec.dim_head // t + h * spec.dim_head // t
+        return both, both
+    qk, dv, r, p = spec.qk_head_dim, spec.v_head_dim, spec.kv_lora_rank, spec.qk_rope_head_dim
+    q_r = spec.q_lora_rank or 0
+    selective = q_r + h * qk // t + (r + p) + h * (spec.qk_nope_head_dim + dv) // t + h * dv // t
+    return selective + q_r + r + 2 * h * qk // t, selective
+
+
+def _mlp_elements(spec: ModelSpec, moe: bool, t: int) -> tuple[int, int]:
+    """Elements per token one block's MLP keeps, (none, selective): ``m F / t`` per MLP a token runs
+    (m = 4 / 2 with GLU, 2 / 1 plain), where an MoE block runs its ``k`` routed experts of
+    ``expert_ffn_size`` and the shared experts' one MLP of ``shared_ffn_size``; a dense block one MLP
+    of ``intermediate_size``."""
+    m_none, m_sel = (4, 2) if spec.use_glu else (2, 1)
+    width = (spec.num_experts_per_token * spec.expert_ffn_size + spec.shared_ffn_size) if moe else spec.ffn_size
+    return m_none * width // t, m_sel * width // t
 
 
 def activation_bytes(spec: ModelSpec, policy: ActivationCheckpointing, tokens: int, dtype: DType,
@@ -175,20 +229,25 @@ def activation_bytes(spec: ModelSpec, policy: ActivationCheckpointing, tokens: i
     """Bytes of the activations kept for the backward of ``tokens`` tokens (the module docstring's
     formula; ``tensor`` divides the head and MLP tensors)."""
     p, t = dtype_bytes(dtype), tensor
-    d, h, kv, hd, f = spec.hidden_size, spec.num_heads, spec.kv_heads, spec.dim_head, spec.ffn_size
-    k = spec.num_experts_per_token if spec.use_moe else 1
-    attn = (h + 2 * kv) * hd // t + h * hd // t
-    extra = 4 * h // t + (8 * spec.num_experts if spec.use_moe else 0)  # bytes: log-sum-exp, router
+    d, h = spec.hidden_size, spec.num_heads
+    attn_none, attn_sel = _attention_elements(spec, t)
     masks = 2 * d if spec.dropout > 0 else 0  # bytes, policy none only
-    glu = spec.use_glu
-    per_none = p * (4 * d + attn + k * (4 if glu else 2) * f // t) + extra + masks
-    per_sel = p * (2 * d + attn + k * (2 if glu else 1) * f // t) + extra
+
+    def per_block(moe: bool) -> tuple[int, int]:
+        mlp_none, mlp_sel = _mlp_elements(spec, moe, t)
+        extra = 4 * h // t + (8 * spec.num_experts if moe else 0)  # bytes: log-sum-exp, router
+        return (p * (4 * d + attn_none + mlp_none) + extra + masks, p * (2 * d + attn_sel + mlp_sel) + extra)
+
+    kinds = [(spec.num_layers - spec.num_moe_layers, per_block(False)), (spec.num_moe_layers, per_block(True))]
+    kinds = [(count, block) for count, block in kinds if count]
     final = p * 2 * d
-    layers = spec.num_layers
-    per_token = {ActivationCheckpointing.NONE: layers * per_none,
-                 ActivationCheckpointing.SELECTIVE: layers * per_sel,
-                 ActivationCheckpointing.FULL: layers * p * d + per_none}[policy] + final
-    return tokens * per_token
+    if policy is ActivationCheckpointing.NONE:
+        per_token = sum(count * none for count, (none, _) in kinds)
+    elif policy is ActivationCheckpointing.SELECTIVE:
+        per_token = sum(count * sel for count, (_, sel) in kinds)
+    else:  # the block inputs, and the largest block recomputed
+        per_token = spec.num_layers * p * d + max(none for _, (none, _) in kinds)
+    return tokens * (per_token + final)
 
 
 def estimate(config: Config, devices: int) -> MemoryEstimate:
@@ -205,16 +264,17 @@ def estimate(config: Config, devices: int) -> MemoryEstimate:
     micro_batch = t.batch_size // mesh.batch_shards
     dtype = config.optimization.dtype
     p = dtype_bytes(dtype)
-    block, root = _local_elements(spec, mesh)
-    local = spec.num_layers * block + root
+    dense_layers, moe_layers = spec.num_layers - spec.num_moe_layers, spec.num_moe_layers
+    dense, moe, root = _local_elements(spec, mesh)
+    local = dense_layers * dense + moe_layers * moe + root
     if mesh.fsdp > 1:
-        gathered_block, gathered_root = _local_elements(spec, MeshShape(mesh.data * mesh.fsdp, 1, mesh.tensor))
-        units = sorted([gathered_root] + [gathered_block] * min(spec.num_layers, 2), reverse=True)
+        g_dense, g_moe, g_root = _local_elements(spec, MeshShape(mesh.data * mesh.fsdp, 1, mesh.tensor))
+        units = sorted([g_root] + [g_dense] * min(dense_layers, 2) + [g_moe] * min(moe_layers, 2), reverse=True)
         compute_copy = p * sum(units[:2])
     else:
         compute_copy = p * local if dtype.is_half else 0
     head_name = "embed.weight" if spec.tie_embeddings else "lm_head.weight"
-    head = next(i for i in spec.replace(num_layers=1).param_table() if i.name == head_name)
+    head = next(i for i in _short(spec).param_table() if i.name == head_name)
     vocab_rows = local_shape(head.shape, placement(head, mesh), mesh)[0]
     tokens = micro_batch * config.data.seq_len
     policy = t.activation_checkpointing

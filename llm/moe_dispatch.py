@@ -43,15 +43,13 @@ class MoEImpl(str, enum.Enum):
 MOE_IMPLS = ("dense", "blocked", "grouped")  # what an MoE module's ``moe_impl`` may be (``auto`` resolved)
 
 
-def resolve_moe_impl(requested: str | MoEImpl, backend: str, device_kind: str, dtype: str, *,
-                     tensor_parallel: bool = False) -> str:
+def resolve_moe_impl(requested: str | MoEImpl, backend: str, device_kind: str, dtype: str) -> str:
     """The implementation (one of ``MOE_IMPLS``) an engine builds for ``optimization.moe_impl``.
 
     ``backend`` is ``"torch"`` or ``"jax"``; ``device_kind`` the device platform (``"cuda"``,
-    ``"gpu"``, ``"cpu"``, ``"tpu"``, ...); ``dtype`` the compute dtype's name (``"bfloat16"``...);
-    ``tensor_parallel`` whether torch splits the experts' mlp dimension as DTensors, which
-    only the dense path computes with (``auto`` then means ``dense``; another explicit impl is
-    refused). An explicit impl is returned as it is. ``auto``:
+    ``"gpu"``, ``"cpu"``, ``"tpu"``, ...); ``dtype`` the compute dtype's name (``"bfloat16"``...).
+    Every impl runs under tensor parallel too (torch splits each expert's mlp dimension).
+    An explicit impl is returned as it is. ``auto``:
 
     * torch and jax on CUDA GPUs and on CPU: ``blocked``. Measured on one H200 (torch 2.11, jax
       0.11.2; the ``moe`` preset, 8 experts top-2 dropless, 16 x 1024 tokens, bf16, one run:
@@ -74,11 +72,6 @@ def resolve_moe_impl(requested: str | MoEImpl, backend: str, device_kind: str, d
     except ValueError:
         raise ValueError(f"moe_impl={requested!r} is not one of: "
                          f"{', '.join(m.value for m in MoEImpl)}") from None
-    if backend == "torch" and tensor_parallel:
-        if impl in (MoEImpl.AUTO, MoEImpl.DENSE):
-            return MoEImpl.DENSE.value
-        raise ValueError(f"optimization.moe_impl={impl.value} does not run under distributed.tensor > 1 in "
-                         "torch (the experts are split DTensors): use dense or auto")
     if impl is not MoEImpl.AUTO:
         return impl.value
     if backend == "torch":

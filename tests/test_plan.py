@@ -106,6 +106,61 @@ def test_fsdp_gathers_two_units_and_tensor_splits_heads_mlp_and_vocab():
     assert tp.parts["logits"] == 16 * 32 * 12  # vocab-parallel: 32 of the 64 rows
 
 
+# SMALL with MLA: H 4, q_lora 8, kv_lora 8, nope 4, rope 2, v 4 (every head reads its own k and v).
+MLA = ["model.attention=mla", "model.num_kv_heads=null", "model.q_lora_rank=8", "model.kv_lora_rank=8",
+       "model.qk_nope_head_dim=4", "model.qk_rope_head_dim=2", "model.v_head_dim=4"]
+# SMALL with 3 blocks, the first dense (F 32), then MoE: 4 experts of 8, top 2, one shared expert of 8, gated.
+MOE = ["model.num_layers=3", "model.use_moe=true", "model.num_experts=4", "model.num_experts_per_token=2",
+       "model.moe_intermediate_size=8", "model.num_shared_experts=1", "model.shared_expert_intermediate_size=8",
+       "model.shared_expert_gate=true", "model.first_dense_layers=1"]
+
+
+@pytest.mark.parametrize("extra", [MLA, MOE, [*MLA, *MOE], [*MOE, "model.first_dense_layers=3"]],
+                         ids=["mla", "moe", "mla-moe", "moe-all-dense"])
+def test_the_weights_are_the_specs_own_parameter_count(extra):
+    config = small(*extra)
+    est = estimate(config, 1)
+    assert est.parts["weights"] == 4 * config.model.num_params()
+    assert est.parts["optimizer"] == 8 * config.model.num_params()
+    sharded = estimate(small(*extra, "distributed.fsdp=2", "training.batch_size=4"), 2)
+    placed = param_placements(config.model, sharded.mesh)
+    local = sum(math.prod(local_shape(i.shape, placed[i.name], sharded.mesh)) for i in config.model.param_table())
+    assert sharded.parts["weights"] == 4 * local < est.parts["weights"]
+
+
+def test_mla_activations_by_hand():
+    spec = small(*MLA).model
+    # per token and block: selective keeps q_a 8, q_b H (n + p) = 24, kv_a r + p = 10, kv_b H (n + dv) = 32
+    # and the attention output H dv = 16: 90; none adds the two latent norms (8 + 8) and the rotated
+    # q and k (2 * 24): 154. GLU MLP: none 4 F = 128, selective 2 F = 64.
+    none, selective = 4 * (4 * 16 + 154 + 128) + 16, 4 * (2 * 16 + 90 + 64) + 16  # 1400, 760
+    assert activation_bytes(spec, ActivationCheckpointing.NONE, 16, spec_dtype()) == 16 * (2 * none + 128)
+    assert activation_bytes(spec, ActivationCheckpointing.SELECTIVE, 16, spec_dtype()) == 16 * (2 * selective + 128)
+    # tensor 2 halves what is per head: 8 + 12 + 10 + 16 + 8 = 54 selective, 54 + 16 + 24 = 94 none
+    assert activation_bytes(spec, ActivationCheckpointing.NONE, 16, spec_dtype(), tensor=2) == \
+        16 * (2 * (4 * (64 + 94 + 64) + 8) + 128)
+
+
+def test_moe_activations_count_the_routed_and_shared_experts_and_the_first_dense_layers_by_hand():
+    spec = small(*MOE).model
+    # dense block (F 32): none 976, selective 592 (as SMALL). MoE block: a token runs 2 experts of 8
+    # and the shared 8, W = 24: none 4 * (4 D + 48 + 4 W) + 4 H + 8 E = 4 * 208 + 48 = 880,
+    # selective 4 * (2 D + 48 + 2 W) + 48 = 560.
+    got = {p: activation_bytes(spec, p, 16, spec_dtype()) for p in ActivationCheckpointing}
+    assert got[ActivationCheckpointing.NONE] == 16 * (976 + 2 * 880 + 128)
+    assert got[ActivationCheckpointing.SELECTIVE] == 16 * (592 + 2 * 560 + 128)
+    assert got[ActivationCheckpointing.FULL] == 16 * (3 * 64 + 976 + 128)  # the larger block recomputed
+    # FSDP gathers the two largest units: the MoE blocks (4 * 8 * 16 * 3 experts' + ... > the dense one)
+    est = estimate(small(*MOE, "distributed.fsdp=2", "training.batch_size=4"), 2)
+    moe_block = sum(i.size for i in spec.param_table() if i.name.startswith("layers.1."))
+    dense_block = sum(i.size for i in spec.param_table() if i.name.startswith("layers.0."))
+    assert moe_block > dense_block and est.parts["compute_copy"] == 4 * 2 * moe_block
+
+
+def spec_dtype():
+    return small().optimization.dtype
+
+
 def test_a_batch_that_does_not_split_over_the_shards_names_the_key():
     with pytest.raises(PlanError, match=r"training.batch_size=2 does not split over the 4 data-parallel") as e:
         estimate(small(), 4)

@@ -36,7 +36,7 @@ BASE = [*TINY, "model.num_layers=2", "data.source=synthetic", "training.warmup_s
         "training.grad_accum_steps=2", "training.weight_decay=0.1", "training.grad_clip=0.5"]
 
 # Drawn specs: GQA (4 query heads over 2 kv heads), MoE (4 experts, top 2), tied embeddings with
-# a layernorm and biases, full multi-head attention with learned positions.
+# a layernorm and biases, full multi-head attention with learned positions, q/k norm.
 SPECS = {
     "gqa": [],
     # The balance loss is a product of two batch means, so per-shard balances average to another
@@ -47,6 +47,8 @@ SPECS = {
              "model.mlp_bias=true"],
     "mha_learned": ["model.num_kv_heads=4", "model.position=learned", "model.use_glu=false",
                     "model.activation=gelu"],
+    # per-head q/k RMSNorm: under tensor parallel each rank norms its own heads
+    "qk_norm": ["model.qk_norm=true"],
 }
 
 
@@ -151,16 +153,43 @@ def test_two_ranks_write_a_multi_file_checkpoint_that_resumes_from_slices_and_on
     assert_resumed(run(tmp_path, "one", 1, *steps, resume=checkpoint), whole, "one")
 
 
-def test_tensor_parallel_refuses_qk_norm():
-    """Per-head q/k norm gradients would be partial sums over each rank's heads: refused, not wrong."""
-    from backends.torch.model import DecoderModel
-    from backends.torch.parallel import apply_tensor_parallel
-    from llm.sharding import MeshShape
-    from llm.spec import ModelSpec
+TP_WORKER = ROOT / "tests" / "dist_torch_tp_worker.py"
+TP_SPEC = {"vocab_size": 64, "max_seq_len": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+           "num_kv_heads": 2, "norm_type": "rmsnorm", "use_glu": True, "activation": "silu"}
 
-    model = DecoderModel(ModelSpec(hidden_size=16, num_heads=2, norm_type="rmsnorm", qk_norm=True))
-    with pytest.raises(NotImplementedError, match="model.qk_norm"):
-        apply_tensor_parallel(model, MeshShape(tensor=2), mesh=None)
+
+# MoE with biases (the down projection's is added once, after the partial sums), a shared expert
+# and a first dense layer, on each sparse dispatch.
+TP_MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_token": 2, "moe_intermediate_size": 16,
+          "num_shared_experts": 1, "first_dense_layers": 1, "mlp_bias": True}
+
+
+@pytest.mark.parametrize("extra", [{"qk_norm": True}, {"tie_embeddings": True, "qk_norm": True},
+                                   {**TP_MOE, "moe_impl": "blocked"}, {**TP_MOE, "moe_impl": "grouped"}],
+                         ids=["qk_norm-untied", "qk_norm-tied", "moe-blocked", "moe-grouped"])
+def test_tensor_parallel_loss_parallel_qk_norm_and_moe_equal_the_whole_model_over_two_processes(tmp_path, extra):
+    """Over tensor=2 the training path's cross entropy runs on vocab-split logits (loss_parallel) and
+    the gathered path's on whole ones; both have the unsplit model's loss and gradients: the per-head
+    q/k norm weights' (summed over the ranks' heads), and the experts' split on their mlp dimension
+    under the blocked and grouped dispatches, among them."""
+    out = tmp_path / "tp.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(TP_WORKER), str(out), json.dumps({**TP_SPEC, **extra})],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["vocab_split"] == [False, True, False]
+    want_loss, want_grads = result["whole"]
+    assert result["unheld_loss"] == pytest.approx(want_loss, rel=1e-6)
+    for path in ("training", "gathered"):
+        loss, grads = result[path]
+        assert loss == pytest.approx(want_loss, rel=1e-6), path
+        assert grads.keys() == want_grads.keys()
+        for name, g in want_grads.items():
+            np.testing.assert_allclose(grads[name], g, rtol=1e-5, atol=1e-7, err_msg=f"{path}: {name}")
+    # the gradients checked are not zeros (a missing sum over the ranks would fail above)
+    checked = "layers.0.attn.q_norm.weight" if extra.get("qk_norm") else "layers.1.mlp.experts.down_proj.bias"
+    assert np.abs(np.array(want_grads[checked])).max() > 1e-4
 
 
 # ---------------------------------------------------------------------- the sweep (make test-dist)

@@ -139,12 +139,6 @@ def test_resolve_moe_impl():
         resolve_moe_impl("sparse", "torch", "cpu", "float32")
     with pytest.raises(ValueError, match="backend='mlx'"):
         resolve_moe_impl("auto", "mlx", "cpu", "float32")
-    # torch tensor parallel splits the experts as DTensors: only dense computes with them
-    assert resolve_moe_impl("auto", "torch", "cuda", "bfloat16", tensor_parallel=True) == "dense"
-    assert resolve_moe_impl("dense", "torch", "cpu", "float32", tensor_parallel=True) == "dense"
-    with pytest.raises(ValueError, match="moe_impl=blocked does not run under distributed.tensor > 1"):
-        resolve_moe_impl("blocked", "torch", "cpu", "float32", tensor_parallel=True)
-    assert resolve_moe_impl("auto", "jax", "cpu", "float32", tensor_parallel=True) == "blocked"
 
 
 @pytest.mark.parametrize("setting,built", [("auto", "blocked"), ("grouped", "grouped"), ("dense", "dense")])

@@ -206,8 +206,7 @@ class TrainingEngine(BaseTrainingEngine):
         # ---- model and optimiser
         self.model = self.impl.build_model(config, self.datamodule).to(self.device)  # the raw module
         set_moe_impl(self.model, resolve_moe_impl(config.optimization.moe_impl, "torch", self.device.type,
-                                                  config.optimization.dtype.value,
-                                                  tensor_parallel=self.mesh_shape.tensor > 1))
+                                                  config.optimization.dtype.value))
         parallel.apply_activation_checkpointing(self.model, config.training.activation_checkpointing)
         if self.mesh is not None:
             self._shard_model()
@@ -506,7 +505,7 @@ class TrainingEngine(BaseTrainingEngine):
             torch.manual_seed(_micro_seed(t.seed, micro_step + micro, self.data_rank))
             last = micro == accum - 1
             no_sync = self._no_sync() if not last else contextlib.nullcontext()
-            with no_sync, self._attention_kernels():
+            with no_sync, self._attention_kernels(), parallel.vocab_split_loss(self.model):
                 with self._autocast():
                     objective, parts = self.impl.loss(self.train_model, self._to_device(batch))
                 objective = objective / accum

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DeviceMesh, DTensor, Partial, Replicate
 
 from backends.torch.loss import IGNORE_INDEX, chunked_cross_entropy
 from llm.moe_dispatch import MOE_IMPLS, block_rows, padded_rows
@@ -81,17 +81,23 @@ def _zeroed(layer_cls: type[nn.Module], *args, **kwargs) -> nn.Module:
 
 # ---------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale and no bias, computed in float32."""
+    """Root-mean-square norm with a learned scale and no bias, computed in float32.
+
+    ``heads_split_over``: the tensor-parallel mesh when this is a per-head norm (``qk_norm``) whose
+    input holds only this rank's heads (set by ``backends.torch.parallel``); the weight then sums
+    its gradient over that mesh, each rank's being the partial sum over its own heads."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.heads_split_over: DeviceMesh | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
+        weight = self.weight if self.heads_split_over is None else _grad_summed_over(self.weight, self.heads_split_over)
+        return (weight.float() * normed).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -137,9 +143,22 @@ def _like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _grad_summed_over(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``x`` itself in the forward; in the backward its gradient summed over ``mesh``'s ranks (each
+    computed a partial one): the local gradient is declared ``Partial`` and DTensor reduces it to
+    the ``Replicate`` placement ``x`` had."""
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
 def _whole(x: torch.Tensor) -> torch.Tensor:
     """A DTensor result gathered (or summed) whole onto every rank, as a plain tensor."""
     return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _partial_sums_added(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The sum over ``mesh``'s ranks of their partial ``x`` (a row-parallel matmul's outputs), on every
+    rank; its gradient is the whole result's, unchanged, on each rank."""
+    return DTensor.from_local(x, mesh, [Partial()], run_check=False).full_tensor()
 
 
 # ---------------------------------------------------------------------- embedding
@@ -514,7 +533,14 @@ class ExpertLinear(nn.Module):
 
 
 class Experts(nn.Module):
-    """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul."""
+    """The E expert MLPs of one MoE layer, stacked so all run as one batched matmul.
+
+    Tensor parallel (``backends.torch.parallel``) makes the weights DTensors split on F. The dense
+    ``forward`` computes in DTensor; the sparse dispatches (``mix_selected``, ``mix_grouped``) run
+    on each rank's local F slice (``local_projections``): the input's gradient is summed over the
+    tensor mesh, the down projection's partial outputs are summed before its bias is added and the
+    tokens mixed.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -534,6 +560,18 @@ class Experts(nn.Module):
             h = _activation(self.spec, self.up_proj(x))
         return _whole(self.down_proj(h))
 
+    def local_projections(self) -> tuple[DeviceMesh | None, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+        """The tensor mesh the experts are split over (None: whole) and each projection's (weight,
+        bias) as plain tensors: this rank's F slice, whose gradient flows back to the DTensor shard."""
+        mesh = self.up_proj.weight.device_mesh if isinstance(self.up_proj.weight, DTensor) else None
+        names = ("gate_proj", "up_proj", "down_proj") if self.spec.use_glu else ("up_proj", "down_proj")
+        out = {}
+        for name in names:
+            layer = getattr(self, name)
+            out[name] = tuple(None if t is None else t.to_local() if isinstance(t, DTensor) else t
+                              for t in (layer.weight, layer.bias))
+        return mesh, out
+
     def mix_selected(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum_slot w[n, slot] * expert_{idx[n, slot]}(x[n])`` on the selected pairs only, (N, D).
 
@@ -542,9 +580,9 @@ class Experts(nn.Module):
         expert, and the experts run as one batched matmul over blocks with gathered weights.
         """
         spec = self.spec
-        if isinstance(self.up_proj.weight, DTensor):
-            raise NotImplementedError("moe_impl='blocked' gathers expert weights per block, which tensor "
-                                      "parallel does not split yet; use the dense dispatch")
+        mesh, proj = self.local_projections()
+        if mesh is not None:  # each rank's F slice adds to x's gradient
+            x = _grad_summed_over(x, mesh)
         N, D = x.shape
         E, k = spec.num_experts, spec.num_experts_per_token
         A = N * k
@@ -564,17 +602,22 @@ class Experts(nn.Module):
         rows = x.new_zeros(P, D, dtype=dt).index_copy(0, pos, x.to(dt).repeat_interleave(k, dim=0))
         h = rows.view(P // b, b, D)  # (nb, b, D), block i belongs to expert block_expert[i]
 
-        def linear(layer: ExpertLinear, h: torch.Tensor) -> torch.Tensor:
-            y = torch.bmm(h, layer.weight.to(dt)[block_expert].transpose(1, 2))  # (nb, b, out)
-            if layer.bias is not None:
-                y = y + layer.bias.to(dt)[block_expert][:, None, :]
-            return y
+        def linear(name: str, h: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+            weight, bias = proj[name]
+            y = torch.bmm(h, weight.to(dt)[block_expert].transpose(1, 2))  # (nb, b, out)
+            return y + bias.to(dt)[block_expert][:, None, :] if with_bias and bias is not None else y
 
         if spec.use_glu:
-            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (nb, b, F)
+            h = _activation(spec, linear("gate_proj", h)) * linear("up_proj", h)  # (nb, b, F)
         else:
-            h = _activation(spec, linear(self.up_proj, h))
-        out = linear(self.down_proj, h).reshape(P, D)
+            h = _activation(spec, linear("up_proj", h))
+        out = linear("down_proj", h, with_bias=False)  # (nb, b, D), a partial sum over F when split
+        if mesh is not None:
+            out = _partial_sums_added(out, mesh)
+        down_bias = proj["down_proj"][1]
+        if down_bias is not None:
+            out = out + down_bias.to(dt)[block_expert][:, None, :]
+        out = out.reshape(P, D)
         acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
         return (out[pos].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
 
@@ -586,6 +629,9 @@ class Experts(nn.Module):
         projection on each run with its expert's weight, and the inverse permutation un-sorts.
         """
         spec = self.spec
+        mesh, proj = self.local_projections()
+        if mesh is not None:  # each rank's F slice adds to x's gradient
+            x = _grad_summed_over(x, mesh)
         N, D = x.shape
         E, k = spec.num_experts, spec.num_experts_per_token
         A = N * k
@@ -598,17 +644,21 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(A, device=dev))  # sorted row of a
         h = x.to(dt)[order // k]  # (A, D), row j is the token of the j-th sorted assignment
 
-        def linear(layer: ExpertLinear, h: torch.Tensor) -> torch.Tensor:
-            y = grouped_mm(h, layer.weight.to(dt), offsets)  # (A, out)
-            if layer.bias is not None:
-                y = y + layer.bias.to(dt)[sorted_e]
-            return y
+        def linear(name: str, h: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+            weight, bias = proj[name]
+            y = grouped_mm(h, weight.to(dt), offsets)  # (A, out)
+            return y + bias.to(dt)[sorted_e] if with_bias and bias is not None else y
 
         if spec.use_glu:
-            h = _activation(spec, linear(self.gate_proj, h)) * linear(self.up_proj, h)  # (A, F)
+            h = _activation(spec, linear("gate_proj", h)) * linear("up_proj", h)  # (A, F)
         else:
-            h = _activation(spec, linear(self.up_proj, h))
-        out = linear(self.down_proj, h)  # (A, D) in sorted order
+            h = _activation(spec, linear("up_proj", h))
+        out = linear("down_proj", h, with_bias=False)  # (A, D), sorted; a partial sum over F when split
+        if mesh is not None:
+            out = _partial_sums_added(out, mesh)
+        down_bias = proj["down_proj"][1]
+        if down_bias is not None:
+            out = out + down_bias.to(dt)[sorted_e]
         acc = torch.promote_types(dt, torch.float32)  # mix in (at least) float32
         return (out[inverse].view(N, k, D).to(acc) * w.to(acc).unsqueeze(-1)).sum(dim=1)  # (N, D)
 
@@ -956,16 +1006,27 @@ class DecoderModel(nn.Module):
             return ModelOutput(logits=None, loss=loss, aux_loss=aux_loss, z_loss=z_loss,
                                hidden_states=hidden if return_hidden else None, expert_load=expert_load)
         if self.lm_head is None:
-            logits = _whole(F.linear(_like(x, head_weight), head_weight))  # (B, T, V), the autocast dtype
+            logits = F.linear(_like(x, head_weight), head_weight)  # (B, T, V), the autocast dtype
         else:
             logits = self.lm_head(x)
+        # Vocab-split (a DTensor, V on tensor): the training loss runs on the shards, which is
+        # loss_parallel's sharded cross entropy when the caller holds
+        # backends.torch.parallel.vocab_split_loss over forward and backward (the training step
+        # does; outside it DTensor gathers the logits for the loss); returned logits are gathered whole.
+        vocab_split = isinstance(logits, DTensor) and targets is not None and not return_logits
+        if not vocab_split:
+            logits = _whole(logits)
         if return_logits:
             logits = logits.float()
 
         loss = None
         if targets is not None:
-            per_token = F.cross_entropy(logits.reshape(-1, spec.vocab_size).float(), targets.reshape(-1),
+            flat_logits, flat_targets = logits.reshape(-1, spec.vocab_size).float(), targets.reshape(-1)
+            if vocab_split:  # the backward wants the targets a DTensor too (replicated)
+                flat_targets = DTensor.from_local(flat_targets, logits.device_mesh, [Replicate()], run_check=False)
+            per_token = F.cross_entropy(flat_logits, flat_targets,
                                         ignore_index=IGNORE_INDEX, reduction="none")  # ignored -> 0
+            per_token = _whole(per_token)  # vocab-split: replicated, its local copy
             n_valid = (targets != IGNORE_INDEX).sum()
             loss = per_token.sum() / n_valid.clamp(min=1)  # 0, not nan, when nothing is valid
         return ModelOutput(logits=logits if return_logits else None, loss=loss,

@@ -10,15 +10,23 @@ are neighbours (one host) and share a batch: a rank reads the data slice of its 
 ``("data", "fsdp")`` (``data_shard``).
 
 ``apply_tensor_parallel``: a ``DecoderModel``'s ``nn.Linear`` whose weight has its out dim on
-``tensor`` gets ``ColwiseParallel`` (q/k/v, gate/up, the untied lm_head, whose logits are gathered
-whole over the vocabulary), one with its in dim on ``tensor`` ``RowwiseParallel`` (o, down); the
-token table's vocab rows on ``tensor`` become a ``Shard(0)`` DTensor, which
-``backends.torch.model`` looks up (and, tied, projects onto) in DTensor; the stacked MoE experts
-(``ExpertLinear``) become DTensors split on their ``mlp`` dim and compute in DTensor too (the
-``down`` projection's partial sums are reduced at the end of ``Experts.forward``). A module the
-table leaves whole (a dim not divisible) is left alone. Attention then holds ``heads / tensor`` local heads and
-reads that count from its projections' output. Every parameter's TP placement is checked against
-the table afterwards: a parameter with no plan fails loudly.
+``tensor`` gets ``ColwiseParallel`` (q/k/v, gate/up, the untied lm_head, whose logits stay a
+vocab-split DTensor), one with its in dim on ``tensor`` ``RowwiseParallel`` (o, down); the token
+table's vocab rows on ``tensor`` become a ``Shard(0)`` DTensor, which ``backends.torch.model``
+looks up (and, tied, projects onto) in DTensor; the stacked MoE experts (``ExpertLinear``) become
+DTensors split on their ``mlp`` dim: the dense dispatch computes in DTensor (the ``down``
+projection's partial sums are reduced at the end of ``Experts.forward``), the blocked and grouped
+ones on each rank's local slice (``Experts.local``). A module the table leaves whole (a dim not
+divisible) is left alone. Attention then holds ``heads / tensor`` local heads and reads that count
+from its projections' output; the per-head q/k norms (``qk_norm``) keep whole, replicated weights
+whose gradients (each rank's a partial sum over its heads) are summed over the tensor mesh in the
+backward (``RMSNorm.heads_split_over``). Every parameter's TP placement is checked against the
+table afterwards: a parameter with no plan fails loudly.
+
+``vocab_split_loss``: ``loss_parallel()`` while the head is vocab-split: the cross entropy runs on
+the logits' shards (the vocab-wise max, sum and target logit are all-reduced; no rank holds the
+whole (tokens, V) logits), and the training step holds it over the backward, where torch needs it.
+Returned logits (``return_logits=True``) are gathered whole.
 
 ``apply_fsdp``: ``fully_shard`` on each ``TransformerBlock`` and then on the root, over the
 ``fsdp`` dim (``("data", "fsdp")`` when data > 1: HSDP, replicated over ``data``).
@@ -41,6 +49,7 @@ This module never imports jax or flax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable
 
@@ -50,15 +59,27 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from backends.torch.model import DecoderModel, EmbeddingLayer, ExpertLinear, TransformerBlock
+from backends.torch.model import (
+    DecoderModel,
+    EmbeddingLayer,
+    ExpertLinear,
+    MultiHeadAttention,
+    TransformerBlock,
+)
 from llm.config import ActivationCheckpointing, DType
 from llm.sharding import MESH_AXES, MeshShape, param_placements
 
 __all__ = ["apply_activation_checkpointing", "apply_fsdp", "apply_tensor_parallel", "build_mesh",
-           "clip_grad_norm", "compile_blocks", "data_shard", "dtensor_placements", "mesh_placements"]
+           "clip_grad_norm", "compile_blocks", "data_shard", "dtensor_placements", "mesh_placements",
+           "vocab_split_loss"]
 
 
 def build_mesh(shape: MeshShape, device_type: str) -> DeviceMesh:
@@ -79,11 +100,6 @@ def _tensor_dim(where: tuple[str | None, ...]) -> int | None:
 
 def apply_tensor_parallel(model: DecoderModel, shape: MeshShape, mesh: DeviceMesh) -> None:
     """Split ``model`` over the ``tensor`` dim as ``llm.sharding`` places each parameter (in place)."""
-    if model.spec.qk_norm:
-        # each rank holds some heads, so its q/k norm gradient is a partial sum over heads that
-        # nothing here all-reduces over the tensor group
-        raise NotImplementedError("tensor parallel in the torch backend does not support model.qk_norm "
-                                  "(its per-head norm gradients would stay partial); use distributed.tensor=1")
     tp_mesh = mesh["tensor"]
     where = param_placements(model.spec, shape)
     plan = {}
@@ -92,10 +108,15 @@ def apply_tensor_parallel(model: DecoderModel, shape: MeshShape, mesh: DeviceMes
             continue
         dim = _tensor_dim(where[f"{name}.weight"])
         if dim == 0:  # (out, in) with out on tensor
-            plan[name] = ColwiseParallel(output_layouts=Replicate()) if name == "lm_head" else ColwiseParallel()
+            # the head's logits stay a vocab-split DTensor: the loss runs on the shards (loss_parallel)
+            plan[name] = ColwiseParallel(use_local_output=False) if name == "lm_head" else ColwiseParallel()
         elif dim == 1:
             plan[name] = RowwiseParallel()
     parallelize_module(model, tp_mesh, plan)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention) and model.spec.qk_norm:
+            # the per-head norms see this rank's heads only: their weights' gradients are summed over tensor
+            module.q_norm.heads_split_over = module.k_norm.heads_split_over = tp_mesh
     # The token table and the stacked experts compute in DTensor (the model's tensor-parallel
     # boundaries); an expert tensor the table leaves whole is a replicated DTensor beside them.
     dtensor_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, ExpertLinear)]
@@ -116,6 +137,18 @@ def apply_tensor_parallel(model: DecoderModel, shape: MeshShape, mesh: DeviceMes
             "tensor parallel in the torch backend cannot place " + ", ".join(
                 f"{n} (llm.sharding: dim {w[1]} on tensor, got {w[0]})" for n, w in sorted(wrong.items())[:4])
             + ": no plan for that module; use distributed.tensor=1")
+
+
+def vocab_split_loss(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``loss_parallel()`` when tensor parallel split a ``DecoderModel``'s output projection over the
+    vocabulary (its weight a DTensor), else (any other model too) a null context. The training step
+    holds it over the forward and the backward: torch computes the sharded cross entropy's gradient
+    only inside it."""
+    if isinstance(model, DecoderModel):
+        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        if isinstance(head, DTensor):
+            return loss_parallel()
+    return contextlib.nullcontext()
 
 
 def tensor_placements(model: nn.Module) -> dict[str, int | None]:
