@@ -201,7 +201,8 @@ def run(job: dict) -> dict:
 
 def _attention_used(model: DecoderModel) -> str:
     layer = model.layers[0].attn
-    return "cudnn" if layer._cudnn_applies(None, True) else "xla-einsum"
+    cudnn = getattr(layer, "_cudnn_applies", None)  # MLA attention has the einsum path only
+    return "cudnn" if cudnn is not None and cudnn(None, True) else "xla-einsum"
 
 
 def _attention_check(model, params, rest, x, y) -> dict:
