@@ -1,7 +1,8 @@
 """Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
 
 One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
-``mixtral``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``deepseek_v2``) holds three things, each written once and used by import and export alike:
+``mixtral``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``deepseek_v2``, ``deepseek_v3``) holds three things,
+each written once and used by import and export alike:
 
 * ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
   is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
@@ -40,10 +41,17 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
 * DeepSeek-V2 / V2-Lite: our ``attention: mla`` (``q_lora_rank`` null = V2-Lite's single
   ``q_proj``); transformers rotates interleaved rope pairs, so the rope rows of the query
   projection and of ``kv_a_proj_with_mqa`` are reordered to rotate-half here (``_mla_groups``).
-  Router: float32 softmax, greedy top-k, never renormalised (transformers ignores
-  ``norm_topk_prob``; true is refused), times ``routed_scaling_factor``; ``n_shared_experts``
-  ungated experts of ``moe_intermediate_size``, fused; ``first_k_dense_replace`` =
-  ``first_dense_layers``. Group-limited routing (``n_group`` > 1) is refused.
+  Router: float32 softmax, greedy top-k (``group_limited_greedy``: among the experts of the
+  ``topk_group`` groups with the best max score = our ``num_expert_groups`` / ``topk_groups`` /
+  ``router_group_score=max``), never renormalised (transformers ignores ``norm_topk_prob``; true is
+  refused), times ``routed_scaling_factor``; ``n_shared_experts`` ungated experts of
+  ``moe_intermediate_size``, fused; ``first_k_dense_replace`` = ``first_dense_layers``.
+* DeepSeek-V3: V2's attention (``rope_interleave`` true: the same row reordering), experts and dense
+  layers; the ``noaux_tc`` router: float32 sigmoid scores, ``e_score_correction_bias`` = our
+  ``router_selection_bias`` (added for choosing groups and experts only), groups by the sum of their
+  two best biased scores (``router_group_score=top2_sum``), weights renormalised when
+  ``norm_topk_prob``, times ``routed_scaling_factor``. The bias update rate is a training setting
+  with no config field (imported as 0). The multi-token-prediction modules are dropped on import.
 * Every family refuses post-norm blocks, an ``lm_head`` bias and an attention kind it does not have.
 
 This module must not import torch, jax or transformers.
