@@ -367,15 +367,20 @@ def test_deepseek_v3_mapping(imported):
             spec.tie_embeddings, spec.out_bias, spec.first_dense_layers) == (1, "max", False, 1.7, True, True, 0)
 
 
+def _loaded_and_reference(imported, case: str, *, batch: int):
+    """(the imported checkpoint, token ids (batch, 40), transformers' logits on them)."""
+    model, _, ckpt = imported(case)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(batch, 40))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    return llm.checkpoint.load_checkpoint(ckpt), ids, ref
+
+
 def test_deepseek_v3_selection_bias_changes_the_routing(imported):
     """Without the imported e_score_correction_bias the logits leave transformers' (the bias is used)."""
     from llm.api import from_params
 
-    model, _, ckpt = imported("deepseekv3-noqlora-shared2-dense1-g4top2")
-    loaded = llm.checkpoint.load_checkpoint(ckpt)
-    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 40))
-    with torch.no_grad():
-        ref = model(torch.from_numpy(ids)).logits.numpy()
+    loaded, ids, ref = _loaded_and_reference(imported, "deepseekv3-noqlora-shared2-dense1-g4top2", batch=2)
     zeroed = {k: (np.zeros_like(v) if k.endswith("selection_bias") else v) for k, v in loaded.params.items()}
     assert _compare(ref, from_params(loaded.spec, loaded.params).logits(ids))[0] <= MAX_ABS
     assert _compare(ref, from_params(loaded.spec, zeroed).logits(ids))[0] > 100 * MAX_ABS
@@ -519,11 +524,7 @@ def test_sliding_window_maps_one_to_one(imported):
     """transformers' window W is our sliding_window W: W - 1 or W + 1 would not match its logits."""
     from llm.api import from_params
 
-    model, _, ckpt = imported("mistral-mqa-window5")
-    loaded = llm.checkpoint.load_checkpoint(ckpt)
-    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40))
-    with torch.no_grad():
-        ref = model(torch.from_numpy(ids)).logits.numpy()
+    loaded, ids, ref = _loaded_and_reference(imported, "mistral-mqa-window5", batch=1)
     errors = {w: _compare(ref, from_params(loaded.spec.replace(sliding_window=w), loaded.params).logits(ids))[0]
               for w in (4, 5, 6)}
     assert errors[5] <= MAX_ABS < min(errors[4], errors[6]), errors
