@@ -1,9 +1,10 @@
 """Hugging Face checkpoints in and out: ``python -m llm.hf import|export``.
 
 ```
-python -m llm.hf import HF_DIR OUT_DIR [--max-seq-len N] [--no-tokenizer] [--overwrite]
+python -m llm.hf import HF_DIR OUT_DIR [--max-seq-len N] [--router-bias-update-rate U] [--no-tokenizer]
+                                     [--overwrite]
 python -m llm.hf export CKPT_DIR OUT_DIR [--family gpt2|llama|mistral|qwen2|mixtral|qwen2_moe|qwen3|
-                                                  qwen3_moe|deepseek_v2]
+                                                  qwen3_moe|deepseek_v2|deepseek_v3]
                                          [--drop-training-settings] [--overwrite]
 ```
 
@@ -29,7 +30,7 @@ needs, in transformers-5 form plus the older ``rope_theta``/``rope_scaling`` key
 ``tokenizer_config.json`` when the checkpoint's tokenizer is an imported (``hf``) or byte-level
 BPE one. ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads it with no missing or
 unexpected keys. The family defaults to the one the checkpoint was imported from, else the first
-of gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, deepseek_v2 that can express
+of gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3 that can express
 the spec; a spec no family expresses is
 an ``HFError`` naming every field per family. Training-only settings without a faithful target
 field (``dropout`` outside GPT-2, ``router_z_loss_coef``) are errors too unless
@@ -281,12 +282,15 @@ class ExportResult:
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seq_len: int | None = None,
-              tokenizer: bool = True, overwrite: bool = False) -> ImportResult:
+              tokenizer: bool = True, overwrite: bool = False,
+              router_bias_update_rate: float | None = None) -> ImportResult:
     """Convert a transformers model directory into a canonical checkpoint at ``out_dir``.
 
     ``max_seq_len`` overrides the context length (``max_position_embeddings``/``n_positions``),
     e.g. to keep the RoPE tables of a 128k-context model small; a learned position table is cut to
-    its first rows and cannot grow.
+    its first rows and cannot grow. ``router_bias_update_rate`` sets the rate at which training
+    moves the routers' selection bias (the file has no such field, so it imports as 0: the bias stays
+    as trained); only a spec with ``router_selection_bias`` (deepseek_v3) has a bias to move.
     """
     hf_dir = Path(hf_dir)
     if Path(out_dir).exists() and not overwrite:
@@ -303,6 +307,11 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_seq_
             raise HFError(f"max_seq_len={max_seq_len} exceeds the {spec.max_seq_len} rows of the learned "
                           "position table")
         spec = spec.replace(max_seq_len=max_seq_len)
+    if router_bias_update_rate is not None:
+        try:
+            spec = spec.replace(router_bias_update_rate=float(router_bias_update_rate))
+        except SpecError as e:
+            raise HFError(f"router_bias_update_rate={router_bias_update_rate!r}: {e}") from None
     params = params_from_hf(family, spec, read_hf_weights(hf_dir))
 
     notes: list[str] = []
@@ -414,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--max-seq-len", type=int, default=None,
                      help="context length of the imported spec (default: the source's)")
     imp.add_argument("--no-tokenizer", action="store_true", help="do not import the tokenizer")
+    imp.add_argument("--router-bias-update-rate", type=float, default=None, metavar="U",
+                     help="model.router_bias_update_rate of the imported spec (default 0: training leaves the "
+                          "routers' selection bias as imported; deepseek_v3 only)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     exp = sub.add_parser("export", help="canonical checkpoint -> transformers model dir")
     exp.add_argument("ckpt_dir", help="a canonical checkpoint (or a run's checkpoints/ dir: the newest)")
@@ -433,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "import":
             res = import_hf(args.hf_dir, args.out_dir, max_seq_len=args.max_seq_len,
-                            tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
+                            tokenizer=not args.no_tokenizer, overwrite=args.overwrite,
+                            router_bias_update_rate=args.router_bias_update_rate)
             s = res.spec
             print(f"imported {res.family}: {s.num_layers} layers, hidden {s.hidden_size}, heads {s.num_heads}"
                   f"/{s.kv_heads} kv, vocab {s.vocab_size}, {s.num_params():,} parameters -> {res.path}")

@@ -1,7 +1,8 @@
 """Hugging Face model families <-> ``ModelSpec``: config fields and weight names, both directions.
 
 One ``Family`` per transformers architecture (``gpt2``, ``llama``, ``mistral``, ``qwen2``,
-``mixtral``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``deepseek_v2``) holds three things, each written once and used by import and export alike:
+``mixtral``, ``qwen2_moe``, ``qwen3``, ``qwen3_moe``, ``deepseek_v2``, ``deepseek_v3``) holds three things,
+each written once and used by import and export alike:
 
 * ``Family.to_spec(cfg)`` -- a transformers ``config.json`` dict to ``ModelSpec`` fields. Every key
   is either *mapped* (read into a spec field), *checked* (only a value the spec can honour is
@@ -40,10 +41,17 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
 * DeepSeek-V2 / V2-Lite: our ``attention: mla`` (``q_lora_rank`` null = V2-Lite's single
   ``q_proj``); transformers rotates interleaved rope pairs, so the rope rows of the query
   projection and of ``kv_a_proj_with_mqa`` are reordered to rotate-half here (``_mla_groups``).
-  Router: float32 softmax, greedy top-k, never renormalised (transformers ignores
-  ``norm_topk_prob``; true is refused), times ``routed_scaling_factor``; ``n_shared_experts``
-  ungated experts of ``moe_intermediate_size``, fused; ``first_k_dense_replace`` =
-  ``first_dense_layers``. Group-limited routing (``n_group`` > 1) is refused.
+  Router: float32 softmax, greedy top-k (``group_limited_greedy``: among the experts of the
+  ``topk_group`` groups with the best max score = our ``num_expert_groups`` / ``topk_groups`` /
+  ``router_group_score=max``), never renormalised (transformers ignores ``norm_topk_prob``; true is
+  refused), times ``routed_scaling_factor``; ``n_shared_experts`` ungated experts of
+  ``moe_intermediate_size``, fused; ``first_k_dense_replace`` = ``first_dense_layers``.
+* DeepSeek-V3: V2's attention (``rope_interleave`` true: the same row reordering), experts and dense
+  layers; the ``noaux_tc`` router: float32 sigmoid scores, ``e_score_correction_bias`` = our
+  ``router_selection_bias`` (added for choosing groups and experts only), groups by the sum of their
+  two best biased scores (``router_group_score=top2_sum``), weights renormalised when
+  ``norm_topk_prob``, times ``routed_scaling_factor``. The bias update rate is a training setting
+  with no config field (imported as 0). The multi-token-prediction modules are dropped on import.
 * Every family refuses post-norm blocks, an ``lm_head`` bias and an attention kind it does not have.
 
 This module must not import torch, jax or transformers.
@@ -60,6 +68,7 @@ import numpy as np
 from llm.spec import (
     Activation,
     Attention,
+    GroupScore,
     ModelSpec,
     NormPosition,
     NormType,
@@ -667,73 +676,133 @@ def _qwen3_moe_experts(r: ConfigReader) -> Any:
     return r.check("num_experts", _positive_int, 128, why)
 
 
-def _deepseek_v2_spec(r: ConfigReader) -> dict[str, Any]:
-    """DeepSeek-V2 / V2-Lite as transformers' DeepseekV2 computes them (see the module docstring)."""
-    heads, layers = r.get("num_attention_heads", 32), r.get("num_hidden_layers", 32)
-    max_pos = r.get("max_position_embeddings", 2048)
+# transformers' defaults for absent keys: (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+# num_attention_heads, max_position_embeddings, n_routed_experts, num_experts_per_tok, moe_intermediate_size,
+# n_shared_experts, routed_scaling_factor, first_k_dense_replace)
+_DEEPSEEK_DEFAULTS = {
+    "deepseek_v2": (102400, 4096, 11008, 32, 32, 2048, 64, 6, 1407, 2, 1.0, 0),
+    "deepseek_v3": (129280, 7168, 18432, 61, 128, 4096, 256, 8, 2048, 1, 2.5, 3),
+}
+
+
+def _deepseek_spec(r: ConfigReader) -> dict[str, Any]:
+    """DeepSeek-V2 / V3 as transformers computes them (see the module docstring): the MLA attention,
+    the dense MLPs and the expert sizes both share; the router is the family's."""
+    vocab, d, ffn, layers, heads, max_pos, experts, top_k, expert_ffn, shared, scale, dense = \
+        _DEEPSEEK_DEFAULTS[r.family]
+    heads, layers = r.get("num_attention_heads", heads), r.get("num_hidden_layers", layers)
+    max_pos = r.get("max_position_embeddings", max_pos)
     rope_theta, rope_scaling = _read_rope(r, 10000.0, max_pos)
     nope, rope = r.get("qk_nope_head_dim", 128), r.get("qk_rope_head_dim", 64)
     r.check("num_key_value_heads", lambda v: v is None or v == heads, None,
             f"MLA reads every head's key and value from the shared latent (must be num_attention_heads={heads})")
-    r.check("head_dim", lambda v: v is None or v == rope, rope, f"DeepseekV2Config sets it to qk_rope_head_dim={rope}")
+    r.check("head_dim", lambda v: v is None or v == rope, rope, f"the config sets it to qk_rope_head_dim={rope}")
     r.check("qk_head_dim", lambda v: v is None or v == nope + rope, nope + rope,
             f"must be qk_nope_head_dim + qk_rope_head_dim = {nope + rope}")
     r.check("attention_dropout", _is_zero, 0.0, "attention-only dropout is not implemented")
-    r.check("mlp_bias", lambda v: v is False, False, "MLP biases are not mapped for deepseek_v2 (its experts have none)")
+    r.check("mlp_bias", lambda v: v is False, False, f"MLP biases are not mapped for {r.family} (its experts have none)")
+    r.check("moe_layer_freq", lambda v: v == 1, 1,
+            "MoE on every moe_layer_freq-th layer only is not supported (only 1: every layer after "
+            "first_k_dense_replace)")
     r.get("pretraining_tp")  # split matmuls of the original code: the same function
     r.get("ep_size")  # the original code's expert-parallel degree: placement, not the function
-    dense = r.check("first_k_dense_replace", lambda v: isinstance(v, int) and v >= 0, 0, "must be an integer >= 0")
+    r.get("seq_aux")  # the original code's per-sequence aux loss: training only, never the logits
+    r.get("output_router_logits")
+    dense = r.check("first_k_dense_replace", lambda v: isinstance(v, int) and v >= 0, dense, "must be an integer >= 0")
     dense = dense if isinstance(dense, int) and dense >= 0 else 0
     fields = dict(
-        vocab_size=r.get("vocab_size", 102400), max_seq_len=max_pos, hidden_size=r.get("hidden_size", 4096),
+        vocab_size=r.get("vocab_size", vocab), max_seq_len=max_pos, hidden_size=r.get("hidden_size", d),
         num_layers=layers, num_heads=heads, attention=Attention.MLA, q_lora_rank=r.get("q_lora_rank", 1536),
         kv_lora_rank=r.get("kv_lora_rank", 512), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-        v_head_dim=r.get("v_head_dim", 128), intermediate_size=r.get("intermediate_size", 11008),
+        v_head_dim=r.get("v_head_dim", 128), intermediate_size=r.get("intermediate_size", ffn),
         activation=_activation(r, "hidden_act", "silu") or Activation.SILU, use_glu=True,
         norm_type=NormType.RMSNORM, norm_eps=float(r.get("rms_norm_eps", 1e-6)), position=Position.ROPE,
         rope_theta=rope_theta, rope_scaling=rope_scaling,
         attention_bias=bool(r.check("attention_bias", lambda v: isinstance(v, bool), False, "must be true or false")),
         attention_out_bias=None, mlp_bias=False, tie_embeddings=bool(r.get("tie_word_embeddings", False)),
         dropout=0.0, init_std=float(r.get("initializer_range", 0.02)), scale_residual_init=False)
-    moe = _deepseek_v2_routing(r)
+    shared = r.check("n_shared_experts", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, shared,
+                     "must be an integer >= 0")
+    scaling = r.check("routed_scaling_factor", lambda v: isinstance(v, (int, float)) and v > 0, scale, "must be > 0")
+    experts = r.check("n_routed_experts", _positive_int, experts, "must be an integer >= 1")
+    moe = dict(num_experts=experts if _positive_int(experts) else 1,
+               num_experts_per_token=r.get("num_experts_per_tok", top_k),
+               moe_intermediate_size=r.get("moe_intermediate_size", expert_ffn),
+               routed_scaling_factor=float(scaling) if isinstance(scaling, (int, float)) else 1.0)
+    if isinstance(shared, int) and shared > 0:  # 0: transformers still builds the shared MLP, 0 wide
+        moe["num_shared_experts"] = shared
+    routing = _deepseek_v2_routing if r.family == "deepseek_v2" else _deepseek_v3_routing
+    moe.update(routing(r, moe["num_experts"]))
     if dense < layers:  # first_k_dense_replace >= num_hidden_layers: every layer dense, no expert is built
         fields.update(use_moe=True, first_dense_layers=dense, capacity_factor=None, router_z_loss_coef=0.0, **moe)
     return fields
 
 
-def _deepseek_v2_routing(r: ConfigReader) -> dict[str, Any]:
-    """The MoE fields of a DeepSeek-V2 config; transformers' router is a float32 softmax, greedy top-k
-    (``group_limited_greedy`` with one group is the same), never renormalised, times
-    ``routed_scaling_factor``; ``n_shared_experts`` experts of ``moe_intermediate_size`` fused."""
-    r.check("moe_layer_freq", lambda v: v == 1, 1,
-            "MoE on every moe_layer_freq-th layer only is not supported (only 1: every layer after "
-            "first_k_dense_replace)")
+def _deepseek_v3_spec(r: ConfigReader) -> dict[str, Any]:
+    # True: the rope rows are stored in interleaved pairs, reordered to rotate-half here (as deepseek_v2)
+    r.check("rope_interleave", lambda v: v is True, True,
+            "rope rows stored in rotate-half order are not mapped (the released checkpoints interleave)")
+    # the multi-token-prediction modules draft tokens for speculative decoding; the causal LM's
+    # logits never read them (their weights, model.layers.{i} for i >= num_hidden_layers, are ignored)
+    r.get("num_nextn_predict_layers")
+    r.get("num_mtp_layers")
+    return _deepseek_spec(r)
+
+
+def _expert_groups(r: ConfigReader, experts: int, method: str) -> dict[str, Any]:
+    """``n_group`` / ``topk_group`` as our ``num_expert_groups`` / ``topk_groups`` (checked under the
+    HF names: ``method`` names the routing that reads them)."""
+    groups = r.check("n_group", lambda v: _positive_int(v) and experts % v == 0, None,
+                     f"{method} needs an integer >= 1 that divides n_routed_experts={experts}")
+    groups = groups if _positive_int(groups) and experts % groups == 0 else 1
+    top = r.check("topk_group", lambda v: _positive_int(v) and v <= groups, None,
+                  f"{method} needs an integer in [1, n_group={groups}]")
+    return dict(num_expert_groups=groups, topk_groups=top if _positive_int(top) and top <= groups else 1)
+
+
+def _deepseek_v2_routing(r: ConfigReader, experts: int) -> dict[str, Any]:
+    """DeepSeek-V2's router in transformers: a float32 softmax, top-k -- greedy over all experts, or
+    ``group_limited_greedy`` over the experts of the ``topk_group`` groups with the best max score --
+    never renormalised, times ``routed_scaling_factor``."""
     r.check("scoring_func", lambda v: v == "softmax", "softmax",
-            "transformers' deepseek_v2 routes by softmax (sigmoid scoring is DeepSeek-V3)")
-    groups = r.check("n_group", lambda v: v is None or v == 1, None,
-                     "group-limited routing over several expert groups is not in ModelSpec yet "
-                     "(only n_group=1 or null, plain greedy top-k)")
+            "transformers' deepseek_v2 routes by softmax (sigmoid scoring is deepseek_v3)")
     method = r.check("topk_method", lambda v: v in ("greedy", "group_limited_greedy"), "greedy",
-                     "only 'greedy' (and 'group_limited_greedy' with n_group=1, the same routing) is implemented")
-    if method == "group_limited_greedy" and groups is None:
-        r.problem("topk_method='group_limited_greedy': needs n_group (transformers cannot route without it)")
-    r.check("topk_group", lambda v: v is None or _positive_int(v), None, "must be an integer >= 1 or null")
+                     "only 'greedy' and 'group_limited_greedy' are implemented (noaux_tc is deepseek_v3)")
     r.check("norm_topk_prob", lambda v: v is False or v is None, False,
             "transformers' deepseek_v2 never renormalises the top-k weights (the original code did when "
             "true); refusing to guess")
-    shared = r.check("n_shared_experts", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, 2,
-                     "must be an integer >= 0")
-    scaling = r.check("routed_scaling_factor", lambda v: isinstance(v, (int, float)) and v > 0, 1.0, "must be > 0")
-    fields = dict(num_experts=r.get("n_routed_experts", 64), num_experts_per_token=r.get("num_experts_per_tok", 6),
-                  norm_topk_prob=False, moe_intermediate_size=r.get("moe_intermediate_size", 1407),
-                  routed_scaling_factor=float(scaling) if isinstance(scaling, (int, float)) else 1.0,
+    fields = dict(norm_topk_prob=False,
                   # the original code's router_aux_loss_coef; seq_aux (its per-sequence variant) and
                   # output_router_logits only change the training loss, never the logits
                   router_aux_loss_coef=float(r.get("aux_loss_alpha", 0.001)))
-    r.get("seq_aux")
-    r.get("output_router_logits")
-    if isinstance(shared, int) and shared > 0:  # 0: transformers still builds the shared MLP, 0 wide
-        fields["num_shared_experts"] = shared
+    if method == "group_limited_greedy":
+        fields.update(_expert_groups(r, experts, "topk_method='group_limited_greedy'"))  # group score: max
+    else:  # greedy never reads the groups
+        r.get("n_group")
+        r.get("topk_group")
+    return fields
+
+
+def _deepseek_v3_routing(r: ConfigReader, experts: int) -> dict[str, Any]:
+    """DeepSeek-V3's router in transformers: float32 sigmoid scores; the experts of the ``topk_group``
+    groups whose two best ``score + e_score_correction_bias`` sum highest; top-k on the biased scores;
+    the unbiased scores as weights, renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``."""
+    r.check("scoring_func", lambda v: v == "sigmoid", "sigmoid", "transformers' deepseek_v3 routes by sigmoid")
+    r.check("topk_method", lambda v: v == "noaux_tc", "noaux_tc",
+            "transformers' deepseek_v3 routes by noaux_tc (group top-2 sums, biased selection)")
+    norm = r.check("norm_topk_prob", lambda v: isinstance(v, bool), True, "must be true or false")
+    fields = dict(router_scoring=RouterScoring.SIGMOID, norm_topk_prob=bool(norm), router_selection_bias=True,
+                  router_bias_update_rate=0.0,
+                  # transformers' deepseek_v3 has no aux loss; the original config's aux_loss_alpha is its
+                  # per-sequence balance loss (training only, never the logits)
+                  router_aux_loss_coef=float(r.get("aux_loss_alpha", 0.0)),
+                  **_expert_groups(r, experts, "noaux_tc routing"))
+    per_group = experts // fields["num_expert_groups"]
+    if per_group < 2:
+        r.problem(f"n_group={fields['num_expert_groups']}: deepseek_v3 scores each group by its two best experts "
+                  f"(n_routed_experts / n_group = {per_group} < 2)")
+    if fields["num_expert_groups"] > 1:
+        fields["router_group_score"] = GroupScore.TOP2_SUM
     return fields
 
 
@@ -771,9 +840,20 @@ def _dense_only(spec: ModelSpec, c: SpecChecker, family: str) -> None:
            "deepseek_v2 have experts)")
 
 
-def _softmax_routing(spec: ModelSpec, c: SpecChecker, family: str, *, scaled: bool = False) -> None:
-    """The router every MoE family shares: softmax top-k, dropless; unscaled unless ``scaled``."""
-    c.need(spec.router_scoring is RouterScoring.SOFTMAX, "router_scoring", f"{family} routes by softmax")
+def _softmax_routing(spec: ModelSpec, c: SpecChecker, family: str, *, scaled: bool = False,
+                     groups: bool = False) -> None:
+    """The router the softmax MoE families share: softmax top-k over all experts (over the best
+    groups by their max score when ``groups``), no selection bias, dropless; unscaled unless ``scaled``."""
+    c.need(spec.router_scoring is RouterScoring.SOFTMAX, "router_scoring",
+           f"{family} routes by softmax (sigmoid scoring is deepseek_v3)")
+    c.need(not spec.router_selection_bias, "router_selection_bias",
+           f"{family} selects by the scores alone (deepseek_v3 adds e_score_correction_bias)")
+    if groups:
+        c.need(spec.router_group_score is GroupScore.MAX, "router_group_score",
+               f"{family} scores a group by its best expert (max; top2_sum is deepseek_v3)")
+    else:
+        c.need(spec.num_expert_groups == 1, "num_expert_groups",
+               f"{family} routes over all experts (group-limited routing is deepseek_v2 and deepseek_v3)")
     if not scaled:
         c.need(spec.routed_scaling_factor == 1.0, "routed_scaling_factor",
                f"{family} does not scale the routed output (deepseek_v2 does)")
@@ -892,8 +972,9 @@ def _qwen3_moe_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
     return cfg
 
 
-def _deepseek_v2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
-    f = "deepseek_v2"
+def _deepseek_config(spec: ModelSpec, c: SpecChecker, f: str) -> dict[str, Any]:
+    """What deepseek_v2 and deepseek_v3 share: MLA, RMSNorm, a SiLU-GLU MLP without biases, ungated
+    shared experts of the expert width, dense first layers; the router is each family's."""
     _standard_block(spec, c, f, attention=Attention.MLA)
     c.need(spec.norm_type is NormType.RMSNORM, "norm_type", f"{f} uses RMSNorm")
     c.need(spec.use_glu, "use_glu", f"{f}'s MLP is gated (down(act(gate(x)) * up(x)))")
@@ -902,10 +983,9 @@ def _deepseek_v2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
            f"{f}'s attention_bias covers q_a_proj, kv_a_proj_with_mqa and o_proj alike")
     c.need(not spec.mlp_bias, "mlp_bias", f"{f} has no MLP biases")
     c.need(spec.sliding_window is None, "sliding_window", f"{f} attends to the whole prefix")
+    c.need(not spec.qk_norm, "qk_norm", f"{f} has no q/k norms")
     shared = 0
     if spec.use_moe:
-        _softmax_routing(spec, c, f, scaled=True)
-        c.need(not spec.norm_topk_prob, "norm_topk_prob", f"{f} never renormalises the top-k weights")
         c.need(not spec.shared_expert_gate, "shared_expert_gate", f"{f}'s shared experts are ungated (qwen2_moe gates)")
         shared, rest = divmod(spec.shared_ffn_size, spec.expert_ffn_size)
         c.need(rest == 0, "shared_expert_intermediate_size",
@@ -915,7 +995,7 @@ def _deepseek_v2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
             "num_key_value_heads": spec.num_heads, "hidden_act": _LLAMA_ACT_NAMES.get(spec.activation, "silu"),
             "max_position_embeddings": spec.max_seq_len, "rms_norm_eps": spec.norm_eps,
             "tie_word_embeddings": spec.tie_embeddings, **_write_rope(spec), "attention_bias": spec.attention_bias,
-            "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "q_lora_rank": spec.q_lora_rank,
+            "attention_dropout": 0.0, "pretraining_tp": 1, "q_lora_rank": spec.q_lora_rank,
             "kv_lora_rank": spec.kv_lora_rank, "qk_nope_head_dim": spec.qk_nope_head_dim,
             "qk_rope_head_dim": spec.qk_rope_head_dim, "v_head_dim": spec.v_head_dim,
             "head_dim": spec.qk_rope_head_dim,
@@ -923,9 +1003,40 @@ def _deepseek_v2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
             "first_k_dense_replace": spec.first_dense_layers if spec.use_moe else spec.num_layers,
             "n_routed_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_token,
             "n_shared_experts": shared, "moe_intermediate_size": spec.expert_ffn_size,
-            "routed_scaling_factor": spec.routed_scaling_factor, "topk_method": "greedy", "n_group": 1,
-            "topk_group": 1, "norm_topk_prob": False, "scoring_func": "softmax", "moe_layer_freq": 1,
+            "routed_scaling_factor": spec.routed_scaling_factor, "n_group": spec.num_expert_groups,
+            "topk_group": spec.topk_groups, "norm_topk_prob": spec.norm_topk_prob, "moe_layer_freq": 1,
             "aux_loss_alpha": spec.router_aux_loss_coef, "output_router_logits": False}
+
+
+def _deepseek_v2_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    f = "deepseek_v2"
+    cfg = _deepseek_config(spec, c, f)
+    if spec.use_moe:
+        _softmax_routing(spec, c, f, scaled=True, groups=True)
+        c.need(not spec.norm_topk_prob, "norm_topk_prob", f"{f} never renormalises the top-k weights")
+    grouped = spec.num_expert_groups > 1
+    cfg.update(mlp_bias=False, scoring_func="softmax", norm_topk_prob=False,
+               topk_method="group_limited_greedy" if grouped else "greedy")
+    return cfg
+
+
+def _deepseek_v3_config(spec: ModelSpec, c: SpecChecker) -> dict[str, Any]:
+    f = "deepseek_v3"
+    cfg = _deepseek_config(spec, c, f)
+    if spec.use_moe:
+        c.need(spec.capacity_factor is None, "capacity_factor",
+               f"{f} is dropless (capacity dropping changes the outputs)")
+        c.need(spec.router_scoring is RouterScoring.SIGMOID, "router_scoring", f"{f} routes by sigmoid scores")
+        c.need(spec.router_selection_bias, "router_selection_bias",
+               f"{f} always selects by score + e_score_correction_bias (its zeros would import as "
+               "router_selection_bias=true)")
+        c.need(spec.num_expert_groups == 1 or spec.router_group_score is GroupScore.TOP2_SUM, "router_group_score",
+               f"{f} scores a group by the sum of its two best biased scores (top2_sum)")
+        c.need(spec.num_experts // spec.num_expert_groups >= 2, "num_expert_groups",
+               f"{f} scores each group by its two best experts (num_experts / num_expert_groups must be >= 2)")
+    # router_bias_update_rate is a training setting (how the engines move the bias): not exported
+    cfg.update(scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True, num_nextn_predict_layers=0)
+    return cfg
 
 
 def _llama_weights(spec: ModelSpec, names: set[str] | None = None, *,
@@ -1072,6 +1183,22 @@ def _deepseek_v2_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] 
     return _routed_expert_groups(spec, p, f"{h}.mlp", names) + _shared_mlp_groups(spec, p, f"{h}.mlp.shared_experts")
 
 
+def _deepseek_v3_expert_groups(spec: ModelSpec, p: str, h: str, names: set[str] | None) -> list[WeightGroup]:
+    """DeepSeek-V3: DeepSeek-V2's experts and the router's ``e_score_correction_bias`` (our selection bias)."""
+    return ([_rename(f"{p}.mlp.router.selection_bias", f"{h}.mlp.gate.e_score_correction_bias")]
+            + _deepseek_v2_expert_groups(spec, p, h, names))
+
+
+def _mtp_groups(spec: ModelSpec, names: set[str] | None) -> list[WeightGroup]:
+    """The multi-token-prediction modules of a DeepSeek-V3 file (``model.layers.{i}`` past the last
+    decoder layer, each with an ``eh_proj``): read and dropped on import (the causal LM never uses
+    them), never written."""
+    layers = {int(n.split(".")[2]) for n in names or () if n.startswith("model.layers.") and n.endswith(".eh_proj.weight")}
+    mtp = tuple(sorted(n for n in names or () if n.startswith("model.layers.")
+                       and int(n.split(".")[2]) in layers and int(n.split(".")[2]) >= spec.num_layers))
+    return [WeightGroup((), mtp, lambda xs: [], lambda xs: [])] if mtp else []
+
+
 def _qwen2_moe_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
     return _llama_weights(spec, names, experts=_qwen2_moe_expert_groups)
 
@@ -1082,6 +1209,11 @@ def _qwen3_moe_weights(spec: ModelSpec, names: set[str] | None = None) -> list[W
 
 def _deepseek_v2_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
     return _llama_weights(spec, names, experts=_deepseek_v2_expert_groups, attention=_mla_groups)
+
+
+def _deepseek_v3_weights(spec: ModelSpec, names: set[str] | None = None) -> list[WeightGroup]:
+    return (_llama_weights(spec, names, experts=_deepseek_v3_expert_groups, attention=_mla_groups)
+            + _mtp_groups(spec, names))
 
 
 def _llama_ignored(name: str) -> bool:
@@ -1104,8 +1236,10 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", "qwen3", "Qwen3ForCausalLM", _qwen3_spec, _qwen3_config, _llama_weights, _llama_ignored),
         Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_spec, _qwen3_moe_config,
                _qwen3_moe_weights, _llama_ignored),
-        Family("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", _deepseek_v2_spec, _deepseek_v2_config,
+        Family("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", _deepseek_spec, _deepseek_v2_config,
                _deepseek_v2_weights, _llama_ignored),
+        Family("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_v3_spec, _deepseek_v3_config,
+               _deepseek_v3_weights, _llama_ignored),
     )
 }
 

@@ -136,6 +136,24 @@ CASES = {
         qk_rope_head_dim=8, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
         n_shared_experts=1, topk_method="group_limited_greedy", n_group=1, topk_group=1,
         rope_parameters=dict(rope_theta=10000.0, **LLAMA3))),
+    # group_limited_greedy: the 2 best of 3 groups (by their best expert) hold the top-2
+    "deepseekv2-qlora-shared1-g3top2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=40, num_attention_heads=2, q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+        n_shared_experts=1, topk_method="group_limited_greedy", n_group=3, topk_group=2)),
+    # DeepSeek-V3: sigmoid scores, a drawn e_score_correction_bias (build_hf), group top-2 sums
+    # (transformers keeps num_key_value_heads at its default 128 unless given)
+    "deepseekv3-noqlora-shared2-dense1-g4top2": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=2, first_k_dense_replace=1, n_group=4,
+        topk_group=2)),
+    "deepseekv3-qlora-shared1-dense0-onegroup-tied-bias-scaled": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=12, kv_lora_rank=10,
+        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=12, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
+        norm_topk_prob=False, routed_scaling_factor=1.7, tie_word_embeddings=True, attention_bias=True,
+        rope_theta=500.0)),
 }
 
 
@@ -151,6 +169,9 @@ def build_hf(case: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(1 + 0.3 * torch.randn(p.shape))
+        for name, b in model.named_buffers():  # transformers starts DeepSeek-V3's selection bias at zeros
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape))
     return model
 
 
@@ -324,13 +345,109 @@ def test_qwen3_moe_and_deepseek_v2_mapping(imported):
     assert (spec.q_lora_rank, spec.num_shared_experts, spec.routed_scaling_factor, spec.attention_bias,
             spec.out_bias) == (12, 0, 1.7, True, True)
     assert load("deepseekv2-qlora-shared1-onegroup-llama3rope").rope_scaling["rope_type"] == "llama3"
+    spec = load("deepseekv2-qlora-shared1-g3top2")
+    assert (spec.num_expert_groups, spec.topk_groups, spec.router_group_score.value, spec.router_selection_bias) == \
+        (3, 2, "max", False)
 
 
-def test_deepseek_rope_rows_are_reordered_from_interleaved_pairs(imported):
+def test_deepseek_v3_mapping(imported):
+    """Sigmoid scoring, the selection bias (imported, its update rate 0), groups scored by top-2 sums."""
+    load = lambda case: llm.checkpoint.load_checkpoint(imported(case)[2])  # noqa: E731
+    ckpt = load("deepseekv3-noqlora-shared2-dense1-g4top2")
+    spec = ckpt.spec
+    assert (spec.router_scoring.value, spec.router_selection_bias, spec.router_bias_update_rate, spec.num_expert_groups,
+            spec.topk_groups, spec.router_group_score.value, spec.norm_topk_prob, spec.routed_scaling_factor,
+            spec.num_shared_experts, spec.first_dense_layers, spec.q_lora_rank, spec.router_aux_loss_coef) == \
+        ("sigmoid", True, 0.0, 4, 2, "top2_sum", True, 2.5, 2, 1, None, 0.0)
+    model = imported("deepseekv3-noqlora-shared2-dense1-g4top2")[0]
+    np.testing.assert_array_equal(ckpt.params["layers.2.mlp.router.selection_bias"],
+                                  model.model.layers[2].mlp.gate.e_score_correction_bias.numpy())
+    spec = load("deepseekv3-qlora-shared1-dense0-onegroup-tied-bias-scaled").spec
+    assert (spec.num_expert_groups, spec.router_group_score.value, spec.norm_topk_prob, spec.routed_scaling_factor,
+            spec.tie_embeddings, spec.out_bias, spec.first_dense_layers) == (1, "max", False, 1.7, True, True, 0)
+
+
+def _loaded_and_reference(imported, case: str, *, batch: int):
+    """(the imported checkpoint, token ids (batch, 40), transformers' logits on them)."""
+    model, _, ckpt = imported(case)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(batch, 40))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    return llm.checkpoint.load_checkpoint(ckpt), ids, ref
+
+
+def test_deepseek_v3_selection_bias_changes_the_routing(imported):
+    """Without the imported e_score_correction_bias the logits leave transformers' (the bias is used)."""
+    from llm.api import from_params
+
+    loaded, ids, ref = _loaded_and_reference(imported, "deepseekv3-noqlora-shared2-dense1-g4top2", batch=2)
+    zeroed = {k: (np.zeros_like(v) if k.endswith("selection_bias") else v) for k, v in loaded.params.items()}
+    assert _compare(ref, from_params(loaded.spec, loaded.params).logits(ids))[0] <= MAX_ABS
+    assert _compare(ref, from_params(loaded.spec, zeroed).logits(ids))[0] > 100 * MAX_ABS
+
+
+def test_deepseek_v3_bias_update_rate_is_a_training_setting(imported, tmp_path):
+    """The rate imports as 0 unless given; export writes no field for it (and refuses nothing about it)."""
+    _, hf_dir, _ = imported("deepseekv3-qlora-shared1-dense0-onegroup-tied-bias-scaled")
+    assert llm.hf.main(["import", str(hf_dir), str(tmp_path / "c"), "--router-bias-update-rate", "0.001"]) == 0
+    spec = llm.checkpoint.load_checkpoint(tmp_path / "c").spec
+    assert spec.router_bias_update_rate == 0.001
+    res = export_hf(tmp_path / "c", tmp_path / "out")
+    assert res.family == "deepseek_v3" and not any("rate" in k for k in res.config)
+    import_hf(tmp_path / "out", tmp_path / "again")
+    assert llm.checkpoint.load_checkpoint(tmp_path / "again").spec == spec.replace(router_bias_update_rate=0.0)
+    _, v2_dir, _ = imported("deepseekv2-qlora-shared1-g3top2")
+    with pytest.raises(HFError, match="router_bias_update_rate=0.001: .*needs router_selection_bias=true"):
+        import_hf(v2_dir, tmp_path / "v2", router_bias_update_rate=0.001)
+
+
+def test_deepseek_v3_mtp_modules_are_dropped_on_import(imported, tmp_path):
+    """A file's multi-token-prediction layer (model.layers.{num_layers}, with eh_proj) is not the causal
+    LM's: imported without it; a stray extra layer without eh_proj is still an unexpected name."""
+    from safetensors.numpy import save_file
+
+    model, hf_dir, _ = imported("deepseekv3-qlora-shared1-dense0-onegroup-tied-bias-scaled")
+    weights = read_hf_weights(hf_dir)
+    extra = {f"model.layers.2.{n}": np.ones((4, 4), np.float32)
+             for n in ("eh_proj.weight", "enorm.weight", "self_attn.kv_b_proj.weight")}
+    for name, extras in (("mtp", extra), ("stray", {"model.layers.2.enorm.weight": np.ones(4, np.float32)})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((hf_dir / "config.json").read_text())
+        save_file({**weights, **extras}, str(tmp_path / name / "model.safetensors"))
+    import_hf(tmp_path / "mtp", tmp_path / "ckpt")
+    ids = np.random.default_rng(4).integers(0, VOCAB, size=(1, 24))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert _compare(ref, llm.load(tmp_path / "ckpt").logits(ids))[0] <= MAX_ABS
+    with pytest.raises(HFError, match="unexpected 1: model.layers.2.enorm.weight"):
+        import_hf(tmp_path / "stray", tmp_path / "out")
+
+
+def test_deepseek_v3_export_refuses_what_it_cannot_hold():
+    """Each spec field deepseek_v3 cannot hold is named (and every other family refuses the
+    selection bias and the top-2-sum group score)."""
+    base = _case_spec("deepseekv3-noqlora-shared2-dense1-g4top2")
+    fam = FAMILIES["deepseek_v3"]
+    for change, field in ((dict(router_scoring="softmax"), "router_scoring"),
+                          (dict(router_selection_bias=False), "router_selection_bias"),
+                          (dict(router_group_score="max"), "router_group_score"),
+                          (dict(num_expert_groups=8, topk_groups=2, router_group_score="max"), "num_expert_groups"),
+                          (dict(capacity_factor=1.25), "capacity_factor"),
+                          (dict(shared_expert_gate=True), "shared_expert_gate"),
+                          (dict(sliding_window=8), "sliding_window")):
+        problems = fam.can_express(base.replace(**change))
+        assert field in {p.split("=")[0] for p in problems}, (change, problems)
+    assert fam.can_express(base.replace(router_bias_update_rate=0.01)) == []
+    v2 = FAMILIES["deepseek_v2"].can_express(base.replace(router_scoring="softmax", norm_topk_prob=False))
+    assert {p.split("=")[0] for p in v2} == {"router_selection_bias", "router_group_score"}
+
+
+@pytest.mark.parametrize("case", ["deepseekv2-lite-noqlora-shared2-dense1", "deepseekv3-noqlora-shared2-dense1-g4top2"])
+def test_deepseek_rope_rows_are_reordered_from_interleaved_pairs(case, imported):
     """DeepSeek stores each rope pair (2i, 2i+1) side by side; our rotate-half pairs (i, i + p/2)."""
     from llm.checkpoint import load_checkpoint
 
-    model, _, ckpt = imported("deepseekv2-lite-noqlora-shared2-dense1")
+    model, _, ckpt = imported(case)
     params = load_checkpoint(ckpt).params
     attn = model.model.layers[0].self_attn
     nope, rope, rank = 4, 6, 8
@@ -345,28 +462,34 @@ def test_deepseek_rope_rows_are_reordered_from_interleaved_pairs(imported):
 
 # field -> (the families that hold it, the spec change); an MoE field is tried on the MoE families
 # (a dense family refuses use_moe itself, tested below). A family without shared experts may refuse
-# the shared expert's gate and size through num_shared_experts, the field they depend on.
+# the shared expert's gate and size through num_shared_experts, the field they depend on; one without
+# expert groups the group score through num_expert_groups.
 _HOLDERS = {
-    "attention": ({"deepseek_v2"}, dict(attention="mla", num_kv_heads=None, head_dim=None, qk_norm=False,
+    "attention": ({"deepseek_v2", "deepseek_v3"}, dict(attention="mla", num_kv_heads=None, head_dim=None, qk_norm=False,
                                          position="rope", sliding_window=None)),
     "qk_norm": ({"qwen3", "qwen3_moe"}, dict(qk_norm=True)),
     "norm_position": (set(), dict(norm_position="post")),
     "lm_head_bias": (set(), dict(lm_head_bias=True, tie_embeddings=False)),
-    "num_shared_experts": ({"qwen2_moe", "deepseek_v2"}, dict(num_shared_experts=1)),
+    "num_shared_experts": ({"qwen2_moe", "deepseek_v2", "deepseek_v3"}, dict(num_shared_experts=1)),
     "shared_expert_gate": ({"qwen2_moe"}, dict(num_shared_experts=1, shared_expert_gate=True)),
     "shared_expert_intermediate_size": ({"qwen2_moe"}, dict(num_shared_experts=1, shared_expert_gate=True,
                                                             shared_expert_intermediate_size=3)),
-    "first_dense_layers": ({"qwen2_moe", "qwen3_moe", "deepseek_v2"}, dict(first_dense_layers=1)),
-    "router_scoring": (set(), dict(router_scoring="sigmoid")),
-    "routed_scaling_factor": ({"deepseek_v2"}, dict(routed_scaling_factor=2.5)),
-    "moe_intermediate_size": ({"qwen2_moe", "qwen3_moe", "deepseek_v2"}, dict(moe_intermediate_size=7)),
+    "first_dense_layers": ({"qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}, dict(first_dense_layers=1)),
+    "router_scoring": ({"deepseek_v3"}, dict(router_scoring="sigmoid")),
+    "routed_scaling_factor": ({"deepseek_v2", "deepseek_v3"}, dict(routed_scaling_factor=2.5)),
+    "moe_intermediate_size": ({"qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}, dict(moe_intermediate_size=7)),
+    "num_expert_groups": ({"deepseek_v2", "deepseek_v3"}, dict(num_expert_groups=2, topk_groups=1)),
+    "router_group_score": ({"deepseek_v3"}, dict(num_expert_groups=2, topk_groups=1, router_group_score="top2_sum")),
+    "router_selection_bias": ({"deepseek_v3"}, dict(router_selection_bias=True)),
 }
 _MOE_FIELDS = {"num_shared_experts", "shared_expert_gate", "shared_expert_intermediate_size", "first_dense_layers",
-               "router_scoring", "routed_scaling_factor", "moe_intermediate_size"}
+               "router_scoring", "routed_scaling_factor", "moe_intermediate_size", "num_expert_groups",
+               "router_group_score", "router_selection_bias"}
 _FAMILY_CASE = {"gpt2": "gpt2-tied", "llama": "llama-mqa-bias", "mistral": "mistral-mqa-window5",
                 "qwen2": "qwen2-gqa2-tied", "mixtral": "mixtral-e4-top2", "qwen2_moe": "qwen2moe-e4-top2-shared-dense0",
                 "qwen3": "qwen3-gqa2-untied-hd12", "qwen3_moe": "qwen3moe-gqa2-e4-top2-dense1-hd12",
-                "deepseek_v2": "deepseekv2-lite-noqlora-shared2-dense1"}
+                "deepseek_v2": "deepseekv2-lite-noqlora-shared2-dense1",
+                "deepseek_v3": "deepseekv3-noqlora-shared2-dense1-g4top2"}
 
 
 def _case_spec(case: str) -> ModelSpec:
@@ -392,7 +515,8 @@ def test_every_family_refuses_each_field_it_cannot_hold():
             if family in holders:
                 assert field not in names, (family, field, names)
             else:
-                via = {"num_shared_experts"} if field.startswith("shared_expert") else set()
+                via = ({"num_shared_experts"} if field.startswith("shared_expert")
+                       else {"num_expert_groups"} if field == "router_group_score" else set())
                 assert names & ({field} | via), (family, field, names)
 
 
@@ -400,11 +524,7 @@ def test_sliding_window_maps_one_to_one(imported):
     """transformers' window W is our sliding_window W: W - 1 or W + 1 would not match its logits."""
     from llm.api import from_params
 
-    model, _, ckpt = imported("mistral-mqa-window5")
-    loaded = llm.checkpoint.load_checkpoint(ckpt)
-    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40))
-    with torch.no_grad():
-        ref = model(torch.from_numpy(ids)).logits.numpy()
+    loaded, ids, ref = _loaded_and_reference(imported, "mistral-mqa-window5", batch=1)
     errors = {w: _compare(ref, from_params(loaded.spec.replace(sliding_window=w), loaded.params).logits(ids))[0]
               for w in (4, 5, 6)}
     assert errors[5] <= MAX_ABS < min(errors[4], errors[6]), errors
@@ -580,8 +700,10 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"mlp_only_layers": [0, 2]}, "layers other than the first k"),
     ("qwen3moe-mqa-e3-top2-norm-tied-bias-window6", {"max_window_layers": 1}, "max_window_layers=1"),
     ("qwen3moe-gqa2-e4-top2-dense1-hd12", {"num_experts": 5}, "num_experts=5: differs from num_local_experts=4"),
-    ("deepseekv2-lite-noqlora-shared2-dense1", {"n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy"},
-     "n_group=2: group-limited routing"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"n_group": 3, "topk_group": 1, "topk_method": "group_limited_greedy"},
+     "n_group=3: topk_method='group_limited_greedy' needs an integer >= 1 that divides n_routed_experts=4"),
+    ("deepseekv2-qlora-shared1-g3top2", {"n_group": None}, "n_group=None: topk_method='group_limited_greedy' needs"),
+    ("deepseekv2-qlora-shared1-g3top2", {"topk_group": 4}, "topk_group=4: topk_method='group_limited_greedy' needs"),
     ("deepseekv2-lite-noqlora-shared2-dense1", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
     ("deepseekv2-lite-noqlora-shared2-dense1", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
     ("deepseekv2-lite-noqlora-shared2-dense1", {"norm_topk_prob": True}, "norm_topk_prob=True"),
@@ -591,6 +713,19 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     # DeepSeek-V2-Lite's released config: YaRN scaling
     ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_parameters": None, "rope_scaling": {
         "type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+        "original_max_position_embeddings": 4096}}, "rope_type='yarn'"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"topk_method": "group_limited_greedy"},
+     "topk_method='group_limited_greedy'"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"rope_interleave": False}, "rope_interleave=False: rope rows"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"n_group": 3}, "n_group=3: noaux_tc routing needs"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"topk_group": 5}, "topk_group=5: noaux_tc routing needs"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"n_group": 8, "topk_group": 2}, "n_group=8: deepseek_v3 scores"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"norm_topk_prob": None}, "norm_topk_prob=None"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"num_key_value_heads": 128}, "num_key_value_heads=128"),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"rope_parameters": None, "rope_scaling": {
+        "type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
         "original_max_position_embeddings": 4096}}, "rope_type='yarn'"),
 ])
 def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_path):
@@ -699,7 +834,8 @@ def test_init_from_an_imported_model_continues_training(backend, llama_with_toke
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-@pytest.mark.parametrize("case", ["qwen3moe-gqa2-e4-top2-dense1-hd12", "deepseekv2-lite-noqlora-shared2-dense1"])
+@pytest.mark.parametrize("case", ["qwen3moe-gqa2-e4-top2-dense1-hd12", "deepseekv2-lite-noqlora-shared2-dense1",
+                                  "deepseekv3-noqlora-shared2-dense1-g4top2"])
 def test_init_from_an_imported_moe_model_trains(case, backend, imported, tmp_path):
     """The MoE families train from their import in both engines (a token file: they carry no tokenizer)."""
     model, _, ckpt = imported(case)
