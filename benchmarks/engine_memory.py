@@ -64,7 +64,7 @@ def _versions(name: str) -> dict[str, str]:
 
 def policy(args: argparse.Namespace) -> dict[str, Any]:
     config = _config(args, f"training.activation_checkpointing={args.policy}")
-    planned = estimate(config, 1)
+    planned = estimate(config, 1, args.backend)
     engine_cls = backend(args.backend).TrainingEngine
     with tempfile.TemporaryDirectory() as tmp:
         engine = engine_cls(config, run_dir=Path(tmp) / "run")
@@ -122,7 +122,7 @@ def refuse(args: argparse.Namespace) -> dict[str, Any]:
         message, refused = str(e), True
     return {"what": "refuse", "backend": args.backend, "config": args.config, "refused": refused,
             "message": message, "seconds": round(time.perf_counter() - t0, 3),
-            "planned_bytes": estimate(config, 1).total, **_versions(args.backend)}
+            "planned_bytes": estimate(config, 1, args.backend).total, **_versions(args.backend)}
 
 
 def main() -> None:

@@ -54,6 +54,19 @@ def test_small_spec_by_hand_weights_gradients_moments_activations_logits():
     assert est.total == 26944 + 26944 + 53888 + 33280 + 12288
 
 
+def test_jax_total_overlaps_gradients_with_the_forward_buffers():
+    # XLA: weights + optimizer + max(gradients, compute copy + activations + compute-dtype logits)
+    config = small()
+    jax_est, torch_est = estimate(config, 1, "jax"), estimate(config, 1)
+    assert jax_est.parts["logits"] == 16 * 64 * 4 and jax_est.parts["activations"] == torch_est.parts["activations"]
+    assert jax_est.total == 26944 + 53888 + max(26944, 0 + 33280 + 16 * 64 * 4)
+    full = estimate(small("training.activation_checkpointing=full"), 1, "jax")
+    b = full.parts
+    assert full.total == b["weights"] + b["optimizer"] + max(b["gradients"], b["activations"] + b["logits"])
+    with pytest.raises(PlanError, match="backend='mlx' is not one of: torch, jax"):
+        estimate(config, 1, "mlx")
+
+
 def test_bfloat16_halves_activations_and_adds_a_cast_copy_of_the_weights():
     est = estimate(small("optimization.dtype=bfloat16"), 1)
     assert est.parts["weights"] == 4 * SMALL_PARAMS and est.parts["optimizer"] == 8 * SMALL_PARAMS
@@ -212,6 +225,10 @@ def test_cli_table(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith(": does NOT fit (153% of it)")
     assert main(["--config", path]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("fits: unknown (no --device-memory given")
+    assert main(["--config", path, "--backend", "jax"]) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert int(total[34:52].replace(",", "")) == estimate(load_config(path, []), 1, "jax").total
+    assert total.endswith("(jax: weights + optimizer + max(gradients, the rest))")
 
 
 def test_cli_json(tmp_path, capsys):

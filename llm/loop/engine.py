@@ -393,7 +393,7 @@ class BaseTrainingEngine:
         """``llm.memory``'s per-device estimate of a canonical model (for the start log line); a run
         it says exceeds the device's memory (``_device_memory``, when known) is refused before the
         model is allocated."""
-        self.memory_estimate = estimate(self.config, self._device_count()) if self.task.canonical else None
+        self.memory_estimate = estimate(self.config, self._device_count(), self.backend) if self.task.canonical else None
         limit = self._device_memory()
         if self.memory_estimate is not None and limit is not None and self.memory_estimate.total > limit:
             raise DeviceOutOfMemoryError(self.memory_estimate.refusal(limit))
