@@ -100,7 +100,7 @@ def twenty_adamw_steps_agree(spec, seed, clip):
         record("trajectory router gap at a flip", report["routing_flips"][0]["min_margin"], context)
         assert not fixed, report["routing_flips"]  # the fixed examples are chosen clear of ties
         assert report["first_flip"]["genuine"], report["first_flip"]
-    assume(not report["routing_flips"])
+        assume(False)  # a drawn spec only: the fixed ones failed above
     _check(report, context)
     if fixed and spec is not MOE_TOP1:  # these exercise clipping on some steps and not on others
         assert 0 < report["clipped_steps"] < STEPS, report["grad_norm"]
