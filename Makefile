@@ -11,7 +11,7 @@ ifdef PARITY_SEED
 export PARITY_SEED
 endif
 
-.PHONY: init test test-dist parity parity-thorough parity-mutants lint train bench bench-scaling clean
+.PHONY: init test test-slow test-dist parity parity-thorough parity-mutants lint train bench bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 
 init: $(STAMP)
 
+# --durations: the slowest items, printed by every run (CI's log says where the time goes).
 test: init
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests parity_tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests parity_tests
+
+# The heavy cases marked slow (make test holds each property with a smaller case): the drawn specs
+# of the 20-step trajectory parity test.
+test-slow: init
+	LLM_TEST_SLOW=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -m slow tests parity_tests
 
 # Sharded training against one device (minutes): the torchrun sweep (CPU, gloo: torch fsdp / tensor /
 # fsdp x tensor, the cross-mesh resume) and JAX on 8 forced host devices.
@@ -31,7 +37,7 @@ test-dist: init
 	LLM_TEST_DIST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_torch_sharding.py tests/test_flax_sharding.py
 
 parity: init
-	HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests
+	LLM_TEST_SLOW=1 HYPOTHESIS_PROFILE=$(PARITY_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider parity_tests
 	$(BIN)/python -m llm.parity --config configs/tiny.yaml --steps 20 --seed $(or $(PARITY_SEED),0)
 
 parity-thorough:

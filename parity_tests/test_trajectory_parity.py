@@ -13,8 +13,9 @@ had parted fails. The fixed top-1 renormalised MoE pins the router's exactly-zer
 
 Specs are drawn by hypothesis over the whole space (GQA/MQA, GLU or not, both norms, every
 position scheme, MoE with aux and z losses, biases, sliding windows); dropout is set to 0 because
-the backends draw different masks. Each example compiles a new JAX step, so the ``ci`` profile runs
-a handful (plus three fixed specs that pin the headline features); ``thorough`` runs more.
+the backends draw different masks. Each example compiles a new JAX step: ``make test`` runs the
+three fixed specs that pin the headline features; the drawn ones are marked ``slow`` (``make
+test-slow`` and ``make parity``: a handful in the ``ci`` profile, more in ``thorough``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import assume, example, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from llm.parity import Tolerances
@@ -69,12 +70,23 @@ def _check(report: dict, context: str) -> None:
     assert report["ok"]
 
 
+# (spec, seed, clip): chosen clear of routing ties
+FIXED = {"dense": (DENSE, 0, 1.0), "moe": (MOE, 2, 0.5), "moe_top1": (MOE_TOP1, 2, 1.0)}
+
+
+@pytest.mark.parametrize("spec,seed,clip", list(FIXED.values()), ids=list(FIXED))
+def test_twenty_adamw_steps_agree_on_the_fixed_specs(spec, seed, clip):
+    twenty_adamw_steps_agree(spec, seed, clip)
+
+
+@pytest.mark.slow  # make test-slow, make parity: the fixed specs above hold the property in make test
 @settings(max_examples=EXAMPLES)
 @given(spec=specs(max_layers=2), seed=st.integers(0, 2 ** 16), clip=st.sampled_from([0.05, 0.3, 1.0]))
-@example(spec=DENSE, seed=0, clip=1.0)
-@example(spec=MOE, seed=2, clip=0.5)
-@example(spec=MOE_TOP1, seed=2, clip=1.0)
-def test_twenty_adamw_steps_agree(spec, seed, clip):
+def test_twenty_adamw_steps_agree_on_drawn_specs(spec, seed, clip):
+    twenty_adamw_steps_agree(spec, seed, clip)
+
+
+def twenty_adamw_steps_agree(spec, seed, clip):
     report = trajectory_parity(spec, steps=STEPS, seed=seed, batch_size=4, seq_len=12, grad_accum=2, lr=1e-2,
                                warmup_steps=5, weight_decay=0.1, grad_clip=clip)
     context = f"seed={seed} clip={clip} moe={spec.use_moe} layers={spec.num_layers}"
@@ -88,7 +100,7 @@ def test_twenty_adamw_steps_agree(spec, seed, clip):
         record("trajectory router gap at a flip", report["routing_flips"][0]["min_margin"], context)
         assert not fixed, report["routing_flips"]  # the fixed examples are chosen clear of ties
         assert report["first_flip"]["genuine"], report["first_flip"]
-    assume(not report["routing_flips"])
+        assume(False)  # a drawn spec only: the fixed ones failed above
     _check(report, context)
     if fixed and spec is not MOE_TOP1:  # these exercise clipping on some steps and not on others
         assert 0 < report["clipped_steps"] < STEPS, report["grad_norm"]

@@ -15,3 +15,11 @@ def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.py"
     path.write_text(CORPUS)
     return path
+
+
+@pytest.fixture(scope="module")
+def module_corpus(tmp_path_factory) -> Path:
+    """The ``corpus`` file once per module, for a module-scoped run that several tests read."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.py"
+    path.write_text(CORPUS)
+    return path

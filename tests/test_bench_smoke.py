@@ -169,8 +169,8 @@ def test_worker_timeout_kills_the_whole_process_tree(tmp_path):
     code = ("import subprocess, sys, time; "
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
-    res = run_worker("unused", {}, tmp_path, "hang", timeout=5.0, device="cpu", launcher=[sys.executable, "-c", code])
-    assert res["status"] == "failed" and "timed out after 5 s" in res["error"]
+    res = run_worker("unused", {}, tmp_path, "hang", timeout=3.0, device="cpu", launcher=[sys.executable, "-c", code])
+    assert res["status"] == "failed" and "timed out after 3 s" in res["error"]
     pid = int(pid_file.read_text())
     for _ in range(50):  # reaped by init shortly after the kill
         try:

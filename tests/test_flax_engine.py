@@ -353,11 +353,19 @@ SGD_RUN = ("training.max_steps=6", "training.lr=0.2", "training.grad_clip=0.5", 
            "training.batch_size=4", "model.dropout=0.1")
 
 
-def test_a_task_optax_optimizer_trains_and_the_lr_follows_its_schedule(tmp_path, corpus):
-    config = tiny(tmp_path, *SGD_RUN, source=corpus)
-    engine, result = fit(TrainingEngine, config, tmp_path / "run", task="sgd_schedule_lm_jax")
+@pytest.fixture(scope="module")
+def sgd_run(tmp_path_factory, module_corpus):
+    """The uninterrupted SGD_RUN: (its run dir, engine, result), read by both tests below."""
+    root = tmp_path_factory.mktemp("sgd")
+    engine, result = fit(TrainingEngine, tiny(root, *SGD_RUN, source=module_corpus), root / "run",
+                         task="sgd_schedule_lm_jax")
+    return root / "run", engine, result
+
+
+def test_a_task_optax_optimizer_trains_and_the_lr_follows_its_schedule(sgd_run):
+    run_dir, engine, result = sgd_run
     assert engine.moments() == {}
-    logged = rows(tmp_path / "run")
+    logged = rows(run_dir)
     assert [r["lr"] for r in logged] == [float(np.float32(lr)) for lr in (0.2, 0.2, 0.1, 0.1, 0.05, 0.05)]
     assert logged[-1]["loss"] < logged[0]["loss"] and logged[0]["grad_norm"] > 0.5  # clipping was due
     ckpt = load_checkpoint(result.last_checkpoint)
@@ -367,13 +375,13 @@ def test_a_task_optax_optimizer_trains_and_the_lr_follows_its_schedule(tmp_path,
     assert len(trace) == 1 and np.abs(next(iter(trace.values()))).max() > 0  # the momentum buffer
 
 
-def test_a_task_optax_optimizer_resumes_exactly_and_refuses_the_engines_adamw(tmp_path, corpus):
-    config = tiny(tmp_path, *SGD_RUN, source=corpus)
-    full, _ = fit(TrainingEngine, config, tmp_path / "full", task="sgd_schedule_lm_jax")
+def test_a_task_optax_optimizer_resumes_exactly_and_refuses_the_engines_adamw(tmp_path, module_corpus, sgd_run):
+    config = tiny(tmp_path, *SGD_RUN, source=module_corpus)
+    full_dir, full, _ = sgd_run
     _, first = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_schedule_lm_jax", callbacks=[StopAt(3)])
     assert first.last_checkpoint.name == "step_3"
     cut, _ = fit(TrainingEngine, config, tmp_path / "cut", task="sgd_schedule_lm_jax", resume=True)
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    a, b = losses(full_dir), losses(tmp_path / "cut")
     assert [b[s] for s in range(4, 7)] == [a[s] for s in range(4, 7)]
     assert [r["lr"] for r in rows(tmp_path / "cut")][3:] == [float(np.float32(lr)) for lr in (0.1, 0.05, 0.05)]
     for name in full.params:

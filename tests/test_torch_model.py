@@ -465,7 +465,6 @@ def test_backend_never_imports_jax():
 
 
 # ---------------------------------------------------------------------- torch.compile
-@pytest.mark.slow
 # the deprecation warning is raised inside inductor, not by this code
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_fullgraph_moe_matches_eager():

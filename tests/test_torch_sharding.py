@@ -1,9 +1,9 @@
 """The torch backend's sharded path (FSDP2, tensor parallel over DTensor) and activation checkpointing.
 
 The runs launch ``tests/dist_torch_worker.py`` under ``torchrun --standalone`` on the CPU (gloo) and
-hold a sharded run to the single-process run of the same config step by step. Two small cases (2
-processes, fsdp 2: the trajectory, and a checkpoint both ranks write in several files, resumed
-from slices) run by default; the sweep (fsdp / tensor / fsdp x tensor on 2 and 4 processes,
+hold a sharded run to the single-process run of the same config step by step. Two small cases
+read one 2-process fsdp 2 run (its trajectory, and the checkpoint both ranks write in several files,
+resumed from slices) and run by default; the sweep (fsdp / tensor / fsdp x tensor on 2 and 4 processes,
 drawn specs with GQA, MoE and tied embeddings, the resume of a checkpoint on another mesh) runs
 with ``LLM_TEST_DIST=1`` (``make test-dist``).
 """
@@ -96,17 +96,26 @@ def assert_placed_as_the_table_says(result: dict) -> None:
     assert any("fsdp" in w for w in result["placements"].values()) == (mesh["fsdp"] > 1)
 
 
-def test_fsdp_over_two_processes_follows_the_single_process_run(tmp_path):
-    steps = ["training.max_steps=4"]
-    single = run(tmp_path, "single", 1, *steps)
-    sharded = run(tmp_path, "fsdp2", 2, *steps, "distributed.fsdp=2")
+SHARD_BYTES = 8192  # the checkpoint file size of these runs: the tiny model's tensors in several files
+CHECKPOINTED = ["training.max_steps=6", "checkpoint.every_steps=3", f"--max-shard-bytes={SHARD_BYTES}"]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One fsdp 2 run over two processes, 6 steps, a multi-file checkpoint at step 3: (its directory,
+    its result). The trajectory test and the checkpoint test both read it (each torchrun launch
+    costs seconds of process start-up)."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    return root, run(root, "whole", 2, *CHECKPOINTED, "distributed.fsdp=2")
+
+
+def test_fsdp_over_two_processes_follows_the_single_process_run(tmp_path, fsdp2_run):
+    single = run(tmp_path, "single", 1, *CHECKPOINTED)
+    sharded = fsdp2_run[1]
     assert sharded["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and sharded["data_shards"] == 2
     assert_placed_as_the_table_says(sharded)
     assert sharded["placements"]["layers.0.attn.q_proj.weight"] == [None, "fsdp"]  # (heads, embed): embed
     assert_same_trajectory(sharded, single)
-
-
-SHARD_BYTES = 8192  # the checkpoint file size of these runs: the tiny model's tensors in several files
 
 
 def assert_resumed(resumed: dict, whole: dict, name: str) -> None:
@@ -131,10 +140,10 @@ def assert_slices_only(tmp_path: Path, name: str, procs: int) -> None:
     assert sliced > 0
 
 
-def test_two_ranks_write_a_multi_file_checkpoint_that_resumes_from_slices_and_on_one_process(tmp_path):
-    steps = ["training.max_steps=6", "checkpoint.every_steps=3", f"--max-shard-bytes={SHARD_BYTES}"]
-    whole = run(tmp_path, "whole", 2, *steps, "distributed.fsdp=2")
-    checkpoint = tmp_path / "whole" / "checkpoints" / "step_3"
+def test_two_ranks_write_a_multi_file_checkpoint_that_resumes_from_slices_and_on_one_process(tmp_path, fsdp2_run):
+    steps = CHECKPOINTED
+    root, whole = fsdp2_run
+    checkpoint = root / "whole" / "checkpoints" / "step_3"
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     files = set()
     for part in ("model", "state"):
