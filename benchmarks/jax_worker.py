@@ -13,7 +13,8 @@ Options (``job["options"]``, each an ablation of one speed change): ``attention`
 ``pallas`` (``lean`` with the one-pass log-sum-exp kernel, ``backends/flax/pallas_lse.py``);
 ``donate``: ``1`` (default) | ``0``; ``moe``: ``auto`` (default: ``llm.moe_dispatch.resolve_moe_impl``
 for the device and dtype, as the engine picks; the result's options record the impl it resolved to)
-| ``dense`` (the reference) | ``blocked`` | ``grouped`` (``llm.moe_dispatch``).
+| ``dense`` (the reference) | ``blocked`` | ``grouped`` (``llm.moe_dispatch``); ``remat``: the preset's
+``training.activation_checkpointing`` (default, as the engine trains it) | ``none`` | ``full`` | ``selective``.
 
 Run: ``python -m benchmarks.jax_worker --job job.json --out result.json``.
 """
@@ -36,6 +37,7 @@ from backends.flax.convert import load_canonical
 from backends.flax.model import DecoderModel, set_moe_impl
 from benchmarks.job import load_weights, make_batches, preset_config, run_worker
 from benchmarks.measure import step_stats, summarise_kernels, time_steps
+from llm.config import ActivationCheckpointing
 from llm.moe_dispatch import resolve_moe_impl
 
 
@@ -99,6 +101,8 @@ def run(job: dict) -> dict:
                          loss_impl="pallas" if opts["loss"] == "pallas" else "xla", raise_if_not_found=False)
     opts["moe"] = resolve_moe_impl(opts["moe"], "jax", devices[0].platform, job["dtype"])
     set_moe_impl(model, opts["moe"])
+    opts.setdefault("remat", t.activation_checkpointing.value)  # as the engine trains the preset
+    model.remat = ActivationCheckpointing(opts["remat"]).value
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, replicated)
     rest = jax.device_put(rest, replicated)

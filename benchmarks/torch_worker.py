@@ -13,7 +13,9 @@ Options (``job["options"]``, each an ablation of one speed change):
 ``efficient`` | ``math`` | ``any`` (torch's own choice);
 ``moe``: ``auto`` (default: ``llm.moe_dispatch.resolve_moe_impl`` for the device and dtype, as the
 engine picks; the result's options record the impl it resolved to) | ``dense`` (the reference, every
-expert on every token) | ``blocked`` | ``grouped`` (``llm.moe_dispatch``: only the selected experts).
+expert on every token) | ``blocked`` | ``grouped`` (``llm.moe_dispatch``: only the selected experts);
+``remat``: the preset's ``training.activation_checkpointing`` (default, as the engine trains it) |
+``none`` | ``full`` | ``selective``.
 
 Data parallel options (under ``torchrun`` only): ``bucket_mb``: DDP's gradient bucket size in MB
 (default ``auto``: the engine's rule,
@@ -39,8 +41,10 @@ import torch.distributed as dist
 
 from backends.torch.ddp import bucket_cap_mb
 from backends.torch.model import DecoderModel, set_moe_impl
+from backends.torch.parallel import apply_activation_checkpointing
 from benchmarks.job import load_weights, make_batches, preset_config, run_worker
 from benchmarks.measure import step_stats, summarise_kernels, time_steps
+from llm.config import ActivationCheckpointing
 from llm.moe_dispatch import resolve_moe_impl
 
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -109,6 +113,8 @@ def _run(job: dict) -> dict:
     model.to(device).train()
     opts["moe"] = resolve_moe_impl(opts["moe"], "torch", device.type, job["dtype"])
     set_moe_impl(model, opts["moe"])
+    opts.setdefault("remat", t.activation_checkpointing.value)
+    apply_activation_checkpointing(model, ActivationCheckpointing(opts["remat"]))
     no_decay = spec.no_decay_names()
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": t.weight_decay},

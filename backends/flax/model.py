@@ -1116,7 +1116,8 @@ class DecoderModel(_SpecModule):
 
         out, state = jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])(state, x, attention_mask, segment_ids,
                                                                             positions)
-        nnx.update(layer, state)
+        if not deterministic:  # only dropout moves a block's state; writing it back unchanged would fail
+            nnx.update(layer, state)  # for a model merged inside a plain jax transform (jax.grad of nnx.merge)
         return out
 
     def new_cache(self, batch_size: int, *, max_seq_len: int | None = None, dtype: Any = None) -> KVCache:
