@@ -434,7 +434,7 @@ def memory_estimate_is_logged_and_refuses_what_cannot_fit(engine_cls: type, tmp_
     with caplog.at_level("INFO", logger="llm"):
         engine, _ = fit(engine_cls, config, tmp_path / "run")
     assert engine._device_memory() is None  # the tests run on the CPU
-    expected = estimate(config, engine._device_count())
+    expected = estimate(config, engine._device_count(), engine.backend)  # each engine plans its own buffers
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory estimate: ")]
     assert lines == [f"memory estimate: {expected.summary()}"]
     assert lines[0].startswith(f"memory estimate: {gib(expected.total)} per device on mesh data=")
