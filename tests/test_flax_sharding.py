@@ -33,6 +33,7 @@ from flax import nnx  # noqa: E402
 
 from backends.flax.convert import from_spec  # noqa: E402
 from backends.flax.engine import TrainingEngine  # noqa: E402
+from llm.checkpoint import load_checkpoint  # noqa: E402
 from llm.spec import ModelSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +226,35 @@ def test_two_processes_train_the_one_process_trajectory_and_their_checkpoint_res
         assert abs(resumed[step] - whole[step]) <= 1e-5 * abs(whole[step]), (step, resumed[step], whole[step])
     check_written_by_every_process(two, "two", checkpoint)
     check_reads_are_own_slices(one, "resumed")
+
+
+@pytest.mark.dist  # make test-dist
+def test_a_one_process_checkpoint_resumes_in_two_processes_on_another_mesh_saving_in_the_background(tmp_path):
+    one = processes(1, 8, {**MP_JOB, "runs": [{**MP_RUN, "name": "whole"}]}, tmp_path / "one")[0]
+    checkpoint = Path(one["runs"]["whole"]["checkpoints"]) / "step_3"
+    # (data 2, fsdp 2, tensor 2): each process holds whole copies, so its files need no gather
+    runs = [{"name": "resumed", "fsdp": 2, "tensor": 2, "resume": str(checkpoint),
+             "extra": ["checkpoint.async_save=true"]}]
+    two = processes(2, 4, {**MP_JOB, "runs": runs}, tmp_path / "two")
+    assert two[0]["runs"]["resumed"]["mesh"].startswith("mesh data=2 fsdp=2 tensor=2 over 8 cpu devices in 2 processes")
+    whole = losses_of(one, "whole")
+    for result in two:
+        resumed = losses_of(result, "resumed")
+        assert sorted(resumed) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert abs(resumed[step] - whole[step]) <= 1e-5 * abs(whole[step]), (step, resumed[step], whole[step])
+        check_reads_are_own_slices(result, "resumed")
+    # the final checkpoint, written in the background by both processes, holds the state the one
+    # process reached: every parameter and moment
+    final = Path(two[0]["runs"]["resumed"]["checkpoints"]) / "step_6"
+    check_written_by_every_process(two, "resumed", final)
+    got, want = load_checkpoint(final), load_checkpoint(Path(one["runs"]["whole"]["checkpoints"]) / "step_6")
+    assert got.state_meta["step"] == want.state_meta["step"] == 6
+    assert set(got.params) == set(want.params) and set(got.state_tensors) == set(want.state_tensors)
+    for name in want.params:
+        assert rel(got.params[name], want.params[name]) <= 1e-5, name
+    for name in want.state_tensors:
+        assert rel(got.state_tensors[name], want.state_tensors[name]) <= 1e-4, name
 
 
 # ---------------------------------------------------------------------- activation checkpointing
