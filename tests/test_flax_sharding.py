@@ -5,7 +5,8 @@ a subprocess (``tests/dist_jax_worker.py``). By default one small case runs: one
 tensor 2) for a few steps, and the cross-mesh resume. The multi-process runs start 2 processes of
 4 host devices each (``tests/dist_flax_mp_worker.py``, a coordinator on localhost, gloo): by default
 their (fsdp 4, tensor 2) trajectory against one process of 8 devices and their checkpoint resumed
-in one process; ``make test-dist`` adds the other way. ``LLM_TEST_DIST=1`` (``make test-dist``)
+in one process; ``make test-dist`` adds the other way (a one-process checkpoint resumed by 2
+processes on (data 2, fsdp 2, tensor 2), saving in the background). ``LLM_TEST_DIST=1`` (``make test-dist``)
 adds the sweep: hypothesis-drawn specs (GQA, MoE, tied embeddings, biases) over the meshes (fsdp 8),
 (fsdp 4, tensor 2) and (data 2, fsdp 2, tensor 2), 20 fp32 AdamW steps each against one device.
 """
