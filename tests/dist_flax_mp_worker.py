@@ -7,8 +7,9 @@ without them, one process of all the host devices ``XLA_FLAGS`` asks for::
 
     python tests/dist_flax_mp_worker.py '{"overrides": [...], "max_shard_bytes": 8192, "runs": [RUN, ...]}' ROOT
 
-Each ``RUN`` is ``{"name", "fsdp", "tensor", "extra": [...], "resume": DIR or null}``, trained in
-order on a mesh of every device of every process. Every process prints one ``RESULT`` line: its
+Each ``RUN`` is ``{"name", "fsdp", "tensor", "extra": [...], "resume": DIR or null, "task": NAME or
+null}``, trained in order on a mesh of every device of every process (``momentum_lm_jax``: the LM
+with its own optax optimiser; a run refused at start returns ``{"refused": message}``). Every process prints one ``RESULT`` line: its
 process index and count, and per run the per-step losses, the mesh, the checkpoint files this
 process wrote (``write_shard``, ``step_<N>/<file>``), and, for a resumed run, every checkpoint read
 this process made beside the canonical shapes of its devices' shards.
@@ -24,11 +25,27 @@ import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")  # before jax.distributed.initialize
 
+import optax  # noqa: E402
+from dist_jax_worker import Record, recorded_reads  # noqa: E402
+
 import llm.loop.engine as loop_engine  # noqa: E402
 from backends.flax.convert import flax_placement  # noqa: E402
 from backends.flax.engine import TrainingEngine, initialize_distributed  # noqa: E402
-from dist_jax_worker import Record, recorded_reads  # noqa: E402
-from llm.config import load_config  # noqa: E402
+from backends.flax.tasks import FlaxLMTask  # noqa: E402
+from llm.config import ConfigError, load_config  # noqa: E402
+from llm.loop.tasks import LMTask, register_task  # noqa: E402
+
+
+class MomentumFlax(FlaxLMTask):
+    """The LM with its own optax optimiser (state the engine does not shard in checkpoints)."""
+
+    def build_optimizer(self, config, model):
+        return optax.sgd(config.training.lr, momentum=0.9)
+
+
+@register_task("momentum_lm_jax")
+class MomentumLM(LMTask):
+    backends = {"jax": MomentumFlax}
 
 
 def recorded_writes() -> list[str]:
@@ -61,8 +78,11 @@ def train(overrides: list[str], root: str, run: dict) -> dict:
     WRITTEN.clear()
     READS.clear()
     record = Record()
-    engine = TrainingEngine(config, run_dir=f"{root}/{run['name']}", resume=run.get("resume") or False,
-                            callbacks=[record], callback_names=())
+    try:
+        engine = TrainingEngine(config, run_dir=f"{root}/{run['name']}", resume=run.get("resume") or False,
+                                task=run.get("task"), callbacks=[record], callback_names=())
+    except ConfigError as e:
+        return {"refused": str(e)}
     with engine:
         engine.fit()
         engine.wait_for_checkpoint()

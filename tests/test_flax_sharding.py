@@ -207,7 +207,8 @@ MP_RUN = {"fsdp": 4, "tensor": 2, "extra": []}
 
 
 def test_two_processes_train_the_one_process_trajectory_and_their_checkpoint_resumes_in_one(tmp_path):
-    two = processes(2, 4, {**MP_JOB, "runs": [{**MP_RUN, "name": "two"}]}, tmp_path / "two")
+    two = processes(2, 4, {**MP_JOB, "runs": [{**MP_RUN, "name": "two"},
+                                              {**MP_RUN, "name": "own", "task": "momentum_lm_jax"}]}, tmp_path / "two")
     checkpoint = Path(two[0]["runs"]["two"]["checkpoints"]) / "step_3"
     one = processes(1, 8, {**MP_JOB, "runs": [
         {**MP_RUN, "name": "whole"},
@@ -227,6 +228,11 @@ def test_two_processes_train_the_one_process_trajectory_and_their_checkpoint_res
         assert abs(resumed[step] - whole[step]) <= 1e-5 * abs(whole[step]), (step, resumed[step], whole[step])
     check_written_by_every_process(two, "two", checkpoint)
     check_reads_are_own_slices(one, "resumed")
+    # a task's own optax state is saved whole by process 0: refused when split over processes
+    for result in two:
+        refused = result["runs"]["own"]["refused"]
+        assert refused.startswith("distributed.fsdp=4 / distributed.tensor=2: task 'momentum_lm_jax' brings its own")
+        assert "across 2 JAX processes only the engine's AdamW trains sharded" in refused
 
 
 @pytest.mark.dist  # make test-dist
