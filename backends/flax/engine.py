@@ -59,7 +59,9 @@ with ``checkpoint.async_save``, process 0's writer thread waiting for the others
 0 commits. A sharded resume builds each array with ``jax.make_array_from_callback``: every process
 reads only its devices' slices of the checkpoint tensors, whatever mesh and process count wrote them.
 A task's own optax state is written whole by process 0, so it is refused on a sharded mesh across
-processes. Dropout masks are drawn for the global batch from one key, so they do not depend on the number of
+processes.
+
+Dropout masks are drawn for the global batch from one key, so they do not depend on the number of
 devices either: 1 and N devices see the same losses up to float reassociation.
 
 Host syncs: the loop reads the loss only on steps that need it (evaluation, a callback's
