@@ -40,14 +40,27 @@ parameter, everything else is replicated; batches split over ``data`` x ``fsdp``
 ``training.batch_size`` must divide by it). The step pins its outputs to these shardings and XLA's
 SPMD partitioner inserts the collectives (gradient all-reduce, FSDP all-gathers and
 reduce-scatters, tensor-parallel reductions). fsdp = tensor = 1 is plain data parallel: every
-parameter replicated, no other constraint. Checkpoints hold whole canonical tensors: a sharded save
-brings them to the host one at a time (``_checkpoint_shards``), and a sharded resume builds each
-array with ``jax.make_array_from_callback``, every device's shard read from its checkpoint slice
-(sharded parameters across several processes are refused for now: saving would need every process
-to join the gather). With several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
-set; ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or the cluster's own variables give the rest) each
-process reads its rows of the global batch (``rank = jax.process_index()``) and
-``jax.make_array_from_process_local_data`` assembles the global array; only process 0 writes files.
+parameter replicated, no other constraint.
+
+Several processes (``jax.distributed.initialize()`` is called when ``JAX_COORDINATOR_ADDRESS`` is
+set; ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` or the cluster's own variables give the rest): the
+mesh spans ``jax.devices()``, every process's devices, so parameters and moments are global
+``jax.Array``s of which each process holds its devices' shards. Each process reads its rows of the
+global batch (``rank = jax.process_index()``) and ``jax.make_array_from_process_local_data``
+assembles the global array.
+
+Checkpoints hold whole canonical tensors (the format's shard files hold whole tensors, so a tensor
+split over processes is written by one of them). Unsharded, process 0 writes every file. Sharded,
+every process writes the files ``llm.checkpoint.plan_shards`` assigns it (``_checkpoint_shards``):
+a tensor its own devices hold entirely comes from its shards; a tensor split over several
+processes' devices is gathered (``multihost_utils.process_allgather``, a collective every process
+joins, one tensor at a time in the plan's order) and kept only by its writer. Then a barrier (or,
+with ``checkpoint.async_save``, process 0's writer thread waiting for the others' files) and process
+0 commits. A sharded resume builds each array with ``jax.make_array_from_callback``: every process
+reads only its devices' slices of the checkpoint tensors, whatever mesh and process count wrote them.
+A task's own optax state is written whole by process 0, so it is refused on a sharded mesh across
+processes.
+
 Dropout masks are drawn for the global batch from one key, so they do not depend on the number of
 devices either: 1 and N devices see the same losses up to float reassociation.
 
@@ -58,8 +71,9 @@ includes XLA's compilation, which the loop logs and leaves out of the run's ``to
 (``compile_seconds``). Ctrl-C / SIGTERM
 finishes the step, saves and returns ``stop_reason="interrupted"``.
 
-Verified beyond the test suite: two processes of one CPU device each (``JAX_COORDINATOR_ADDRESS`` on
-localhost, gloo collectives) train bit-identically to one process with two devices.
+Tested on CPU (``tests/dist_flax_mp_worker.py``): two processes of four host devices each (gloo
+collectives), fsdp 4 x tensor 2, train the losses of one process with eight devices, and a checkpoint
+of either resumes in the other.
 
 This module never imports torch.
 """
@@ -68,6 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -328,6 +343,38 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(_local(x)), tree)
 
 
+def _needs_gather(x: Any) -> bool:
+    """Whether some process's devices do not hold all of ``x`` (from the global sharding: the same
+    answer on every process, so every process knows which gathers to join)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.sharding.is_fully_replicated:
+        return False
+    held: dict[int, set[tuple[tuple[int, int], ...]]] = {}
+    for device, index in x.sharding.devices_indices_map(x.shape).items():
+        box = tuple(s.indices(n)[:2] for s, n in zip(index, x.shape, strict=True))
+        held.setdefault(device.process_index, set()).add(box)
+    # the distinct shards of a NamedSharding tile the array: they cover it iff their sizes add up
+    return any(sum(math.prod(stop - start for start, stop in box) for box in boxes) != x.size
+               for boxes in held.values())
+
+
+def _whole(x: Any) -> Any:
+    """All of ``x`` on this process: ``x`` itself when fully addressable; from this process's shards
+    when they hold it; otherwise gathered (``process_allgather``: a collective, which every process
+    must call for the same arrays in the same order)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if _needs_gather(x):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    out = np.empty(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+    return out
+
+
 class TrainingEngine(BaseTrainingEngine):
     """Trains ``config.task`` (or ``task``) with JAX. See the module docstring for one step.
 
@@ -356,11 +403,6 @@ class TrainingEngine(BaseTrainingEngine):
                               f"data x fsdp = {self.mesh_shape.batch_shards}, the ways the "
                               f"{len(self.devices)} JAX devices' {self._mesh_text(devices=False)} split it",
                               "training.batch_size")
-        if self.world_size > 1 and self.mesh_shape.is_sharded:
-            raise ConfigError(f"distributed.fsdp={config.distributed.fsdp} / distributed.tensor="
-                              f"{config.distributed.tensor}: sharded parameters across {self.world_size} JAX "
-                              "processes are not supported yet (a checkpoint would need every process to "
-                              "gather); use one process per host or fsdp = tensor = 1", "distributed.fsdp")
         # tensor innermost: a tensor-parallel group is adjacent devices (one host, the fastest links)
         self.mesh = Mesh(np.array(self.devices).reshape(self.mesh_shape.shape), MESH_AXES)
         self._replicated = NamedSharding(self.mesh, P())
@@ -385,6 +427,12 @@ class TrainingEngine(BaseTrainingEngine):
                                bias_names, tuple(table.index(n) for n in bias_names), rest_def, key_slots)
         self._setup_weight_decay(names, self.impl.no_decay_names(config, self._model))
         task_optimizer = self._task_optimizer()
+        if task_optimizer is not None and self.world_size > 1 and self.mesh_shape.is_sharded:
+            raise ConfigError(f"distributed.fsdp={config.distributed.fsdp} / distributed.tensor="
+                              f"{config.distributed.tensor}: task {self.task.name!r} brings its own optax "
+                              f"optimiser, whose state process 0 saves whole; across {self.world_size} JAX "
+                              "processes only the engine's AdamW trains sharded (set fsdp = tensor = 1)",
+                              "distributed.fsdp")
         self._cfg = _StepConfig(
             accum=t.grad_accum_steps, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
             weight_decay=t.weight_decay, decay=frozenset(self.decay_names),
@@ -582,10 +630,11 @@ class TrainingEngine(BaseTrainingEngine):
     @property
     def model(self) -> nnx.Module:
         """The flax module holding the current parameters (synced on every access; the training
-        step donates its buffers, so take it again after training rather than keeping it)."""
+        step donates its buffers, so take it again after training rather than keeping it). With
+        parameters split over processes every process must read it together (``_whole`` gathers)."""
         layout = self._layout
-        state = jax.tree.unflatten(layout.param_def, [_local(self.params[n]) for n in layout.names])
-        biases = jax.tree.unflatten(layout.bias_def, [_local(self.biases[n]) for n in layout.bias_names])
+        state = jax.tree.unflatten(layout.param_def, [_whole(self.params[n]) for n in layout.names])
+        biases = jax.tree.unflatten(layout.bias_def, [_whole(self.biases[n]) for n in layout.bias_names])
         nnx.update(self._model, state, biases)
         return self._model
 
@@ -601,7 +650,7 @@ class TrainingEngine(BaseTrainingEngine):
         out = {}
         if self.task_optimizer:
             return out
-        adam = _host(_adam(self.opt_state)[1])
+        adam = jax.tree.map(lambda x: np.asarray(_whole(x)), _adam(self.opt_state)[1])
         for moment in MOMENTS:
             out.update((moment_name(moment, name), value)
                        for name, value in moments_to_canonical(self._model, getattr(adam, moment)).items())
@@ -616,15 +665,22 @@ class TrainingEngine(BaseTrainingEngine):
         return {name: flax_placement(name, tuple(weights[name].shape)) for name in weights}
 
     def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
-        """One process writes every file; each array comes to the host on its own (its device shards
-        assembled), never the whole tree in one transfer."""
+        """The tensors of this process's ``files``, each brought to the host on its own, never the
+        whole tree in one transfer. With several processes every process walks the whole plan in
+        the same order: a tensor split over processes is gathered by all (``_whole``) and kept by
+        its writer only; the others come from this process's own shards, no collective."""
         adam = _adam(self.opt_state)[1]
         weights = {**self.params, **self.biases}
+        mine = {name for f in files for name in f.tensors}
+        walk = self._checkpoint_plan() if self.world_size > 1 else files
         out = {}
-        for name in (name for f in files for name in f.tensors):
+        for name in (name for f in walk for name in f.tensors):
             moment, param = split_moment_name(name) if name not in weights else (None, name)
             value = weights[param] if moment is None else getattr(adam, moment)[param]
-            out[name] = to_canonical_array(param, value)
+            if name in mine:
+                out[name] = to_canonical_array(param, _whole(value))
+            elif _needs_gather(value):
+                _whole(value)  # this process's part of the writer's gather; the copy is dropped
         return out
 
     def _from_slices(self, name: str, source: TensorSlices) -> jax.Array:
