@@ -218,6 +218,18 @@ def test_sharded_trajectory_equals_the_single_process_run(tmp_path, spec, procs,
 
 
 @SWEEP
+@pytest.mark.parametrize("mesh", [["distributed.fsdp=2"], ["distributed.tensor=2"]], ids=["fsdp2", "tensor2"])
+def test_blocks_compiled_under_fsdp2_or_tensor_parallel_follow_the_eager_single_process_run(tmp_path, mesh):
+    # optimization.compile on the sharded path compiles each block in place (torchtitan's way):
+    # the same trajectory as one eager process, and the canonical names and placements unchanged
+    steps = ["training.max_steps=6", *SPECS["gqa"]]
+    single = run(tmp_path, "single", 1, *steps)
+    compiled = run(tmp_path, "compiled", 2, *steps, *mesh, "optimization.compile=true")
+    assert_placed_as_the_table_says(compiled)
+    assert_same_trajectory(compiled, single)
+
+
+@SWEEP
 def test_a_checkpoint_of_fsdp2_x_tensor2_resumes_on_fsdp2_and_on_one_process(tmp_path):
     steps = ["training.max_steps=6", "checkpoint.every_steps=3", *SPECS["tied"]]
     whole = run(tmp_path, "whole", 4, *steps, "distributed.fsdp=2", "distributed.tensor=2")
