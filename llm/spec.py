@@ -50,6 +50,8 @@ __all__ = [
     "check_names",
     "rope_inv_freq",
     "rope_cos_sin",
+    "rope_attention_factor",
+    "mla_softmax_scale",
     "sinusoidal_table",
 ]
 
@@ -126,8 +128,13 @@ class ParamInfo:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-_ROPE_SCALING_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor",
-                      "original_max_position_embeddings"}
+# rope_type -> (required keys, optional keys) of ``ModelSpec.rope_scaling``; the YaRN defaults
+# (beta_fast 32, beta_slow 1, truncate true, attention_factor from mscale) are transformers'.
+_ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")),
+}
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,10 @@ class ModelSpec(Section):
     norm_position: NormPosition = NormPosition.PRE
     position: Position = Position.ROPE
     rope_theta: float = 10000.0
-    # Llama-3 style frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"}; None = plain RoPE.
+    # Frequency scaling; None = plain RoPE. Llama-3: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}. YaRN: {"rope_type":
+    # "yarn", "factor", "original_max_position_embeddings", optional "beta_fast", "beta_slow",
+    # "mscale", "mscale_all_dim", "attention_factor", "truncate"} (``rope_inv_freq``).
     rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = False
     lm_head_bias: bool = False  # a (vocab,) bias on the output projection (needs an untied lm_head)
@@ -268,20 +277,10 @@ class ModelSpec(Section):
                  value=self.dim_head)
         if self.position is Position.SINUSOIDAL:
             need(self.hidden_size % 2 == 0, "hidden_size", "must be even for position=sinusoidal")
-        sc = self.rope_scaling
-        if sc is not None:
+        if self.rope_scaling is not None:
             need(self.position is Position.ROPE, "rope_scaling",
                  f"applies to position=rope only, not position={self.position.value}")
-            unknown = set(sc) - _ROPE_SCALING_KEYS
-            need(not unknown, "rope_scaling",
-                 f"has unknown key(s) {sorted(unknown)}; expected {sorted(_ROPE_SCALING_KEYS)}")
-            need(sc.get("rope_type") == "llama3", "rope_scaling.rope_type", "is not supported (only 'llama3' is)")
-            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                value = sc.get(key)
-                need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                     f"rope_scaling.{key}", "must be a positive number")
-            need(sc["high_freq_factor"] > sc["low_freq_factor"], "rope_scaling.high_freq_factor",
-                 f"must be > rope_scaling.low_freq_factor={sc['low_freq_factor']!r}")
+            self._validate_rope_scaling()
         need(not (self.lm_head_bias and self.tie_embeddings), "lm_head_bias",
              "needs tie_embeddings=false (a tied head is embed.weight alone, it has no bias of its own)")
         if self.use_moe:
@@ -332,6 +331,45 @@ class ModelSpec(Section):
         need(self.router_bias_update_rate >= 0, "router_bias_update_rate", "must be >= 0 (0 = the bias stays fixed)")
         need(self.router_bias_update_rate == 0 or self.router_selection_bias, "router_bias_update_rate",
              "needs router_selection_bias=true (there is no bias to update)")
+
+    def _validate_rope_scaling(self) -> None:
+        sc, need = self.rope_scaling, self._need
+        rope_type = sc.get("rope_type")
+        need(rope_type in _ROPE_SCALING_KEYS, "rope_scaling.rope_type",
+             f"is not supported (one of {sorted(_ROPE_SCALING_KEYS)})", value=rope_type)
+        required, optional = _ROPE_SCALING_KEYS[rope_type]
+        unknown = set(sc) - {"rope_type", *required, *optional}
+        need(not unknown, "rope_scaling",
+             f"has unknown key(s) {sorted(unknown)} for rope_type={rope_type!r}; "
+             f"expected {sorted({'rope_type', *required, *optional})}")
+
+        def number(key: str) -> bool:
+            value = sc.get(key)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if rope_type == "llama3":
+            for key in required:
+                need(number(key) and sc[key] > 0, f"rope_scaling.{key}", "must be a positive number")
+            need(sc["high_freq_factor"] > sc["low_freq_factor"], "rope_scaling.high_freq_factor",
+                 f"must be > rope_scaling.low_freq_factor={sc['low_freq_factor']!r}")
+            return
+        for key in required:
+            need(key in sc, f"rope_scaling.{key}", f"is required for rope_type={rope_type!r}")
+        need(number("factor") and sc["factor"] >= 1, "rope_scaling.factor", "must be a number >= 1")
+        old_len = sc["original_max_position_embeddings"]
+        need(isinstance(old_len, int) and not isinstance(old_len, bool) and old_len >= 1,
+             "rope_scaling.original_max_position_embeddings", "must be an integer >= 1")
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            if key in sc:
+                need(number(key) and sc[key] > 0, f"rope_scaling.{key}", "must be a positive number")
+        for key in ("mscale", "mscale_all_dim"):  # 0 = unset, as in transformers
+            if key in sc:
+                need(number(key) and sc[key] >= 0, f"rope_scaling.{key}", "must be a number >= 0")
+        beta_fast, beta_slow = sc.get("beta_fast", 32), sc.get("beta_slow", 1)
+        need(beta_fast > beta_slow, "rope_scaling.beta_fast", f"must be > beta_slow={beta_slow!r}",
+             value=beta_fast)
+        if "truncate" in sc:
+            need(isinstance(sc["truncate"], bool), "rope_scaling.truncate", "must be true or false")
 
     def _validate_mla(self) -> None:
         need = self._need
@@ -662,11 +700,13 @@ def check_params(spec: ModelSpec, params: dict[str, Any], *, where: str = "param
 
 # ---------------------------------------------------------------------- position tables
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
-    """Inverse frequencies (rope_dim // 2,) as float32, with Llama-3 scaling when configured."""
+    """Inverse frequencies (rope_dim // 2,) as float32, with Llama-3 or YaRN scaling when configured."""
     hd = spec.rope_dim
     inv = 1.0 / (spec.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     sc = spec.rope_scaling
-    if sc is not None:
+    if sc is None:
+        pass
+    elif sc["rope_type"] == "llama3":
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
         old_len = sc["original_max_position_embeddings"]
         low_wavelen, high_wavelen = old_len / lo, old_len / hi
@@ -676,21 +716,73 @@ def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = np.where(medium, smoothed, scaled)
+    else:  # yarn: interpolate (inv / factor) the slow pairs, keep the fast ones, a linear ramp between
+        low, high = _yarn_ramp_bounds(spec)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(hd // 2, dtype=np.float32) - low) / (high - low), 0, 1)  # (hd/2,)
+        inv = inv / sc["factor"] * ramp + inv * (1 - ramp)
     return inv.astype(np.float32)
 
 
+def _yarn_ramp_bounds(spec: ModelSpec) -> tuple[float, float]:
+    """The (low, high) pair indices between which YaRN's ramp runs: the dimensions whose wavelength
+    turns ``beta_fast`` and ``beta_slow`` times over ``original_max_position_embeddings``."""
+    sc, hd = spec.rope_scaling, spec.rope_dim
+    old_len = sc["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:
+        return hd * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+
+    low, high = dim_of(sc.get("beta_fast", 32)), dim_of(sc.get("beta_slow", 1))
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, hd - 1)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(spec: ModelSpec) -> float:
+    """The factor both RoPE tables are multiplied by: YaRN's ``attention_factor`` when given, else
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set (non-zero), else
+    ``mscale(factor)``; 1.0 without YaRN. ``mscale(s, m) = 0.1 * m * ln(s) + 1`` (1 for s <= 1)."""
+    sc = spec.rope_scaling
+    if sc is None or sc["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in sc:
+        return float(sc["attention_factor"])
+    factor, mscale, mscale_all_dim = sc["factor"], sc.get("mscale"), sc.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def mla_softmax_scale(spec: ModelSpec) -> float:
+    """MLA's softmax scale: ``1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)``, times
+    ``mscale(factor, mscale_all_dim)^2`` under YaRN with a non-zero ``mscale_all_dim`` (DeepSeek's
+    attention; ``rope_attention_factor`` has the ``mscale`` rule)."""
+    scale = 1.0 / math.sqrt(spec.qk_head_dim)
+    sc = spec.rope_scaling
+    if sc is not None and sc["rope_type"] == "yarn" and sc.get("mscale_all_dim"):
+        scale *= _yarn_mscale(sc["factor"], sc["mscale_all_dim"]) ** 2
+    return scale
+
+
 def rope_cos_sin(spec: ModelSpec, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables (T, rope_dim) for rotate-half RoPE, float32.
+    """cos and sin tables (T, rope_dim) for rotate-half RoPE, float32, times ``rope_attention_factor``.
 
     Angles are formed from the float32 inverse frequencies times float32 positions, which is what
-    the reference implementations do, then cos/sin taken in float64 and rounded once.
+    the reference implementations do, then cos/sin taken (and scaled) in float64 and rounded once.
     """
     if positions is None:
         positions = np.arange(spec.max_seq_len)
     inv = rope_inv_freq(spec)
     angles = positions.astype(np.float32)[:, None] * inv[None, :]  # (T, hd/2) in fp32
     emb = np.concatenate([angles, angles], axis=-1).astype(np.float64)  # (T, hd)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    factor = rope_attention_factor(spec)
+    return (factor * np.cos(emb)).astype(np.float32), (factor * np.sin(emb)).astype(np.float32)
 
 
 def sinusoidal_table(spec: ModelSpec) -> np.ndarray:

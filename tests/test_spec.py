@@ -10,10 +10,14 @@ from llm.spec import (
     SpecError,
     check_params,
     init_params,
+    mla_softmax_scale,
+    rope_attention_factor,
     rope_cos_sin,
     rope_inv_freq,
     sinusoidal_table,
 )
+
+_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +41,24 @@ from llm.spec import (
         (dict(norm_eps=0.0), "norm_eps=0.0 must be > 0"),
         (dict(init_std=float("nan")), "model.init_std: expected a finite float, got nan"),
         (dict(position="learned", rope_scaling={"rope_type": "llama3"}), "model.rope_scaling={'rope_type': 'llama3'} applies to position=rope only, not position=learned"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_scaling.rope_type='yarn'"),
+        (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}),
+         "model.rope_scaling.rope_type='longrope' is not supported (one of ['llama3', 'yarn'])"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+         "model.rope_scaling.original_max_position_embeddings=None is required for rope_type='yarn'"),
+        (dict(rope_scaling={**_YARN, "beta_fast": 32, "betafast": 1}), "has unknown key(s) ['betafast'] for rope_type='yarn'"),
+        (dict(rope_scaling={**_YARN, "low_freq_factor": 1.0}), "has unknown key(s) ['low_freq_factor']"),
+        (dict(rope_scaling={**_YARN, "factor": 0.5}), "model.rope_scaling.factor=0.5 must be a number >= 1"),
+        (dict(rope_scaling={**_YARN, "factor": "4"}), "model.rope_scaling.factor='4' must be a number >= 1"),
+        (dict(rope_scaling={**_YARN, "original_max_position_embeddings": 16.5}),
+         "model.rope_scaling.original_max_position_embeddings=16.5 must be an integer >= 1"),
+        (dict(rope_scaling={**_YARN, "beta_slow": 0}), "model.rope_scaling.beta_slow=0 must be a positive number"),
+        (dict(rope_scaling={**_YARN, "beta_fast": 2, "beta_slow": 3}), "model.rope_scaling.beta_fast=2 must be > beta_slow=3"),
+        (dict(rope_scaling={**_YARN, "beta_fast": 0.5}), "model.rope_scaling.beta_fast=0.5 must be > beta_slow=1"),
+        (dict(rope_scaling={**_YARN, "mscale": -1.0}), "model.rope_scaling.mscale=-1.0 must be a number >= 0"),
+        (dict(rope_scaling={**_YARN, "mscale_all_dim": True}), "model.rope_scaling.mscale_all_dim=True must be a number"),
+        (dict(rope_scaling={**_YARN, "attention_factor": 0.0}),
+         "model.rope_scaling.attention_factor=0.0 must be a positive number"),
+        (dict(rope_scaling={**_YARN, "truncate": 1}), "model.rope_scaling.truncate=1 must be true or false"),
         (dict(sliding_window=0), "sliding_window=0 must be >= 1"),
         (dict(use_moe=True, first_dense_layers=3), "model.first_dense_layers=3 must be in [0, num_layers=2]"),
         (dict(use_moe=True, first_dense_layers=-1), "model.first_dense_layers=-1 must be in [0, num_layers=2]"),
@@ -281,6 +302,47 @@ def test_llama3_rope_scaling_bands():
     np.testing.assert_allclose(scaled[low], plain[low] / 8.0, rtol=1e-6)  # low ones divided by factor
     mid = ~(high | low)
     assert mid.any() and np.all(scaled[mid] < plain[mid]) and np.all(scaled[mid] > plain[mid] / 8)
+
+
+@pytest.mark.parametrize("extra, head_dim, theta", [
+    ({}, 16, 10000.0),
+    (dict(beta_fast=16, beta_slow=2), 32, 500.0),
+    (dict(mscale=0.707, mscale_all_dim=0.707), 8, 10000.0),  # DeepSeek-V2-Lite's: attention factor 1
+    (dict(mscale=1.0, mscale_all_dim=0.5, factor=40.0, original_max_position_embeddings=8), 64, 10000.0),
+    (dict(mscale=1.0), 12, 1e6),  # one mscale alone: the factor from ``factor`` only
+    (dict(truncate=False, beta_fast=24), 16, 10000.0),
+    (dict(attention_factor=0.9, factor=8.0), 16, 10000.0),
+])
+def test_yarn_tables_match_transformers(extra, head_dim, theta):
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    sc = {**_YARN, **extra}
+    spec = ModelSpec(hidden_size=2 * head_dim, num_heads=2, rope_theta=theta, max_seq_len=64, rope_scaling=sc)
+    cfg = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                      max_position_embeddings=int(sc["factor"] * sc["original_max_position_embeddings"]),
+                      rope_parameters={"rope_theta": theta, **sc})
+    ref_inv, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    inv = rope_inv_freq(spec)
+    plain = rope_inv_freq(ModelSpec(hidden_size=2 * head_dim, num_heads=2, rope_theta=theta))
+    assert np.any(inv < plain * 0.99) and inv[0] == plain[0]  # some pairs interpolated, the fastest kept
+    np.testing.assert_allclose(inv, ref_inv.numpy(), rtol=1e-6, atol=0)  # float32 pow: a few ulps
+    assert math.isclose(rope_attention_factor(spec), ref_factor, rel_tol=1e-12)
+    positions = torch.arange(64, dtype=torch.float32)
+    emb = torch.cat([positions[:, None] * ref_inv[None, :]] * 2, dim=-1)
+    cos, sin = rope_cos_sin(spec)
+    np.testing.assert_allclose(cos, (emb.cos() * ref_factor).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sin, (emb.sin() * ref_factor).numpy(), rtol=0, atol=1e-6)
+
+
+def test_yarn_mla_softmax_scale():
+    mla = dict(attention="mla", hidden_size=32, num_heads=2, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=8,
+               v_head_dim=4)
+    assert mla_softmax_scale(ModelSpec(**mla)) == 1 / math.sqrt(12)
+    assert mla_softmax_scale(ModelSpec(**mla, rope_scaling={**_YARN, "mscale": 1.0})) == 1 / math.sqrt(12)
+    with_all_dim = ModelSpec(**mla, rope_scaling={**_YARN, "mscale": 1.0, "mscale_all_dim": 0.707})
+    assert math.isclose(mla_softmax_scale(with_all_dim), (0.1 * 0.707 * math.log(4) + 1) ** 2 / math.sqrt(12))
 
 
 def test_sinusoidal_table():

@@ -54,6 +54,7 @@ from llm.spec import (
     NormType,
     Position,
     RouterScoring,
+    mla_softmax_scale,
     rope_cos_sin,
     sinusoidal_table,
 )
@@ -608,7 +609,7 @@ class MultiHeadLatentAttention(_SpecModule):
         k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope.astype(kv.dtype), (B, S, H, p))], axis=-1)
         v = kv[..., n:]  # (B, S, H, dv)
         scores = jnp.einsum("BTHD,BSHD->BHTS", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * (1.0 / math.sqrt(n + p))
+                            preferred_element_type=jnp.float32) * mla_softmax_scale(spec)
         scores = jnp.where(mask[:, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1)  # float32
         probs = self.attn_dropout(probs, deterministic=deterministic)

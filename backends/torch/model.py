@@ -39,6 +39,7 @@ from llm.spec import (
     NormType,
     Position,
     RouterScoring,
+    mla_softmax_scale,
     rope_cos_sin,
     sinusoidal_table,
 )
@@ -413,7 +414,8 @@ class MultiHeadLatentAttention(nn.Module):
     ``kv_a_proj_with_mqa(x)`` -> (B, T, r + p): the latent (r) goes through ``kv_a_layernorm`` and
     ``kv_b_proj`` to per-head (k_nope (n), v (dv)); the rope part (p) is one key shared by every head
     (the decoupled rope key). Keys are ``[k_nope, rope(k_rope)]``, queries ``[q_nope, rope(q_rope)]``,
-    the softmax scale ``1 / sqrt(n + p)``.
+    the softmax scale ``1 / sqrt(n + p)``, times YaRN's ``mscale_all_dim`` term when set
+    (``llm.spec.mla_softmax_scale``).
 
     RoPE is rotate-half over the p rope dimensions (transformers' ``rope_interleave=False``).
     DeepSeek's released weights rotate interleaved pairs (``rope_interleave=True``, transformers'
@@ -480,7 +482,7 @@ class MultiHeadLatentAttention(nn.Module):
         mask = _layer_mask(spec, self.causal, start_pos, key_start, T, S, attention_mask, segment_ids, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and self.causal,
-            dropout_p=spec.dropout if self.training else 0.0, scale=1.0 / math.sqrt(n + p),
+            dropout_p=spec.dropout if self.training else 0.0, scale=mla_softmax_scale(spec),
         )  # (B, H, T, dv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
