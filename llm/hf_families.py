@@ -23,8 +23,9 @@ The numerics each family is mapped onto (``docs/architecture.md`` is our side):
   our ``gelu_tanh``, biases everywhere, scale ``1/sqrt(head_dim)``, tied ``wte``; Conv1D weights
   are stored ``(in, out)`` and transposed here; ``c_attn`` is q|k|v concatenated on the out axis.
 * Llama / Mistral / Qwen2 / Mixtral / Qwen3: RMSNorm (fp32 statistics, ``weight * x.to(dtype)``), GLU MLP,
-  rotate-half RoPE with ``rope_theta`` (Llama-3 scaling supported), GQA. transformers' sliding
-  window lets query ``i`` see key ``j`` iff ``i - window < j <= i`` (``masking_utils``:
+  rotate-half RoPE with ``rope_theta`` (Llama-3 and YaRN scaling supported: these families apply
+  YaRN's attention factor to cos/sin only, as ``llm.spec.rope_cos_sin`` does), GQA. transformers'
+  sliding window lets query ``i`` see key ``j`` iff ``i - window < j <= i`` (``masking_utils``:
   ``kv_idx > q_idx - sliding_window``), exactly ``ModelSpec.sliding_window``: the value maps 1:1.
   Qwen2: q/k/v bias, no o_proj bias. Qwen3: ``qk_norm`` (an RMSNorm of ``rms_norm_eps`` over each
   query and key head, after the projection, before RoPE), ``attention_bias`` on q/k/v and o_proj
@@ -244,6 +245,8 @@ def _activation(r: ConfigReader, key: str, default: str) -> Activation | None:
 
 
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_YARN_OPTIONAL = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+_YARN_UNSET_IF_NONE = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
 
 
 def _read_rope(r: ConfigReader, default_theta: float, max_positions: int) -> tuple[float, dict | None]:
@@ -275,8 +278,16 @@ def _read_rope(r: ConfigReader, default_theta: float, max_positions: int) -> tup
             r.problem(f"{source}: llama3 scaling without {missing}")
         else:
             scaling = {"rope_type": "llama3", **{k: p.pop(k) for k in _LLAMA3_KEYS}}
+    elif rope_type == "yarn":
+        p.setdefault("original_max_position_embeddings", max_positions)
+        for key in _YARN_UNSET_IF_NONE:  # transformers reads None as absent for these
+            if key in p and p[key] is None:
+                del p[key]
+        keys = [k for k in ("factor", "original_max_position_embeddings", *_YARN_OPTIONAL) if k in p]
+        scaling = {"rope_type": "yarn", **{k: p.pop(k) for k in keys}}
     else:
-        r.problem(f"{source}.rope_type={rope_type!r}: only 'default' and 'llama3' RoPE are implemented")
+        r.problem(f"{source}.rope_type={rope_type!r}: only 'default', 'llama3' and 'yarn' RoPE "
+                  "are implemented")
         p.clear()
     if p:
         r.problem(f"{source} has key(s) {sorted(p)} that {rope_type!r} RoPE does not use; refusing to guess")

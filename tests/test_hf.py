@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +34,7 @@ import transformers  # a test dependency: a broken import must fail these tests,
 import llm
 from llm.hf import HFError, export_hf, import_hf, read_hf_weights
 from llm.hf_families import FAMILIES
-from llm.spec import ModelSpec
+from llm.spec import ModelSpec, mla_softmax_scale, rope_attention_factor
 
 MAX_ABS, MAX_KL = 1e-4, 1e-8
 VOCAB = 160
@@ -40,6 +42,7 @@ TOK_VOCAB = 300  # the model that carries a byte-level BPE (256 byte symbols + m
 NEW_TOKENS = 32
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=16)
+YARN = dict(rope_theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
 NO_SPECIALS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no early stop in generate
 
 # what the DeepSeek-V2 shapes share
@@ -154,6 +157,36 @@ CASES = {
         moe_intermediate_size=12, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1,
         norm_topk_prob=False, routed_scaling_factor=1.7, tie_word_embeddings=True, attention_bias=True,
         rope_theta=500.0)),
+    # YaRN (factor 4 over 16 original positions, max 64): positions past 16 are the scaled ones.
+    # mscale == mscale_all_dim (V2-Lite's rule): cos/sin unscaled, the MLA softmax scale times mscale^2
+    "deepseekv2-lite-noqlora-yarn4-mscale-alldim": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=8,
+        qk_nope_head_dim=4, qk_rope_head_dim=8, v_head_dim=5, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, n_shared_experts=1, first_k_dense_replace=1,
+        rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # no mscale: cos/sin times mscale(4) = 1.139, the softmax scale plain; a ramp over several pairs
+    "deepseekv2-qlora-yarn4-plain-ramp": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=40, num_attention_heads=2, q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=6,
+        qk_rope_head_dim=8, v_head_dim=6, n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=8,
+        n_shared_experts=1, rope_parameters=dict(YARN, rope_theta=100.0, beta_fast=8, beta_slow=0.5,
+                                                 truncate=False))),
+    # mscale != mscale_all_dim: both the cos/sin factor and the softmax scale move
+    "deepseekv3-noqlora-yarn4-mscale1-alldim08": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+        topk_group=2, rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
+    "deepseekv3-qlora-yarn4-plain": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DEEPSEEK, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=12,
+        kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=12, n_shared_experts=1, n_group=1, topk_group=1,
+        rope_parameters=dict(YARN))),
+    # Qwen2 (Llama's rotary): the attention factor on cos/sin only, mscale_all_dim leaves the softmax alone
+    "qwen2-gqa2-yarn4-mscale1-alldim05": ("Qwen2Config", "Qwen2ForCausalLM",
+                                          dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=64,
+                                               rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=0.5))),
 }
 
 
@@ -326,6 +359,30 @@ def test_qwen2_moe_mapping(imported, tmp_path):
     assert {p.split("=")[0] for p in problems} == {"router_scoring", "routed_scaling_factor", "shared_expert_gate"}
     problems = FAMILIES["mixtral"].can_express(base.replace(first_dense_layers=1))
     assert {"first_dense_layers", "num_shared_experts", "moe_intermediate_size"} <= {p.split("=")[0] for p in problems}
+
+
+@pytest.mark.parametrize("case,released,mscale_all_dim", [
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                                                "beta_fast": 32, "beta_slow": 1,
+                                                "original_max_position_embeddings": 4096}, 0.707),
+    ("deepseekv3-noqlora-shared2-dense1-g4top2", {"type": "yarn", "rope_type": "yarn", "factor": 40, "mscale": 1.0,
+                                                  "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
+                                                  "original_max_position_embeddings": 4096}, 1.0),
+])
+def test_released_deepseek_yarn_rope_scaling_imports(case, released, mscale_all_dim, imported, tmp_path):
+    """The legacy ``rope_scaling`` block of the released DeepSeek-V2-Lite / V3 config.json files."""
+    _, hf_dir, _ = imported(case)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(rope_parameters=None, rope_scaling=released, rope_theta=10000)
+    src = _write_config(tmp_path / "released", cfg)
+    for weights in hf_dir.glob("*.safetensors"):
+        shutil.copy(weights, src / weights.name)
+    import_hf(src, tmp_path / "out")
+    spec = llm.checkpoint.load_checkpoint(tmp_path / "out").spec
+    assert spec.rope_scaling == {"rope_type": "yarn", **{k: v for k, v in released.items() if k != "type"}}
+    assert rope_attention_factor(spec) == 1.0  # mscale == mscale_all_dim
+    assert math.isclose(mla_softmax_scale(spec),
+                        (0.1 * mscale_all_dim * math.log(40) + 1) ** 2 / math.sqrt(spec.qk_head_dim))
 
 
 def test_qwen3_moe_and_deepseek_v2_mapping(imported):
@@ -674,13 +731,13 @@ def _write_config(path: Path, cfg: dict) -> Path:
 
 def test_unhonourable_config_fields_are_listed_together(tmp_path):
     cfg = build_hf("llama-mqa-bias").config.to_dict()
-    cfg.update(attention_dropout=0.1, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+    cfg.update(attention_dropout=0.1, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4},
                my_new_field=3, pruned_heads={"0": [1]})
     with pytest.raises(HFError) as e:
         import_hf(_write_config(tmp_path / "a", cfg), tmp_path / "out")
     msg = str(e.value)
     assert "cannot honour 4 llama config field(s)" in msg
-    for field in ("attention_dropout=0.1", "rope_type='yarn'", "my_new_field=3", "pruned_heads"):
+    for field in ("attention_dropout=0.1", "rope_type='dynamic'", "my_new_field=3", "pruned_heads"):
         assert field in msg, field
     assert not (tmp_path / "out").exists()
 
@@ -710,10 +767,11 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("deepseekv2-lite-noqlora-shared2-dense1", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ("deepseekv2-lite-noqlora-shared2-dense1", {"num_key_value_heads": 2}, "num_key_value_heads=2"),
     ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_interleave": False}, "rope_interleave=False: not a"),
-    # DeepSeek-V2-Lite's released config: YaRN scaling
     ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_parameters": None, "rope_scaling": {
-        "type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
-        "original_max_position_embeddings": 4096}}, "rope_type='yarn'"),
+        "type": "longrope", "factor": 4.0}}, "rope_scaling.rope_type='longrope'"),
+    ("deepseekv2-lite-noqlora-shared2-dense1", {"rope_parameters": None, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fastest": 64}},
+     "rope_scaling has key(s) .'beta_fastest'. that 'yarn' RoPE does not use"),
     ("deepseekv3-noqlora-shared2-dense1-g4top2", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
     ("deepseekv3-noqlora-shared2-dense1-g4top2", {"topk_method": "group_limited_greedy"},
      "topk_method='group_limited_greedy'"),
@@ -725,8 +783,9 @@ def test_unhonourable_config_fields_are_listed_together(tmp_path):
     ("deepseekv3-noqlora-shared2-dense1-g4top2", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ("deepseekv3-noqlora-shared2-dense1-g4top2", {"num_key_value_heads": 128}, "num_key_value_heads=128"),
     ("deepseekv3-noqlora-shared2-dense1-g4top2", {"rope_parameters": None, "rope_scaling": {
-        "type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
-        "original_max_position_embeddings": 4096}}, "rope_type='yarn'"),
+        "type": "yarn", "factor": 0.5, "original_max_position_embeddings": 16}}, "rope_scaling.factor=0.5 must be"),
+    ("qwen3-gqa2-untied-hd12", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_parameters.rope_type='dynamic'"),
 ])
 def test_each_family_rejects_what_it_cannot_honour(case, change, needle, tmp_path):
     cfg = build_hf(case).config.to_dict()
