@@ -174,7 +174,8 @@ def test_flops_count_query_key_and_value_head_sizes():
     (dict(v_head_dim=0), "model.v_head_dim=0 must be >= 1"),
     (dict(qk_nope_head_dim=0), "model.qk_nope_head_dim=0 must be >= 1"),
     (dict(attention="mqa"), "model.attention"),
-    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "model.rope_scaling"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)),
+     "model.rope_scaling.original_max_position_embeddings"),  # yarn needs the length it stretches
 ])
 def test_validation_names_the_field(overrides, message):
     with pytest.raises(SpecError) as err:
