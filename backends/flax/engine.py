@@ -664,17 +664,16 @@ class TrainingEngine(BaseTrainingEngine):
         weights = {**self.params, **self.biases}
         return {name: flax_placement(name, tuple(weights[name].shape)) for name in weights}
 
-    def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
-        """The tensors of this process's ``files``, each brought to the host on its own, never the
-        whole tree in one transfer. With several processes every process walks the whole plan in
-        the same order: a tensor split over processes is gathered by all (``_whole``) and kept by
-        its writer only; the others come from this process's own shards, no collective."""
+    def _checkpoint_shards(self, plan: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
+        """The tensors of this process's files of ``plan``, each brought to the host on its own, never
+        the whole tree in one transfer. Every process walks the whole plan in the same order: a
+        tensor split over processes is gathered by all (``_whole``) and kept by its writer only; the
+        others come from this process's own shards, no collective."""
         adam = _adam(self.opt_state)[1]
         weights = {**self.params, **self.biases}
-        mine = {name for f in files for name in f.tensors}
-        walk = self._checkpoint_plan() if self.world_size > 1 else files
+        mine = {name for f in plan if f.writer == self.rank for name in f.tensors}
         out = {}
-        for name in (name for f in walk for name in f.tensors):
+        for name in (name for f in plan for name in f.tensors):
             moment, param = split_moment_name(name) if name not in weights else (None, name)
             value = weights[param] if moment is None else getattr(adam, moment)[param]
             if name in mine:

@@ -373,11 +373,11 @@ class TrainingEngine(BaseTrainingEngine):
     def _canonical_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}  # a DTensor's: global
 
-    def _checkpoint_shards(self, files: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
-        """Each parameter and moment gathered whole in turn on every rank (a collective, the same
-        order everywhere); the host copy is kept only where this rank writes it: its peak host
-        memory is its files, not the model."""
-        wanted = {name for f in files for name in f.tensors}
+    def _checkpoint_shards(self, plan: tuple[ShardFile, ...]) -> dict[str, np.ndarray]:
+        """The tensors of this rank's files of ``plan``. Each parameter and moment is gathered whole
+        in turn on every rank (a collective, the same order everywhere); the host copy is kept only
+        where this rank writes it: its peak host memory is its files, not the model."""
+        wanted = {name for f in plan if f.writer == self.rank for name in f.tensors}
         sources = [(name, t, t) for name, t in self.model.state_dict().items()]
         sources += [(moment_name(moment, name), self.optimizer.state.get(p, {}).get(moment), p)
                     for moment in MOMENTS for name, p in self.model.named_parameters()]

@@ -39,7 +39,7 @@ A backend supplies only what differs between frameworks:
     moments(), _param_names(), _num_parameters()         AdamW moments (the checkpoint's names), parameter names
     _restore(path, params, moments, step, grad_scaler)   a checkpoint's numbers into the device state
     _sharded_checkpoints, _canonical_shapes(),           sharded state: each process writes its files of the
-    _checkpoint_shards(files)                            plan and a resume reads slices (``TensorSlices``)
+    _checkpoint_shards(plan)                             plan and a resume reads slices (``TensorSlices``)
     _grad_scaler_state() -> dict | None                  the float16 loss scale for ``state.json``
     _on_gpu() -> bool                                    whether ``checkpoint.async_save`` null means on
     _barrier(name), _broadcast(text), _placement()       processes and devices
@@ -664,7 +664,7 @@ class BaseTrainingEngine:
         plan = self._checkpoint_plan()
         tmp = Path(self._broadcast(str(begin_checkpoint(path)) if self.is_main else None))
         mine = tuple(f for f in plan if f.writer == self.rank)
-        tensors = self._checkpoint_shards(mine)
+        tensors = self._checkpoint_shards(plan)
         meta = json.loads(json.dumps(self.state_meta(reason))) if self.is_main else None
         config = self.config.to_dict()
 
