@@ -202,6 +202,8 @@ def _local_elements(spec: ModelSpec, mesh: MeshShape) -> tuple[int, int, int]:
     dense_prefix, moe_prefix = "layers.0.", f"layers.{short.num_layers - 1}."
     dense = moe = root = 0
     for info, where in zip(short.param_table(), param_placements(short, mesh).values(), strict=True):
+        if not info.trainable:  # untrained state (the router's E-float selection bias): no gradient, no moments
+            continue
         size = 1
         for n in local_shape(info.shape, where, mesh):
             size *= n

@@ -128,8 +128,9 @@ MOE = ["model.num_layers=3", "model.use_moe=true", "model.num_experts=4", "model
        "model.shared_expert_gate=true", "model.first_dense_layers=1"]
 
 
-@pytest.mark.parametrize("extra", [MLA, MOE, [*MLA, *MOE], [*MOE, "model.first_dense_layers=3"]],
-                         ids=["mla", "moe", "mla-moe", "moe-all-dense"])
+@pytest.mark.parametrize("extra", [MLA, MOE, [*MLA, *MOE], [*MOE, "model.first_dense_layers=3"],
+                                   [*MOE, "model.router_selection_bias=true"]],
+                         ids=["mla", "moe", "mla-moe", "moe-all-dense", "moe-selection-bias"])
 def test_the_weights_are_the_specs_own_parameter_count(extra):
     config = small(*extra)
     est = estimate(config, 1)
@@ -137,7 +138,8 @@ def test_the_weights_are_the_specs_own_parameter_count(extra):
     assert est.parts["optimizer"] == 8 * config.model.num_params()
     sharded = estimate(small(*extra, "distributed.fsdp=2", "training.batch_size=4"), 2)
     placed = param_placements(config.model, sharded.mesh)
-    local = sum(math.prod(local_shape(i.shape, placed[i.name], sharded.mesh)) for i in config.model.param_table())
+    local = sum(math.prod(local_shape(i.shape, placed[i.name], sharded.mesh)) for i in config.model.param_table()
+                if i.trainable)  # the selection bias is untrained state: no gradient, no moments
     assert sharded.parts["weights"] == 4 * local < est.parts["weights"]
 
 
